@@ -1,0 +1,295 @@
+//! Configuration from environment variables.
+//!
+//! Every service builds one typed struct from a [`Vars`] map at start-up. A missing or bad value is
+//! a [`ConfigError`] naming the variable; `main` prints it and exits with status 64 (`EX_USAGE`)
+//! before any port is bound. Tests build `Vars` from a map; nothing here writes the environment.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Exit status for a configuration error (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A variable that is missing or holds a value we cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(var: &str, message: impl Into<String>) -> Self {
+        Self {
+            var: var.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The variables a config is read from: the process environment, or a map in tests.
+/// An empty value counts as unset.
+#[derive(Debug, Clone, Default)]
+pub struct Vars(HashMap<String, String>);
+
+impl Vars {
+    pub fn from_env() -> Self {
+        Self(std::env::vars().collect())
+    }
+
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+
+    /// The value, trimmed; `None` when unset or empty.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn string_or(&self, name: &str, default: &str) -> String {
+        self.get(name).unwrap_or(default).to_owned()
+    }
+
+    pub fn required(&self, name: &str) -> Result<String, ConfigError> {
+        self.get(name)
+            .map(str::to_owned)
+            .ok_or_else(|| ConfigError::new(name, "is required but not set"))
+    }
+
+    /// Parses the value with `FromStr`, or returns `default` when unset.
+    pub fn parse_or<T>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw
+                .parse()
+                .map_err(|e| ConfigError::new(name, format!("cannot parse `{raw}`: {e}"))),
+        }
+    }
+
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`).
+    pub fn bool_or(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(other) => Err(ConfigError::new(
+                name,
+                format!("expected true or false, got `{other}`"),
+            )),
+        }
+    }
+
+    /// A whole number of milliseconds, at least `min_ms`.
+    pub fn millis_or(&self, name: &str, default_ms: u64, min_ms: u64) -> Result<Duration, ConfigError> {
+        let ms: u64 = self.parse_or(name, default_ms)?;
+        if ms < min_ms {
+            return Err(ConfigError::new(name, format!("must be at least {min_ms} ms, got {ms}")));
+        }
+        Ok(Duration::from_millis(ms))
+    }
+
+    /// A socket address such as `0.0.0.0:8080`.
+    pub fn addr_or(&self, name: &str, default: &str) -> Result<std::net::SocketAddr, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        raw.parse().map_err(|e| {
+            ConfigError::new(name, format!("expected host:port such as 0.0.0.0:8080, got `{raw}`: {e}"))
+        })
+    }
+}
+
+/// A secret value: usable, but never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings every service reads.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    /// `NATS_URL`, default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// `STREAM_REPLICAS`, default 1 (3 in a clustered deployment).
+    pub stream_replicas: usize,
+    /// `RAW_DUPLICATE_WINDOW_SECS`, default 7200: how long JetStream remembers a message id.
+    pub duplicate_window: Duration,
+    /// `SHUTDOWN_GRACE_MS`, default 20000: how long in-flight work may take after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// `LOG_FORMAT`: `text` (default) or `json`.
+    pub log_format: LogFormat,
+}
+
+impl CommonConfig {
+    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+        let nats_url = vars.string_or("NATS_URL", "nats://127.0.0.1:4222");
+        if !nats_url.split(',').all(|u| {
+            let u = u.trim();
+            u.starts_with("nats://") || u.starts_with("tls://") || !u.contains("://")
+        }) {
+            return Err(ConfigError::new(
+                "NATS_URL",
+                format!("expected nats://host:port (comma-separated for a cluster), got `{nats_url}`"),
+            ));
+        }
+        let stream_replicas: usize = vars.parse_or("STREAM_REPLICAS", 1)?;
+        if !(1..=5).contains(&stream_replicas) {
+            return Err(ConfigError::new("STREAM_REPLICAS", "must be between 1 and 5"));
+        }
+        let window_secs: u64 = vars.parse_or("RAW_DUPLICATE_WINDOW_SECS", 7200)?;
+        if window_secs == 0 {
+            return Err(ConfigError::new("RAW_DUPLICATE_WINDOW_SECS", "must be at least 1"));
+        }
+        let log_format = match vars.get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("expected text or json, got `{other}`"),
+                ))
+            }
+        };
+        Ok(Self {
+            nats_url,
+            stream_replicas,
+            duplicate_window: Duration::from_secs(window_secs),
+            shutdown_grace: vars.millis_or("SHUTDOWN_GRACE_MS", 20_000, 0)?,
+            log_format,
+        })
+    }
+}
+
+/// Parses a duration such as `500ms`, `5s`, `2m`, `1h`, `1d`, or a bare number of seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{raw}` is not a duration such as 5s, 2m or 1h"))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        other => return Err(format!("unknown unit `{other}` in `{raw}` (use ms, s, m, h or d)")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("`{raw}` is too long"))
+}
+
+/// Parses a comma-separated list of durations (a retry schedule).
+pub fn parse_duration_list(raw: &str) -> Result<Vec<Duration>, String> {
+    let list = raw
+        .split(',')
+        .map(parse_duration)
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err("the list is empty".into());
+    }
+    Ok(list)
+}
+
+/// Prints a configuration error and exits with [`EXIT_CONFIG`]. For `main` only.
+pub fn exit_on_error<T>(result: Result<T, ConfigError>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(err) => {
+            eprintln!("configuration error: {err}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_when_unset_or_empty() {
+        let cfg = CommonConfig::from_vars(&Vars::from_pairs([("NATS_URL", "")])).unwrap();
+        assert_eq!(cfg.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(cfg.stream_replicas, 1);
+        assert_eq!(cfg.duplicate_window, Duration::from_secs(7200));
+        assert_eq!(cfg.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let err = CommonConfig::from_vars(&Vars::from_pairs([("STREAM_REPLICAS", "three")]))
+            .unwrap_err();
+        assert_eq!(err.var, "STREAM_REPLICAS");
+        let err = CommonConfig::from_vars(&Vars::from_pairs([("LOG_FORMAT", "xml")])).unwrap_err();
+        assert_eq!(err.var, "LOG_FORMAT");
+        assert!(err.to_string().starts_with("LOG_FORMAT: "));
+        let err = CommonConfig::from_vars(&Vars::from_pairs([("NATS_URL", "http://x")])).unwrap_err();
+        assert_eq!(err.var, "NATS_URL");
+        let err = Vars::default().required("ADMIN_TOKEN").unwrap_err();
+        assert_eq!(err.var, "ADMIN_TOKEN");
+        let err = Vars::from_pairs([("X", "maybe")]).bool_or("X", false).unwrap_err();
+        assert_eq!(err.var, "X");
+        let err = Vars::from_pairs([("L", "nowhere")]).addr_or("L", "0.0.0.0:1").unwrap_err();
+        assert_eq!(err.var, "L");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("8h"), Ok(Duration::from_secs(8 * 3600)));
+        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(
+            parse_duration_list("5s, 30s,2m").unwrap(),
+            vec![Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(120)]
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.expose(), "hunter2");
+    }
+}

@@ -1,0 +1,66 @@
+//! The Open Connectors envelope: what a callback receives.
+//!
+//! ```json
+//! {"message": {"eventId": "…", "instanceId": "…", "elementKey": "ecwid",
+//!   "events": [{"eventType": "UPDATED", "objectType": "orders", "objectId": "XJ12H",
+//!               "elementKey": "ecwid", "date": "2026-11-22T10:15:00Z"}],
+//!   "raw": { …the Ecwid payload exactly as received… }}}
+//! ```
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub const ELEMENT_KEY: &str = "ecwid";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum EventType {
+    Created,
+    Updated,
+    Deleted,
+    Unknown,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Created => "CREATED",
+            EventType::Updated => "UPDATED",
+            EventType::Deleted => "DELETED",
+            EventType::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub event_type: EventType,
+    pub object_type: String,
+    pub object_id: String,
+    pub element_key: String,
+    pub date: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub event_id: String,
+    pub instance_id: String,
+    pub element_key: String,
+    pub events: Vec<Event>,
+    /// The provider's payload, byte for byte.
+    pub raw: Box<RawValue>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    pub message: Message,
+}
+
+impl Envelope {
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain strings, enums and an already valid RawValue cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,439 @@
+//! The connector instance: the seed's instance JSON, what it means, how it is checked, and how its
+//! secrets are kept out of responses and logs.
+//!
+//! ```json
+//! {"element":{"key":"ecwid"},
+//!  "configuration":{"ecwid.order.key":"","ecwid.product.key":"","ecwid.store.id":"",
+//!                   "event.notification.enabled":"true","event.notification.callback.url":""},
+//!  "tags":[""],"name":""}
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::netguard::{self, AllowList};
+
+/// Configuration keys the product reads.
+pub mod keys {
+    /// The Ecwid store the instance listens to (digits).
+    pub const STORE_ID: &str = "ecwid.store.id";
+    /// Ecwid API tokens of the seed (kept, never used by the pipeline, always secret).
+    pub const ORDER_KEY: &str = "ecwid.order.key";
+    pub const PRODUCT_KEY: &str = "ecwid.product.key";
+    /// The Ecwid app's client secret: checks `X-Ecwid-Webhook-Signature`.
+    pub const CLIENT_SECRET: &str = "ecwid.client.secret";
+    /// `"true"` to receive events.
+    pub const ENABLED: &str = "event.notification.enabled";
+    /// Where envelopes are POSTed.
+    pub const CALLBACK_URL: &str = "event.notification.callback.url";
+    /// Open Connectors' `Elements-Webhook-Signature` key.
+    pub const SIGNATURE_KEY: &str = "event.notification.signature.key";
+    /// Standard Webhooks secret(s), `whsec_<base64>`; several separated by spaces while rotating.
+    pub const WEBHOOK_SECRET: &str = "event.notification.webhook.secret";
+    /// Object types to deliver, comma-separated (`orders,products`); unset or empty: all.
+    pub const OBJECTS: &str = "event.objects";
+    /// Retry schedule override for this instance (`5s,1m,10m`).
+    pub const RETRY_SCHEDULE: &str = "event.notification.retry.schedule";
+}
+
+/// What a secret value looks like in a response. Sending it back in a PATCH keeps the old value.
+pub const REDACTED: &str = "********";
+
+/// Whether the value under `key` is a secret: the seed's API keys, and any key that names a
+/// secret, key, token or password.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.ends_with(".key")
+        || k.contains("secret")
+        || k.contains("token")
+        || k.contains("password")
+}
+
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default)]
+    pub element: Element,
+    #[serde(default, deserialize_with = "config_values")]
+    pub configuration: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "non_empty_strings")]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_date: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Element {
+    pub key: String,
+}
+
+impl Default for Element {
+    fn default() -> Self {
+        Self { key: "ecwid".into() }
+    }
+}
+
+/// `PATCH /instances/{id}`: `configuration` is merged key by key (`null` removes a key, the
+/// redacted marker keeps the stored secret); `name` and `tags` replace.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancePatch {
+    #[serde(default, deserialize_with = "optional_config_values")]
+    pub configuration: Option<BTreeMap<String, Option<String>>>,
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "optional_non_empty_strings")]
+    pub tags: Option<Vec<String>>,
+}
+
+/// An instance field that is missing or wrong: answered with 422.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Instance {
+    fn config(&self, key: &str) -> Option<&str> {
+        self.configuration
+            .get(key)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn store_id(&self) -> Option<&str> {
+        self.config(keys::STORE_ID)
+    }
+
+    pub fn events_enabled(&self) -> bool {
+        self.config(keys::ENABLED)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
+    pub fn callback_url(&self) -> Option<&str> {
+        self.config(keys::CALLBACK_URL)
+    }
+
+    pub fn client_secret(&self) -> Option<&str> {
+        self.config(keys::CLIENT_SECRET)
+    }
+
+    pub fn signature_key(&self) -> Option<&str> {
+        self.config(keys::SIGNATURE_KEY)
+    }
+
+    /// The decoded Standard Webhooks secrets (more than one while rotating).
+    pub fn webhook_secrets(&self) -> Vec<Vec<u8>> {
+        self.config(keys::WEBHOOK_SECRET)
+            .map(|v| v.split_whitespace().filter_map(decode_whsec).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether this instance wants events about `object_type` (`event.objects`; default all).
+    pub fn accepts_object(&self, object_type: &str) -> bool {
+        match self.config(keys::OBJECTS) {
+            None => true,
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .any(|o| o == "*" || o.eq_ignore_ascii_case(object_type)),
+        }
+    }
+
+    /// The instance's own retry schedule, when it sets a valid one.
+    pub fn retry_schedule(&self) -> Option<Vec<std::time::Duration>> {
+        self.config(keys::RETRY_SCHEDULE)
+            .and_then(|v| crate::config::parse_duration_list(v).ok())
+    }
+
+    /// A copy fit for a response or a log: every non-empty secret value replaced by [`REDACTED`].
+    pub fn redacted(&self) -> Instance {
+        let mut copy = self.clone();
+        for (key, value) in copy.configuration.iter_mut() {
+            if is_secret_key(key) && !value.is_empty() {
+                *value = REDACTED.to_owned();
+            }
+        }
+        copy
+    }
+
+    /// Applies a PATCH.
+    pub fn apply(&mut self, patch: InstancePatch) {
+        if let Some(configuration) = patch.configuration {
+            for (key, value) in configuration {
+                match value {
+                    None => {
+                        self.configuration.remove(&key);
+                    }
+                    Some(v) if v == REDACTED => {}
+                    Some(v) => {
+                        self.configuration.insert(key, v);
+                    }
+                }
+            }
+        }
+        if let Some(name) = patch.name {
+            self.name = name;
+        }
+        if let Some(tags) = patch.tags {
+            self.tags = tags;
+        }
+    }
+
+    /// Checks everything the pipeline relies on. `allow` is the operator's SSRF allow-list, applied
+    /// here to callback URLs that name an address literally (names are checked at connect time).
+    pub fn validate(&self, allow: &AllowList) -> Result<(), FieldError> {
+        if self.element.key != "ecwid" {
+            return Err(FieldError::new("element.key", "must be \"ecwid\""));
+        }
+        let store_field = "configuration.ecwid.store.id";
+        match self.store_id() {
+            None => return Err(FieldError::new(store_field, "is required: the Ecwid store id")),
+            Some(id) if !id.bytes().all(|b| b.is_ascii_digit()) || id.len() > 20 => {
+                return Err(FieldError::new(store_field, "must be the numeric Ecwid store id"))
+            }
+            Some(_) => {}
+        }
+        if let Some(v) = self.config(keys::ENABLED) {
+            if !v.eq_ignore_ascii_case("true") && !v.eq_ignore_ascii_case("false") {
+                return Err(FieldError::new(
+                    "configuration.event.notification.enabled",
+                    "must be \"true\" or \"false\"",
+                ));
+            }
+        }
+        if self.events_enabled() || self.callback_url().is_some() {
+            validate_callback_url(self.callback_url(), self.events_enabled(), allow)?;
+        }
+        if let Some(v) = self.config(keys::WEBHOOK_SECRET) {
+            if v.split_whitespace().any(|s| decode_whsec(s).is_none()) {
+                return Err(FieldError::new(
+                    "configuration.event.notification.webhook.secret",
+                    "must be whsec_ followed by base64 (several separated by spaces while rotating)",
+                ));
+            }
+        }
+        if let Some(v) = self.config(keys::RETRY_SCHEDULE) {
+            crate::config::parse_duration_list(v).map_err(|e| {
+                FieldError::new("configuration.event.notification.retry.schedule", e)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_callback_url(
+    raw: Option<&str>,
+    enabled: bool,
+    allow: &AllowList,
+) -> Result<(), FieldError> {
+    let field = "configuration.event.notification.callback.url";
+    let Some(raw) = raw else {
+        return match enabled {
+            true => Err(FieldError::new(field, "is required when event.notification.enabled is \"true\"")),
+            false => Ok(()),
+        };
+    };
+    let url = url::Url::parse(raw)
+        .map_err(|e| FieldError::new(field, format!("is not a valid URL: {e}")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(FieldError::new(field, "must be an http or https URL"));
+    }
+    let ip = match url.host() {
+        None => return Err(FieldError::new(field, "must name a host")),
+        Some(url::Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
+        Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost") => {
+            Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+        }
+        Some(url::Host::Domain(_)) => None,
+    };
+    if let Some(ip) = ip {
+        netguard::check(ip, allow).map_err(|m| FieldError::new(field, m))?;
+    }
+    Ok(())
+}
+
+fn decode_whsec(s: &str) -> Option<Vec<u8>> {
+    let b64 = s.strip_prefix("whsec_")?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .filter(|k| !k.is_empty())
+}
+
+impl fmt::Debug for Instance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("Instance")
+            .field("id", &shown.id)
+            .field("name", &shown.name)
+            .field("configuration", &shown.configuration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configuration values are strings in the seed; numbers and booleans are taken as their text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ConfigValue {
+    Str(String),
+    Bool(bool),
+    Num(serde_json::Number),
+}
+
+impl From<ConfigValue> for String {
+    fn from(v: ConfigValue) -> Self {
+        match v {
+            ConfigValue::Str(s) => s,
+            ConfigValue::Bool(b) => b.to_string(),
+            ConfigValue::Num(n) => n.to_string(),
+        }
+    }
+}
+
+fn config_values<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: BTreeMap<String, ConfigValue> = BTreeMap::deserialize(d)?;
+    Ok(raw.into_iter().map(|(k, v)| (k, v.into())).collect())
+}
+
+fn optional_config_values<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, Option<String>>>, D::Error> {
+    let raw: Option<BTreeMap<String, Option<ConfigValue>>> = Option::deserialize(d)?;
+    Ok(raw.map(|m| m.into_iter().map(|(k, v)| (k, v.map(Into::into))).collect()))
+}
+
+fn non_empty_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let raw: Vec<String> = Vec::deserialize(d)?;
+    Ok(raw.into_iter().filter(|s| !s.trim().is_empty()).collect())
+}
+
+fn optional_non_empty_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let raw: Option<Vec<String>> = Option::deserialize(d)?;
+    Ok(raw.map(|v| v.into_iter().filter(|s| !s.trim().is_empty()).collect()))
+}
+
+/// A fresh instance id.
+pub fn new_instance_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"{"element":{"key":"ecwid"},"configuration":{"ecwid.order.key":"","ecwid.product.key":"","ecwid.store.id":"","event.notification.enabled":"true","event.notification.callback.url":""},"tags":[""],"name":""}"#;
+
+    fn seed_with(store: &str, url: &str) -> Instance {
+        let mut i: Instance = serde_json::from_str(SEED).unwrap();
+        i.configuration.insert(keys::STORE_ID.into(), store.into());
+        i.configuration.insert(keys::CALLBACK_URL.into(), url.into());
+        i
+    }
+
+    #[test]
+    fn seed_shape_parses_and_empty_store_is_refused() {
+        let i: Instance = serde_json::from_str(SEED).unwrap();
+        assert!(i.tags.is_empty());
+        assert!(i.events_enabled());
+        let err = i.validate(&AllowList::default()).unwrap_err();
+        assert_eq!(err.field, "configuration.ecwid.store.id");
+    }
+
+    #[test]
+    fn filled_seed_is_valid() {
+        let i = seed_with("1003", "https://hooks.example.com/ecwid");
+        assert_eq!(i.validate(&AllowList::default()), Ok(()));
+        assert_eq!(i.store_id(), Some("1003"));
+    }
+
+    #[test]
+    fn enabled_needs_a_valid_http_url() {
+        let allow = AllowList::default();
+        for url in ["", "ftp://x.example/", "not a url", "https://"] {
+            let err = seed_with("1003", url).validate(&allow).unwrap_err();
+            assert_eq!(err.field, "configuration.event.notification.callback.url", "{url}");
+        }
+    }
+
+    #[test]
+    fn literal_internal_callback_is_refused_unless_allowed() {
+        let i = seed_with("1003", "http://127.0.0.1:9000/hook");
+        let err = i.validate(&AllowList::default()).unwrap_err();
+        assert!(err.message.contains("DELIVER_ALLOW_NETWORKS"));
+        assert!(seed_with("1003", "http://localhost/x").validate(&AllowList::default()).is_err());
+        assert!(seed_with("1003", "http://[::1]/x").validate(&AllowList::default()).is_err());
+        let allow = AllowList::parse("127.0.0.0/8").unwrap();
+        assert_eq!(i.validate(&allow), Ok(()));
+    }
+
+    #[test]
+    fn non_numeric_store_is_refused() {
+        let err = seed_with("12.3", "https://a.example/").validate(&AllowList::default()).unwrap_err();
+        assert_eq!(err.field, "configuration.ecwid.store.id");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_kept_on_patch() {
+        let mut i = seed_with("1003", "https://a.example/");
+        i.configuration.insert(keys::ORDER_KEY.into(), "secret_abc".into());
+        i.configuration.insert(keys::CLIENT_SECRET.into(), "cs".into());
+        i.configuration.insert(keys::SIGNATURE_KEY.into(), "sig".into());
+        let shown = i.redacted();
+        assert_eq!(shown.configuration[keys::ORDER_KEY], REDACTED);
+        assert_eq!(shown.configuration[keys::CLIENT_SECRET], REDACTED);
+        assert_eq!(shown.configuration[keys::SIGNATURE_KEY], REDACTED);
+        assert_eq!(shown.configuration[keys::PRODUCT_KEY], "");
+        assert_eq!(shown.configuration[keys::STORE_ID], "1003");
+        assert!(!format!("{i:?}").contains("secret_abc"));
+
+        let patch: InstancePatch = serde_json::from_str(
+            r#"{"configuration":{"ecwid.order.key":"********","ecwid.client.secret":null,"event.objects":"orders"},"name":"n"}"#,
+        )
+        .unwrap();
+        i.apply(patch);
+        assert_eq!(i.configuration[keys::ORDER_KEY], "secret_abc");
+        assert!(!i.configuration.contains_key(keys::CLIENT_SECRET));
+        assert_eq!(i.name, "n");
+        assert!(i.accepts_object("orders") && !i.accepts_object("products"));
+    }
+
+    #[test]
+    fn config_values_accept_booleans_and_numbers() {
+        let i: Instance = serde_json::from_str(
+            r#"{"configuration":{"ecwid.store.id":1003,"event.notification.enabled":true,"event.notification.callback.url":"https://a.example/"}}"#,
+        )
+        .unwrap();
+        assert_eq!(i.store_id(), Some("1003"));
+        assert!(i.events_enabled());
+        assert_eq!(i.element.key, "ecwid");
+    }
+
+    #[test]
+    fn webhook_secrets_are_checked() {
+        let mut i = seed_with("1003", "https://a.example/");
+        i.configuration.insert(keys::WEBHOOK_SECRET.into(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_c2Vjb25k".into());
+        assert_eq!(i.validate(&AllowList::default()), Ok(()));
+        assert_eq!(i.webhook_secrets().len(), 2);
+        i.configuration.insert(keys::WEBHOOK_SECRET.into(), "plain".into());
+        assert!(i.validate(&AllowList::default()).is_err());
+    }
+}

@@ -1,0 +1,33 @@
+//! Shared library of ecwid-events: everything the three services have in common.
+//!
+//! - [`config`]: environment variables → typed, validated configuration; [`config::Secret`].
+//! - [`nats`]: stream, subject, consumer, bucket and header names; connect with retry; topology.
+//! - [`instance`]: the connector instance (the seed's instance JSON), validation and redaction.
+//! - [`directory`]: the live in-memory view of the instances bucket (store id → instances).
+//! - [`envelope`]: the Open Connectors envelope the callbacks receive.
+//! - [`dead`]: publishing to the dead-letter stream, with headers saying why.
+//! - [`netguard`]: which callback addresses are refused (SSRF guard) and the operator's allow-list.
+//! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
+//! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
+//! - [`telemetry`]: tracing initialisation (`LOG_FORMAT`, `RUST_LOG`).
+//! - [`shutdown`]: SIGTERM/SIGINT → one cancellation token; the bounded drain.
+//! - [`error`]: this crate's error type.
+
+pub mod config;
+pub mod dead;
+pub mod directory;
+pub mod envelope;
+pub mod error;
+pub mod instance;
+pub mod metrics;
+pub mod nats;
+pub mod netguard;
+pub mod ops;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time_fmt;
+
+pub use error::Error;
+
+/// The product's version, as built.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,124 @@
+//! Metrics: the names (constants), the metrics every service exports, and small helpers that
+//! register into a per-service [`Registry`] (not the global one, so a test can run three services
+//! in one process). Labels are bounded sets only: never a URL, store or instance id.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const BUILD_INFO: &str = "ecwid_build_info";
+pub const NATS_CONNECTED: &str = "ecwid_nats_connected";
+pub const INSTANCES: &str = "ecwid_instances";
+pub const DEAD_LETTERS_TOTAL: &str = "ecwid_dead_letters_total";
+pub const CONSUMER_PENDING: &str = "ecwid_consumer_pending_messages";
+pub const CONSUMER_ACK_PENDING: &str = "ecwid_consumer_ack_pending_messages";
+
+/// Latency buckets from 1 ms to 60 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Registration happens once at start-up with constant names; a clash is a programming error
+/// that the unit tests catch, so these helpers panic on it.
+pub fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+pub fn counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+pub fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+pub fn gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+pub fn histogram(reg: &Registry, name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+        .expect("valid metric");
+    reg.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+pub fn histogram_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    reg.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+/// The metrics every service exports.
+#[derive(Debug, Clone)]
+pub struct CommonMetrics {
+    pub nats_connected: IntGauge,
+    pub instances: IntGauge,
+    pub dead_letters: IntCounterVec,
+    pub consumer_pending: IntGaugeVec,
+    pub consumer_ack_pending: IntGaugeVec,
+}
+
+impl CommonMetrics {
+    pub fn register(reg: &Registry, service: &str) -> Self {
+        let build = gauge_vec(reg, BUILD_INFO, "Build information.", &["service", "version"]);
+        build.with_label_values(&[service, crate::VERSION]).set(1);
+        Self {
+            nats_connected: gauge(reg, NATS_CONNECTED, "1 while the NATS connection is up."),
+            instances: gauge(reg, INSTANCES, "Connector instances known to this process."),
+            dead_letters: counter_vec(
+                reg,
+                DEAD_LETTERS_TOTAL,
+                "Messages sent to the dead-letter stream, by stage and reason.",
+                &["stage", "reason"],
+            ),
+            consumer_pending: gauge_vec(
+                reg,
+                CONSUMER_PENDING,
+                "Messages in the stream not yet delivered to the consumer (lag).",
+                &["consumer"],
+            ),
+            consumer_ack_pending: gauge_vec(
+                reg,
+                CONSUMER_ACK_PENDING,
+                "Messages delivered to the consumer and not yet acknowledged (in work or waiting for a retry).",
+                &["consumer"],
+            ),
+        }
+    }
+}
+
+/// The Prometheus text exposition of `reg`.
+pub fn encode(reg: &Registry) -> String {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&reg.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_metrics_register_and_encode() {
+        let reg = Registry::new();
+        let m = CommonMetrics::register(&reg, "test");
+        m.dead_letters.with_label_values(&["deliver", "gone"]).inc();
+        let text = encode(&reg);
+        assert!(text.contains("ecwid_build_info{service=\"test\""));
+        assert!(text.contains("ecwid_dead_letters_total{reason=\"gone\",stage=\"deliver\"} 1"));
+    }
+}

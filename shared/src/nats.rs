@@ -1,0 +1,241 @@
+//! NATS names and plumbing: every stream, subject, consumer, bucket and header name is a constant
+//! here; [`connect`] retries until NATS answers; [`setup_topology`] creates or updates the streams
+//! and the bucket, and is idempotent (every service runs it at start-up).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use backon::{ExponentialBuilder, Retryable};
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+
+/// Raw Ecwid payloads, as the ingest received them.
+pub const RAW_STREAM: &str = "ECWID_RAW";
+/// Normalized envelopes, one per (event, instance).
+pub const EVENTS_STREAM: &str = "ECWID_EVENTS";
+/// What any stage could not process, kept for inspection and replay.
+pub const DEAD_STREAM: &str = "ECWID_DEAD";
+/// Connector instances, keyed by instance id.
+pub const INSTANCES_BUCKET: &str = "ECWID_INSTANCES";
+
+/// Durable pull consumer of the normalizer replicas on [`RAW_STREAM`].
+pub const NORMALIZER_CONSUMER: &str = "normalizer";
+/// Durable pull consumer of the deliverer replicas on [`EVENTS_STREAM`].
+pub const DELIVERER_CONSUMER: &str = "deliverer";
+
+/// How long raw messages and envelopes are kept: longer than the whole retry schedule.
+pub const WORK_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `ecwid.raw.<storeId>`
+pub fn raw_subject(store_id: &str) -> String {
+    format!("ecwid.raw.{store_id}")
+}
+
+/// `ecwid.events.<instanceId>`
+pub fn events_subject(instance_id: &str) -> String {
+    format!("ecwid.events.{instance_id}")
+}
+
+/// `ecwid.dead.<stage>.<id>`
+pub fn dead_subject(stage: &str, id: &str) -> String {
+    format!("ecwid.dead.{stage}.{id}")
+}
+
+/// The last token of a subject (`ecwid.raw.42` → `42`).
+pub fn subject_tail(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}
+
+/// Whether `token` can stand as one subject token (no dots, wildcards or white space).
+pub fn is_subject_token(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Header names the pipeline sets. `Nats-Msg-Id` is JetStream's own.
+pub mod headers {
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// When the ingest received the webhook, Unix milliseconds.
+    pub const RECEIVED_AT: &str = "Ecwid-Received-At";
+    /// `v3` (REST webhook, JSON) or `ion` (legacy Instant Order Notification, form).
+    pub const FORMAT: &str = "Ecwid-Format";
+    /// `true` when the Ecwid signature was checked and matched.
+    pub const VERIFIED: &str = "Ecwid-Verified";
+    pub const REQUEST_ID: &str = "Ecwid-Request-Id";
+    pub const STORE_ID: &str = "Ecwid-Store-Id";
+    pub const INSTANCE_ID: &str = "Ecwid-Instance-Id";
+    /// W3C trace context, so every stage logs under the ingest's trace.
+    pub const TRACEPARENT: &str = "traceparent";
+
+    pub const DEAD_STAGE: &str = "Ecwid-Dead-Stage";
+    pub const DEAD_REASON: &str = "Ecwid-Dead-Reason";
+    pub const DEAD_ERROR: &str = "Ecwid-Dead-Error";
+    pub const DEAD_AT: &str = "Ecwid-Dead-At";
+    pub const DEAD_ATTEMPTS: &str = "Ecwid-Attempts";
+    pub const DEAD_FIRST_ATTEMPT_AT: &str = "Ecwid-First-Attempt-At";
+    pub const DEAD_LAST_ATTEMPT_AT: &str = "Ecwid-Last-Attempt-At";
+    pub const DEAD_LAST_STATUS: &str = "Ecwid-Last-Status";
+    pub const ORIGINAL_SUBJECT: &str = "Ecwid-Original-Subject";
+    pub const ORIGINAL_MSG_ID: &str = "Ecwid-Original-Msg-Id";
+}
+
+/// Stream and bucket settings.
+#[derive(Debug, Clone)]
+pub struct TopologyConfig {
+    pub replicas: usize,
+    pub duplicate_window: Duration,
+}
+
+impl From<&crate::config::CommonConfig> for TopologyConfig {
+    fn from(c: &crate::config::CommonConfig) -> Self {
+        Self {
+            replicas: c.stream_replicas,
+            duplicate_window: c.duplicate_window,
+        }
+    }
+}
+
+/// Connects to NATS, retrying with exponential backoff (capped at 5 s) until it answers or
+/// `cancel` fires. The client reconnects on its own after that.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    cancel: &CancellationToken,
+) -> Result<async_nats::Client, Error> {
+    let attempt = || async {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(3))
+            .max_reconnects(None)
+            .connect(url)
+            .await
+    };
+    let retried = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times(),
+        )
+        .notify(|err, wait| {
+            tracing::warn!(error = %err, url, retry_in = ?wait, "NATS is not reachable yet; retrying.");
+        });
+    tokio::select! {
+        result = retried => result.map_err(|source| Error::Connect { url: url.to_owned(), source }),
+        () = cancel.cancelled() => Err(Error::Cancelled),
+    }
+}
+
+/// The JetStream context every service uses.
+pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
+    jetstream::new(client)
+}
+
+fn work_stream(name: &str, subject: &str, cfg: &TopologyConfig, description: &str) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        description: Some(description.to_owned()),
+        subjects: vec![subject.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        duplicate_window: cfg.duplicate_window,
+        max_age: WORK_STREAM_MAX_AGE,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates the three streams and the instances bucket. Safe to run from every replica
+/// at every start.
+pub async fn setup_topology(js: &jetstream::Context, cfg: &TopologyConfig) -> Result<kv::Store, Error> {
+    let streams = [
+        work_stream(RAW_STREAM, "ecwid.raw.>", cfg, "Raw Ecwid webhooks as received by the ingest"),
+        work_stream(EVENTS_STREAM, "ecwid.events.>", cfg, "Open Connectors envelopes, one per instance"),
+        stream::Config {
+            // Dead letters stay until an operator replays or deletes them.
+            max_age: Duration::ZERO,
+            ..work_stream(DEAD_STREAM, "ecwid.dead.>", cfg, "Messages a stage could not process")
+        },
+    ];
+    for config in streams {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| Error::Topology {
+                what: "stream",
+                name,
+                message: e.to_string(),
+            })?;
+    }
+    js.create_or_update_key_value(kv::Config {
+        bucket: INSTANCES_BUCKET.to_owned(),
+        description: "ecwid-events connector instances".to_owned(),
+        history: 5,
+        num_replicas: cfg.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| Error::Topology {
+        what: "key-value bucket",
+        name: INSTANCES_BUCKET.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Gets the durable pull consumer `config.durable_name` on `stream`, creating it when missing.
+/// An existing consumer whose `ack_wait` is shorter than `config.ack_wait` is an error: a message
+/// would be redelivered while still being worked on.
+pub async fn ensure_pull_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    config: pull::Config,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, Error> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    let topology = |message: String| Error::Topology {
+        what: "consumer",
+        name: name.clone(),
+        message,
+    };
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| topology(e.to_string()))?;
+    let wanted_ack_wait = config.ack_wait;
+    let mut consumer = stream
+        .get_or_create_consumer(&name, config)
+        .await
+        .map_err(|e| topology(e.to_string()))?;
+    let info = consumer.info().await.map_err(|e| topology(e.to_string()))?;
+    if info.config.ack_wait < wanted_ack_wait {
+        return Err(topology(format!(
+            "existing consumer has ack_wait {:?}, shorter than the {:?} this configuration needs; \
+             delete the consumer (nats consumer rm) so it is created again",
+            info.config.ack_wait, wanted_ack_wait
+        )));
+    }
+    Ok(consumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_and_tokens() {
+        assert_eq!(raw_subject("42"), "ecwid.raw.42");
+        assert_eq!(events_subject("ab-1"), "ecwid.events.ab-1");
+        assert_eq!(dead_subject("deliver", "ab-1"), "ecwid.dead.deliver.ab-1");
+        assert_eq!(subject_tail("ecwid.raw.42"), "42");
+        assert!(is_subject_token("1003"));
+        assert!(!is_subject_token("a.b"));
+        assert!(!is_subject_token("*"));
+        assert!(!is_subject_token(""));
+    }
+}
