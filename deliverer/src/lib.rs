@@ -1,1 +1,47 @@
-pub fn x(){}
+//! The deliverer: envelopes from `ECWID_EVENTS` → signed HTTP POSTs to each instance's callback
+//! URL. Retries wait on the NATS server (NAK with delay) so they survive restarts; what cannot be
+//! delivered ends in `ECWID_DEAD` for an operator to replay.
+//!
+//! - [`config`]: the deliverer's environment variables.
+//! - [`error`]: the deliverer's error type.
+//! - [`metrics`]: attempts, latencies, retries, dead letters, breakers, in-flight requests.
+//! - [`dispatch`]: signing (Open Connectors and Standard Webhooks) and the HTTP POST, with the
+//!   SSRF guard at connect time.
+//! - [`policy`]: the retry schedule, jitter and `Retry-After`, the per-URL circuit breaker and
+//!   the per-host limits.
+//! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
+
+pub mod config;
+pub mod consumer;
+pub mod dispatch;
+pub mod error;
+pub mod metrics;
+pub mod policy;
+
+use shared::service::Base;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Runs the deliverer until `cancel` fires, then lets the requests in flight finish within the
+/// grace period and drains the NATS connection.
+pub async fn run(
+    config: Config,
+    ops_listener: TcpListener,
+    client: async_nats::Client,
+    cancel: CancellationToken,
+) -> Result<(), error::Error> {
+    let base = Base::start(client.clone(), &config.common, "deliverer", &cancel).await?;
+    let metrics = metrics::Metrics::register(&base.registry);
+    let ops = tokio::spawn(shared::ops::serve(
+        ops_listener,
+        shared::ops::router(base.ops_state()),
+        cancel.clone(),
+    ));
+    let grace = config.common.shutdown_grace;
+    consumer::run(config, base, metrics, cancel).await?;
+    let _ = ops.await;
+    shared::shutdown::drain_nats(&client, grace).await;
+    Ok(())
+}

@@ -1,1 +1,43 @@
-pub fn x(){}
+//! The normalizer: raw Ecwid payloads from `ECWID_RAW` → one Open Connectors envelope per
+//! subscribed instance on `ECWID_EVENTS`. A raw message is acked only after all its envelopes are
+//! stored; what can never be normalized goes to `ECWID_DEAD`.
+//!
+//! - [`config`]: the normalizer's environment variables.
+//! - [`error`]: the normalizer's error type.
+//! - [`metrics`]: messages by outcome, envelopes by event type.
+//! - [`normalize`]: the mapping table and the pure payload → envelope functions.
+//! - [`consumer`]: the durable pull consumer, fan-out and publishing, outcomes.
+
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod metrics;
+pub mod normalize;
+
+use shared::service::Base;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Runs the normalizer until `cancel` fires, then finishes the messages in work within the grace
+/// period and drains the NATS connection.
+pub async fn run(
+    config: Config,
+    ops_listener: TcpListener,
+    client: async_nats::Client,
+    cancel: CancellationToken,
+) -> Result<(), error::Error> {
+    let base = Base::start(client.clone(), &config.common, "normalizer", &cancel).await?;
+    let metrics = metrics::Metrics::register(&base.registry);
+    let ops = tokio::spawn(shared::ops::serve(
+        ops_listener,
+        shared::ops::router(base.ops_state()),
+        cancel.clone(),
+    ));
+    let grace = config.common.shutdown_grace;
+    consumer::run(config, base, metrics, cancel).await?;
+    let _ = ops.await;
+    shared::shutdown::drain_nats(&client, grace).await;
+    Ok(())
+}

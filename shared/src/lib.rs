@@ -9,8 +9,10 @@
 //! - [`netguard`]: which callback addresses are refused (SSRF guard) and the operator's allow-list.
 //! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
+//! - [`service`]: start-up common to every service (topology, instances watch, metrics).
 //! - [`telemetry`]: tracing initialisation (`LOG_FORMAT`, `RUST_LOG`).
 //! - [`shutdown`]: SIGTERM/SIGINT → one cancellation token; the bounded drain.
+//! - [`worker`]: the bounded pull loop both workers run; the consumer-lag reporter.
 //! - [`error`]: this crate's error type.
 
 pub mod config;
@@ -23,9 +25,11 @@ pub mod metrics;
 pub mod nats;
 pub mod netguard;
 pub mod ops;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time_fmt;
+pub mod worker;
 
 pub use error::Error;
 

@@ -1,0 +1,110 @@
+//! The deliverer's configuration, from environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shared::config::{parse_duration_list, CommonConfig, ConfigError, Vars};
+use shared::netguard::AllowList;
+
+pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9102";
+pub const DEFAULT_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,9h";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    /// `OPS_LISTEN`: `/metrics`, `/healthz`, `/readyz`.
+    pub ops_listen: SocketAddr,
+    /// `DELIVER_CONNECT_TIMEOUT_MS`, default 5000.
+    pub connect_timeout: Duration,
+    /// `DELIVER_TIMEOUT_MS`, default 15000: the whole request.
+    pub timeout: Duration,
+    /// `DELIVER_RETRY_SCHEDULE`: the waits between attempts; attempts = waits + 1.
+    pub schedule: Vec<Duration>,
+    /// `DELIVER_MAX_IN_FLIGHT`, default 256.
+    pub max_in_flight: usize,
+    /// `DELIVER_MAX_IN_FLIGHT_PER_HOST`, default 16.
+    pub max_in_flight_per_host: usize,
+    /// `DELIVER_BREAKER_FAILURES`, default 5: consecutive failures that open a URL's breaker.
+    pub breaker_failures: u32,
+    /// `DELIVER_BREAKER_COOLDOWN_MS`, default 30000.
+    pub breaker_cooldown: Duration,
+    /// `DELIVER_ALLOW_NETWORKS`: networks callbacks may reach despite the SSRF guard.
+    pub allow_networks: AllowList,
+}
+
+impl Config {
+    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+        let connect_timeout = vars.millis_or("DELIVER_CONNECT_TIMEOUT_MS", 5_000, 10)?;
+        let timeout = vars.millis_or("DELIVER_TIMEOUT_MS", 15_000, 10)?;
+        if timeout > Duration::from_secs(600) {
+            return Err(ConfigError::new("DELIVER_TIMEOUT_MS", "must be at most 600000"));
+        }
+        let schedule = parse_duration_list(&vars.string_or("DELIVER_RETRY_SCHEDULE", DEFAULT_SCHEDULE))
+            .map_err(|e| ConfigError::new("DELIVER_RETRY_SCHEDULE", e))?;
+        let max_in_flight: usize = vars.parse_or("DELIVER_MAX_IN_FLIGHT", 256)?;
+        if !(1..=10_000).contains(&max_in_flight) {
+            return Err(ConfigError::new("DELIVER_MAX_IN_FLIGHT", "must be between 1 and 10000"));
+        }
+        let max_in_flight_per_host: usize = vars.parse_or("DELIVER_MAX_IN_FLIGHT_PER_HOST", 16)?;
+        if max_in_flight_per_host == 0 || max_in_flight_per_host > max_in_flight {
+            return Err(ConfigError::new(
+                "DELIVER_MAX_IN_FLIGHT_PER_HOST",
+                "must be between 1 and DELIVER_MAX_IN_FLIGHT",
+            ));
+        }
+        let breaker_failures: u32 = vars.parse_or("DELIVER_BREAKER_FAILURES", 5)?;
+        if breaker_failures == 0 {
+            return Err(ConfigError::new("DELIVER_BREAKER_FAILURES", "must be at least 1"));
+        }
+        Ok(Self {
+            common: CommonConfig::from_vars(vars)?,
+            ops_listen: vars.addr_or("OPS_LISTEN", DEFAULT_OPS_LISTEN)?,
+            connect_timeout,
+            timeout,
+            schedule,
+            max_in_flight,
+            max_in_flight_per_host,
+            breaker_failures,
+            breaker_cooldown: vars.millis_or("DELIVER_BREAKER_COOLDOWN_MS", 30_000, 10)?,
+            allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
+                .map_err(|e| ConfigError::new("DELIVER_ALLOW_NETWORKS", e))?,
+        })
+    }
+
+    /// How long the server waits for an ack: the longest a message can be in work (waiting for a
+    /// host slot, then the whole request) plus a margin, so it is never worked on twice at once.
+    pub fn ack_wait(&self) -> Duration {
+        crate::policy::HOST_SLOT_WAIT + self.timeout + Duration::from_secs(15)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_vars(&Vars::default()).unwrap();
+        assert_eq!(c.ops_listen.to_string(), "0.0.0.0:9102");
+        assert_eq!(c.schedule.len(), 10);
+        assert!(c.schedule.iter().sum::<Duration>() >= Duration::from_secs(24 * 3600));
+        assert_eq!((c.connect_timeout, c.timeout), (Duration::from_secs(5), Duration::from_secs(15)));
+        assert!(c.ack_wait() > c.timeout);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (var, value) in [
+            ("DELIVER_RETRY_SCHEDULE", "5s,soon"),
+            ("DELIVER_TIMEOUT_MS", "x"),
+            ("DELIVER_MAX_IN_FLIGHT", "0"),
+            ("DELIVER_MAX_IN_FLIGHT_PER_HOST", "100000"),
+            ("DELIVER_BREAKER_FAILURES", "0"),
+            ("DELIVER_ALLOW_NETWORKS", "everything"),
+            ("OPS_LISTEN", "9102"),
+        ] {
+            let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{value}");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The durable pull consumer on `ECWID_EVENTS`: one delivery attempt per message, and its
+//! [`Outcome`]: ack, NAK with a delay (the server holds the wait, so it survives restarts), or
+//! dead-letter then ack.
+//!
+//! The attempt number is the message's delivery count less the times this replica put it back
+//! without trying (breaker open, host busy), so a restart loses no retry and repeats no wait.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use reqwest::header::{HeaderMap as HttpHeaders, HeaderValue, CONTENT_TYPE};
+use serde::Deserialize;
+use shared::dead::{self, DeadLetter, Stage};
+use shared::instance::Instance;
+use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::service::Base;
+use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dispatch::{self, Attempt, Dispatcher};
+use crate::metrics::Metrics;
+use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
+
+/// What becomes of one envelope after an attempt (or instead of one).
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Ack,
+    /// Try again after `delay`; `spends_attempt` is false for deferrals.
+    Retry { delay: Duration, spends_attempt: bool },
+    Dead {
+        reason: &'static str,
+        error: String,
+        last_status: Option<u16>,
+        attempts: u64,
+    },
+}
+
+struct Worker {
+    config: Config,
+    base: Base,
+    metrics: Metrics,
+    dispatcher: Dispatcher,
+    breakers: Breakers,
+    hosts: HostLimits,
+    /// Stream sequence → times this replica put the message back without an attempt.
+    deferrals: Mutex<HashMap<u64, u64>>,
+}
+
+pub async fn run(config: Config, base: Base, metrics: Metrics, cancel: CancellationToken) -> Result<(), crate::error::Error> {
+    let consumer = shared::nats::ensure_pull_consumer(
+        &base.js,
+        EVENTS_STREAM,
+        pull::Config {
+            durable_name: Some(DELIVERER_CONSUMER.to_owned()),
+            description: Some("ecwid-events deliverer replicas".to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: config.ack_wait(),
+            max_deliver: -1,
+            // Envelopes waiting for a retry count here: room for many failing endpoints.
+            max_ack_pending: 100_000,
+            ..Default::default()
+        },
+    )
+    .await?;
+    shared::worker::spawn_lag_reporter(consumer.clone(), DELIVERER_CONSUMER, base.common.clone(), cancel.clone());
+    let dispatcher = Dispatcher::new(config.connect_timeout, config.timeout, config.allow_networks.clone())
+        .map_err(crate::error::Error::Http)?;
+    let concurrency = config.max_in_flight;
+    let grace = config.common.shutdown_grace;
+    let worker = Arc::new(Worker {
+        breakers: Breakers::new(
+            config.breaker_failures,
+            config.breaker_cooldown,
+            metrics.breakers_open.clone(),
+            metrics.breaker_transitions.clone(),
+        ),
+        hosts: HostLimits::new(config.max_in_flight_per_host),
+        deferrals: Mutex::new(HashMap::new()),
+        config,
+        base,
+        metrics,
+        dispatcher,
+    });
+    tracing::info!(concurrency, "Deliverer consuming.");
+    shared::worker::run_pull_loop(consumer, concurrency, cancel, grace, move |message| {
+        let worker = Arc::clone(&worker);
+        async move { worker.handle(message).await }
+    })
+    .await;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct EnvelopeHead {
+    message: MessageHead,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageHead {
+    event_id: String,
+}
+
+fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    h.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// The request headers: always the id, content type and user agent; the Open Connectors
+/// signature when the instance has a key; the Standard Webhooks trio when it has secrets.
+pub fn request_headers(instance: &Instance, event_id: &str, body: &[u8], now_secs: i64) -> HttpHeaders {
+    let mut h = HttpHeaders::new();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    put(CONTENT_TYPE.as_str(), "application/json");
+    put("elements-webhook-id", event_id);
+    if let Some(key) = instance.signature_key() {
+        put("elements-webhook-signature", &dispatch::elements_signature(key, body));
+    }
+    let secrets = instance.webhook_secrets();
+    if !secrets.is_empty() {
+        put("webhook-id", event_id);
+        put("webhook-timestamp", &now_secs.to_string());
+        put("webhook-signature", &dispatch::standard_signature(&secrets, event_id, now_secs, body));
+    }
+    h
+}
+
+impl Worker {
+    async fn handle(&self, message: jetstream::Message) {
+        let Ok(info) = message.info() else {
+            tracing::warn!("A message without JetStream metadata; leaving it to redelivery.");
+            return;
+        };
+        let seq = info.stream_sequence;
+        let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
+        let queued_at = info.published.unix_timestamp_nanos() / 1_000_000;
+        let deferred = self.deferrals_of(seq);
+        let attempt = delivered.saturating_sub(deferred).max(1);
+        let instance_id = subject_tail(message.subject.as_str()).to_owned();
+        let outcome = self.attempt(&message, &instance_id, attempt).await;
+        self.settle(&message, &instance_id, seq, attempt, queued_at as i64, outcome).await;
+    }
+
+    fn deferrals_of(&self, seq: u64) -> u64 {
+        let map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&seq).copied().unwrap_or(0)
+    }
+
+    fn note_deferral(&self, seq: u64) {
+        let mut map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 200_000 {
+            // Bound the memory; the cost is that those messages may spend an attempt each.
+            map.clear();
+        }
+        *map.entry(seq).or_insert(0) += 1;
+    }
+
+    fn forget(&self, seq: u64) {
+        self.deferrals.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
+    }
+
+    async fn attempt(&self, message: &jetstream::Message, instance_id: &str, attempt: u64) -> Outcome {
+        let dead = |reason, error: String| Outcome::Dead { reason, error, last_status: None, attempts: attempt - 1 };
+        let Some(instance) = self.base.directory.get(instance_id) else {
+            return dead("no_instance", format!("instance {instance_id} does not exist (any more)"));
+        };
+        if !instance.events_enabled() {
+            return dead("disabled", format!("instance {instance_id} has events disabled"));
+        }
+        let url = match instance.callback_url().map(reqwest::Url::parse) {
+            Some(Ok(url)) if matches!(url.scheme(), "http" | "https") => url,
+            _ => return dead("bad_callback", "the instance has no valid callback URL".into()),
+        };
+        let event_id = match serde_json::from_slice::<EnvelopeHead>(&message.payload) {
+            Ok(head) => head.message.event_id,
+            Err(e) => return dead("unparseable", format!("not an envelope: {e}")),
+        };
+        let schedule = instance.retry_schedule().unwrap_or_else(|| self.config.schedule.clone());
+
+        let key = url.as_str();
+        if let Admit::Wait(wait) = self.breakers.admit(key) {
+            self.metrics.deferred.with_label_values(&["breaker_open"]).inc();
+            return Outcome::Retry { delay: jitter(wait), spends_attempt: false };
+        }
+        let host = format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0));
+        let Some(_slot) = self.hosts.acquire(&host).await else {
+            self.metrics.deferred.with_label_values(&["host_busy"]).inc();
+            // A probe admitted above must not block the breaker: count it as not sent.
+            return Outcome::Retry { delay: jitter(Duration::from_secs(1)), spends_attempt: false };
+        };
+
+        let body = message.payload.clone();
+        let headers = request_headers(&instance, &event_id, &body, now_unix_ms() / 1000);
+        self.metrics.in_flight.inc();
+        let started = Instant::now();
+        let result = self.dispatcher.post(&url, headers, body).await;
+        self.metrics.in_flight.dec();
+        self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
+        let success = matches!(result, Attempt::Delivered { .. });
+        self.metrics
+            .attempts
+            .with_label_values(&[if success { "success" } else { "failure" }, result.class()])
+            .inc();
+        if !matches!(result, Attempt::Refused(_)) {
+            self.breakers.record(key, success);
+        }
+        match result {
+            Attempt::Delivered { status } => {
+                if let Some(received) = header(message.headers.as_ref(), headers::RECEIVED_AT).and_then(|v| v.parse::<i64>().ok()) {
+                    let ms = (now_unix_ms() - received).max(0);
+                    self.metrics.end_to_end.observe(ms as f64 / 1000.0);
+                }
+                tracing::debug!(instance_id, event_id, attempt, status, "Delivered.");
+                Outcome::Ack
+            }
+            Attempt::Gone => Outcome::Dead {
+                reason: "gone",
+                error: "the callback answered 410 Gone".into(),
+                last_status: Some(410),
+                attempts: attempt,
+            },
+            Attempt::Refused(why) => Outcome::Dead { reason: "refused_address", error: why, last_status: None, attempts: attempt },
+            Attempt::Failed { status, class, error, retry_after } => match next_wait(&schedule, attempt, retry_after) {
+                Some(delay) => {
+                    tracing::info!(instance_id, event_id, attempt, class, %error, retry_in = ?delay, "Delivery failed; will retry.");
+                    self.metrics.retries.inc();
+                    Outcome::Retry { delay, spends_attempt: true }
+                }
+                None => Outcome::Dead { reason: "attempts_exhausted", error, last_status: status, attempts: attempt },
+            },
+        }
+    }
+
+    async fn settle(
+        &self,
+        message: &jetstream::Message,
+        instance_id: &str,
+        seq: u64,
+        attempt: u64,
+        queued_at_ms: i64,
+        outcome: Outcome,
+    ) {
+        match outcome {
+            Outcome::Ack => {
+                self.forget(seq);
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(instance_id, seq, %error, "Ack failed; the event may be delivered again.");
+                }
+            }
+            Outcome::Retry { delay, spends_attempt } => {
+                if !spends_attempt {
+                    self.note_deferral(seq);
+                }
+                if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(instance_id, seq, %error, "NAK failed; the server redelivers after ack_wait.");
+                }
+            }
+            Outcome::Dead { reason, error, last_status, attempts } => {
+                let now = unix_ms_to_rfc3339(now_unix_ms());
+                let mut extra = vec![
+                    (headers::DEAD_ATTEMPTS, attempts.to_string()),
+                    (headers::DEAD_FIRST_ATTEMPT_AT, unix_ms_to_rfc3339(queued_at_ms)),
+                ];
+                if attempts > 0 {
+                    extra.push((headers::DEAD_LAST_ATTEMPT_AT, now));
+                }
+                if let Some(s) = last_status {
+                    extra.push((headers::DEAD_LAST_STATUS, s.to_string()));
+                }
+                let letter = DeadLetter {
+                    stage: Stage::Deliver,
+                    id: instance_id,
+                    reason,
+                    error: error.clone(),
+                    original_subject: message.subject.as_str(),
+                    original_headers: message.headers.as_ref(),
+                    source_id: format!("{EVENTS_STREAM}:{seq}"),
+                    payload: Bytes::clone(&message.payload),
+                    extra,
+                };
+                if let Err(e) = dead::publish(&self.base.js, letter, Duration::from_secs(5)).await {
+                    tracing::error!(instance_id, seq, error = %e, "Could not dead-letter an envelope; will try again.");
+                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                    return;
+                }
+                self.forget(seq);
+                tracing::warn!(instance_id, seq, attempt, reason, %error, "Envelope dead-lettered.");
+                self.base.common.dead_letters.with_label_values(&["deliver", reason]).inc();
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(instance_id, seq, %error, "Ack after dead-lettering failed; a duplicate dead letter is dropped by JetStream.");
+                }
+            }
+        }
+    }
+}

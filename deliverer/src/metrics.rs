@@ -1,0 +1,63 @@
+//! The deliverer's metrics.
+
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
+use shared::metrics::{counter, counter_vec, gauge, histogram};
+
+pub const ATTEMPTS_TOTAL: &str = "ecwid_deliver_attempts_total";
+pub const ATTEMPT_DURATION: &str = "ecwid_deliver_attempt_duration_seconds";
+pub const END_TO_END: &str = "ecwid_deliver_end_to_end_seconds";
+pub const RETRIES_TOTAL: &str = "ecwid_deliver_retries_total";
+pub const DEFERRED_TOTAL: &str = "ecwid_deliver_deferred_total";
+pub const IN_FLIGHT: &str = "ecwid_deliver_in_flight";
+pub const BREAKERS_OPEN: &str = "ecwid_deliver_breakers_open";
+pub const BREAKER_TRANSITIONS: &str = "ecwid_deliver_breaker_transitions_total";
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// outcome: success, failure; status_class: 2xx, 3xx, 4xx, 5xx, timeout, connect_error, refused.
+    pub attempts: IntCounterVec,
+    pub attempt_duration: Histogram,
+    /// From the ingest's receipt of the webhook to the callback's 2xx.
+    pub end_to_end: Histogram,
+    pub retries: IntCounter,
+    /// reason: breaker_open, host_busy.
+    pub deferred: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub breakers_open: IntGauge,
+    /// to: open, half_open, closed.
+    pub breaker_transitions: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn register(reg: &Registry) -> Self {
+        Self {
+            attempts: counter_vec(
+                reg,
+                ATTEMPTS_TOTAL,
+                "Delivery attempts by outcome and status class.",
+                &["outcome", "status_class"],
+            ),
+            attempt_duration: histogram(reg, ATTEMPT_DURATION, "Duration of one delivery attempt, seconds."),
+            end_to_end: histogram(
+                reg,
+                END_TO_END,
+                "From the ingest receiving the webhook to the callback answering 2xx, seconds.",
+            ),
+            retries: counter(reg, RETRIES_TOTAL, "Failed attempts scheduled for a retry."),
+            deferred: counter_vec(
+                reg,
+                DEFERRED_TOTAL,
+                "Deliveries put back without spending an attempt, by reason.",
+                &["reason"],
+            ),
+            in_flight: gauge(reg, IN_FLIGHT, "Requests to callbacks in flight."),
+            breakers_open: gauge(reg, BREAKERS_OPEN, "Callback URLs whose circuit breaker is open or probing."),
+            breaker_transitions: counter_vec(
+                reg,
+                BREAKER_TRANSITIONS,
+                "Circuit breaker state changes, by new state.",
+                &["to"],
+            ),
+        }
+    }
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Checks everything in deploy/ without a cluster, a Docker engine or the network.
+#
+#   bash deploy/check.sh                 # from the repository root (or anywhere)
+#   bash deploy/check.sh --install-only  # only set up the tools, e.g. in a CI setup step
+#
+# The first run installs its tools under .tools/ (see deploy/tools.sh); every
+# run after that is offline. Prints what it checked; exits non-zero on any failure.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=deploy/tools.sh
+source deploy/tools.sh
+
+step() { printf '\n== %s\n' "$*"; }
+FAILED=()
+# run NAME CMD...: runs one check, records its failure and carries on.
+run() {
+    local name=$1
+    shift
+    if "$@"; then
+        return 0
+    fi
+    FAILED+=("$name")
+    printf '   FAIL %s\n' "$name"
+}
+
+step "tools"
+ensure_venv
+ensure_promtool
+ensure_compose
+KUBECTL=$(command -v kubectl || true)
+NATS_SERVER=$(command -v nats-server || true)
+printf '   python     %s (%s)\n' "$VENV_PY" "$("$VENV_PY" -c 'import kubernetes_validate.version as v, yaml; print("kubernetes-validate", v.__version__, "PyYAML", yaml.__version__)')"
+printf '   promtool   %s (%s)\n' "$PROMTOOL" "$("$PROMTOOL" --version 2>&1 | head -1)"
+printf '   kubectl    %s\n' "${KUBECTL:-not found}"
+printf '   nats-server %s\n' "${NATS_SERVER:-not found}"
+printf '   compose    %s\n' "${COMPOSE_NAME:-not found (structural checks only)}"
+if [ "${1:-}" = "--install-only" ]; then
+    exit 0
+fi
+
+PY=("$VENV_PY" deploy/check_deploy.py)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+step "Dockerfile"
+run dockerfile "${PY[@]}" dockerfile deploy/Dockerfile
+
+step "compose file: parses, images and environment variables from the contract"
+run compose "${PY[@]}" compose deploy/compose.yaml
+run prometheus-config "${PY[@]}" prometheus-config deploy/prometheus/prometheus.yml
+if [ ${#COMPOSE[@]} -gt 0 ]; then
+    # `config` resolves and validates the file against compose's schema; it
+    # needs no Docker engine. ADMIN_TOKEN is required by the file.
+    if ADMIN_TOKEN=check-only "${COMPOSE[@]}" -f deploy/compose.yaml config -q >"$WORK/compose.out" 2>&1; then
+        echo "   ok   $COMPOSE_NAME: config -f deploy/compose.yaml"
+    else
+        cat "$WORK/compose.out"
+        FAILED+=("compose config")
+    fi
+else
+    echo "   skip compose config: no docker compose / docker-compose available"
+fi
+
+step "Prometheus: promtool check config / rules / test rules"
+# The compose config mounts alerts.yml at /etc/prometheus; check it with a
+# copy whose rule_files path points at the file here.
+sed "s#/etc/prometheus/alerts.yml#$ROOT/deploy/prometheus/alerts.yml#" deploy/prometheus/prometheus.yml >"$WORK/prometheus.yml"
+run "promtool check config" "$PROMTOOL" check config "$WORK/prometheus.yml"
+run "promtool check rules" "$PROMTOOL" check rules deploy/prometheus/alerts.yml
+run "promtool test rules" "$PROMTOOL" test rules deploy/prometheus/alerts.test.yml
+run "PrometheusRule in sync" "$VENV_PY" deploy/sync-rules.py --check
+run "rules sync" "${PY[@]}" rules-sync deploy/prometheus/alerts.yml deploy/k8s/components/monitoring/prometheusrule.yaml
+
+step "Grafana dashboard"
+run dashboard "${PY[@]}" dashboard deploy/grafana/ecwid-events.json "$WORK/dashboard-rules.yml"
+run "promtool check rules (dashboard queries)" "$PROMTOOL" check rules "$WORK/dashboard-rules.yml"
+
+step "metric names and label values are the contract's"
+run metric-names "${PY[@]}" metric-names deploy/prometheus/alerts.yml deploy/grafana/ecwid-events.json
+
+step "NATS configuration (nats-server -t)"
+if [ -n "$NATS_SERVER" ]; then
+    for conf in deploy/k8s/base/config/nats.conf deploy/k8s/overlays/dev/nats.conf; do
+        if POD_NAME=nats-0 "$NATS_SERVER" -t -c "$conf" >"$WORK/nats.out" 2>&1; then
+            echo "   ok   $conf"
+        else
+            cat "$WORK/nats.out"
+            FAILED+=("nats-server -t $conf")
+        fi
+    done
+else
+    echo "   FAIL nats-server not on PATH (Debian package nats-server)"
+    FAILED+=("nats-server")
+fi
+
+step "Kubernetes manifests, file by file (kubernetes-validate schemas; custom resources: required fields)"
+run k8s-files "${PY[@]}" k8s-files deploy/k8s
+
+step "Kubernetes overlays rendered with kubectl kustomize, then validated"
+if [ -z "$KUBECTL" ]; then
+    echo "   FAIL kubectl not on PATH: it renders the overlays (kubectl kustomize)."
+    echo "        No Debian or PyPI package here provides kustomize; install kubectl."
+    FAILED+=("kubectl")
+else
+    for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
+        dir=${dir%/}
+        name=${dir#deploy/k8s/}
+        out="$WORK/${name//\//-}.yaml"
+        if ! "$KUBECTL" kustomize "$dir" >"$out" 2>"$WORK/kustomize.err"; then
+            cat "$WORK/kustomize.err"
+            FAILED+=("kustomize $name")
+            continue
+        fi
+        echo "   ok   kubectl kustomize $dir"
+        run "rendered $name" "${PY[@]}" k8s-rendered "$name" "$out"
+    done
+fi
+
+step "summary"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    printf '   failed: %s\n' "${FAILED[@]}"
+    exit 1
+fi
+echo "   all deploy checks passed"

@@ -1,0 +1,757 @@
+"""Structural checks of deploy/, run by deploy/check.sh inside .tools/venv.
+
+Each subcommand prints one line per thing it checked and exits 1 if anything
+is wrong. The contract (ports, environment variables, metric names, JetStream
+names) is written out below, once; when the services' contract changes, change
+it here too.
+
+    check_deploy.py k8s-files DIR                 every manifest file under DIR
+    check_deploy.py k8s-rendered NAME FILE        one rendered overlay
+    check_deploy.py compose FILE
+    check_deploy.py prometheus-config FILE
+    check_deploy.py rules-sync ALERTS PROMETHEUSRULE
+    check_deploy.py metric-names FILE...           every ecwid_* name is in the contract
+    check_deploy.py dashboard FILE OUT_RULES       also writes its queries as a rules file for promtool
+    check_deploy.py dockerfile FILE
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+from typing import Any, Iterable
+
+import kubernetes_validate
+import yaml
+
+# --------------------------------------------------------------------------- contract
+
+COMMON_ENV = {"NATS_URL", "LOG_FORMAT", "RUST_LOG", "STREAM_REPLICAS", "SHUTDOWN_GRACE_MS"}
+SERVICE_ENV = {
+    "ingest": COMMON_ENV
+    | {
+        "INGEST_LISTEN",
+        "ADMIN_LISTEN",
+        "ADMIN_TOKEN",
+        "INGEST_MAX_BODY_BYTES",
+        "INGEST_PUBLISH_TIMEOUT_MS",
+        "INGEST_REQUIRE_SIGNATURE",
+        "INGEST_MAX_EVENT_AGE_SECS",
+        "RAW_DUPLICATE_WINDOW_SECS",
+        "DELIVER_ALLOW_NETWORKS",
+    },
+    "normalizer": COMMON_ENV | {"OPS_LISTEN", "NORMALIZER_CONCURRENCY", "NORMALIZER_PUBLISH_TIMEOUT_MS"},
+    "deliverer": COMMON_ENV
+    | {
+        "OPS_LISTEN",
+        "DELIVER_CONNECT_TIMEOUT_MS",
+        "DELIVER_TIMEOUT_MS",
+        "DELIVER_RETRY_SCHEDULE",
+        "DELIVER_MAX_IN_FLIGHT",
+        "DELIVER_MAX_IN_FLIGHT_PER_HOST",
+        "DELIVER_BREAKER_FAILURES",
+        "DELIVER_BREAKER_COOLDOWN_MS",
+        "DELIVER_ALLOW_NETWORKS",
+    },
+}
+# Containers that are not ours, and the variables their manifests may set.
+OTHER_ENV = {"nats": {"POD_NAME", "GOMEMLIMIT"}, "exporter": set()}
+
+# Where each service serves /metrics, /healthz, /readyz.
+OPS_PORT = {"ingest": 8081, "normalizer": 9101, "deliverer": 9102}
+LISTEN_VALUE = {
+    ("ingest", "INGEST_LISTEN"): "0.0.0.0:8080",
+    ("ingest", "ADMIN_LISTEN"): "0.0.0.0:8081",
+    ("normalizer", "OPS_LISTEN"): "0.0.0.0:9101",
+    ("deliverer", "OPS_LISTEN"): "0.0.0.0:9102",
+}
+NUMERIC_ENV = {
+    "STREAM_REPLICAS",
+    "SHUTDOWN_GRACE_MS",
+    "INGEST_MAX_BODY_BYTES",
+    "INGEST_PUBLISH_TIMEOUT_MS",
+    "INGEST_MAX_EVENT_AGE_SECS",
+    "RAW_DUPLICATE_WINDOW_SECS",
+    "NORMALIZER_CONCURRENCY",
+    "NORMALIZER_PUBLISH_TIMEOUT_MS",
+    "DELIVER_CONNECT_TIMEOUT_MS",
+    "DELIVER_TIMEOUT_MS",
+    "DELIVER_MAX_IN_FLIGHT",
+    "DELIVER_MAX_IN_FLIGHT_PER_HOST",
+    "DELIVER_BREAKER_FAILURES",
+    "DELIVER_BREAKER_COOLDOWN_MS",
+}
+ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
+
+# JetStream: stream -> its durable pull consumer.
+CONSUMERS = {"ECWID_RAW": "normalizer", "ECWID_EVENTS": "deliverer"}
+
+COUNTERS = {
+    "ecwid_dead_letters_total",
+    "ecwid_ingest_requests_total",
+    "ecwid_ingest_unverified_total",
+    "ecwid_normalizer_messages_total",
+    "ecwid_normalizer_envelopes_total",
+    "ecwid_deliver_attempts_total",
+    "ecwid_deliver_retries_total",
+    "ecwid_deliver_deferred_total",
+    "ecwid_deliver_breaker_transitions_total",
+}
+GAUGES = {
+    "ecwid_build_info",
+    "ecwid_nats_connected",
+    "ecwid_instances",
+    "ecwid_consumer_pending_messages",
+    "ecwid_consumer_ack_pending_messages",
+    "ecwid_deliver_in_flight",
+    "ecwid_deliver_breakers_open",
+}
+HISTOGRAMS = {
+    "ecwid_ingest_request_duration_seconds",
+    "ecwid_ingest_publish_duration_seconds",
+    "ecwid_deliver_attempt_duration_seconds",
+    "ecwid_deliver_end_to_end_seconds",
+}
+METRIC_NAMES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+# Label values the contract fixes, for selectors that name them.
+LABEL_VALUES = {
+    "outcome": {
+        "accepted", "duplicate", "unauthorized", "invalid", "unknown_store", "too_large",
+        "unsupported_media_type", "unavailable",  # ingest
+        "normalized", "filtered", "dead_lettered", "retried",  # normalizer
+        "success", "failure",  # deliverer
+    },
+    "format": {"v3", "ion", "unknown"},
+    "stage": {"normalize", "deliver"},
+    "status_class": {"2xx", "3xx", "4xx", "5xx", "timeout", "connect_error", "refused"},
+    "reason": None,  # free (bounded by the code)
+    "consumer": {"normalizer", "deliverer"},
+    "to": None,
+}
+
+# Images each deployment may use (repository -> allowed tags, None = any tag).
+COMPOSE_IMAGES = {
+    "ecwid-events": {"latest"},
+    "nats": {"2.10-alpine"},
+    "prom/prometheus": None,
+    "natsio/prometheus-nats-exporter": None,
+}
+
+BUILTIN_KINDS_SKIPPED = set()
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "StorageClass", "PersistentVolume"}
+# Oldest supported Kubernetes (preStop `sleep` needs 1.30) and the newest schemas shipped.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+# Created by the operator, not by any overlay (see overlays/production/*.example.yaml).
+EXTERNAL_SECRETS = {"ecwid-events-admin"}
+
+# --------------------------------------------------------------------------- reporting
+
+
+class Report:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.passed = 0
+
+    def ok(self, what: str) -> None:
+        self.passed += 1
+        print(f"   ok   {what}")
+
+    def fail(self, what: str) -> None:
+        self.failures.append(what)
+        print(f"   FAIL {what}")
+
+    def check(self, cond: bool, what: str, why: str = "") -> bool:
+        if cond:
+            self.ok(what)
+        else:
+            self.fail(f"{what}{': ' + why if why else ''}")
+        return cond
+
+    def exit(self) -> int:
+        print(f"   {self.passed} passed, {len(self.failures)} failed")
+        return 1 if self.failures else 0
+
+
+def load_docs(path: pathlib.Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def dig(obj: Any, *keys: Any, default: Any = None) -> Any:
+    for k in keys:
+        if isinstance(obj, dict) and k in obj:
+            obj = obj[k]
+        elif isinstance(obj, list) and isinstance(k, int) and -len(obj) <= k < len(obj):
+            obj = obj[k]
+        else:
+            return default
+    return obj
+
+
+def name_of(doc: dict) -> str:
+    return f"{doc.get('kind')}/{dig(doc, 'metadata', 'name', default='?')}"
+
+
+# --------------------------------------------------------------------------- kubernetes
+
+
+def validate_builtin(doc: dict) -> str | None:
+    """Schema-validates one object against every version in K8S_VERSIONS (strict)."""
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError as e:
+            return e.message
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.absolute_path) or "(top)"
+            return f"Kubernetes {version}: {path}: {e.message}"
+    return None
+
+
+def validate_crd(doc: dict) -> str | None:
+    """Required fields of the custom resources we use (no schema is shipped for them)."""
+    kind, spec = doc.get("kind"), doc.get("spec") or {}
+    if not dig(doc, "metadata", "name"):
+        return "metadata.name missing"
+    if kind == "ScaledObject":
+        if doc.get("apiVersion") != "keda.sh/v1alpha1":
+            return "apiVersion must be keda.sh/v1alpha1"
+        if not dig(spec, "scaleTargetRef", "name"):
+            return "spec.scaleTargetRef.name missing"
+        lo, hi = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
+            return "minReplicaCount/maxReplicaCount must be integers with min <= max"
+        triggers = spec.get("triggers")
+        if not triggers:
+            return "spec.triggers empty"
+        for t in triggers:
+            md = t.get("metadata") or {}
+            if t.get("type") != "nats-jetstream":
+                return f"unexpected trigger type {t.get('type')!r}"
+            for key in ("natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold"):
+                if not isinstance(md.get(key), str) or not md[key]:
+                    return f"trigger metadata.{key} missing (KEDA wants strings)"
+            if not md["lagThreshold"].isdigit():
+                return "lagThreshold must be an integer string"
+            if CONSUMERS.get(md["stream"]) != md["consumer"]:
+                return f"stream {md['stream']} has no consumer {md['consumer']!r} in the contract"
+            if not re.fullmatch(r"[a-z0-9.-]+:\d+", md["natsServerMonitoringEndpoint"]):
+                return "natsServerMonitoringEndpoint must be host:port"
+        return None
+    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
+        return "apiVersion must be monitoring.coreos.com/v1"
+    if kind == "ServiceMonitor":
+        if not isinstance(spec.get("selector"), dict):
+            return "spec.selector missing"
+        if not spec.get("endpoints") or not all(e.get("port") for e in spec["endpoints"]):
+            return "spec.endpoints must name a port each"
+        return None
+    if kind == "PodMonitor":
+        if not isinstance(spec.get("selector"), dict):
+            return "spec.selector missing"
+        eps = spec.get("podMetricsEndpoints")
+        if not eps or not all(e.get("port") for e in eps):
+            return "spec.podMetricsEndpoints must name a port each"
+        return None
+    if kind == "PrometheusRule":
+        groups = spec.get("groups")
+        if not groups:
+            return "spec.groups empty"
+        for g in groups:
+            if not g.get("name") or not g.get("rules"):
+                return "every group needs a name and rules"
+            for r in g["rules"]:
+                if not (r.get("alert") or r.get("record")) or not r.get("expr"):
+                    return "every rule needs alert or record, and expr"
+        return None
+    return f"unknown custom kind {kind}"
+
+
+def validate_object(rep: Report, where: str, doc: dict) -> None:
+    what = f"{where}: {name_of(doc)}"
+    if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
+        rep.fail(f"{where}: a document without kind/apiVersion")
+        return
+    if doc["kind"] in CRD_KINDS:
+        err = validate_crd(doc)
+        rep.check(err is None, f"{what} (custom resource: required fields)", err or "")
+    else:
+        err = validate_builtin(doc)
+        rep.check(err is None, f"{what} (schema {', '.join(K8S_VERSIONS)}, strict)", err or "")
+
+
+def cmd_k8s_files(root: str) -> int:
+    rep = Report()
+    base = pathlib.Path(root)
+    files = sorted(p for p in base.rglob("*.yaml") if p.name != "kustomization.yaml")
+    if not files:
+        rep.fail(f"no manifests under {root}")
+    for path in files:
+        try:
+            docs = load_docs(path)
+        except yaml.YAMLError as e:
+            rep.fail(f"{path}: YAML: {e}")
+            continue
+        if not docs:
+            rep.fail(f"{path}: empty")
+        for doc in docs:
+            validate_object(rep, str(path), doc)
+    for path in sorted(base.rglob("kustomization.yaml")):
+        try:
+            k = load_docs(path)[0]
+            kind = k.get("kind")
+            rep.check(kind in ("Kustomization", "Component"), f"{path}: parses ({kind})")
+        except (yaml.YAMLError, IndexError, AttributeError) as e:
+            rep.fail(f"{path}: {e}")
+    return rep.exit()
+
+
+def pod_templates(docs: list[dict]) -> Iterable[tuple[dict, dict]]:
+    for d in docs:
+        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield d, dig(d, "spec", "template", default={})
+
+
+def service_of(container: dict) -> str | None:
+    """Which of our binaries a container runs (by its command), or None."""
+    cmd = container.get("command") or []
+    if cmd and cmd[0].startswith("/usr/local/bin/"):
+        return cmd[0].rsplit("/", 1)[1]
+    return None
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        val, op, vals = labels.get(expr["key"]), expr["operator"], expr.get("values") or []
+        if op == "In" and val not in vals:
+            return False
+        if op == "NotIn" and val in vals:
+            return False
+        if op == "Exists" and expr["key"] not in labels:
+            return False
+        if op == "DoesNotExist" and expr["key"] in labels:
+            return False
+    return True
+
+
+def probe_port(probe: dict, ports: dict) -> int | None:
+    port = dig(probe, "httpGet", "port")
+    return ports.get(port, port) if isinstance(port, str) else port
+
+
+def cmd_k8s_rendered(name: str, path: str) -> int:
+    rep = Report()
+    docs = load_docs(pathlib.Path(path))
+    rep.check(bool(docs), f"{name}: renders to {len(docs)} objects")
+    for doc in docs:
+        validate_object(rep, name, doc)
+
+    by_kind: dict[str, dict[str, dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+
+    namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] not in CLUSTER_SCOPED}
+    rep.check(
+        namespaces == {"ecwid-events"},
+        f"{name}: every namespaced object is in namespace ecwid-events",
+        f"found {sorted(map(str, namespaces))}",
+    )
+    rep.check("ecwid-events" in by_kind.get("Namespace", {}), f"{name}: defines Namespace ecwid-events")
+
+    configmaps = by_kind.get("ConfigMap", {})
+    secrets = set(by_kind.get("Secret", {})) | EXTERNAL_SECRETS
+    services_seen = set()
+    common = None
+    for cm_name, cm in configmaps.items():
+        if cm_name.startswith("ecwid-common"):
+            common = cm.get("data") or {}
+
+    for owner, tmpl in pod_templates(docs):
+        spec = tmpl.get("spec") or {}
+        who = f"{name}: {name_of(owner)}"
+        pod_sc = spec.get("securityContext") or {}
+        rep.check(
+            pod_sc.get("runAsNonRoot") is True and dig(pod_sc, "seccompProfile", "type") == "RuntimeDefault",
+            f"{who}: pod runs as non-root with seccomp RuntimeDefault",
+        )
+        rep.check(spec.get("automountServiceAccountToken") is False, f"{who}: no service account token mounted")
+        rep.check(
+            selector_matches(dig(owner, "spec", "selector", default={}), dig(tmpl, "metadata", "labels", default={})),
+            f"{who}: selector matches its pod template",
+        )
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        for c in spec.get("containers", []):
+            cwho = f"{who} container {c['name']}"
+            sc = c.get("securityContext") or {}
+            rep.check(
+                sc.get("readOnlyRootFilesystem") is True
+                and sc.get("allowPrivilegeEscalation") is False
+                and dig(sc, "capabilities", "drop") == ["ALL"],
+                f"{cwho}: read-only root, no privilege escalation, all capabilities dropped",
+            )
+            res = c.get("resources") or {}
+            rep.check(
+                bool(dig(res, "requests", "cpu")) and bool(dig(res, "requests", "memory")) and bool(dig(res, "limits", "memory")),
+                f"{cwho}: cpu/memory requests and a memory limit",
+            )
+            svc = service_of(c)
+            env_names: dict[str, str | None] = {}
+            for ref in c.get("envFrom") or []:
+                cm = dig(ref, "configMapRef", "name")
+                if cm is not None:
+                    if rep.check(cm in configmaps, f"{cwho}: envFrom ConfigMap {cm} exists"):
+                        for k, v in (configmaps[cm].get("data") or {}).items():
+                            env_names[k] = v
+                else:
+                    rep.fail(f"{cwho}: envFrom other than a ConfigMap")
+            for e in c.get("env") or []:
+                env_names[e["name"]] = e.get("value")
+                sk = dig(e, "valueFrom", "secretKeyRef", "name")
+                if sk is not None:
+                    rep.check(sk in secrets, f"{cwho}: Secret {sk} for {e['name']} exists or is documented as external")
+            allowed = SERVICE_ENV.get(svc) if svc else OTHER_ENV.get(c["name"])
+            if allowed is None:
+                rep.fail(f"{cwho}: neither one of our binaries nor a known container")
+                continue
+            extra = sorted(set(env_names) - allowed)
+            rep.check(not extra, f"{cwho}: every environment variable is in the contract", f"unknown {extra}")
+            if svc is None:
+                continue
+            services_seen.add(svc)
+            for var, value in env_names.items():
+                if value is None:
+                    continue
+                if var in NUMERIC_ENV and not str(value).isdigit():
+                    rep.fail(f"{cwho}: {var}={value!r} is not a number")
+                if var in ENUM_ENV and value not in ENUM_ENV[var]:
+                    rep.fail(f"{cwho}: {var}={value!r} not in {sorted(ENUM_ENV[var])}")
+                if (svc, var) in LISTEN_VALUE:
+                    rep.check(value == LISTEN_VALUE[(svc, var)], f"{cwho}: {var}={value}", f"want {LISTEN_VALUE[(svc, var)]}")
+            if svc == "ingest":
+                rep.check("ADMIN_TOKEN" in env_names, f"{cwho}: ADMIN_TOKEN is set (from a Secret)")
+                rep.check(
+                    "ADMIN_TOKEN" not in {k for ref in c.get("envFrom") or [] for k in (configmaps.get(dig(ref, "configMapRef", "name"), {}).get("data") or {})},
+                    f"{cwho}: ADMIN_TOKEN is not in a ConfigMap",
+                )
+            rep.check(env_names.get("LOG_FORMAT") == "json", f"{cwho}: LOG_FORMAT=json")
+            ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
+            ops = OPS_PORT[svc]
+            rep.check(ops in ports.values(), f"{cwho}: exposes ops port {ops}")
+            for kind, path_ in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+                probe = c.get(kind) or {}
+                rep.check(
+                    dig(probe, "httpGet", "path") == path_ and probe_port(probe, ports) == ops,
+                    f"{cwho}: {kind} GET {path_} on {ops}",
+                )
+            drain = int(env_names.get("SHUTDOWN_GRACE_MS") or 20000) / 1000
+            pre = dig(c, "lifecycle", "preStop", "sleep", "seconds", default=0)
+            rep.check(
+                grace > drain + pre,
+                f"{cwho}: terminationGracePeriodSeconds {grace} > drain {drain:g}s + preStop {pre}s",
+            )
+    rep.check(services_seen == set(OPS_PORT), f"{name}: runs ingest, normalizer and deliverer", f"found {sorted(services_seen)}")
+
+    # NATS: replicas vs STREAM_REPLICAS, a headless Service for the routes.
+    nats = by_kind.get("StatefulSet", {}).get("nats")
+    if rep.check(nats is not None, f"{name}: StatefulSet nats exists"):
+        replicas = dig(nats, "spec", "replicas", default=1)
+        sr = int((common or {}).get("STREAM_REPLICAS", "1"))
+        rep.check(1 <= sr <= replicas, f"{name}: STREAM_REPLICAS={sr} <= NATS servers ({replicas})")
+        rep.check(bool(dig(nats, "spec", "volumeClaimTemplates")), f"{name}: NATS servers have persistent volumes")
+        headless = by_kind.get("Service", {}).get(dig(nats, "spec", "serviceName"))
+        rep.check(
+            headless is not None and dig(headless, "spec", "clusterIP") == "None",
+            f"{name}: NATS serviceName {dig(nats, 'spec', 'serviceName')} is a headless Service",
+        )
+
+    # Services select pods and name ports those pods expose.
+    pods = [(dig(t, "metadata", "labels", default={}), t) for _, t in pod_templates(docs)]
+    for svc_name, svc in by_kind.get("Service", {}).items():
+        sel = {"matchLabels": dig(svc, "spec", "selector", default={})}
+        matched = [t for labels, t in pods if selector_matches(sel, labels)]
+        if not rep.check(bool(matched), f"{name}: Service {svc_name} selects pods"):
+            continue
+        names = {p.get("name") for t in matched for c in t["spec"]["containers"] for p in c.get("ports") or []}
+        nums = {p["containerPort"] for t in matched for c in t["spec"]["containers"] for p in c.get("ports") or []}
+        for p in dig(svc, "spec", "ports", default=[]):
+            tp = p.get("targetPort", p["port"])
+            rep.check(tp in names or tp in nums, f"{name}: Service {svc_name} port {p['port']} -> {tp} exists on its pods")
+
+    # The Ingress reaches the webhook port only.
+    for ing_name, ing in by_kind.get("Ingress", {}).items():
+        for rule in dig(ing, "spec", "rules", default=[]):
+            for p in dig(rule, "http", "paths", default=[]):
+                be = dig(p, "backend", "service", default={})
+                svc = by_kind.get("Service", {}).get(be.get("name"))
+                port = dig(be, "port", "name") or dig(be, "port", "number")
+                target = None
+                for sp in dig(svc, "spec", "ports", default=[]) if svc else []:
+                    if port in (sp.get("name"), sp.get("port")):
+                        target = sp.get("targetPort")
+                rep.check(
+                    svc is not None and target in ("webhook", 8080),
+                    f"{name}: Ingress {ing_name} {p.get('path')} -> {be.get('name')}:{port} is the webhook port",
+                )
+
+    # Autoscalers target existing Deployments, and never two on one Deployment.
+    targets: dict[str, list[str]] = {}
+    for hpa_name, hpa in by_kind.get("HorizontalPodAutoscaler", {}).items():
+        targets.setdefault(dig(hpa, "spec", "scaleTargetRef", "name"), []).append(f"HPA {hpa_name}")
+    for so_name, so in by_kind.get("ScaledObject", {}).items():
+        targets.setdefault(dig(so, "spec", "scaleTargetRef", "name"), []).append(f"ScaledObject {so_name}")
+    for target, scalers in sorted(targets.items()):
+        rep.check(target in by_kind.get("Deployment", {}), f"{name}: {', '.join(scalers)} targets Deployment {target}")
+        rep.check(len(scalers) == 1, f"{name}: Deployment {target} has one autoscaler", f"has {scalers}")
+    for dep_name, dep in by_kind.get("Deployment", {}).items():
+        if dep_name in targets:
+            rep.check("replicas" not in dep["spec"], f"{name}: autoscaled Deployment {dep_name} leaves replicas to its autoscaler")
+    rep.check("ingest" in targets, f"{name}: ingest has an autoscaler")
+
+    # PodDisruptionBudgets and monitors select something.
+    for kind, field in (("PodDisruptionBudget", "selector"), ("PodMonitor", "selector")):
+        for obj_name, obj in by_kind.get(kind, {}).items():
+            sel = dig(obj, "spec", field, default={})
+            rep.check(any(selector_matches(sel, labels) for labels, _ in pods), f"{name}: {kind} {obj_name} selects pods")
+    for obj_name, obj in by_kind.get("ServiceMonitor", {}).items():
+        sel = dig(obj, "spec", "selector", default={})
+        svcs = [s for s in by_kind.get("Service", {}).values() if selector_matches(sel, dig(s, "metadata", "labels", default={}))]
+        ports = {p.get("name") for s in svcs for p in dig(s, "spec", "ports", default=[])}
+        rep.check(
+            bool(svcs) and all(e["port"] in ports for e in dig(obj, "spec", "endpoints", default=[])),
+            f"{name}: ServiceMonitor {obj_name} selects a Service with its port",
+        )
+    for so_name, so in by_kind.get("ScaledObject", {}).items():
+        for t in dig(so, "spec", "triggers", default=[]):
+            host = t["metadata"]["natsServerMonitoringEndpoint"].split(":")[0]
+            svc = host.split(".")[0]
+            rep.check(
+                svc in by_kind.get("Service", {}) and host.split(".")[1:2] == ["ecwid-events"],
+                f"{name}: ScaledObject {so_name} monitoring endpoint {host} is a Service in ecwid-events",
+            )
+            rep.check(t["metadata"]["consumer"] == dig(so, "spec", "scaleTargetRef", "name"),
+                      f"{name}: ScaledObject {so_name} scales the consumer's own worker")
+    return rep.exit()
+
+
+# --------------------------------------------------------------------------- compose / prometheus
+
+
+def split_image(image: str) -> tuple[str, str]:
+    repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+    return repo, tag
+
+
+def cmd_compose(path: str) -> int:
+    rep = Report()
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        rep.fail(f"{path}: YAML: {e}")
+        return rep.exit()
+    rep.ok(f"{path}: parses")
+    services = doc.get("services") or {}
+    rep.check(
+        {"nats", "ingest", "normalizer", "deliverer", "prometheus"} <= set(services),
+        f"{path}: has nats, ingest, normalizer, deliverer, prometheus",
+    )
+    for name, svc in services.items():
+        image = svc.get("image")
+        if not rep.check(bool(image), f"{path}: {name} names an image"):
+            continue
+        repo, tag = split_image(image)
+        allowed = COMPOSE_IMAGES.get(repo, False)
+        rep.check(
+            allowed is None or (allowed is not False and tag in allowed),
+            f"{path}: {name} image {image} is one of the listed images",
+        )
+        cmd = svc.get("command") or []
+        binary = cmd[0].rsplit("/", 1)[1] if cmd and str(cmd[0]).startswith("/usr/local/bin/") else None
+        env = svc.get("environment") or {}
+        if isinstance(env, list):
+            env = dict(e.split("=", 1) if "=" in e else (e, None) for e in env)
+        if binary:
+            rep.check(repo == "ecwid-events", f"{path}: {name} runs {binary} from the project image")
+            extra = sorted(set(env) - SERVICE_ENV[binary])
+            rep.check(not extra, f"{path}: {name}: every environment variable is in the contract", f"unknown {extra}")
+            for (svc_, var), want in LISTEN_VALUE.items():
+                if svc_ == binary:
+                    rep.check(env.get(var) == want, f"{path}: {name}: {var}={want}")
+            rep.check(env.get("LOG_FORMAT") == "json", f"{path}: {name}: LOG_FORMAT=json")
+            rep.check(env.get("NATS_URL") == "nats://nats:4222", f"{path}: {name}: NATS_URL=nats://nats:4222")
+            hc = dig(svc, "healthcheck", "test", default=[])
+            rep.check(hc == ["CMD", f"/usr/local/bin/{binary}", "healthcheck"], f"{path}: {name}: health check is `{binary} healthcheck`")
+            if binary == "ingest":
+                rep.check("ADMIN_TOKEN" in env, f"{path}: ingest gets ADMIN_TOKEN")
+        else:
+            rep.check(not env, f"{path}: {name} sets no environment variables", f"sets {sorted(env)}")
+        if repo == "nats":
+            rep.check(
+                cmd[:4] == ["-js", "-sd", "/data", "-m"] and str(cmd[4]) == "8222",
+                f"{path}: nats runs with -js -sd /data -m 8222",
+            )
+            rep.check(any(str(v).endswith(":/data") for v in svc.get("volumes") or []), f"{path}: nats keeps /data on a volume")
+    return rep.exit()
+
+
+def cmd_prometheus_config(path: str) -> int:
+    rep = Report()
+    doc = load_docs(pathlib.Path(path))[0]
+    targets = {
+        t for sc in doc.get("scrape_configs") or [] for st in sc.get("static_configs") or [] for t in st.get("targets") or []
+    }
+    for want in ("ingest:8081", "normalizer:9101", "deliverer:9102", "nats-exporter:7777"):
+        rep.check(want in targets, f"{path}: scrapes {want}")
+    rep.check(not any(t.endswith(":8222") for t in targets), f"{path}: does not scrape NATS' JSON port 8222 directly")
+    return rep.exit()
+
+
+def cmd_rules_sync(alerts: str, prometheusrule: str) -> int:
+    rep = Report()
+    a = load_docs(pathlib.Path(alerts))[0]
+    pr = load_docs(pathlib.Path(prometheusrule))[0]
+    rep.check(
+        a.get("groups") == dig(pr, "spec", "groups"),
+        f"{prometheusrule}: spec.groups equals the groups of {alerts}",
+        "run python3 deploy/sync-rules.py",
+    )
+    names = [r.get("alert") for g in a.get("groups", []) for r in g.get("rules", [])]
+    for n in names:
+        rep.check(bool(re.fullmatch(r"Ecwid[A-Za-z0-9]+", n or "")), f"{alerts}: alert {n} is named Ecwid*")
+    rep.check(len(names) == len(set(names)), f"{alerts}: alert names are unique")
+    return rep.exit()
+
+
+METRIC_RE = re.compile(r"\becwid_[a-z0-9_]+\b")
+SELECTOR_RE = re.compile(r"\b(ecwid_[a-z0-9_]+)\{([^}]*)\}")
+MATCHER_RE = re.compile(r'([a-z_]+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def cmd_metric_names(files: list[str]) -> int:
+    rep = Report()
+    for f in files:
+        text = pathlib.Path(f).read_text(encoding="utf-8")
+        found = set(METRIC_RE.findall(text))
+        unknown = sorted(found - METRIC_NAMES)
+        rep.check(bool(found) and not unknown, f"{f}: {len(found)} metric names, all in the contract", f"unknown {unknown}")
+        for metric, matchers in SELECTOR_RE.findall(text):
+            for label, op, value in MATCHER_RE.findall(matchers.replace('\\"', '"')):
+                allowed = LABEL_VALUES.get(label, "unknown-label")
+                if allowed == "unknown-label":
+                    rep.fail(f"{f}: {metric} selects on unknown label {label}")
+                elif allowed is not None and op in ("=", "!="):
+                    rep.check(value in allowed, f"{f}: {metric}{{{label}=\"{value}\"}} is a value of the contract")
+                elif allowed is not None:
+                    vals = value.split("|")
+                    rep.check(all(v in allowed for v in vals), f"{f}: {metric}{{{label}=~\"{value}\"}} are values of the contract")
+    return rep.exit()
+
+
+def cmd_dashboard(path: str, out_rules: str) -> int:
+    rep = Report()
+    try:
+        dash = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        rep.fail(f"{path}: JSON: {e}")
+        return rep.exit()
+    rep.ok(f"{path}: parses")
+    panels = dash.get("panels") or []
+    ids = [p.get("id") for p in panels]
+    rep.check(len(ids) == len(set(ids)) and None not in ids, f"{path}: {len(panels)} panels with unique ids")
+    rep.check(bool(dash.get("uid")) and bool(dash.get("title")), f"{path}: has uid and title")
+    exprs = [t["expr"] for p in panels for t in p.get("targets") or [] if t.get("expr")]
+    text = "\n".join(exprs)
+    for metric, what in (
+        ("ecwid_ingest_requests_total", "ingest rate and outcomes"),
+        ("ecwid_deliver_end_to_end_seconds_bucket", "end-to-end latency"),
+        ("ecwid_deliver_attempts_total", "delivery outcomes"),
+        ("ecwid_deliver_retries_total", "retries"),
+        ("ecwid_dead_letters_total", "dead letters"),
+        ("ecwid_consumer_pending_messages", "consumer lag"),
+        ("ecwid_deliver_breakers_open", "breaker states"),
+    ):
+        rep.check(metric in text, f"{path}: shows {what} ({metric})")
+    for q in ("0.5", "0.9", "0.99"):
+        rep.check(
+            f"histogram_quantile({q}, sum by (le) (rate(ecwid_deliver_end_to_end_seconds_bucket" in text,
+            f"{path}: end-to-end p{q[2:].ljust(2, '0') if q != '0.5' else '50'}",
+        )
+    # Grafana's variables, replaced by a legal duration, so promtool can parse every query.
+    rules = {"groups": [{"name": "dashboard-queries", "rules": []}]}
+    for i, e in enumerate(exprs):
+        e = e.replace("$__rate_interval", "5m").replace("$__range", "1h").replace("$__interval", "1m")
+        rules["groups"][0]["rules"].append({"record": f"dashboard:query_{i}", "expr": e})
+    pathlib.Path(out_rules).write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
+    rep.ok(f"{path}: {len(exprs)} queries written to {out_rules} for promtool")
+    return rep.exit()
+
+
+def cmd_dockerfile(path: str) -> int:
+    rep = Report()
+    lines = [l.strip() for l in pathlib.Path(path).read_text(encoding="utf-8").splitlines()]
+    joined = []
+    buf = ""
+    for l in lines:
+        if l.startswith("#") and not buf:
+            continue
+        buf += l[:-1] + " " if l.endswith("\\") else l
+        if not l.endswith("\\"):
+            if buf:
+                joined.append(buf)
+            buf = ""
+    froms = [l for l in joined if l.upper().startswith("FROM ")]
+    rep.check(len(froms) >= 2, f"{path}: multi-stage ({len(froms)} stages)")
+    rep.check(froms and froms[0].split()[1] == "rust:1-bookworm", f"{path}: builds in rust:1-bookworm")
+    final = froms[-1].split()[1] if froms else ""
+    rep.check(
+        final in ("gcr.io/distroless/cc-debian12:nonroot",) or final.startswith("debian:"),
+        f"{path}: final stage is {final}",
+    )
+    build = [l for l in joined if "cargo build" in l]
+    rep.check(
+        bool(build) and all(s in build[0] for s in ("--release", "--locked", "-p ingest", "-p normalizer", "-p deliverer")),
+        f"{path}: cargo build --release --locked -p ingest -p normalizer -p deliverer",
+    )
+    last = joined[joined.index(froms[-1]):] if froms else []
+    user = [l for l in last if l.upper().startswith("USER ")]
+    rep.check(bool(user) and user[-1].split()[1].split(":")[0] not in ("root", "0"), f"{path}: final stage runs as a non-root user")
+    rep.check(bool(re.search(r"COPY --from=\S+ /out/ /usr/local/bin/", "\n".join(last))), f"{path}: binaries land in /usr/local/bin")
+    hc = [l for l in last if l.upper().startswith("HEALTHCHECK ")]
+    rep.check(bool(hc) and 'CMD ["' in hc[-1], f"{path}: HEALTHCHECK in exec form (no shell)")
+    rep.check(not any(l.upper().startswith(("RUN ",)) for l in last), f"{path}: no RUN in the final stage (nothing to run it with)")
+    return rep.exit()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    cmd, args = argv[1], argv[2:]
+    if cmd == "k8s-files":
+        return cmd_k8s_files(*args)
+    if cmd == "k8s-rendered":
+        return cmd_k8s_rendered(*args)
+    if cmd == "compose":
+        return cmd_compose(*args)
+    if cmd == "prometheus-config":
+        return cmd_prometheus_config(*args)
+    if cmd == "rules-sync":
+        return cmd_rules_sync(*args)
+    if cmd == "metric-names":
+        return cmd_metric_names(args)
+    if cmd == "dashboard":
+        return cmd_dashboard(*args)
+    if cmd == "dockerfile":
+        return cmd_dockerfile(*args)
+    print(f"unknown subcommand {cmd}\n{__doc__}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,201 @@
+//! The instance API on the admin listener, behind `Authorization: Bearer $ADMIN_TOKEN`.
+//! Instances live in the `ECWID_INSTANCES` bucket; reads here go to the bucket (not the watched
+//! copy) so a client reads its own writes. Secret values never leave in full.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use shared::instance::{new_instance_id, Instance, InstancePatch};
+use subtle::ConstantTimeEq;
+
+use crate::error::{self, ApiError};
+use crate::AppState;
+
+/// Bucket operations that take longer than this answer 503.
+const KV_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/instances", get(list).post(create))
+        .route("/instances/{id}", get(show).patch(update).delete(remove))
+        .merge(crate::dead_letters::routes())
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let expected = state.inner.config.admin_token.expose().as_bytes();
+    match given {
+        Some(token) if bool::from(token.as_bytes().ct_eq(expected)) => next.run(request).await,
+        Some(_) => ApiError::Unauthorized("the bearer token is wrong".into()).into_response(),
+        None => ApiError::Unauthorized("send Authorization: Bearer <ADMIN_TOKEN>".into()).into_response(),
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "Instances bucket operation failed.");
+    ApiError::Unavailable(e.to_string())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound {
+        code: "not_found",
+        message: format!("no instance {id}"),
+    }
+}
+
+async fn within<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(KV_TIMEOUT, f).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(unavailable("the instances bucket did not answer in time")),
+    }
+}
+
+/// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ApiError::unprocessable("body", e.to_string())
+        } else {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        }
+    })
+}
+
+fn check(state: &AppState, instance: &Instance) -> Result<(), ApiError> {
+    instance
+        .validate(&state.inner.config.allow_networks)
+        .map_err(|e| ApiError::unprocessable(e.field, e.message))
+}
+
+fn now() -> String {
+    shared::time_fmt::unix_ms_to_rfc3339(shared::time_fmt::now_unix_ms())
+}
+
+async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let mut instance: Instance = parse_json(&body)?;
+    check(&state, &instance)?;
+    instance.id = new_instance_id();
+    instance.created_date = Some(now());
+    instance.updated_date = instance.created_date.clone();
+    let value = serde_json::to_vec(&instance).map_err(unavailable)?;
+    within(state.inner.base.kv.create(&instance.id, value.into())).await?;
+    tracing::info!(instance_id = %instance.id, store_id = instance.store_id().unwrap_or(""), "Instance created.");
+    let location = format!("/instances/{}", instance.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(instance.redacted()),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    store_id: Option<String>,
+}
+
+async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = &state.inner.base.kv;
+    let keys: Vec<String> = within(store.keys())
+        .await?
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    let mut instances = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(instance) = load(store, &key).await?.map(|(i, _)| i) {
+            if q.store_id.as_deref().is_none_or(|s| instance.store_id() == Some(s)) {
+                instances.push(instance.redacted());
+            }
+        }
+    }
+    instances.sort_by(|a, b| a.created_date.cmp(&b.created_date).then(a.id.cmp(&b.id)));
+    Ok(Json(json!({"instances": instances})))
+}
+
+async fn load(store: &kv::Store, id: &str) -> Result<Option<(Instance, u64)>, ApiError> {
+    if !is_valid_key(id) {
+        return Ok(None);
+    }
+    let entry = within(store.entry(id)).await?;
+    Ok(entry.and_then(|e| {
+        if e.operation != kv::Operation::Put {
+            return None;
+        }
+        let mut instance: Instance = serde_json::from_slice(&e.value).ok()?;
+        instance.id = id.to_owned();
+        Some((instance, e.revision))
+    }))
+}
+
+/// Keys the bucket can hold (`[-/_=.a-zA-Z0-9]`, not starting or ending with a dot).
+fn is_valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with('.')
+        && !key.ends_with('.')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
+}
+
+async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Instance>, ApiError> {
+    let (instance, _) = load(&state.inner.base.kv, &id).await?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(instance.redacted()))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Instance>, ApiError> {
+    let patch: InstancePatch = parse_json(&body)?;
+    let store = &state.inner.base.kv;
+    // Optimistic concurrency: apply to the revision we read; retry if another writer won.
+    for _ in 0..5 {
+        let (mut instance, revision) = load(store, &id).await?.ok_or_else(|| not_found(&id))?;
+        instance.apply(patch.clone());
+        check(&state, &instance)?;
+        instance.updated_date = Some(now());
+        let value = serde_json::to_vec(&instance).map_err(unavailable)?;
+        match tokio::time::timeout(KV_TIMEOUT, store.update(&id, value.into(), revision)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(instance_id = %id, "Instance updated.");
+                return Ok(Json(instance.redacted()));
+            }
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Err(_) => return Err(unavailable("the instances bucket did not answer in time")),
+        }
+    }
+    Err(ApiError::Conflict(format!("instance {id} kept changing; try again")))
+}
+
+async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let store = &state.inner.base.kv;
+    load(store, &id).await?.ok_or_else(|| not_found(&id))?;
+    within(store.delete(&id)).await?;
+    tracing::info!(instance_id = %id, "Instance deleted.");
+    Ok(StatusCode::NO_CONTENT)
+}

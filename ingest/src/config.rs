@@ -1,0 +1,103 @@
+//! The ingest's configuration, from environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shared::config::{CommonConfig, ConfigError, Secret, Vars};
+use shared::netguard::AllowList;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    /// `INGEST_LISTEN`: webhooks only.
+    pub listen: SocketAddr,
+    /// `ADMIN_LISTEN`: admin API, `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// `ADMIN_TOKEN` (required): the bearer token of the admin API.
+    pub admin_token: Secret,
+    /// `INGEST_MAX_BODY_BYTES`, default 256 KiB.
+    pub max_body_bytes: usize,
+    /// `INGEST_PUBLISH_TIMEOUT_MS`, default 2000: how long to wait for JetStream's ack before 503.
+    pub publish_timeout: Duration,
+    /// `INGEST_REQUIRE_SIGNATURE`, default false: refuse stores whose instances hold no client secret.
+    pub require_signature: bool,
+    /// `INGEST_MAX_EVENT_AGE_SECS`, default 0 (off): refuse v3 events older than this.
+    pub max_event_age: Option<Duration>,
+    /// `DELIVER_ALLOW_NETWORKS`: literal callback addresses the admin API accepts.
+    pub allow_networks: AllowList,
+}
+
+impl Config {
+    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+        let token = vars.required("ADMIN_TOKEN")?;
+        if token.len() < 16 {
+            return Err(ConfigError::new("ADMIN_TOKEN", "must be at least 16 characters"));
+        }
+        let max_body_bytes: usize = vars.parse_or("INGEST_MAX_BODY_BYTES", 256 * 1024)?;
+        if !(1024..=64 * 1024 * 1024).contains(&max_body_bytes) {
+            return Err(ConfigError::new(
+                "INGEST_MAX_BODY_BYTES",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        let publish_timeout = vars.millis_or("INGEST_PUBLISH_TIMEOUT_MS", 2_000, 10)?;
+        if publish_timeout > Duration::from_secs(9) {
+            return Err(ConfigError::new(
+                "INGEST_PUBLISH_TIMEOUT_MS",
+                "must be under 9000: Ecwid gives up on an answer after 10 s",
+            ));
+        }
+        let max_age_secs: u64 = vars.parse_or("INGEST_MAX_EVENT_AGE_SECS", 0)?;
+        Ok(Self {
+            common: CommonConfig::from_vars(vars)?,
+            listen: vars.addr_or("INGEST_LISTEN", DEFAULT_LISTEN)?,
+            admin_listen: vars.addr_or("ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN)?,
+            admin_token: Secret::new(token),
+            max_body_bytes,
+            publish_timeout,
+            require_signature: vars.bool_or("INGEST_REQUIRE_SIGNATURE", false)?,
+            max_event_age: (max_age_secs > 0).then(|| Duration::from_secs(max_age_secs)),
+            allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
+                .map_err(|e| ConfigError::new("DELIVER_ALLOW_NETWORKS", e))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: (&str, &str) = ("ADMIN_TOKEN", "0123456789abcdef");
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_vars(&Vars::from_pairs([TOKEN])).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.max_body_bytes, 262_144);
+        assert_eq!(c.publish_timeout, Duration::from_millis(2000));
+        assert!(!c.require_signature);
+        assert_eq!(c.max_event_age, None);
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let err = Config::from_vars(&Vars::default()).unwrap_err();
+        assert_eq!(err.var, "ADMIN_TOKEN");
+        for (var, value) in [
+            ("INGEST_LISTEN", "8080"),
+            ("INGEST_MAX_BODY_BYTES", "lots"),
+            ("INGEST_PUBLISH_TIMEOUT_MS", "15000"),
+            ("INGEST_REQUIRE_SIGNATURE", "perhaps"),
+            ("DELIVER_ALLOW_NETWORKS", "10.0.0.0/40"),
+            ("NATS_URL", "http://localhost"),
+        ] {
+            let err = Config::from_vars(&Vars::from_pairs([TOKEN, (var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{value}");
+        }
+    }
+}

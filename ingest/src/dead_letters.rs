@@ -1,0 +1,321 @@
+//! The dead-letter API (admin listener, bearer token): list with filters and pages, show one,
+//! replay (one, several, or all matching a filter) and delete.
+//!
+//! Replay republishes a dead letter to the subject it came from, as a new message (so it has a
+//! fresh attempt budget), with `Nats-Msg-Id = replay:<seq>`: replaying the same dead letter twice
+//! stores it once. The dead letter is deleted once the republish is acknowledged.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::{self, message::StreamMessage};
+use async_nats::HeaderMap;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared::nats::{headers, DEAD_STREAM};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+const JS_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_PAGE: usize = 500;
+const MAX_REPLAY: usize = 1000;
+
+/// The dead-letter routes, mounted by [`crate::admin::router`] behind the token.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/dead-letters", get(list))
+        .route("/dead-letters/replay", post(replay))
+        .route("/dead-letters/{seq}", get(show).delete(remove))
+}
+
+/// Which dead letters a list or a replay is about.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Filter {
+    /// `normalize` or `deliver`.
+    pub stage: Option<String>,
+    /// Instance id (deliver stage).
+    pub instance: Option<String>,
+    /// Store id (normalize stage).
+    pub store: Option<String>,
+    /// RFC 3339: dead-lettered at or after.
+    pub since: Option<String>,
+    /// RFC 3339: dead-lettered before.
+    pub until: Option<String>,
+    /// Page cursor: only sequences greater than this.
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+impl Filter {
+    fn subject(&self) -> Result<String, ApiError> {
+        let stage = match self.stage.as_deref() {
+            None => "*",
+            Some(s @ ("normalize" | "deliver")) => s,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("stage must be normalize or deliver, not `{other}`"),
+                ))
+            }
+        };
+        let id = match (self.instance.as_deref(), self.store.as_deref()) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request("invalid_query", "give instance or store, not both"))
+            }
+            (Some(id), None) | (None, Some(id)) => {
+                if !shared::nats::is_subject_token(id) {
+                    return Err(ApiError::bad_request("invalid_query", "instance or store is not a valid id"));
+                }
+                id
+            }
+            (None, None) => "*",
+        };
+        Ok(format!("ecwid.dead.{stage}.{id}"))
+    }
+
+    fn time(&self, raw: Option<&str>, name: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
+        raw.map(|s| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+                ApiError::bad_request("invalid_query", format!("{name} must be an RFC 3339 time such as 2026-11-22T10:00:00Z"))
+            })
+        })
+        .transpose()
+    }
+}
+
+async fn dead_stream(state: &AppState) -> Result<jetstream::stream::Stream, ApiError> {
+    match tokio::time::timeout(JS_TIMEOUT, state.inner.base.js.get_stream(DEAD_STREAM)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
+        Err(_) => Err(ApiError::Unavailable("JetStream did not answer".into())),
+    }
+}
+
+/// Reads the dead letters matching `filter`, oldest first, up to `limit`. Returns them and
+/// whether more match.
+async fn scan(state: &AppState, filter: &Filter, limit: usize) -> Result<(Vec<StreamMessage>, bool), ApiError> {
+    let subject = filter.subject()?;
+    let since = filter.time(filter.since.as_deref(), "since")?;
+    let until = filter.time(filter.until.as_deref(), "until")?;
+    let deliver_policy = match (filter.after, since) {
+        (Some(after), _) => DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+        (None, Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
+        (None, None) => DeliverPolicy::All,
+    };
+    let stream = dead_stream(state).await?;
+    let unavailable = |e: String| ApiError::Unavailable(e);
+    let mut consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut remaining = consumer
+        .info()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .num_pending;
+    let mut found = Vec::new();
+    if remaining == 0 {
+        return Ok((found, false));
+    }
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(e.to_string()))?;
+    while remaining > 0 {
+        let next = tokio::time::timeout(JS_TIMEOUT, messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(unavailable(e.to_string())),
+            Ok(None) | Err(_) => return Err(unavailable("reading the dead letters timed out".into())),
+        };
+        let info = message.info().map_err(|e| unavailable(e.to_string()))?;
+        remaining = info.pending;
+        if until.is_some_and(|u| info.published >= u) {
+            return Ok((found, false));
+        }
+        if found.len() == limit {
+            return Ok((found, true));
+        }
+        found.push(StreamMessage {
+            subject: message.subject.clone(),
+            sequence: info.stream_sequence,
+            headers: message.headers.clone().unwrap_or_default(),
+            payload: message.payload.clone(),
+            time: info.published,
+        });
+    }
+    Ok((found, false))
+}
+
+fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).map(|v| v.as_str().to_owned())
+}
+
+/// A dead letter as JSON: where and why, plus the payload (JSON, or base64 when not JSON).
+fn describe(m: &StreamMessage, with_payload: bool) -> Value {
+    let h = &m.headers;
+    let parts: Vec<&str> = m.subject.as_str().splitn(4, '.').collect();
+    let mut v = json!({
+        "seq": m.sequence,
+        "subject": m.subject.as_str(),
+        "stage": parts.get(2),
+        "id": parts.get(3),
+        "reason": header(h, headers::DEAD_REASON),
+        "error": header(h, headers::DEAD_ERROR),
+        "deadAt": header(h, headers::DEAD_AT),
+        "attempts": header(h, headers::DEAD_ATTEMPTS).and_then(|a| a.parse::<u64>().ok()),
+        "firstAttemptAt": header(h, headers::DEAD_FIRST_ATTEMPT_AT),
+        "lastAttemptAt": header(h, headers::DEAD_LAST_ATTEMPT_AT),
+        "lastStatus": header(h, headers::DEAD_LAST_STATUS),
+        "originalSubject": header(h, headers::ORIGINAL_SUBJECT),
+        "requestId": header(h, headers::REQUEST_ID),
+        "size": m.payload.len(),
+    });
+    if with_payload {
+        v["payload"] = match serde_json::from_slice::<Value>(&m.payload) {
+            Ok(json) => json,
+            Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(&m.payload)}),
+        };
+    }
+    v
+}
+
+async fn list(State(state): State<AppState>, Query(filter): Query<Filter>) -> Result<Json<Value>, ApiError> {
+    let limit = filter.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let (found, more) = scan(&state, &filter, limit).await?;
+    let next = if more { found.last().map(|m| m.sequence) } else { None };
+    Ok(Json(json!({
+        "deadLetters": found.iter().map(|m| describe(m, false)).collect::<Vec<_>>(),
+        "next": next,
+    })))
+}
+
+async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> {
+    let stream = dead_stream(state).await?;
+    match tokio::time::timeout(JS_TIMEOUT, stream.get_raw_message(seq)).await {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Err(ApiError::NotFound {
+            code: "not_found",
+            message: format!("no dead letter {seq}"),
+        }),
+        Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
+        Err(_) => Err(ApiError::Unavailable("JetStream did not answer".into())),
+    }
+}
+
+async fn show(State(state): State<AppState>, Path(seq): Path<u64>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(describe(&get_one(&state, seq).await?, true)))
+}
+
+async fn remove(State(state): State<AppState>, Path(seq): Path<u64>) -> Result<StatusCode, ApiError> {
+    get_one(&state, seq).await?;
+    let stream = dead_stream(&state).await?;
+    stream
+        .delete_message(seq)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    tracing::info!(seq, "Dead letter deleted.");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /dead-letters/replay`: `{"seq": 12}`, `{"seqs": [12, 13]}`, or a filter
+/// (`{"stage": "deliver", "instance": "…", "since": "…"}`; `{}` replays everything, up to 1000).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ReplayRequest {
+    seq: Option<u64>,
+    seqs: Option<Vec<u64>>,
+    stage: Option<String>,
+    instance: Option<String>,
+    store: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReplayRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?
+    };
+    let mut seqs: Vec<u64> = request.seq.into_iter().chain(request.seqs.into_iter().flatten()).collect();
+    let mut more = false;
+    if seqs.is_empty() {
+        let filter = Filter {
+            stage: request.stage,
+            instance: request.instance,
+            store: request.store,
+            since: request.since,
+            until: request.until,
+            after: None,
+            limit: None,
+        };
+        let (found, has_more) = scan(&state, &filter, MAX_REPLAY).await?;
+        seqs = found.iter().map(|m| m.sequence).collect();
+        more = has_more;
+    }
+    let mut replayed = Vec::new();
+    let mut failed = Vec::new();
+    for seq in seqs {
+        match replay_one(&state, seq).await {
+            Ok(()) => replayed.push(seq),
+            Err(e) => failed.push(json!({"seq": seq, "error": e.code(), "message": e.to_string()})),
+        }
+    }
+    tracing::info!(replayed = replayed.len(), failed = failed.len(), "Dead letters replayed.");
+    Ok(Json(json!({"replayed": replayed, "failed": failed, "more": more})))
+}
+
+async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
+    let letter = get_one(state, seq).await?;
+    let h = &letter.headers;
+    let target = header(h, headers::ORIGINAL_SUBJECT)
+        .filter(|s| s.starts_with("ecwid.raw.") || s.starts_with("ecwid.events."))
+        .ok_or_else(|| ApiError::unprocessable("seq", "the dead letter does not say where it came from"))?;
+    let mut out = HeaderMap::new();
+    for name in [
+        headers::RECEIVED_AT,
+        headers::FORMAT,
+        headers::VERIFIED,
+        headers::REQUEST_ID,
+        headers::STORE_ID,
+        headers::INSTANCE_ID,
+        headers::TRACEPARENT,
+        headers::ORIGINAL_MSG_ID,
+    ] {
+        if let Some(v) = h.get(name) {
+            out.insert(name, v.as_str());
+        }
+    }
+    out.insert(headers::MSG_ID, format!("replay:{seq}"));
+    out.insert("Ecwid-Replayed-From", seq.to_string());
+    let js = &state.inner.base.js;
+    let publish = async {
+        js.publish_with_headers(target, out, letter.payload.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(JS_TIMEOUT, publish).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(ApiError::Unavailable(e)),
+        Err(_) => return Err(ApiError::Unavailable("no ack from JetStream".into())),
+    }
+    let stream = dead_stream(state).await?;
+    if let Err(error) = stream.delete_message(seq).await {
+        // The republish is stored; a second replay of this letter is dropped as a duplicate.
+        tracing::warn!(%error, seq, "Replayed dead letter could not be deleted.");
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The pull loop both workers run: take messages from a durable pull consumer with at most
+//! `concurrency` in work, hand each to a handler, and on cancellation stop pulling and give the
+//! work in hand the grace period to finish. Also the consumer-lag reporter.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, Consumer};
+use async_nats::jetstream::Message;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::CommonMetrics;
+
+/// Runs until `cancel` fires; then waits up to `grace` for handlers in progress. Messages a
+/// handler did not settle are redelivered by the server after `ack_wait`: nothing is lost.
+pub async fn run_pull_loop<F, Fut>(
+    consumer: Consumer<pull::Config>,
+    concurrency: usize,
+    cancel: CancellationToken,
+    grace: Duration,
+    handle: F,
+) where
+    F: Fn(Message) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    let batch = concurrency.clamp(1, 1024);
+    'pull: loop {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot pull from the consumer; retrying.");
+                tokio::select! {
+                    () = cancel.cancelled() => break 'pull,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+                }
+            }
+        };
+        loop {
+            let permit = tokio::select! {
+                () = cancel.cancelled() => break 'pull,
+                p = Arc::clone(&permits).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break 'pull,
+                },
+            };
+            let next = tokio::select! {
+                () = cancel.cancelled() => break 'pull,
+                n = messages.next() => n,
+            };
+            while tasks.try_join_next().is_some() {}
+            match next {
+                None => {
+                    tracing::warn!("The pull subscription ended; subscribing again.");
+                    continue 'pull;
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "Pull subscription reported an error.");
+                    drop(permit);
+                    tokio::select! {
+                        () = cancel.cancelled() => break 'pull,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Some(Ok(message)) => {
+                    let handle = handle.clone();
+                    tasks.spawn(async move {
+                        handle(message).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+    let in_work = tasks.len();
+    if in_work > 0 {
+        tracing::info!(in_work, ?grace, "Stopped pulling; finishing the messages in work.");
+    }
+    let finished = tokio::time::timeout(grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(left = tasks.len(), "Grace period over; unfinished messages will be redelivered.");
+        tasks.abort_all();
+    }
+}
+
+/// Every 5 s, exports the consumer's lag (`ecwid_consumer_pending_messages`) and the messages in
+/// work or waiting for a retry (`ecwid_consumer_ack_pending_messages`).
+pub fn spawn_lag_reporter(
+    mut consumer: Consumer<pull::Config>,
+    name: &'static str,
+    metrics: CommonMetrics,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(5), consumer.info()).await {
+                metrics
+                    .consumer_pending
+                    .with_label_values(&[name])
+                    .set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+                metrics
+                    .consumer_ack_pending
+                    .with_label_values(&[name])
+                    .set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+}
