@@ -18,6 +18,7 @@ it here too.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import sys
@@ -172,6 +173,10 @@ class Report:
 
     def exit(self) -> int:
         print(f"   {self.passed} passed, {len(self.failures)} failed")
+        counts = os.environ.get("CHECK_COUNTS")
+        if counts:
+            with open(counts, "a", encoding="utf-8") as f:
+                f.write(f"{self.passed} {len(self.failures)}\n")
         return 1 if self.failures else 0
 
 

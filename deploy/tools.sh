@@ -14,7 +14,7 @@
 #
 # kubectl (for `kubectl kustomize`) and nats-server are taken from PATH.
 
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables set here are read by the callers
 
 TOOLS_ROOT="${TOOLS_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 TOOLS_DIR="$TOOLS_ROOT/.tools"
@@ -25,19 +25,33 @@ PYYAML_VERSION=6.0.3
 
 tools_log() { printf '   [tools] %s\n' "$*"; }
 
-# apt-get download into $1; runs `apt-get update` once (as root) if the package
-# lists do not know the packages yet.
+# Makes sure apt's package lists know package $1: runs `apt-get update` (as
+# root, at most once per run) when they do not.
+_APT_UPDATED=""
+_apt_lists() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    # No `| grep -q` here: under pipefail its early exit can fail the pipeline.
+    local policy
+    policy=$(apt-cache policy "$1" 2>/dev/null || true)
+    if [[ $policy == *"Candidate: "[0-9]* ]]; then
+        return 0
+    fi
+    [ "$(id -u)" = 0 ] && [ -z "$_APT_UPDATED" ] || return 1
+    tools_log "apt-get update"
+    _APT_UPDATED=1
+    apt-get update -qq >/dev/null 2>&1 || return 1
+    policy=$(apt-cache policy "$1" 2>/dev/null || true)
+    [[ $policy == *"Candidate: "[0-9]* ]]
+}
+
+# apt-get download PACKAGE... into directory $1 (no root needed once the lists
+# are there).
 _apt_download() {
     local dest=$1
     shift
-    command -v apt-get >/dev/null 2>&1 || return 1
+    _apt_lists "$1" || return 1
     mkdir -p "$dest"
-    if ! (cd "$dest" && apt-get download "$@" >/dev/null 2>&1); then
-        [ "$(id -u)" = 0 ] || return 1
-        tools_log "apt-get update"
-        apt-get update -qq >/dev/null 2>&1 || return 1
-        (cd "$dest" && apt-get download "$@" >/dev/null 2>&1) || return 1
-    fi
+    (cd "$dest" && apt-get download "$@" >/dev/null 2>&1)
 }
 
 ensure_venv() {
@@ -73,10 +87,11 @@ be downloaded with apt-get. No PyPI package ships promtool. Install it with
 EOF
         return 1
     fi
-    mkdir -p "$TOOLS_DIR/prometheus" "$TOOLS_DIR/bin"
-    dpkg-deb -x "$tmp"/prometheus_*.deb "$TOOLS_DIR/prometheus"
+    mkdir -p "$TOOLS_DIR/bin"
+    # Only promtool, out of the whole server package.
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+    mv "$tmp/usr/bin/promtool" "$TOOLS_DIR/bin/promtool"
     rm -rf "$tmp"
-    ln -sf ../prometheus/usr/bin/promtool "$TOOLS_DIR/bin/promtool"
     PROMTOOL="$TOOLS_DIR/bin/promtool"
     "$PROMTOOL" --version >/dev/null
 }
@@ -98,18 +113,25 @@ ensure_compose() {
         return 0
     fi
     local root="$TOOLS_DIR/compose-v1"
+    # Tried before and not available here: do not try again on every run.
+    [ -f "$TOOLS_DIR/compose-v1.unavailable" ] && return 0
     if [ ! -f "$root/.complete" ]; then
-        [ -x /usr/bin/python3 ] || return 0
         tools_log "fetching Debian's docker-compose (1.29) and its Python packages into $root"
-        local tmp pkgs
+        local tmp pkgs=""
         tmp=$(mktemp -d)
+        mkdir -p "$TOOLS_DIR"
         # The Python packages docker-compose needs, whatever this machine has installed.
-        pkgs=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-                 --no-breaks --no-replaces --no-enhances --no-pre-depends docker-compose 2>/dev/null \
-               | grep -E '^(docker-compose|python3-[a-z0-9.-]+)$' \
-               | grep -vE '^python3-(minimal|distutils|lib2to3)$' | sort -u) || true
+        if [ -x /usr/bin/python3 ] && _apt_lists docker-compose; then
+            pkgs=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+                     --no-breaks --no-replaces --no-enhances --no-pre-depends docker-compose 2>/dev/null \
+                   | grep -E '^(docker-compose|python3-[a-z0-9.-]+)$' \
+                   | grep -vE '^python3-(minimal|distutils|lib2to3)$' | sort -u) || true
+        fi
+        # shellcheck disable=SC2086 # one word per package
         if [ -z "$pkgs" ] || ! _apt_download "$tmp" $pkgs; then
             tools_log "docker-compose unavailable; the compose file gets the structural checks only"
+            tools_log "(remove $TOOLS_DIR/compose-v1.unavailable to try again)"
+            touch "$TOOLS_DIR/compose-v1.unavailable"
             rm -rf "$tmp"
             return 0
         fi

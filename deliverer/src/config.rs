@@ -37,13 +37,20 @@ impl Config {
         let connect_timeout = vars.millis_or("DELIVER_CONNECT_TIMEOUT_MS", 5_000, 10)?;
         let timeout = vars.millis_or("DELIVER_TIMEOUT_MS", 15_000, 10)?;
         if timeout > Duration::from_secs(600) {
-            return Err(ConfigError::new("DELIVER_TIMEOUT_MS", "must be at most 600000"));
+            return Err(ConfigError::new(
+                "DELIVER_TIMEOUT_MS",
+                "must be at most 600000",
+            ));
         }
-        let schedule = parse_duration_list(&vars.string_or("DELIVER_RETRY_SCHEDULE", DEFAULT_SCHEDULE))
-            .map_err(|e| ConfigError::new("DELIVER_RETRY_SCHEDULE", e))?;
+        let schedule =
+            parse_duration_list(&vars.string_or("DELIVER_RETRY_SCHEDULE", DEFAULT_SCHEDULE))
+                .map_err(|e| ConfigError::new("DELIVER_RETRY_SCHEDULE", e))?;
         let max_in_flight: usize = vars.parse_or("DELIVER_MAX_IN_FLIGHT", 256)?;
         if !(1..=10_000).contains(&max_in_flight) {
-            return Err(ConfigError::new("DELIVER_MAX_IN_FLIGHT", "must be between 1 and 10000"));
+            return Err(ConfigError::new(
+                "DELIVER_MAX_IN_FLIGHT",
+                "must be between 1 and 10000",
+            ));
         }
         let max_in_flight_per_host: usize = vars.parse_or("DELIVER_MAX_IN_FLIGHT_PER_HOST", 16)?;
         if max_in_flight_per_host == 0 || max_in_flight_per_host > max_in_flight {
@@ -54,7 +61,10 @@ impl Config {
         }
         let breaker_failures: u32 = vars.parse_or("DELIVER_BREAKER_FAILURES", 5)?;
         if breaker_failures == 0 {
-            return Err(ConfigError::new("DELIVER_BREAKER_FAILURES", "must be at least 1"));
+            return Err(ConfigError::new(
+                "DELIVER_BREAKER_FAILURES",
+                "must be at least 1",
+            ));
         }
         Ok(Self {
             common: CommonConfig::from_vars(vars)?,
@@ -88,7 +98,10 @@ mod tests {
         assert_eq!(c.ops_listen.to_string(), "0.0.0.0:9102");
         assert_eq!(c.schedule.len(), 10);
         assert!(c.schedule.iter().sum::<Duration>() >= Duration::from_secs(24 * 3600));
-        assert_eq!((c.connect_timeout, c.timeout), (Duration::from_secs(5), Duration::from_secs(15)));
+        assert_eq!(
+            (c.connect_timeout, c.timeout),
+            (Duration::from_secs(5), Duration::from_secs(15))
+        );
         assert!(c.ack_wait() > c.timeout);
     }
 

@@ -32,7 +32,10 @@ use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
 pub enum Outcome {
     Ack,
     /// Try again after `delay`; `spends_attempt` is false for deferrals.
-    Retry { delay: Duration, spends_attempt: bool },
+    Retry {
+        delay: Duration,
+        spends_attempt: bool,
+    },
     Dead {
         reason: &'static str,
         error: String,
@@ -52,7 +55,12 @@ struct Worker {
     deferrals: Mutex<HashMap<u64, u64>>,
 }
 
-pub async fn run(config: Config, base: Base, metrics: Metrics, cancel: CancellationToken) -> Result<(), crate::error::Error> {
+pub async fn run(
+    config: Config,
+    base: Base,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> Result<(), crate::error::Error> {
     let consumer = shared::nats::ensure_pull_consumer(
         &base.js,
         EVENTS_STREAM,
@@ -68,9 +76,18 @@ pub async fn run(config: Config, base: Base, metrics: Metrics, cancel: Cancellat
         },
     )
     .await?;
-    shared::worker::spawn_lag_reporter(consumer.clone(), DELIVERER_CONSUMER, base.common.clone(), cancel.clone());
-    let dispatcher = Dispatcher::new(config.connect_timeout, config.timeout, config.allow_networks.clone())
-        .map_err(crate::error::Error::Http)?;
+    shared::worker::spawn_lag_reporter(
+        consumer.clone(),
+        DELIVERER_CONSUMER,
+        base.common.clone(),
+        cancel.clone(),
+    );
+    let dispatcher = Dispatcher::new(
+        config.connect_timeout,
+        config.timeout,
+        config.allow_networks.clone(),
+    )
+    .map_err(crate::error::Error::Http)?;
     let concurrency = config.max_in_flight;
     let grace = config.common.shutdown_grace;
     let worker = Arc::new(Worker {
@@ -113,7 +130,12 @@ fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 
 /// The request headers: always the id, content type and user agent; the Open Connectors
 /// signature when the instance has a key; the Standard Webhooks trio when it has secrets.
-pub fn request_headers(instance: &Instance, event_id: &str, body: &[u8], now_secs: i64) -> HttpHeaders {
+pub fn request_headers(
+    instance: &Instance,
+    event_id: &str,
+    body: &[u8],
+    now_secs: i64,
+) -> HttpHeaders {
     let mut h = HttpHeaders::new();
     let mut put = |name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
@@ -123,13 +145,19 @@ pub fn request_headers(instance: &Instance, event_id: &str, body: &[u8], now_sec
     put(CONTENT_TYPE.as_str(), "application/json");
     put("elements-webhook-id", event_id);
     if let Some(key) = instance.signature_key() {
-        put("elements-webhook-signature", &dispatch::elements_signature(key, body));
+        put(
+            "elements-webhook-signature",
+            &dispatch::elements_signature(key, body),
+        );
     }
     let secrets = instance.webhook_secrets();
     if !secrets.is_empty() {
         put("webhook-id", event_id);
         put("webhook-timestamp", &now_secs.to_string());
-        put("webhook-signature", &dispatch::standard_signature(&secrets, event_id, now_secs, body));
+        put(
+            "webhook-signature",
+            &dispatch::standard_signature(&secrets, event_id, now_secs, body),
+        );
     }
     h
 }
@@ -147,7 +175,15 @@ impl Worker {
         let attempt = delivered.saturating_sub(deferred).max(1);
         let instance_id = subject_tail(message.subject.as_str()).to_owned();
         let outcome = self.attempt(&message, &instance_id, attempt).await;
-        self.settle(&message, &instance_id, seq, attempt, queued_at as i64, outcome).await;
+        self.settle(
+            &message,
+            &instance_id,
+            seq,
+            attempt,
+            queued_at as i64,
+            outcome,
+        )
+        .await;
     }
 
     fn deferrals_of(&self, seq: u64) -> u64 {
@@ -165,37 +201,79 @@ impl Worker {
     }
 
     fn forget(&self, seq: u64) {
-        self.deferrals.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
+        self.deferrals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&seq);
     }
 
-    async fn attempt(&self, message: &jetstream::Message, instance_id: &str, attempt: u64) -> Outcome {
-        let dead = |reason, error: String| Outcome::Dead { reason, error, last_status: None, attempts: attempt - 1 };
+    async fn attempt(
+        &self,
+        message: &jetstream::Message,
+        instance_id: &str,
+        attempt: u64,
+    ) -> Outcome {
+        let dead = |reason, error: String| Outcome::Dead {
+            reason,
+            error,
+            last_status: None,
+            attempts: attempt - 1,
+        };
         let Some(instance) = self.base.directory.get(instance_id) else {
-            return dead("no_instance", format!("instance {instance_id} does not exist (any more)"));
+            return dead(
+                "no_instance",
+                format!("instance {instance_id} does not exist (any more)"),
+            );
         };
         if !instance.events_enabled() {
-            return dead("disabled", format!("instance {instance_id} has events disabled"));
+            return dead(
+                "disabled",
+                format!("instance {instance_id} has events disabled"),
+            );
         }
         let url = match instance.callback_url().map(reqwest::Url::parse) {
             Some(Ok(url)) if matches!(url.scheme(), "http" | "https") => url,
-            _ => return dead("bad_callback", "the instance has no valid callback URL".into()),
+            _ => {
+                return dead(
+                    "bad_callback",
+                    "the instance has no valid callback URL".into(),
+                )
+            }
         };
         let event_id = match serde_json::from_slice::<EnvelopeHead>(&message.payload) {
             Ok(head) => head.message.event_id,
             Err(e) => return dead("unparseable", format!("not an envelope: {e}")),
         };
-        let schedule = instance.retry_schedule().unwrap_or_else(|| self.config.schedule.clone());
+        let schedule = instance
+            .retry_schedule()
+            .unwrap_or_else(|| self.config.schedule.clone());
 
         let key = url.as_str();
         if let Admit::Wait(wait) = self.breakers.admit(key) {
-            self.metrics.deferred.with_label_values(&["breaker_open"]).inc();
-            return Outcome::Retry { delay: jitter(wait), spends_attempt: false };
+            self.metrics
+                .deferred
+                .with_label_values(&["breaker_open"])
+                .inc();
+            return Outcome::Retry {
+                delay: jitter(wait),
+                spends_attempt: false,
+            };
         }
-        let host = format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0));
+        let host = format!(
+            "{}:{}",
+            url.host_str().unwrap_or(""),
+            url.port_or_known_default().unwrap_or(0)
+        );
         let Some(_slot) = self.hosts.acquire(&host).await else {
-            self.metrics.deferred.with_label_values(&["host_busy"]).inc();
+            self.metrics
+                .deferred
+                .with_label_values(&["host_busy"])
+                .inc();
             // A probe admitted above must not block the breaker: count it as not sent.
-            return Outcome::Retry { delay: jitter(Duration::from_secs(1)), spends_attempt: false };
+            return Outcome::Retry {
+                delay: jitter(Duration::from_secs(1)),
+                spends_attempt: false,
+            };
         };
 
         let body = message.payload.clone();
@@ -204,7 +282,9 @@ impl Worker {
         let started = Instant::now();
         let result = self.dispatcher.post(&url, headers, body).await;
         self.metrics.in_flight.dec();
-        self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .attempt_duration
+            .observe(started.elapsed().as_secs_f64());
         let success = matches!(result, Attempt::Delivered { .. });
         self.metrics
             .attempts
@@ -215,7 +295,9 @@ impl Worker {
         }
         match result {
             Attempt::Delivered { status } => {
-                if let Some(received) = header(message.headers.as_ref(), headers::RECEIVED_AT).and_then(|v| v.parse::<i64>().ok()) {
+                if let Some(received) = header(message.headers.as_ref(), headers::RECEIVED_AT)
+                    .and_then(|v| v.parse::<i64>().ok())
+                {
                     let ms = (now_unix_ms() - received).max(0);
                     self.metrics.end_to_end.observe(ms as f64 / 1000.0);
                 }
@@ -228,14 +310,32 @@ impl Worker {
                 last_status: Some(410),
                 attempts: attempt,
             },
-            Attempt::Refused(why) => Outcome::Dead { reason: "refused_address", error: why, last_status: None, attempts: attempt },
-            Attempt::Failed { status, class, error, retry_after } => match next_wait(&schedule, attempt, retry_after) {
+            Attempt::Refused(why) => Outcome::Dead {
+                reason: "refused_address",
+                error: why,
+                last_status: None,
+                attempts: attempt,
+            },
+            Attempt::Failed {
+                status,
+                class,
+                error,
+                retry_after,
+            } => match next_wait(&schedule, attempt, retry_after) {
                 Some(delay) => {
                     tracing::info!(instance_id, event_id, attempt, class, %error, retry_in = ?delay, "Delivery failed; will retry.");
                     self.metrics.retries.inc();
-                    Outcome::Retry { delay, spends_attempt: true }
+                    Outcome::Retry {
+                        delay,
+                        spends_attempt: true,
+                    }
                 }
-                None => Outcome::Dead { reason: "attempts_exhausted", error, last_status: status, attempts: attempt },
+                None => Outcome::Dead {
+                    reason: "attempts_exhausted",
+                    error,
+                    last_status: status,
+                    attempts: attempt,
+                },
             },
         }
     }
@@ -256,7 +356,10 @@ impl Worker {
                     tracing::warn!(instance_id, seq, %error, "Ack failed; the event may be delivered again.");
                 }
             }
-            Outcome::Retry { delay, spends_attempt } => {
+            Outcome::Retry {
+                delay,
+                spends_attempt,
+            } => {
                 if !spends_attempt {
                     self.note_deferral(seq);
                 }
@@ -264,11 +367,19 @@ impl Worker {
                     tracing::warn!(instance_id, seq, %error, "NAK failed; the server redelivers after ack_wait.");
                 }
             }
-            Outcome::Dead { reason, error, last_status, attempts } => {
+            Outcome::Dead {
+                reason,
+                error,
+                last_status,
+                attempts,
+            } => {
                 let now = unix_ms_to_rfc3339(now_unix_ms());
                 let mut extra = vec![
                     (headers::DEAD_ATTEMPTS, attempts.to_string()),
-                    (headers::DEAD_FIRST_ATTEMPT_AT, unix_ms_to_rfc3339(queued_at_ms)),
+                    (
+                        headers::DEAD_FIRST_ATTEMPT_AT,
+                        unix_ms_to_rfc3339(queued_at_ms),
+                    ),
                 ];
                 if attempts > 0 {
                     extra.push((headers::DEAD_LAST_ATTEMPT_AT, now));
@@ -289,12 +400,18 @@ impl Worker {
                 };
                 if let Err(e) = dead::publish(&self.base.js, letter, Duration::from_secs(5)).await {
                     tracing::error!(instance_id, seq, error = %e, "Could not dead-letter an envelope; will try again.");
-                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                        .await;
                     return;
                 }
                 self.forget(seq);
                 tracing::warn!(instance_id, seq, attempt, reason, %error, "Envelope dead-lettered.");
-                self.base.common.dead_letters.with_label_values(&["deliver", reason]).inc();
+                self.base
+                    .common
+                    .dead_letters
+                    .with_label_values(&["deliver", reason])
+                    .inc();
                 if let Err(error) = message.ack().await {
                     tracing::warn!(instance_id, seq, %error, "Ack after dead-lettering failed; a duplicate dead letter is dropped by JetStream.");
                 }

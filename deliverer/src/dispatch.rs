@@ -17,7 +17,8 @@ use crate::policy::parse_retry_after;
 pub const USER_AGENT: &str = concat!("ecwid-events/", env!("CARGO_PKG_VERSION"));
 
 fn hmac_b64(key: &[u8], parts: &[&[u8]]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut mac = Hmac::<Sha256>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     for p in parts {
         mac.update(p);
     }
@@ -35,7 +36,12 @@ pub fn standard_signature(secrets: &[Vec<u8>], id: &str, timestamp: i64, body: &
     let ts = timestamp.to_string();
     secrets
         .iter()
-        .map(|s| format!("v1,{}", hmac_b64(s, &[id.as_bytes(), b".", ts.as_bytes(), b".", body])))
+        .map(|s| {
+            format!(
+                "v1,{}",
+                hmac_b64(s, &[id.as_bytes(), b".", ts.as_bytes(), b".", body])
+            )
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -85,7 +91,8 @@ impl Resolve for GuardedResolver {
         let allow = self.allow.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut refusal = None;
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
@@ -114,7 +121,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(connect_timeout: Duration, timeout: Duration, allow: AllowList) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        connect_timeout: Duration,
+        timeout: Duration,
+        allow: AllowList,
+    ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
@@ -124,13 +135,20 @@ impl Dispatcher {
             .pool_max_idle_per_host(32)
             .tcp_nodelay(true)
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone() }))
+            .dns_resolver(Arc::new(GuardedResolver {
+                allow: allow.clone(),
+            }))
             .build()?;
         Ok(Self { http, allow })
     }
 
     /// POSTs `body` to `url` with `headers`.
-    pub async fn post(&self, url: &reqwest::Url, headers: reqwest::header::HeaderMap, body: Bytes) -> Attempt {
+    pub async fn post(
+        &self,
+        url: &reqwest::Url,
+        headers: reqwest::header::HeaderMap,
+        body: Bytes,
+    ) -> Attempt {
         // Literal addresses never reach the resolver: check them here.
         let literal: Option<IpAddr> = match url.host() {
             Some(url::Host::Ipv4(v4)) => Some(v4.into()),
@@ -142,7 +160,13 @@ impl Dispatcher {
                 return Attempt::Refused(why);
             }
         }
-        let response = self.http.post(url.clone()).headers(headers).body(body).send().await;
+        let response = self
+            .http
+            .post(url.clone())
+            .headers(headers)
+            .body(body)
+            .send()
+            .await;
         match response {
             Ok(r) => {
                 let status = r.status();
@@ -175,7 +199,11 @@ impl Dispatcher {
                 if let Some(refused) = find_source::<RefusedAddress>(&e) {
                     return Attempt::Refused(refused.0.clone());
                 }
-                let class = if e.is_timeout() { "timeout" } else { "connect_error" };
+                let class = if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "connect_error"
+                };
                 Attempt::Failed {
                     status: None,
                     class,
@@ -187,7 +215,9 @@ impl Dispatcher {
     }
 }
 
-fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(t) = s.downcast_ref::<T>() {
@@ -215,7 +245,10 @@ mod tests {
     #[test]
     fn elements_signature_test_vector() {
         assert_eq!(
-            elements_signature("MySecretEventSignatureKey", br#"{"message":{"eventId":"1"}}"#),
+            elements_signature(
+                "MySecretEventSignatureKey",
+                br#"{"message":{"eventId":"1"}}"#
+            ),
             "sha256=BglE3qkASaGiP5DAbkZ3SSOQwZE897+gwodA43OVuno="
         );
     }
@@ -224,7 +257,11 @@ mod tests {
     fn standard_webhooks_signature_verifies_with_the_reference_crate() {
         let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         let old = "whsec_c2Vjb25kIHNlY3JldCBmb3Igcm90YXRpb24=";
-        let key = |s: &str| base64::engine::general_purpose::STANDARD.decode(&s[6..]).unwrap();
+        let key = |s: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(&s[6..])
+                .unwrap()
+        };
         let body = br#"{"message":{"eventId":"e1"}}"#;
         let ts = shared::time_fmt::now_unix_ms() / 1000;
         let header = standard_signature(&[key(old), key(secret)], "e1", ts, body);
@@ -235,7 +272,9 @@ mod tests {
         h.insert("webhook-signature", header.parse().unwrap());
         for s in [secret, old] {
             let verifier = standardwebhooks::Webhook::new(s).unwrap();
-            verifier.verify(body, &h).expect("the reference implementation accepts our signature");
+            verifier
+                .verify(body, &h)
+                .expect("the reference implementation accepts our signature");
         }
         let stranger = standardwebhooks::Webhook::new("whsec_dGhpcmQgc2VjcmV0").unwrap();
         assert!(stranger.verify(body, &h).is_err());
@@ -243,7 +282,12 @@ mod tests {
 
     #[tokio::test]
     async fn literal_internal_addresses_are_refused_without_a_request() {
-        let d = Dispatcher::new(Duration::from_secs(1), Duration::from_secs(1), AllowList::default()).unwrap();
+        let d = Dispatcher::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            AllowList::default(),
+        )
+        .unwrap();
         for url in [
             "http://127.0.0.1:9/x",
             "http://10.0.0.1/x",
@@ -251,15 +295,31 @@ mod tests {
             "http://[::1]:9/x",
             "http://[::ffff:10.0.0.1]/x",
         ] {
-            let attempt = d.post(&url.parse().unwrap(), Default::default(), Bytes::new()).await;
+            let attempt = d
+                .post(&url.parse().unwrap(), Default::default(), Bytes::new())
+                .await;
             assert!(matches!(attempt, Attempt::Refused(_)), "{url}: {attempt:?}");
         }
     }
 
     #[tokio::test]
     async fn names_resolving_to_internal_addresses_are_refused_at_connect_time() {
-        let d = Dispatcher::new(Duration::from_secs(1), Duration::from_secs(1), AllowList::default()).unwrap();
-        let attempt = d.post(&"http://localhost:9/x".parse().unwrap(), Default::default(), Bytes::new()).await;
-        assert!(matches!(attempt, Attempt::Refused(ref why) if why.contains("loopback")), "{attempt:?}");
+        let d = Dispatcher::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            AllowList::default(),
+        )
+        .unwrap();
+        let attempt = d
+            .post(
+                &"http://localhost:9/x".parse().unwrap(),
+                Default::default(),
+                Bytes::new(),
+            )
+            .await;
+        assert!(
+            matches!(attempt, Attempt::Refused(ref why) if why.contains("loopback")),
+            "{attempt:?}"
+        );
     }
 }

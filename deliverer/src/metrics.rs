@@ -37,7 +37,11 @@ impl Metrics {
                 "Delivery attempts by outcome and status class.",
                 &["outcome", "status_class"],
             ),
-            attempt_duration: histogram(reg, ATTEMPT_DURATION, "Duration of one delivery attempt, seconds."),
+            attempt_duration: histogram(
+                reg,
+                ATTEMPT_DURATION,
+                "Duration of one delivery attempt, seconds.",
+            ),
             end_to_end: histogram(
                 reg,
                 END_TO_END,
@@ -51,7 +55,11 @@ impl Metrics {
                 &["reason"],
             ),
             in_flight: gauge(reg, IN_FLIGHT, "Requests to callbacks in flight."),
-            breakers_open: gauge(reg, BREAKERS_OPEN, "Callback URLs whose circuit breaker is open or probing."),
+            breakers_open: gauge(
+                reg,
+                BREAKERS_OPEN,
+                "Callback URLs whose circuit breaker is open or probing.",
+            ),
             breaker_transitions: counter_vec(
                 reg,
                 BREAKER_TRANSITIONS,

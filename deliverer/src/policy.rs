@@ -26,7 +26,11 @@ pub fn jitter(delay: Duration) -> Duration {
 /// The wait after failed attempt number `attempt` (1-based), or `None` when the schedule is spent
 /// and the event goes to the dead-letter stream. A receiver's `Retry-After` is honoured, clamped
 /// to the schedule's shortest and longest waits.
-pub fn next_wait(schedule: &[Duration], attempt: u64, retry_after: Option<Duration>) -> Option<Duration> {
+pub fn next_wait(
+    schedule: &[Duration],
+    attempt: u64,
+    retry_after: Option<Duration>,
+) -> Option<Duration> {
     let index = usize::try_from(attempt).ok()?.checked_sub(1)?;
     let planned = *schedule.get(index)?;
     let min = schedule.iter().min().copied().unwrap_or(planned);
@@ -69,7 +73,12 @@ pub struct Breakers {
 }
 
 impl Breakers {
-    pub fn new(failures_to_open: u32, cooldown: Duration, open_gauge: IntGauge, transitions: IntCounterVec) -> Self {
+    pub fn new(
+        failures_to_open: u32,
+        cooldown: Duration,
+        open_gauge: IntGauge,
+        transitions: IntCounterVec,
+    ) -> Self {
         Self {
             states: Mutex::new(HashMap::new()),
             failures_to_open,
@@ -82,14 +91,18 @@ impl Breakers {
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, State>) -> T) -> T {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let out = f(&mut states);
-        let open = states.values().filter(|s| !matches!(s, State::Closed { .. })).count();
+        let open = states
+            .values()
+            .filter(|s| !matches!(s, State::Closed { .. }))
+            .count();
         self.open_gauge.set(open as i64);
         out
     }
 
     pub fn admit(&self, url: &str) -> Admit {
         let now = Instant::now();
-        let probe_wait = (self.cooldown / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let probe_wait =
+            (self.cooldown / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         self.with(|states| match states.get(url).copied() {
             None | Some(State::Closed { .. }) => Admit::Go,
             Some(State::Open { until }) if now < until => Admit::Wait(until - now),
@@ -104,7 +117,10 @@ impl Breakers {
 
     pub fn record(&self, url: &str, success: bool) {
         self.with(|states| {
-            let state = states.get(url).copied().unwrap_or(State::Closed { failures: 0 });
+            let state = states
+                .get(url)
+                .copied()
+                .unwrap_or(State::Closed { failures: 0 });
             if success {
                 if state != (State::Closed { failures: 0 }) {
                     if !matches!(state, State::Closed { .. }) {
@@ -116,13 +132,17 @@ impl Breakers {
             }
             let next = match state {
                 State::Closed { failures } if failures + 1 < self.failures_to_open => {
-                    State::Closed { failures: failures + 1 }
+                    State::Closed {
+                        failures: failures + 1,
+                    }
                 }
                 // A late result while already open changes nothing.
                 State::Open { until } => State::Open { until },
                 _ => {
                     self.transitions.with_label_values(&["open"]).inc();
-                    State::Open { until: Instant::now() + self.cooldown }
+                    State::Open {
+                        until: Instant::now() + self.cooldown,
+                    }
                 }
             };
             states.insert(url.to_owned(), next);
@@ -181,7 +201,10 @@ mod tests {
         let schedule = [Duration::from_secs(10), Duration::from_secs(100)];
         for _ in 0..100 {
             let w = next_wait(&schedule, 1, None).unwrap();
-            assert!(w >= Duration::from_secs(8) && w <= Duration::from_secs(12), "{w:?}");
+            assert!(
+                w >= Duration::from_secs(8) && w <= Duration::from_secs(12),
+                "{w:?}"
+            );
         }
         assert!(next_wait(&schedule, 2, None).unwrap() >= Duration::from_secs(80));
         assert_eq!(next_wait(&schedule, 3, None), None);
@@ -191,9 +214,18 @@ mod tests {
     #[test]
     fn retry_after_is_clamped_to_the_schedule() {
         let schedule = [Duration::from_secs(10), Duration::from_secs(100)];
-        assert_eq!(next_wait(&schedule, 1, Some(Duration::from_secs(50))), Some(Duration::from_secs(50)));
-        assert_eq!(next_wait(&schedule, 1, Some(Duration::from_secs(1))), Some(Duration::from_secs(10)));
-        assert_eq!(next_wait(&schedule, 1, Some(Duration::from_secs(9999))), Some(Duration::from_secs(100)));
+        assert_eq!(
+            next_wait(&schedule, 1, Some(Duration::from_secs(50))),
+            Some(Duration::from_secs(50))
+        );
+        assert_eq!(
+            next_wait(&schedule, 1, Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            next_wait(&schedule, 1, Some(Duration::from_secs(9999))),
+            Some(Duration::from_secs(100))
+        );
         assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
@@ -210,9 +242,15 @@ mod tests {
         assert_eq!(b.admit("other"), Admit::Go);
         tokio::time::advance(Duration::from_millis(1001)).await;
         assert_eq!(b.admit("u"), Admit::Go, "one probe after the cool-down");
-        assert!(matches!(b.admit("u"), Admit::Wait(_)), "only one probe at a time");
+        assert!(
+            matches!(b.admit("u"), Admit::Wait(_)),
+            "only one probe at a time"
+        );
         b.record("u", false);
-        assert!(matches!(b.admit("u"), Admit::Wait(_)), "a failed probe opens it again");
+        assert!(
+            matches!(b.admit("u"), Admit::Wait(_)),
+            "a failed probe opens it again"
+        );
         tokio::time::advance(Duration::from_millis(1001)).await;
         assert_eq!(b.admit("u"), Admit::Go);
         b.record("u", true);
@@ -227,7 +265,10 @@ mod tests {
         assert!(first.is_some());
         assert!(limits.acquire("b").await.is_some());
         tokio::time::pause();
-        assert!(limits.acquire("a").await.is_none(), "second slot for a times out");
+        assert!(
+            limits.acquire("a").await.is_none(),
+            "second slot for a times out"
+        );
         drop(first);
         assert!(limits.acquire("a").await.is_some());
     }

@@ -46,7 +46,8 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     match given {
         Some(token) if bool::from(token.as_bytes().ct_eq(expected)) => next.run(request).await,
         Some(_) => ApiError::Unauthorized("the bearer token is wrong".into()).into_response(),
-        None => ApiError::Unauthorized("send Authorization: Bearer <ADMIN_TOKEN>".into()).into_response(),
+        None => ApiError::Unauthorized("send Authorization: Bearer <ADMIN_TOKEN>".into())
+            .into_response(),
     }
 }
 
@@ -116,7 +117,10 @@ struct ListQuery {
     store_id: Option<String>,
 }
 
-async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let store = &state.inner.base.kv;
     let keys: Vec<String> = within(store.keys())
         .await?
@@ -126,7 +130,10 @@ async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Resu
     let mut instances = Vec::with_capacity(keys.len());
     for key in keys {
         if let Some(instance) = load(store, &key).await?.map(|(i, _)| i) {
-            if q.store_id.as_deref().is_none_or(|s| instance.store_id() == Some(s)) {
+            if q.store_id
+                .as_deref()
+                .is_none_or(|s| instance.store_id() == Some(s))
+            {
                 instances.push(instance.redacted());
             }
         }
@@ -160,8 +167,13 @@ fn is_valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
 }
 
-async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Instance>, ApiError> {
-    let (instance, _) = load(&state.inner.base.kv, &id).await?.ok_or_else(|| not_found(&id))?;
+async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Instance>, ApiError> {
+    let (instance, _) = load(&state.inner.base.kv, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
     Ok(Json(instance.redacted()))
 }
 
@@ -189,10 +201,15 @@ async fn update(
             Err(_) => return Err(unavailable("the instances bucket did not answer in time")),
         }
     }
-    Err(ApiError::Conflict(format!("instance {id} kept changing; try again")))
+    Err(ApiError::Conflict(format!(
+        "instance {id} kept changing; try again"
+    )))
 }
 
-async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let store = &state.inner.base.kv;
     load(store, &id).await?.ok_or_else(|| not_found(&id))?;
     within(store.delete(&id)).await?;

@@ -34,7 +34,10 @@ impl Config {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         let token = vars.required("ADMIN_TOKEN")?;
         if token.len() < 16 {
-            return Err(ConfigError::new("ADMIN_TOKEN", "must be at least 16 characters"));
+            return Err(ConfigError::new(
+                "ADMIN_TOKEN",
+                "must be at least 16 characters",
+            ));
         }
         let max_body_bytes: usize = vars.parse_or("INGEST_MAX_BODY_BYTES", 256 * 1024)?;
         if !(1024..=64 * 1024 * 1024).contains(&max_body_bytes) {

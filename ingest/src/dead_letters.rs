@@ -69,11 +69,17 @@ impl Filter {
         };
         let id = match (self.instance.as_deref(), self.store.as_deref()) {
             (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request("invalid_query", "give instance or store, not both"))
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    "give instance or store, not both",
+                ))
             }
             (Some(id), None) | (None, Some(id)) => {
                 if !shared::nats::is_subject_token(id) {
-                    return Err(ApiError::bad_request("invalid_query", "instance or store is not a valid id"));
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        "instance or store is not a valid id",
+                    ));
                 }
                 id
             }
@@ -82,11 +88,20 @@ impl Filter {
         Ok(format!("ecwid.dead.{stage}.{id}"))
     }
 
-    fn time(&self, raw: Option<&str>, name: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
+    fn time(
+        &self,
+        raw: Option<&str>,
+        name: &str,
+    ) -> Result<Option<time::OffsetDateTime>, ApiError> {
         raw.map(|s| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
-                ApiError::bad_request("invalid_query", format!("{name} must be an RFC 3339 time such as 2026-11-22T10:00:00Z"))
-            })
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(
+                |_| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        format!("{name} must be an RFC 3339 time such as 2026-11-22T10:00:00Z"),
+                    )
+                },
+            )
         })
         .transpose()
     }
@@ -102,12 +117,18 @@ async fn dead_stream(state: &AppState) -> Result<jetstream::stream::Stream, ApiE
 
 /// Reads the dead letters matching `filter`, oldest first, up to `limit`. Returns them and
 /// whether more match.
-async fn scan(state: &AppState, filter: &Filter, limit: usize) -> Result<(Vec<StreamMessage>, bool), ApiError> {
+async fn scan(
+    state: &AppState,
+    filter: &Filter,
+    limit: usize,
+) -> Result<(Vec<StreamMessage>, bool), ApiError> {
     let subject = filter.subject()?;
     let since = filter.time(filter.since.as_deref(), "since")?;
     let until = filter.time(filter.until.as_deref(), "until")?;
     let deliver_policy = match (filter.after, since) {
-        (Some(after), _) => DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+        (Some(after), _) => DeliverPolicy::ByStartSequence {
+            start_sequence: after + 1,
+        },
         (None, Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
         (None, None) => DeliverPolicy::All,
     };
@@ -130,13 +151,18 @@ async fn scan(state: &AppState, filter: &Filter, limit: usize) -> Result<(Vec<St
     if remaining == 0 {
         return Ok((found, false));
     }
-    let mut messages = consumer.messages().await.map_err(|e| unavailable(e.to_string()))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
     while remaining > 0 {
         let next = tokio::time::timeout(JS_TIMEOUT, messages.next()).await;
         let message = match next {
             Ok(Some(Ok(m))) => m,
             Ok(Some(Err(e))) => return Err(unavailable(e.to_string())),
-            Ok(None) | Err(_) => return Err(unavailable("reading the dead letters timed out".into())),
+            Ok(None) | Err(_) => {
+                return Err(unavailable("reading the dead letters timed out".into()))
+            }
         };
         let info = message.info().map_err(|e| unavailable(e.to_string()))?;
         remaining = info.pending;
@@ -184,16 +210,25 @@ fn describe(m: &StreamMessage, with_payload: bool) -> Value {
     if with_payload {
         v["payload"] = match serde_json::from_slice::<Value>(&m.payload) {
             Ok(json) => json,
-            Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(&m.payload)}),
+            Err(_) => {
+                json!({"base64": base64::engine::general_purpose::STANDARD.encode(&m.payload)})
+            }
         };
     }
     v
 }
 
-async fn list(State(state): State<AppState>, Query(filter): Query<Filter>) -> Result<Json<Value>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    Query(filter): Query<Filter>,
+) -> Result<Json<Value>, ApiError> {
     let limit = filter.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     let (found, more) = scan(&state, &filter, limit).await?;
-    let next = if more { found.last().map(|m| m.sequence) } else { None };
+    let next = if more {
+        found.last().map(|m| m.sequence)
+    } else {
+        None
+    };
     Ok(Json(json!({
         "deadLetters": found.iter().map(|m| describe(m, false)).collect::<Vec<_>>(),
         "next": next,
@@ -204,20 +239,28 @@ async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> 
     let stream = dead_stream(state).await?;
     match tokio::time::timeout(JS_TIMEOUT, stream.get_raw_message(seq)).await {
         Ok(Ok(m)) => Ok(m),
-        Ok(Err(e)) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Err(ApiError::NotFound {
-            code: "not_found",
-            message: format!("no dead letter {seq}"),
-        }),
+        Ok(Err(e)) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            Err(ApiError::NotFound {
+                code: "not_found",
+                message: format!("no dead letter {seq}"),
+            })
+        }
         Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
         Err(_) => Err(ApiError::Unavailable("JetStream did not answer".into())),
     }
 }
 
-async fn show(State(state): State<AppState>, Path(seq): Path<u64>) -> Result<Json<Value>, ApiError> {
+async fn show(
+    State(state): State<AppState>,
+    Path(seq): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(describe(&get_one(&state, seq).await?, true)))
 }
 
-async fn remove(State(state): State<AppState>, Path(seq): Path<u64>) -> Result<StatusCode, ApiError> {
+async fn remove(
+    State(state): State<AppState>,
+    Path(seq): Path<u64>,
+) -> Result<StatusCode, ApiError> {
     get_one(&state, seq).await?;
     let stream = dead_stream(&state).await?;
     stream
@@ -246,9 +289,14 @@ async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value
     let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?
     };
-    let mut seqs: Vec<u64> = request.seq.into_iter().chain(request.seqs.into_iter().flatten()).collect();
+    let mut seqs: Vec<u64> = request
+        .seq
+        .into_iter()
+        .chain(request.seqs.into_iter().flatten())
+        .collect();
     let mut more = false;
     if seqs.is_empty() {
         let filter = Filter {
@@ -272,8 +320,14 @@ async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value
             Err(e) => failed.push(json!({"seq": seq, "error": e.code(), "message": e.to_string()})),
         }
     }
-    tracing::info!(replayed = replayed.len(), failed = failed.len(), "Dead letters replayed.");
-    Ok(Json(json!({"replayed": replayed, "failed": failed, "more": more})))
+    tracing::info!(
+        replayed = replayed.len(),
+        failed = failed.len(),
+        "Dead letters replayed."
+    );
+    Ok(Json(
+        json!({"replayed": replayed, "failed": failed, "more": more}),
+    ))
 }
 
 async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
@@ -281,7 +335,9 @@ async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
     let h = &letter.headers;
     let target = header(h, headers::ORIGINAL_SUBJECT)
         .filter(|s| s.starts_with("ecwid.raw.") || s.starts_with("ecwid.events."))
-        .ok_or_else(|| ApiError::unprocessable("seq", "the dead letter does not say where it came from"))?;
+        .ok_or_else(|| {
+            ApiError::unprocessable("seq", "the dead letter does not say where it came from")
+        })?;
     let mut out = HeaderMap::new();
     for name in [
         headers::RECEIVED_AT,

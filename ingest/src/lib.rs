@@ -66,8 +66,8 @@ pub async fn run(
         }),
     };
     let webhooks = routes::router(state.clone());
-    let admin = admin::router(state.clone())
-        .merge(shared::ops::router(state.inner.base.ops_state()));
+    let admin =
+        admin::router(state.clone()).merge(shared::ops::router(state.inner.base.ops_state()));
     tracing::info!(
         webhooks = %listeners.webhooks.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %listeners.admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),

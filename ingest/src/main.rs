@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let vars = Vars::from_env();
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        let addr = exit_on_error(vars.addr_or("ADMIN_LISTEN", ingest::config::DEFAULT_ADMIN_LISTEN));
+        let addr =
+            exit_on_error(vars.addr_or("ADMIN_LISTEN", ingest::config::DEFAULT_ADMIN_LISTEN));
         return ExitCode::from(shared::ops::healthcheck(addr) as u8);
     }
     let config = exit_on_error(ingest::Config::from_vars(&vars));
@@ -34,6 +35,12 @@ async fn start(config: ingest::Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     shared::shutdown::cancel_on_signal(cancel.clone());
     let client = shared::nats::connect(&config.common.nats_url, "ecwid-ingest", &cancel).await?;
-    ingest::run(config, ingest::Listeners { webhooks, admin }, client, cancel).await?;
+    ingest::run(
+        config,
+        ingest::Listeners { webhooks, admin },
+        client,
+        cancel,
+    )
+    .await?;
     Ok(())
 }

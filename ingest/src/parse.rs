@@ -30,9 +30,18 @@ impl Format {
 pub fn detect_format(content_type: Option<&str>, body: &[u8]) -> Result<Format, ApiError> {
     let Some(ct) = content_type else {
         let first = body.iter().find(|b| !b.is_ascii_whitespace());
-        return Ok(if first == Some(&b'{') { Format::V3 } else { Format::Ion });
+        return Ok(if first == Some(&b'{') {
+            Format::V3
+        } else {
+            Format::Ion
+        });
     };
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match essence.as_str() {
         "application/json" | "text/json" => Ok(Format::V3),
         e if e.starts_with("application/") && e.ends_with("+json") => Ok(Format::V3),
@@ -131,11 +140,21 @@ pub struct Ion {
 
 /// Parses an ION form body. `owner_id` (digits), `event_type` and `order_id` are required.
 pub fn parse_ion(body: &[u8]) -> Result<Ion, ApiError> {
-    if body.iter().any(|b| b.is_ascii_control() && !b.is_ascii_whitespace()) {
-        return Err(ApiError::bad_request("invalid_form", "the body is not a URL-encoded form"));
+    if body
+        .iter()
+        .any(|b| b.is_ascii_control() && !b.is_ascii_whitespace())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_form",
+            "the body is not a URL-encoded form",
+        ));
     }
-    let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|e| ApiError::bad_request("invalid_form", format!("the body is not a URL-encoded form: {e}")))?;
+    let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_form",
+            format!("the body is not a URL-encoded form: {e}"),
+        )
+    })?;
     let get = |name: &str| {
         fields
             .iter()
@@ -204,7 +223,10 @@ mod tests {
         let head = parse_v3(body).unwrap();
         assert_eq!(head.store_id, "1003");
         assert_eq!(head.event_created, 1234567);
-        assert_eq!(v3_msg_id(&head), "v3:1003:80aece08-40e8-4145-8764-6c2f0d38678");
+        assert_eq!(
+            v3_msg_id(&head),
+            "v3:1003:80aece08-40e8-4145-8764-6c2f0d38678"
+        );
     }
 
     #[test]
@@ -216,15 +238,42 @@ mod tests {
     #[test]
     fn names_the_bad_field() {
         let cases: [(&[u8], &str); 9] = [
-            (br#"{"eventCreated":1,"storeId":1,"eventType":"a"}"#, "eventId"),
-            (br#"{"eventId":5,"eventCreated":1,"storeId":1,"eventType":"a"}"#, "eventId"),
-            (br#"{"eventId":"x","storeId":1,"eventType":"a"}"#, "eventCreated"),
-            (br#"{"eventId":"x","eventCreated":"yesterday","storeId":1,"eventType":"a"}"#, "eventCreated"),
-            (br#"{"eventId":"x","eventCreated":1,"eventType":"a"}"#, "storeId"),
-            (br#"{"eventId":"x","eventCreated":1,"storeId":-4,"eventType":"a"}"#, "storeId"),
-            (br#"{"eventId":"x","eventCreated":1,"storeId":"1.2","eventType":"a"}"#, "storeId"),
-            (br#"{"eventId":"x","eventCreated":1,"storeId":1}"#, "eventType"),
-            (br#"{"eventId":"x","eventCreated":1,"storeId":1,"eventType":["a"]}"#, "eventType"),
+            (
+                br#"{"eventCreated":1,"storeId":1,"eventType":"a"}"#,
+                "eventId",
+            ),
+            (
+                br#"{"eventId":5,"eventCreated":1,"storeId":1,"eventType":"a"}"#,
+                "eventId",
+            ),
+            (
+                br#"{"eventId":"x","storeId":1,"eventType":"a"}"#,
+                "eventCreated",
+            ),
+            (
+                br#"{"eventId":"x","eventCreated":"yesterday","storeId":1,"eventType":"a"}"#,
+                "eventCreated",
+            ),
+            (
+                br#"{"eventId":"x","eventCreated":1,"eventType":"a"}"#,
+                "storeId",
+            ),
+            (
+                br#"{"eventId":"x","eventCreated":1,"storeId":-4,"eventType":"a"}"#,
+                "storeId",
+            ),
+            (
+                br#"{"eventId":"x","eventCreated":1,"storeId":"1.2","eventType":"a"}"#,
+                "storeId",
+            ),
+            (
+                br#"{"eventId":"x","eventCreated":1,"storeId":1}"#,
+                "eventType",
+            ),
+            (
+                br#"{"eventId":"x","eventCreated":1,"storeId":1,"eventType":["a"]}"#,
+                "eventType",
+            ),
         ];
         for (body, field) in cases {
             let message = field_of(parse_v3(body).unwrap_err());
@@ -255,20 +304,40 @@ mod tests {
 
     #[test]
     fn ion_requires_its_fields() {
-        assert!(parse_ion(b"event_type=new_order&order_id=1").unwrap_err().to_string().contains("owner_id"));
-        assert!(parse_ion(b"owner_id=abc&event_type=new_order&order_id=1").unwrap_err().to_string().contains("owner_id"));
-        assert!(parse_ion(b"owner_id=1&order_id=1").unwrap_err().to_string().contains("event_type"));
-        assert!(parse_ion(b"owner_id=1&event_type=new_order").unwrap_err().to_string().contains("order_id"));
+        assert!(parse_ion(b"event_type=new_order&order_id=1")
+            .unwrap_err()
+            .to_string()
+            .contains("owner_id"));
+        assert!(parse_ion(b"owner_id=abc&event_type=new_order&order_id=1")
+            .unwrap_err()
+            .to_string()
+            .contains("owner_id"));
+        assert!(parse_ion(b"owner_id=1&order_id=1")
+            .unwrap_err()
+            .to_string()
+            .contains("event_type"));
+        assert!(parse_ion(b"owner_id=1&event_type=new_order")
+            .unwrap_err()
+            .to_string()
+            .contains("order_id"));
     }
 
     #[test]
     fn detects_formats() {
-        assert_eq!(detect_format(Some("application/json; charset=utf-8"), b"{}").unwrap(), Format::V3);
-        assert_eq!(detect_format(Some("application/x-www-form-urlencoded"), b"a=b").unwrap(), Format::Ion);
+        assert_eq!(
+            detect_format(Some("application/json; charset=utf-8"), b"{}").unwrap(),
+            Format::V3
+        );
+        assert_eq!(
+            detect_format(Some("application/x-www-form-urlencoded"), b"a=b").unwrap(),
+            Format::Ion
+        );
         assert_eq!(detect_format(None, b"  {\"a\":1}").unwrap(), Format::V3);
         assert_eq!(detect_format(None, b"owner_id=1").unwrap(), Format::Ion);
         assert_eq!(
-            detect_format(Some("text/plain"), b"{}").unwrap_err().status(),
+            detect_format(Some("text/plain"), b"{}")
+                .unwrap_err()
+                .status(),
             axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE
         );
     }

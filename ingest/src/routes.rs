@@ -39,7 +39,11 @@ struct Accepted {
     payload: Bytes,
 }
 
-async fn receive(State(state): State<AppState>, request_headers: HeaderMap, body: Body) -> Response {
+async fn receive(
+    State(state): State<AppState>,
+    request_headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let received_at = shared::time_fmt::now_unix_ms();
     let request_id = request_id(&request_headers);
@@ -63,9 +67,16 @@ async fn receive(State(state): State<AppState>, request_headers: HeaderMap, body
         Err(err) => {
             match &err {
                 ApiError::Unavailable(cause) => {
-                    tracing::warn!(request_id, format, cause, "Webhook refused with 503: JetStream did not take it.");
+                    tracing::warn!(
+                        request_id,
+                        format,
+                        cause,
+                        "Webhook refused with 503: JetStream did not take it."
+                    );
                 }
-                other => tracing::info!(request_id, format, status = other.status().as_u16(), error = %other, "Webhook refused."),
+                other => {
+                    tracing::info!(request_id, format, status = other.status().as_u16(), error = %other, "Webhook refused.")
+                }
             }
             (err.outcome(), err.into_response())
         }
@@ -106,7 +117,10 @@ async fn accept(
                 if age > max_age.as_secs() as i64 {
                     return Err(ApiError::bad_request(
                         "stale_event",
-                        format!("eventCreated is {age} s old, over INGEST_MAX_EVENT_AGE_SECS ({} s)", max_age.as_secs()),
+                        format!(
+                            "eventCreated is {age} s old, over INGEST_MAX_EVENT_AGE_SECS ({} s)",
+                            max_age.as_secs()
+                        ),
                     ));
                 }
             }
@@ -121,8 +135,15 @@ async fn accept(
                 let signature = request_headers
                     .get(verify::SIGNATURE_HEADER)
                     .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| ApiError::Unauthorized("X-Ecwid-Webhook-Signature is missing".into()))?;
-                if !verify::verify(secrets, &head.event_created.to_string(), &head.event_id, signature) {
+                    .ok_or_else(|| {
+                        ApiError::Unauthorized("X-Ecwid-Webhook-Signature is missing".into())
+                    })?;
+                if !verify::verify(
+                    secrets,
+                    &head.event_created.to_string(),
+                    &head.event_id,
+                    signature,
+                ) {
                     return Err(ApiError::Unauthorized(
                         "X-Ecwid-Webhook-Signature does not match the store's client secret".into(),
                     ));
@@ -161,7 +182,12 @@ async fn accept(
                 }
             )));
         }
-        state.inner.metrics.unverified.with_label_values(&[format.as_str()]).inc();
+        state
+            .inner
+            .metrics
+            .unverified
+            .with_label_values(&[format.as_str()])
+            .inc();
     }
     Ok(accepted)
 }
@@ -175,7 +201,11 @@ fn unknown_store(store_id: &str) -> ApiError {
 
 /// Reads the body, refusing it (413) as soon as it passes `limit`: from Content-Length when the
 /// client sends one, and while streaming otherwise.
-async fn read_body(request_headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(
+    request_headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = request_headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -208,7 +238,10 @@ async fn publish(
     h.insert(headers::MSG_ID, accepted.msg_id.as_str());
     h.insert(headers::RECEIVED_AT, received_at.to_string());
     h.insert(headers::FORMAT, accepted.format.as_str());
-    h.insert(headers::VERIFIED, if accepted.verified { "true" } else { "false" });
+    h.insert(
+        headers::VERIFIED,
+        if accepted.verified { "true" } else { "false" },
+    );
     h.insert(headers::REQUEST_ID, request_id);
     h.insert(headers::STORE_ID, accepted.store_id.as_str());
     h.insert(headers::TRACEPARENT, traceparent(request_headers));
@@ -281,8 +314,14 @@ mod tests {
         let mut h = HeaderMap::new();
         let made = traceparent(&h);
         assert!(is_traceparent(&made), "{made}");
-        h.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        assert_eq!(traceparent(&h), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(
+            traceparent(&h),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
         h.insert("traceparent", HeaderValue::from_static("garbage"));
         assert_ne!(traceparent(&h), "garbage");
     }

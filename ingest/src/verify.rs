@@ -10,11 +10,13 @@ pub const SIGNATURE_HEADER: &str = "x-ecwid-webhook-signature";
 
 /// The signature Ecwid sends for this event under `secret`.
 pub fn sign(secret: &str, event_created: &str, event_id: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(mac(secret, event_created, event_id).finalize().into_bytes())
+    base64::engine::general_purpose::STANDARD
+        .encode(mac(secret, event_created, event_id).finalize().into_bytes())
 }
 
 fn mac(secret: &str, event_created: &str, event_id: &str) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     mac.update(event_created.as_bytes());
     mac.update(b".");
     mac.update(event_id.as_bytes());
@@ -31,9 +33,11 @@ pub fn verify<'a>(
     let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
         return false;
     };
-    secrets
-        .into_iter()
-        .any(|secret| mac(secret, event_created, event_id).verify_slice(&given).is_ok())
+    secrets.into_iter().any(|secret| {
+        mac(secret, event_created, event_id)
+            .verify_slice(&given)
+            .is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -57,7 +61,12 @@ mod tests {
         assert!(verify(["other", SECRET], CREATED, ID, SIGNATURE));
         assert!(!verify(["other"], CREATED, ID, SIGNATURE));
         assert!(!verify([SECRET], "1234568", ID, SIGNATURE));
-        assert!(!verify([SECRET], CREATED, ID, "lidx/4J5L2Pp4auvwGBp6DwPkpPmyVLI3oLB440X359="));
+        assert!(!verify(
+            [SECRET],
+            CREATED,
+            ID,
+            "lidx/4J5L2Pp4auvwGBp6DwPkpPmyVLI3oLB440X359="
+        ));
         assert!(!verify([SECRET], CREATED, ID, "not base64!"));
         assert!(!verify([], CREATED, ID, SIGNATURE));
     }

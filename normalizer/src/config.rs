@@ -22,7 +22,10 @@ impl Config {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         let concurrency: usize = vars.parse_or("NORMALIZER_CONCURRENCY", 256)?;
         if !(1..=4096).contains(&concurrency) {
-            return Err(ConfigError::new("NORMALIZER_CONCURRENCY", "must be between 1 and 4096"));
+            return Err(ConfigError::new(
+                "NORMALIZER_CONCURRENCY",
+                "must be between 1 and 4096",
+            ));
         }
         Ok(Self {
             common: CommonConfig::from_vars(vars)?,
@@ -48,9 +51,14 @@ mod tests {
         assert_eq!(c.ops_listen.to_string(), "0.0.0.0:9101");
         assert_eq!(c.concurrency, 256);
         assert!(c.ack_wait() > c.publish_timeout);
-        let err = Config::from_vars(&Vars::from_pairs([("NORMALIZER_CONCURRENCY", "0")])).unwrap_err();
+        let err =
+            Config::from_vars(&Vars::from_pairs([("NORMALIZER_CONCURRENCY", "0")])).unwrap_err();
         assert_eq!(err.var, "NORMALIZER_CONCURRENCY");
-        let err = Config::from_vars(&Vars::from_pairs([("NORMALIZER_PUBLISH_TIMEOUT_MS", "soon")])).unwrap_err();
+        let err = Config::from_vars(&Vars::from_pairs([(
+            "NORMALIZER_PUBLISH_TIMEOUT_MS",
+            "soon",
+        )]))
+        .unwrap_err();
         assert_eq!(err.var, "NORMALIZER_PUBLISH_TIMEOUT_MS");
     }
 }

@@ -35,7 +35,12 @@ struct Worker {
     metrics: Metrics,
 }
 
-pub async fn run(config: Config, base: Base, metrics: Metrics, cancel: CancellationToken) -> Result<(), shared::Error> {
+pub async fn run(
+    config: Config,
+    base: Base,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> Result<(), shared::Error> {
     let consumer = shared::nats::ensure_pull_consumer(
         &base.js,
         RAW_STREAM,
@@ -50,10 +55,19 @@ pub async fn run(config: Config, base: Base, metrics: Metrics, cancel: Cancellat
         },
     )
     .await?;
-    shared::worker::spawn_lag_reporter(consumer.clone(), NORMALIZER_CONSUMER, base.common.clone(), cancel.clone());
+    shared::worker::spawn_lag_reporter(
+        consumer.clone(),
+        NORMALIZER_CONSUMER,
+        base.common.clone(),
+        cancel.clone(),
+    );
     let concurrency = config.concurrency;
     let grace = config.common.shutdown_grace;
-    let worker = Arc::new(Worker { config, base, metrics });
+    let worker = Arc::new(Worker {
+        config,
+        base,
+        metrics,
+    });
     tracing::info!(concurrency, "Normalizer consuming.");
     shared::worker::run_pull_loop(consumer, concurrency, cancel, grace, move |message| {
         let worker = Arc::clone(&worker);
@@ -68,7 +82,10 @@ fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 }
 
 /// Parses a raw message. The format comes from the ingest's header (v3 when absent).
-pub fn parse(payload: &[u8], h: Option<&HeaderMap>) -> Result<Normalized, normalize::NormalizeError> {
+pub fn parse(
+    payload: &[u8],
+    h: Option<&HeaderMap>,
+) -> Result<Normalized, normalize::NormalizeError> {
     let received_at = header(h, headers::RECEIVED_AT).and_then(|v| v.parse().ok());
     let msg_id = header(h, headers::ORIGINAL_MSG_ID).or_else(|| header(h, headers::MSG_ID));
     match header(h, headers::FORMAT).unwrap_or("v3") {
@@ -83,18 +100,30 @@ impl Worker {
         let started = Instant::now();
         let outcome = self.process(&message).await;
         self.settle(&message, outcome).await;
-        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
     }
 
     async fn process(&self, message: &jetstream::Message) -> Outcome {
         let h = message.headers.as_ref();
         let normalized = match parse(&message.payload, h) {
             Ok(n) => n,
-            Err(e) => return Outcome::Dead { reason: e.reason(), error: e.to_string() },
+            Err(e) => {
+                return Outcome::Dead {
+                    reason: e.reason(),
+                    error: e.to_string(),
+                }
+            }
         };
         let raw = match normalize::raw_value(&message.payload) {
             Ok(r) => r,
-            Err(e) => return Outcome::Dead { reason: e.reason(), error: e.to_string() },
+            Err(e) => {
+                return Outcome::Dead {
+                    reason: e.reason(),
+                    error: e.to_string(),
+                }
+            }
         };
         let instances = self.base.directory.for_store(&normalized.store_id);
         if instances.is_empty() {
@@ -108,7 +137,9 @@ impl Worker {
             .filter(|i| i.events_enabled() && i.accepts_object(&normalized.event.object_type))
             .collect();
         if targets.is_empty() {
-            return Outcome::Ack { outcome: "filtered" };
+            return Outcome::Ack {
+                outcome: "filtered",
+            };
         }
         let publishes = targets.iter().map(|instance| {
             let envelope = normalize::envelope(&normalized, &instance.id, raw);
@@ -116,7 +147,12 @@ impl Worker {
             out.insert(headers::MSG_ID, envelope.message.event_id.as_str());
             out.insert(headers::INSTANCE_ID, instance.id.as_str());
             out.insert(headers::STORE_ID, normalized.store_id.as_str());
-            for name in [headers::RECEIVED_AT, headers::REQUEST_ID, headers::TRACEPARENT, headers::VERIFIED] {
+            for name in [
+                headers::RECEIVED_AT,
+                headers::REQUEST_ID,
+                headers::TRACEPARENT,
+                headers::VERIFIED,
+            ] {
                 if let Some(v) = header(h, name) {
                     out.insert(name, v);
                 }
@@ -138,13 +174,18 @@ impl Worker {
                 error: format!("envelopes not acknowledged within {timeout:?}"),
             },
             Ok(results) => match results.into_iter().find_map(Result::err) {
-                Some(error) => Outcome::Retry { delay: retry_delay(message), error },
+                Some(error) => Outcome::Retry {
+                    delay: retry_delay(message),
+                    error,
+                },
                 None => {
                     self.metrics
                         .envelopes
                         .with_label_values(&[normalized.event.event_type.as_str()])
                         .inc_by(targets.len() as u64);
-                    Outcome::Ack { outcome: "normalized" }
+                    Outcome::Ack {
+                        outcome: "normalized",
+                    }
                 }
             },
         }
@@ -165,7 +206,10 @@ impl Worker {
                 return;
             }
             Outcome::Dead { reason, error } => {
-                let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
+                let seq = message
+                    .info()
+                    .map(|i| i.stream_sequence)
+                    .unwrap_or_default();
                 let letter = DeadLetter {
                     stage: Stage::Normalize,
                     id: store_id,
@@ -177,13 +221,21 @@ impl Worker {
                     payload: message.payload.clone(),
                     extra: Vec::new(),
                 };
-                if let Err(e) = dead::publish(&self.base.js, letter, self.config.publish_timeout).await {
+                if let Err(e) =
+                    dead::publish(&self.base.js, letter, self.config.publish_timeout).await
+                {
                     tracing::error!(store_id, error = %e, "Could not dead-letter a raw event; will retry.");
-                    let _ = message.ack_with(AckKind::Nak(Some(retry_delay(message)))).await;
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(retry_delay(message))))
+                        .await;
                     return;
                 }
                 tracing::warn!(store_id, reason, %error, "Raw event dead-lettered.");
-                self.base.common.dead_letters.with_label_values(&["normalize", reason]).inc();
+                self.base
+                    .common
+                    .dead_letters
+                    .with_label_values(&["normalize", reason])
+                    .inc();
                 "dead_lettered"
             }
         };

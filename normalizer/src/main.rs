@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let vars = Vars::from_env();
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        let addr = exit_on_error(vars.addr_or("OPS_LISTEN", normalizer::config::DEFAULT_OPS_LISTEN));
+        let addr =
+            exit_on_error(vars.addr_or("OPS_LISTEN", normalizer::config::DEFAULT_OPS_LISTEN));
         return ExitCode::from(shared::ops::healthcheck(addr) as u8);
     }
     let config = exit_on_error(normalizer::Config::from_vars(&vars));
@@ -30,7 +31,8 @@ async fn start(config: normalizer::Config) -> anyhow::Result<()> {
         .with_context(|| format!("OPS_LISTEN: cannot listen on {}", config.ops_listen))?;
     let cancel = CancellationToken::new();
     shared::shutdown::cancel_on_signal(cancel.clone());
-    let client = shared::nats::connect(&config.common.nats_url, "ecwid-normalizer", &cancel).await?;
+    let client =
+        shared::nats::connect(&config.common.nats_url, "ecwid-normalizer", &cancel).await?;
     normalizer::run(config, ops, client, cancel).await?;
     Ok(())
 }

@@ -19,14 +19,23 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(reg: &Registry) -> Self {
         Self {
-            messages: counter_vec(reg, MESSAGES_TOTAL, "Raw messages by outcome.", &["outcome"]),
+            messages: counter_vec(
+                reg,
+                MESSAGES_TOTAL,
+                "Raw messages by outcome.",
+                &["outcome"],
+            ),
             envelopes: counter_vec(
                 reg,
                 ENVELOPES_TOTAL,
                 "Envelopes published, by event type.",
                 &["event_type"],
             ),
-            duration: histogram(reg, DURATION, "Time to normalize and store one raw message, seconds."),
+            duration: histogram(
+                reg,
+                DURATION,
+                "Time to normalize and store one raw message, seconds.",
+            ),
         }
     }
 }

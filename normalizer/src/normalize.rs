@@ -60,7 +60,13 @@ pub fn map_event_type(ecwid_event_type: &str) -> (String, EventType) {
         .iter()
         .find(|(f, _)| *f == folded)
         .map(|(_, o)| (*o).to_owned())
-        .unwrap_or_else(|| if family.is_empty() { "unknown".to_owned() } else { family.to_owned() });
+        .unwrap_or_else(|| {
+            if family.is_empty() {
+                "unknown".to_owned()
+            } else {
+                family.to_owned()
+            }
+        });
     (object_type, event_type_of(action))
 }
 
@@ -108,7 +114,10 @@ struct V3<'a> {
     data: Option<&'a RawValue>,
 }
 
-fn field<T: serde::de::DeserializeOwned>(raw: Option<&RawValue>, name: &'static str) -> Result<T, NormalizeError> {
+fn field<T: serde::de::DeserializeOwned>(
+    raw: Option<&RawValue>,
+    name: &'static str,
+) -> Result<T, NormalizeError> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
         .ok_or(NormalizeError::Field(name))
 }
@@ -165,10 +174,20 @@ pub fn normalize_v3(body: &[u8]) -> Result<Normalized, NormalizeError> {
 /// Normalizes an Instant Order Notification (the ingest publishes its form fields as a JSON
 /// object). `new_order` → CREATED, `order_status_change` → UPDATED. Its `date` has no time zone
 /// and is read as UTC; without one, `received_at_ms` is used.
-pub fn normalize_ion(body: &[u8], msg_id: Option<&str>, received_at_ms: Option<i64>) -> Result<Normalized, NormalizeError> {
+pub fn normalize_ion(
+    body: &[u8],
+    msg_id: Option<&str>,
+    received_at_ms: Option<i64>,
+) -> Result<Normalized, NormalizeError> {
     let fields: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
-    let get = |k: &'static str| fields.get(k).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
+    let get = |k: &'static str| {
+        fields
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    };
     let store_id = get("owner_id")
         .filter(|s| shared::nats::is_subject_token(s))
         .ok_or(NormalizeError::Field("owner_id"))?
@@ -178,7 +197,9 @@ pub fn normalize_ion(body: &[u8], msg_id: Option<&str>, received_at_ms: Option<i
         "order_status_change" => EventType::Updated,
         _ => EventType::Unknown,
     };
-    let object_id = get("order_id").ok_or(NormalizeError::Field("order_id"))?.to_owned();
+    let object_id = get("order_id")
+        .ok_or(NormalizeError::Field("order_id"))?
+        .to_owned();
     let date = get("date")
         .and_then(ion_date)
         .or_else(|| received_at_ms.map(shared::time_fmt::unix_ms_to_rfc3339))
@@ -203,7 +224,9 @@ pub fn normalize_ion(body: &[u8], msg_id: Option<&str>, received_at_ms: Option<i
 /// `2026-11-22 10:15:00` → `2026-11-22T10:15:00Z`.
 fn ion_date(s: &str) -> Option<String> {
     let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    let t = time::PrimitiveDateTime::parse(s, &format).ok()?.assume_utc();
+    let t = time::PrimitiveDateTime::parse(s, &format)
+        .ok()?
+        .assume_utc();
     shared::time_fmt::unix_secs_to_rfc3339(t.unix_timestamp())
 }
 
@@ -219,7 +242,14 @@ pub fn notification_id(event_key: &str, instance_id: &str) -> String {
     h.update([0]);
     h.update(instance_id.as_bytes());
     let x = hex(&h.finalize()[..16]);
-    format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
 }
 
 /// The envelope for one instance. `raw` is the payload exactly as received.

@@ -52,10 +52,7 @@ impl Vars {
 
     /// The value, trimmed; `None` when unset or empty.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .get(name)
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
     }
 
     pub fn string_or(&self, name: &str, default: &str) -> String {
@@ -96,10 +93,18 @@ impl Vars {
     }
 
     /// A whole number of milliseconds, at least `min_ms`.
-    pub fn millis_or(&self, name: &str, default_ms: u64, min_ms: u64) -> Result<Duration, ConfigError> {
+    pub fn millis_or(
+        &self,
+        name: &str,
+        default_ms: u64,
+        min_ms: u64,
+    ) -> Result<Duration, ConfigError> {
         let ms: u64 = self.parse_or(name, default_ms)?;
         if ms < min_ms {
-            return Err(ConfigError::new(name, format!("must be at least {min_ms} ms, got {ms}")));
+            return Err(ConfigError::new(
+                name,
+                format!("must be at least {min_ms} ms, got {ms}"),
+            ));
         }
         Ok(Duration::from_millis(ms))
     }
@@ -108,7 +113,10 @@ impl Vars {
     pub fn addr_or(&self, name: &str, default: &str) -> Result<std::net::SocketAddr, ConfigError> {
         let raw = self.get(name).unwrap_or(default);
         raw.parse().map_err(|e| {
-            ConfigError::new(name, format!("expected host:port such as 0.0.0.0:8080, got `{raw}`: {e}"))
+            ConfigError::new(
+                name,
+                format!("expected host:port such as 0.0.0.0:8080, got `{raw}`: {e}"),
+            )
         })
     }
 }
@@ -164,18 +172,30 @@ impl CommonConfig {
         }) {
             return Err(ConfigError::new(
                 "NATS_URL",
-                format!("expected nats://host:port (comma-separated for a cluster), got `{nats_url}`"),
+                format!(
+                    "expected nats://host:port (comma-separated for a cluster), got `{nats_url}`"
+                ),
             ));
         }
         let stream_replicas: usize = vars.parse_or("STREAM_REPLICAS", 1)?;
         if !(1..=5).contains(&stream_replicas) {
-            return Err(ConfigError::new("STREAM_REPLICAS", "must be between 1 and 5"));
+            return Err(ConfigError::new(
+                "STREAM_REPLICAS",
+                "must be between 1 and 5",
+            ));
         }
         let window_secs: u64 = vars.parse_or("RAW_DUPLICATE_WINDOW_SECS", 7200)?;
         if window_secs == 0 {
-            return Err(ConfigError::new("RAW_DUPLICATE_WINDOW_SECS", "must be at least 1"));
+            return Err(ConfigError::new(
+                "RAW_DUPLICATE_WINDOW_SECS",
+                "must be at least 1",
+            ));
         }
-        let log_format = match vars.get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
+        let log_format = match vars
+            .get("LOG_FORMAT")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
@@ -198,9 +218,7 @@ impl CommonConfig {
 /// Parses a duration such as `500ms`, `5s`, `2m`, `1h`, `1d`, or a bare number of seconds.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(raw.len());
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
     let n: u64 = number
         .parse()
@@ -211,7 +229,11 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
         "d" => n.checked_mul(86_400_000),
-        other => return Err(format!("unknown unit `{other}` in `{raw}` (use ms, s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{raw}` (use ms, s, m, h or d)"
+            ))
+        }
     };
     ms.map(Duration::from_millis)
         .ok_or_else(|| format!("`{raw}` is too long"))
@@ -255,19 +277,24 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        let err = CommonConfig::from_vars(&Vars::from_pairs([("STREAM_REPLICAS", "three")]))
-            .unwrap_err();
+        let err =
+            CommonConfig::from_vars(&Vars::from_pairs([("STREAM_REPLICAS", "three")])).unwrap_err();
         assert_eq!(err.var, "STREAM_REPLICAS");
         let err = CommonConfig::from_vars(&Vars::from_pairs([("LOG_FORMAT", "xml")])).unwrap_err();
         assert_eq!(err.var, "LOG_FORMAT");
         assert!(err.to_string().starts_with("LOG_FORMAT: "));
-        let err = CommonConfig::from_vars(&Vars::from_pairs([("NATS_URL", "http://x")])).unwrap_err();
+        let err =
+            CommonConfig::from_vars(&Vars::from_pairs([("NATS_URL", "http://x")])).unwrap_err();
         assert_eq!(err.var, "NATS_URL");
         let err = Vars::default().required("ADMIN_TOKEN").unwrap_err();
         assert_eq!(err.var, "ADMIN_TOKEN");
-        let err = Vars::from_pairs([("X", "maybe")]).bool_or("X", false).unwrap_err();
+        let err = Vars::from_pairs([("X", "maybe")])
+            .bool_or("X", false)
+            .unwrap_err();
         assert_eq!(err.var, "X");
-        let err = Vars::from_pairs([("L", "nowhere")]).addr_or("L", "0.0.0.0:1").unwrap_err();
+        let err = Vars::from_pairs([("L", "nowhere")])
+            .addr_or("L", "0.0.0.0:1")
+            .unwrap_err();
         assert_eq!(err.var, "L");
     }
 
@@ -282,7 +309,11 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert_eq!(
             parse_duration_list("5s, 30s,2m").unwrap(),
-            vec![Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(120)]
+            vec![
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                Duration::from_secs(120)
+            ]
         );
     }
 

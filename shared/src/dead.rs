@@ -47,7 +47,11 @@ pub struct DeadLetter<'a> {
 }
 
 /// Publishes `letter` and waits for JetStream's ack (up to `timeout`).
-pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>, timeout: Duration) -> Result<(), Error> {
+pub async fn publish(
+    js: &jetstream::Context,
+    letter: DeadLetter<'_>,
+    timeout: Duration,
+) -> Result<(), Error> {
     let mut h = HeaderMap::new();
     if let Some(original) = letter.original_headers {
         for name in [
@@ -67,11 +71,17 @@ pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>, timeout: D
             h.insert(headers::ORIGINAL_MSG_ID, v.as_str());
         }
     }
-    h.insert(headers::MSG_ID, format!("dead:{}:{}", letter.stage.as_str(), letter.source_id));
+    h.insert(
+        headers::MSG_ID,
+        format!("dead:{}:{}", letter.stage.as_str(), letter.source_id),
+    );
     h.insert(headers::DEAD_STAGE, letter.stage.as_str());
     h.insert(headers::DEAD_REASON, letter.reason);
     h.insert(headers::DEAD_ERROR, header_safe(&letter.error));
-    h.insert(headers::DEAD_AT, crate::time_fmt::unix_ms_to_rfc3339(crate::time_fmt::now_unix_ms()));
+    h.insert(
+        headers::DEAD_AT,
+        crate::time_fmt::unix_ms_to_rfc3339(crate::time_fmt::now_unix_ms()),
+    );
     h.insert(headers::ORIGINAL_SUBJECT, letter.original_subject);
     for (name, value) in letter.extra {
         h.insert(name, header_safe(&value));

@@ -24,7 +24,9 @@ struct Snapshot {
 
 impl Snapshot {
     fn remove(&mut self, id: &str) {
-        let Some(old) = self.by_id.remove(id) else { return };
+        let Some(old) = self.by_id.remove(id) else {
+            return;
+        };
         if let Some(store) = old.store_id() {
             if let Some(list) = self.by_store.get_mut(store) {
                 list.retain(|i| i.id != id);
@@ -53,14 +55,15 @@ impl Snapshot {
 pub struct Directory {
     inner: Arc<RwLock<Snapshot>>,
     loaded: Arc<AtomicBool>,
-    gauge: Option<IntGauge>,
+    gauges: Option<(IntGauge, IntGauge)>,
 }
 
 impl Directory {
-    /// A directory that reports its size in `gauge` (`ecwid_instances`).
-    pub fn with_gauge(gauge: IntGauge) -> Self {
+    /// A directory that reports its size (`ecwid_instances`) and the newest bucket revision it
+    /// applied (`ecwid_instances_revision`).
+    pub fn with_gauges(size: IntGauge, revision: IntGauge) -> Self {
         Self {
-            gauge: Some(gauge),
+            gauges: Some((size, revision)),
             ..Self::default()
         }
     }
@@ -100,15 +103,22 @@ impl Directory {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> T {
-        let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = self
+            .inner
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&guard)
     }
 
-    fn write(&self, f: impl FnOnce(&mut Snapshot)) {
-        let mut guard = self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn write(&self, revision: u64, f: impl FnOnce(&mut Snapshot)) {
+        let mut guard = self
+            .inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut guard);
-        if let Some(gauge) = &self.gauge {
-            gauge.set(guard.by_id.len() as i64);
+        if let Some((size, rev)) = &self.gauges {
+            size.set(guard.by_id.len() as i64);
+            rev.set(rev.get().max(i64::try_from(revision).unwrap_or(i64::MAX)));
         }
     }
 
@@ -118,18 +128,24 @@ impl Directory {
             kv::Operation::Put => match serde_json::from_slice::<Instance>(&entry.value) {
                 Ok(mut instance) => {
                     instance.id.clone_from(&entry.key);
-                    self.write(|s| s.put(instance));
+                    self.write(entry.revision, |s| s.put(instance));
                 }
                 Err(error) => {
                     tracing::warn!(%error, key = %entry.key, "Instance in the bucket is not valid JSON; ignored.");
                 }
             },
-            kv::Operation::Delete | kv::Operation::Purge => self.write(|s| s.remove(&entry.key)),
+            kv::Operation::Delete | kv::Operation::Purge => {
+                self.write(entry.revision, |s| s.remove(&entry.key))
+            }
         }
     }
 
     /// Loads the bucket, then follows it until `cancel` fires; reloads after any watch failure.
-    pub fn spawn_watch(&self, store: kv::Store, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_watch(
+        &self,
+        store: kv::Store,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let directory = self.clone();
         tokio::spawn(async move {
             let mut wait = Duration::from_millis(100);
@@ -149,7 +165,11 @@ impl Directory {
         })
     }
 
-    async fn load_and_follow(&self, store: &kv::Store, cancel: &CancellationToken) -> Result<(), String> {
+    async fn load_and_follow(
+        &self,
+        store: &kv::Store,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
         let keys: Vec<String> = store
             .keys()
             .await
@@ -176,7 +196,7 @@ impl Directory {
             .watch_all_from_revision(last_revision + 1)
             .await
             .map_err(|e| e.to_string())?;
-        self.write(|s| *s = snapshot);
+        self.write(last_revision, |s| *s = snapshot);
         self.loaded.store(true, Ordering::Release);
         tracing::debug!(instances = self.len(), "Instances loaded.");
         loop {

@@ -46,10 +46,7 @@ pub const REDACTED: &str = "********";
 /// secret, key, token or password.
 pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    k.ends_with(".key")
-        || k.contains("secret")
-        || k.contains("token")
-        || k.contains("password")
+    k.ends_with(".key") || k.contains("secret") || k.contains("token") || k.contains("password")
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,7 +75,9 @@ pub struct Element {
 
 impl Default for Element {
     fn default() -> Self {
-        Self { key: "ecwid".into() }
+        Self {
+            key: "ecwid".into(),
+        }
     }
 }
 
@@ -205,9 +204,17 @@ impl Instance {
         }
         let store_field = "configuration.ecwid.store.id";
         match self.store_id() {
-            None => return Err(FieldError::new(store_field, "is required: the Ecwid store id")),
+            None => {
+                return Err(FieldError::new(
+                    store_field,
+                    "is required: the Ecwid store id",
+                ))
+            }
             Some(id) if !id.bytes().all(|b| b.is_ascii_digit()) || id.len() > 20 => {
-                return Err(FieldError::new(store_field, "must be the numeric Ecwid store id"))
+                return Err(FieldError::new(
+                    store_field,
+                    "must be the numeric Ecwid store id",
+                ))
             }
             Some(_) => {}
         }
@@ -247,7 +254,10 @@ fn validate_callback_url(
     let field = "configuration.event.notification.callback.url";
     let Some(raw) = raw else {
         return match enabled {
-            true => Err(FieldError::new(field, "is required when event.notification.enabled is \"true\"")),
+            true => Err(FieldError::new(
+                field,
+                "is required when event.notification.enabled is \"true\"",
+            )),
             false => Ok(()),
         };
     };
@@ -260,7 +270,9 @@ fn validate_callback_url(
         None => return Err(FieldError::new(field, "must name a host")),
         Some(url::Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
         Some(url::Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
-        Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost") => {
+        Some(url::Host::Domain(d))
+            if d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost") =>
+        {
             Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
         }
         Some(url::Host::Domain(_)) => None,
@@ -326,7 +338,9 @@ fn non_empty_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::
     Ok(raw.into_iter().filter(|s| !s.trim().is_empty()).collect())
 }
 
-fn optional_non_empty_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+fn optional_non_empty_strings<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
     let raw: Option<Vec<String>> = Option::deserialize(d)?;
     Ok(raw.map(|v| v.into_iter().filter(|s| !s.trim().is_empty()).collect()))
 }
@@ -345,7 +359,8 @@ mod tests {
     fn seed_with(store: &str, url: &str) -> Instance {
         let mut i: Instance = serde_json::from_str(SEED).unwrap();
         i.configuration.insert(keys::STORE_ID.into(), store.into());
-        i.configuration.insert(keys::CALLBACK_URL.into(), url.into());
+        i.configuration
+            .insert(keys::CALLBACK_URL.into(), url.into());
         i
     }
 
@@ -370,7 +385,10 @@ mod tests {
         let allow = AllowList::default();
         for url in ["", "ftp://x.example/", "not a url", "https://"] {
             let err = seed_with("1003", url).validate(&allow).unwrap_err();
-            assert_eq!(err.field, "configuration.event.notification.callback.url", "{url}");
+            assert_eq!(
+                err.field, "configuration.event.notification.callback.url",
+                "{url}"
+            );
         }
     }
 
@@ -379,24 +397,33 @@ mod tests {
         let i = seed_with("1003", "http://127.0.0.1:9000/hook");
         let err = i.validate(&AllowList::default()).unwrap_err();
         assert!(err.message.contains("DELIVER_ALLOW_NETWORKS"));
-        assert!(seed_with("1003", "http://localhost/x").validate(&AllowList::default()).is_err());
-        assert!(seed_with("1003", "http://[::1]/x").validate(&AllowList::default()).is_err());
+        assert!(seed_with("1003", "http://localhost/x")
+            .validate(&AllowList::default())
+            .is_err());
+        assert!(seed_with("1003", "http://[::1]/x")
+            .validate(&AllowList::default())
+            .is_err());
         let allow = AllowList::parse("127.0.0.0/8").unwrap();
         assert_eq!(i.validate(&allow), Ok(()));
     }
 
     #[test]
     fn non_numeric_store_is_refused() {
-        let err = seed_with("12.3", "https://a.example/").validate(&AllowList::default()).unwrap_err();
+        let err = seed_with("12.3", "https://a.example/")
+            .validate(&AllowList::default())
+            .unwrap_err();
         assert_eq!(err.field, "configuration.ecwid.store.id");
     }
 
     #[test]
     fn secrets_are_redacted_and_kept_on_patch() {
         let mut i = seed_with("1003", "https://a.example/");
-        i.configuration.insert(keys::ORDER_KEY.into(), "secret_abc".into());
-        i.configuration.insert(keys::CLIENT_SECRET.into(), "cs".into());
-        i.configuration.insert(keys::SIGNATURE_KEY.into(), "sig".into());
+        i.configuration
+            .insert(keys::ORDER_KEY.into(), "secret_abc".into());
+        i.configuration
+            .insert(keys::CLIENT_SECRET.into(), "cs".into());
+        i.configuration
+            .insert(keys::SIGNATURE_KEY.into(), "sig".into());
         let shown = i.redacted();
         assert_eq!(shown.configuration[keys::ORDER_KEY], REDACTED);
         assert_eq!(shown.configuration[keys::CLIENT_SECRET], REDACTED);
@@ -430,10 +457,14 @@ mod tests {
     #[test]
     fn webhook_secrets_are_checked() {
         let mut i = seed_with("1003", "https://a.example/");
-        i.configuration.insert(keys::WEBHOOK_SECRET.into(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_c2Vjb25k".into());
+        i.configuration.insert(
+            keys::WEBHOOK_SECRET.into(),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_c2Vjb25k".into(),
+        );
         assert_eq!(i.validate(&AllowList::default()), Ok(()));
         assert_eq!(i.webhook_secrets().len(), 2);
-        i.configuration.insert(keys::WEBHOOK_SECRET.into(), "plain".into());
+        i.configuration
+            .insert(keys::WEBHOOK_SECRET.into(), "plain".into());
         assert!(i.validate(&AllowList::default()).is_err());
     }
 }

@@ -10,6 +10,7 @@ use prometheus::{
 pub const BUILD_INFO: &str = "ecwid_build_info";
 pub const NATS_CONNECTED: &str = "ecwid_nats_connected";
 pub const INSTANCES: &str = "ecwid_instances";
+pub const INSTANCES_REVISION: &str = "ecwid_instances_revision";
 pub const DEAD_LETTERS_TOTAL: &str = "ecwid_dead_letters_total";
 pub const CONSUMER_PENDING: &str = "ecwid_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING: &str = "ecwid_consumer_ack_pending_messages";
@@ -23,32 +24,37 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// that the unit tests catch, so these helpers panic on it.
 pub fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    reg.register(Box::new(c.clone())).expect("metric registered once");
+    reg.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 pub fn counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
-    reg.register(Box::new(c.clone())).expect("metric registered once");
+    reg.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 pub fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
-    reg.register(Box::new(g.clone())).expect("metric registered once");
+    reg.register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
 pub fn gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    reg.register(Box::new(g.clone())).expect("metric registered once");
+    reg.register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
 pub fn histogram(reg: &Registry, name: &str, help: &str) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
         .expect("valid metric");
-    reg.register(Box::new(h.clone())).expect("metric registered once");
+    reg.register(Box::new(h.clone()))
+        .expect("metric registered once");
     h
 }
 
@@ -58,7 +64,8 @@ pub fn histogram_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) ->
         labels,
     )
     .expect("valid metric");
-    reg.register(Box::new(h.clone())).expect("metric registered once");
+    reg.register(Box::new(h.clone()))
+        .expect("metric registered once");
     h
 }
 
@@ -67,6 +74,7 @@ pub fn histogram_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) ->
 pub struct CommonMetrics {
     pub nats_connected: IntGauge,
     pub instances: IntGauge,
+    pub instances_revision: IntGauge,
     pub dead_letters: IntCounterVec,
     pub consumer_pending: IntGaugeVec,
     pub consumer_ack_pending: IntGaugeVec,
@@ -74,11 +82,21 @@ pub struct CommonMetrics {
 
 impl CommonMetrics {
     pub fn register(reg: &Registry, service: &str) -> Self {
-        let build = gauge_vec(reg, BUILD_INFO, "Build information.", &["service", "version"]);
+        let build = gauge_vec(
+            reg,
+            BUILD_INFO,
+            "Build information.",
+            &["service", "version"],
+        );
         build.with_label_values(&[service, crate::VERSION]).set(1);
         Self {
             nats_connected: gauge(reg, NATS_CONNECTED, "1 while the NATS connection is up."),
             instances: gauge(reg, INSTANCES, "Connector instances known to this process."),
+            instances_revision: gauge(
+                reg,
+                INSTANCES_REVISION,
+                "Newest revision of the instances bucket this process has applied.",
+            ),
             dead_letters: counter_vec(
                 reg,
                 DEAD_LETTERS_TOTAL,

@@ -135,7 +135,12 @@ pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
     jetstream::new(client)
 }
 
-fn work_stream(name: &str, subject: &str, cfg: &TopologyConfig, description: &str) -> stream::Config {
+fn work_stream(
+    name: &str,
+    subject: &str,
+    cfg: &TopologyConfig,
+    description: &str,
+) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
         description: Some(description.to_owned()),
@@ -153,14 +158,32 @@ fn work_stream(name: &str, subject: &str, cfg: &TopologyConfig, description: &st
 
 /// Creates or updates the three streams and the instances bucket. Safe to run from every replica
 /// at every start.
-pub async fn setup_topology(js: &jetstream::Context, cfg: &TopologyConfig) -> Result<kv::Store, Error> {
+pub async fn setup_topology(
+    js: &jetstream::Context,
+    cfg: &TopologyConfig,
+) -> Result<kv::Store, Error> {
     let streams = [
-        work_stream(RAW_STREAM, "ecwid.raw.>", cfg, "Raw Ecwid webhooks as received by the ingest"),
-        work_stream(EVENTS_STREAM, "ecwid.events.>", cfg, "Open Connectors envelopes, one per instance"),
+        work_stream(
+            RAW_STREAM,
+            "ecwid.raw.>",
+            cfg,
+            "Raw Ecwid webhooks as received by the ingest",
+        ),
+        work_stream(
+            EVENTS_STREAM,
+            "ecwid.events.>",
+            cfg,
+            "Open Connectors envelopes, one per instance",
+        ),
         stream::Config {
             // Dead letters stay until an operator replays or deletes them.
             max_age: Duration::ZERO,
-            ..work_stream(DEAD_STREAM, "ecwid.dead.>", cfg, "Messages a stage could not process")
+            ..work_stream(
+                DEAD_STREAM,
+                "ecwid.dead.>",
+                cfg,
+                "Messages a stage could not process",
+            )
         },
     ];
     for config in streams {
@@ -173,20 +196,34 @@ pub async fn setup_topology(js: &jetstream::Context, cfg: &TopologyConfig) -> Re
                 message: e.to_string(),
             })?;
     }
-    js.create_or_update_key_value(kv::Config {
-        bucket: INSTANCES_BUCKET.to_owned(),
-        description: "ecwid-events connector instances".to_owned(),
-        history: 5,
-        num_replicas: cfg.replicas,
+    // The bucket's backing stream is created directly (the same settings a KV client uses):
+    // the client's own bucket creation first asks for account details in a shape that
+    // nats-server 2.9 does not send.
+    let bucket_stream = stream::Config {
+        name: format!("KV_{INSTANCES_BUCKET}"),
+        description: Some("ecwid-events connector instances".to_owned()),
+        subjects: vec![format!("$KV.{INSTANCES_BUCKET}.>")],
+        max_messages_per_subject: 5,
         storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
         ..Default::default()
-    })
-    .await
-    .map_err(|e| Error::Topology {
+    };
+    let topology = |e: String| Error::Topology {
         what: "key-value bucket",
         name: INSTANCES_BUCKET.to_owned(),
-        message: e.to_string(),
-    })
+        message: e,
+    };
+    js.create_or_update_stream(bucket_stream)
+        .await
+        .map_err(|e| topology(e.to_string()))?;
+    js.get_key_value(INSTANCES_BUCKET)
+        .await
+        .map_err(|e| topology(e.to_string()))
 }
 
 /// Gets the durable pull consumer `config.durable_name` on `stream`, creating it when missing.

@@ -73,7 +73,8 @@ fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
         Some("reserved")
     } else if (a, b, c) == (192, 0, 0) {
         Some("IETF protocol assignment")
-    } else if (a, b, c) == (192, 0, 2) || (a, b, c) == (198, 51, 100) || (a, b, c) == (203, 0, 113) {
+    } else if (a, b, c) == (192, 0, 2) || (a, b, c) == (198, 51, 100) || (a, b, c) == (203, 0, 113)
+    {
         Some("documentation")
     } else if a == 198 && (b == 18 || b == 19) {
         Some("benchmarking")
@@ -91,9 +92,10 @@ fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
     let s = v6.segments();
     let o = v6.octets();
     let last32 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
-    if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || (s[5] == 0 && s[6] != 0)) {
-        Some(last32)
-    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    let mapped_or_compatible =
+        s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || (s[5] == 0 && s[6] != 0));
+    let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    if mapped_or_compatible || nat64 {
         Some(last32)
     } else if s[0] == 0x2002 {
         Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
@@ -147,10 +149,30 @@ mod tests {
     #[test]
     fn refuses_internal_addresses() {
         for ip in [
-            "127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-            "0.0.0.0", "224.0.0.1", "255.255.255.255", "240.0.0.1", "192.0.2.1", "198.18.0.1",
-            "::1", "::", "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "::ffff:10.0.0.1",
-            "::ffff:127.0.0.1", "64:ff9b::a00:1", "64:ff9b:1::1", "2002:a00:1::1", "2001:db8::1",
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::1",
+            "2002:a00:1::1",
+            "2001:db8::1",
             "::10.0.0.1",
         ] {
             assert!(refused(ip), "{ip} should be refused");
@@ -159,7 +181,13 @@ mod tests {
 
     #[test]
     fn accepts_public_addresses() {
-        for ip in ["8.8.8.8", "93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"] {
+        for ip in [
+            "8.8.8.8",
+            "93.184.216.34",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
             assert!(!refused(ip), "{ip} should be accepted");
         }
     }

@@ -47,7 +47,10 @@ pub fn router(state: OpsState) -> Router {
 async fn metrics(State(state): State<OpsState>) -> Response {
     state.nats_connected();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::encode(&state.registry),
     )
         .into_response()

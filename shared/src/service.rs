@@ -52,7 +52,8 @@ impl Base {
         };
         let registry = Registry::new();
         let common = CommonMetrics::register(&registry, service);
-        let directory = Directory::with_gauge(common.instances.clone());
+        let directory =
+            Directory::with_gauges(common.instances.clone(), common.instances_revision.clone());
         directory.spawn_watch(kv.clone(), cancel.child_token());
         Ok(Self {
             client,

@@ -86,14 +86,19 @@ pub async fn run_pull_loop<F, Fut>(
     }
     let in_work = tasks.len();
     if in_work > 0 {
-        tracing::info!(in_work, ?grace, "Stopped pulling; finishing the messages in work.");
+        tracing::info!(
+            in_work,
+            ?grace,
+            "Stopped pulling; finishing the messages in work."
+        );
     }
-    let finished = tokio::time::timeout(grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let finished =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if finished.is_err() {
-        tracing::warn!(left = tasks.len(), "Grace period over; unfinished messages will be redelivered.");
+        tracing::warn!(
+            left = tasks.len(),
+            "Grace period over; unfinished messages will be redelivered."
+        );
         tasks.abort_all();
     }
 }
@@ -108,7 +113,9 @@ pub fn spawn_lag_reporter(
 ) {
     tokio::spawn(async move {
         loop {
-            if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(5), consumer.info()).await {
+            if let Ok(Ok(info)) =
+                tokio::time::timeout(Duration::from_secs(5), consumer.info()).await
+            {
                 metrics
                     .consumer_pending
                     .with_label_values(&[name])

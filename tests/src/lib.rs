@@ -1,1 +1,530 @@
-pub fn x(){}
+//! Test harness: a real `nats-server` on a free port with a temp store dir (stoppable and
+//! restartable), real HTTP receivers on `127.0.0.1:0`, the three services in-process, and the
+//! helpers to drive them. Every wait has a deadline.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Router;
+use serde_json::{json, Value};
+use shared::config::Vars;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// Logs for tests: `RUST_LOG=debug cargo test` shows the services' logs.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The `nats-server` binary: `NATS_SERVER_BIN`, the project-local install, or PATH.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+    if local.exists() {
+        return local;
+    }
+    "nats-server".into()
+}
+
+/// A real nats-server with JetStream, for one test.
+#[derive(Debug)]
+pub struct NatsServer {
+    pub port: u16,
+    pub store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            store: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (make test installs it)");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        wait_until(Duration::from_secs(10), "nats-server to listen", || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+    }
+
+    /// SIGKILL: no goodbye to clients, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to the test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it is true; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One request a receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("the callback body is JSON")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// How a receiver answers.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+    /// Always this status.
+    Status(u16),
+    /// These statuses in turn, then 200.
+    Sequence(Vec<u16>),
+    /// Wait this long, then 200.
+    Slow(Duration),
+    /// Never answer (hold the connection).
+    Hang,
+}
+
+#[derive(Debug)]
+struct ReceiverState {
+    behavior: Behavior,
+    received: Vec<Received>,
+}
+
+/// A real HTTP callback receiver on 127.0.0.1:0 that records what it gets.
+#[derive(Debug, Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ReceiverState>>,
+    pub cancel: CancellationToken,
+}
+
+impl Receiver {
+    pub async fn start(behavior: Behavior) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        Self::serve(listener, behavior).await
+    }
+
+    /// Serves on `listener` (to bring a receiver back on the same port).
+    pub async fn serve(listener: TcpListener, behavior: Behavior) -> Self {
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(ReceiverState {
+            behavior,
+            received: Vec::new(),
+        }));
+        let cancel = CancellationToken::new();
+        let app = Router::new()
+            .fallback(receive)
+            .with_state(Arc::clone(&state));
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        Self {
+            addr,
+            state,
+            cancel,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.addr.port())
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().expect("lock").received.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().expect("lock").received.len()
+    }
+
+    pub fn set_behavior(&self, behavior: Behavior) {
+        self.state.lock().expect("lock").behavior = behavior;
+    }
+
+    /// Waits until at least `n` requests arrived.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        wait_until(timeout, &format!("{n} callback requests"), || async {
+            self.count() >= n
+        })
+        .await;
+        self.received()
+    }
+}
+
+async fn receive(
+    State(state): State<Arc<Mutex<ReceiverState>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let behavior = {
+        let mut s = state.lock().expect("lock");
+        s.received.push(Received {
+            at: Instant::now(),
+            headers,
+            body,
+        });
+        match &mut s.behavior {
+            Behavior::Sequence(list) if !list.is_empty() => Behavior::Status(list.remove(0)),
+            Behavior::Sequence(_) => Behavior::Status(200),
+            other => other.clone(),
+        }
+    };
+    match behavior {
+        Behavior::Status(code) => StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+        Behavior::Slow(d) => {
+            tokio::time::sleep(d).await;
+            StatusCode::OK
+        }
+        Behavior::Hang => {
+            std::future::pending::<()>().await;
+            StatusCode::OK
+        }
+        Behavior::Sequence(_) => StatusCode::OK,
+    }
+}
+
+/// The three services running in this process against one NATS server.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub nats_url: String,
+    pub webhook: SocketAddr,
+    pub admin: SocketAddr,
+    pub normalizer_ops: SocketAddr,
+    pub deliverer_ops: SocketAddr,
+    pub cancel: CancellationToken,
+    pub http: reqwest::Client,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The settings tests run with: loopback allowed, short timeouts and a short retry schedule.
+pub fn test_vars(nats_url: &str, overrides: &[(&str, &str)]) -> Vars {
+    let mut map: HashMap<String, String> = [
+        ("NATS_URL", nats_url),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+        ("DELIVER_ALLOW_NETWORKS", "127.0.0.0/8,::1/128"),
+        ("DELIVER_RETRY_SCHEDULE", "200ms,400ms,800ms"),
+        ("DELIVER_TIMEOUT_MS", "2000"),
+        ("DELIVER_CONNECT_TIMEOUT_MS", "1000"),
+        ("DELIVER_BREAKER_COOLDOWN_MS", "500"),
+        ("SHUTDOWN_GRACE_MS", "3000"),
+        ("INGEST_PUBLISH_TIMEOUT_MS", "1000"),
+        ("NORMALIZER_PUBLISH_TIMEOUT_MS", "2000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    for (k, v) in overrides {
+        map.insert((*k).to_owned(), (*v).to_owned());
+    }
+    Vars::from_pairs(map)
+}
+
+async fn local() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+impl Pipeline {
+    pub async fn start(nats_url: &str, overrides: &[(&str, &str)]) -> Self {
+        init_logs();
+        let vars = test_vars(nats_url, overrides);
+        let cancel = CancellationToken::new();
+        let (webhooks, admin, n_ops, d_ops) =
+            (local().await, local().await, local().await, local().await);
+        let addrs = (
+            webhooks.local_addr().expect("addr"),
+            admin.local_addr().expect("addr"),
+            n_ops.local_addr().expect("addr"),
+            d_ops.local_addr().expect("addr"),
+        );
+        let connect = || async { async_nats::connect(nats_url).await.expect("connect") };
+        let mut handles = Vec::new();
+        let ingest_config = ingest::Config::from_vars(&vars).expect("ingest config");
+        let (c, k) = (connect().await, cancel.clone());
+        handles.push(tokio::spawn(async move {
+            ingest::run(ingest_config, ingest::Listeners { webhooks, admin }, c, k)
+                .await
+                .expect("ingest runs");
+        }));
+        let normalizer_config = normalizer::Config::from_vars(&vars).expect("normalizer config");
+        let (c, k) = (connect().await, cancel.clone());
+        handles.push(tokio::spawn(async move {
+            normalizer::run(normalizer_config, n_ops, c, k)
+                .await
+                .expect("normalizer runs");
+        }));
+        let deliverer_config = deliverer::Config::from_vars(&vars).expect("deliverer config");
+        let (c, k) = (connect().await, cancel.clone());
+        handles.push(tokio::spawn(async move {
+            deliverer::run(deliverer_config, d_ops, c, k)
+                .await
+                .expect("deliverer runs");
+        }));
+        let pipeline = Self {
+            nats_url: nats_url.to_owned(),
+            webhook: addrs.0,
+            admin: addrs.1,
+            normalizer_ops: addrs.2,
+            deliverer_ops: addrs.3,
+            cancel,
+            http: reqwest::Client::new(),
+            handles,
+        };
+        for ops in [
+            pipeline.admin,
+            pipeline.normalizer_ops,
+            pipeline.deliverer_ops,
+        ] {
+            let http = pipeline.http.clone();
+            wait_until(Duration::from_secs(20), "services to be ready", || {
+                let http = http.clone();
+                async move {
+                    matches!(http.get(format!("http://{ops}/readyz")).send().await, Ok(r) if r.status() == 200)
+                }
+            })
+            .await;
+        }
+        pipeline
+    }
+
+    /// Cancels and waits for all three to stop.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for h in self.handles {
+            let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+        }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}/events/ecwid", self.webhook)
+    }
+
+    pub async fn admin_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("admin request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates an instance of `store_id` calling back `callback` with `extra` configuration, and
+    /// waits until every service has seen it.
+    pub async fn create_instance(
+        &self,
+        store_id: &str,
+        callback: &str,
+        extra: &[(&str, &str)],
+    ) -> String {
+        let mut config = json!({
+            "ecwid.order.key": "order-key-secret",
+            "ecwid.product.key": "",
+            "ecwid.store.id": store_id,
+            "event.notification.enabled": "true",
+            "event.notification.callback.url": callback,
+        });
+        for (k, v) in extra {
+            config[*k] = json!(v);
+        }
+        let body = json!({"element": {"key": "ecwid"}, "configuration": config, "tags": ["test"], "name": "test instance"});
+        let (status, created) = self
+            .admin_request(reqwest::Method::POST, "/instances", Some(body))
+            .await;
+        assert_eq!(status, 201, "instance created: {created}");
+        let id = created["id"].as_str().expect("id").to_owned();
+        self.wait_instances_seen().await;
+        id
+    }
+
+    /// Waits until the ingest, normalizer and deliverer have all applied the bucket's newest
+    /// revision (`ecwid_instances_revision`).
+    pub async fn wait_instances_seen(&self) {
+        let client = async_nats::connect(&self.nats_url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js
+            .get_stream("KV_ECWID_INSTANCES")
+            .await
+            .expect("bucket stream");
+        let last = stream
+            .info()
+            .await
+            .expect("bucket info")
+            .state
+            .last_sequence as f64;
+        for ops in [self.admin, self.normalizer_ops, self.deliverer_ops] {
+            let http = self.http.clone();
+            wait_until(
+                Duration::from_secs(5),
+                "instance changes to reach every service",
+                || {
+                    let http = http.clone();
+                    async move {
+                        let text = match http.get(format!("http://{ops}/metrics")).send().await {
+                            Ok(r) => r.text().await.unwrap_or_default(),
+                            Err(_) => return false,
+                        };
+                        metric(&text, "ecwid_instances_revision").is_some_and(|r| r >= last)
+                    }
+                },
+            )
+            .await;
+        }
+    }
+
+    pub async fn post_json(&self, body: &Value, signature: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.post(self.webhook_url()).json(body);
+        if let Some(s) = signature {
+            req = req.header("X-Ecwid-Webhook-Signature", s);
+        }
+        let resp = req.send().await.expect("webhook request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn metrics_text(&self, ops: SocketAddr) -> String {
+        self.http
+            .get(format!("http://{ops}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+/// The value of a sample (`name` or `name{labels}`, exactly as exposed) in Prometheus text.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The documented `order.created` webhook of store `store_id`.
+pub fn order_created(store_id: u64, event_id: &str) -> Value {
+    json!({
+        "eventId": event_id,
+        "eventCreated": 1_764_000_000,
+        "storeId": store_id,
+        "entityId": 123456,
+        "eventType": "order.created",
+        "data": {"orderId": "XJ12H", "newPaymentStatus": "PAID", "newFulfillmentStatus": "AWAITING_PROCESSING"}
+    })
+}
+
+/// Ecwid's signature for a v3 event.
+pub fn ecwid_signature(secret: &str, event: &Value) -> String {
+    ingest::verify::sign(
+        secret,
+        &event["eventCreated"].to_string(),
+        event["eventId"].as_str().unwrap_or_default(),
+    )
+}
