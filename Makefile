@@ -16,6 +16,7 @@ test: tools lint
 
 tools:
 	@echo "nats-server: $$(scripts/ensure-nats-server.sh)"
+	bash deploy/check.sh --install-only
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -104,6 +104,7 @@ GAUGES = {
     "ecwid_build_info",
     "ecwid_nats_connected",
     "ecwid_instances",
+    "ecwid_instances_revision",
     "ecwid_consumer_pending_messages",
     "ecwid_consumer_ack_pending_messages",
     "ecwid_deliver_in_flight",
@@ -112,6 +113,7 @@ GAUGES = {
 HISTOGRAMS = {
     "ecwid_ingest_request_duration_seconds",
     "ecwid_ingest_publish_duration_seconds",
+    "ecwid_normalizer_duration_seconds",
     "ecwid_deliver_attempt_duration_seconds",
     "ecwid_deliver_end_to_end_seconds",
 }
