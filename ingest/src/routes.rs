@@ -99,10 +99,14 @@ async fn accept(
     format_label: &mut &'static str,
 ) -> Result<Accepted, ApiError> {
     let config = &state.inner.config;
-    let body = read_body(request_headers, body, config.max_body_bytes).await?;
     let content_type = request_headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
+    // With a content type the format is known (or refused) before the body is read.
+    if content_type.is_some() {
+        *format_label = parse::detect_format(content_type, &[])?.as_str();
+    }
+    let body = read_body(request_headers, body, config.max_body_bytes).await?;
     let format = parse::detect_format(content_type, &body)?;
     *format_label = format.as_str();
     let directory = &state.inner.base.directory;

@@ -142,6 +142,12 @@ where
     }
 }
 
+async fn connect(nats_url: &str) -> async_nats::Client {
+    async_nats::connect(nats_url)
+        .await
+        .expect("connect to nats")
+}
+
 /// One request a receiver got.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -285,9 +291,12 @@ pub struct Pipeline {
     pub admin: SocketAddr,
     pub normalizer_ops: SocketAddr,
     pub deliverer_ops: SocketAddr,
+    /// Cancels all three.
     pub cancel: CancellationToken,
     pub http: reqwest::Client,
     handles: Vec<tokio::task::JoinHandle<()>>,
+    deliverer_vars: Vars,
+    deliverer: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 /// The settings tests run with: loopback allowed, short timeouts and a short retry schedule.
@@ -317,10 +326,35 @@ async fn local() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.expect("bind")
 }
 
+async fn wait_ready(http: &reqwest::Client, ops: SocketAddr) {
+    wait_until(Duration::from_secs(20), "a service to be ready", || {
+        let http = http.clone();
+        async move {
+            matches!(http.get(format!("http://{ops}/readyz")).send().await, Ok(r) if r.status() == 200)
+        }
+    })
+    .await;
+}
+
 impl Pipeline {
     pub async fn start(nats_url: &str, overrides: &[(&str, &str)]) -> Self {
+        Self::start_with(nats_url, overrides, &[]).await
+    }
+
+    /// Like [`Pipeline::start`], with settings that only the deliverer gets.
+    pub async fn start_with(
+        nats_url: &str,
+        overrides: &[(&str, &str)],
+        deliverer_overrides: &[(&str, &str)],
+    ) -> Self {
         init_logs();
         let vars = test_vars(nats_url, overrides);
+        let all: Vec<(&str, &str)> = overrides
+            .iter()
+            .chain(deliverer_overrides)
+            .copied()
+            .collect();
+        let deliverer_vars = test_vars(nats_url, &all);
         let cancel = CancellationToken::new();
         let (webhooks, admin, n_ops, d_ops) =
             (local().await, local().await, local().await, local().await);
@@ -330,30 +364,22 @@ impl Pipeline {
             n_ops.local_addr().expect("addr"),
             d_ops.local_addr().expect("addr"),
         );
-        let connect = || async { async_nats::connect(nats_url).await.expect("connect") };
         let mut handles = Vec::new();
         let ingest_config = ingest::Config::from_vars(&vars).expect("ingest config");
-        let (c, k) = (connect().await, cancel.clone());
+        let (c, k) = (connect(nats_url).await, cancel.clone());
         handles.push(tokio::spawn(async move {
             ingest::run(ingest_config, ingest::Listeners { webhooks, admin }, c, k)
                 .await
                 .expect("ingest runs");
         }));
         let normalizer_config = normalizer::Config::from_vars(&vars).expect("normalizer config");
-        let (c, k) = (connect().await, cancel.clone());
+        let (c, k) = (connect(nats_url).await, cancel.clone());
         handles.push(tokio::spawn(async move {
             normalizer::run(normalizer_config, n_ops, c, k)
                 .await
                 .expect("normalizer runs");
         }));
-        let deliverer_config = deliverer::Config::from_vars(&vars).expect("deliverer config");
-        let (c, k) = (connect().await, cancel.clone());
-        handles.push(tokio::spawn(async move {
-            deliverer::run(deliverer_config, d_ops, c, k)
-                .await
-                .expect("deliverer runs");
-        }));
-        let pipeline = Self {
+        let mut pipeline = Self {
             nats_url: nats_url.to_owned(),
             webhook: addrs.0,
             admin: addrs.1,
@@ -362,27 +388,52 @@ impl Pipeline {
             cancel,
             http: reqwest::Client::new(),
             handles,
+            deliverer_vars,
+            deliverer: None,
         };
-        for ops in [
-            pipeline.admin,
-            pipeline.normalizer_ops,
-            pipeline.deliverer_ops,
-        ] {
-            let http = pipeline.http.clone();
-            wait_until(Duration::from_secs(20), "services to be ready", || {
-                let http = http.clone();
-                async move {
-                    matches!(http.get(format!("http://{ops}/readyz")).send().await, Ok(r) if r.status() == 200)
-                }
-            })
-            .await;
+        pipeline.spawn_deliverer(d_ops).await;
+        for ops in [pipeline.admin, pipeline.normalizer_ops] {
+            wait_ready(&pipeline.http, ops).await;
         }
         pipeline
     }
 
+    async fn spawn_deliverer(&mut self, listener: TcpListener) {
+        let config = deliverer::Config::from_vars(&self.deliverer_vars).expect("deliverer config");
+        let token = self.cancel.child_token();
+        let (c, k) = (connect(&self.nats_url).await, token.clone());
+        let handle = tokio::spawn(async move {
+            deliverer::run(config, listener, c, k)
+                .await
+                .expect("deliverer runs");
+        });
+        self.deliverer = Some((token, handle));
+        wait_ready(&self.http, self.deliverer_ops).await;
+    }
+
+    /// Stops the deliverer (as on SIGTERM) and waits until it has.
+    pub async fn stop_deliverer(&mut self) {
+        if let Some((token, handle)) = self.deliverer.take() {
+            token.cancel();
+            tokio::time::timeout(Duration::from_secs(15), handle)
+                .await
+                .expect("the deliverer stops within its grace period")
+                .expect("the deliverer task ends cleanly");
+        }
+    }
+
+    /// Starts a new deliverer on the same ops address.
+    pub async fn start_deliverer(&mut self) {
+        let listener = TcpListener::bind(self.deliverer_ops)
+            .await
+            .expect("bind the ops port again");
+        self.spawn_deliverer(listener).await;
+    }
+
     /// Cancels and waits for all three to stop.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.cancel.cancel();
+        self.stop_deliverer().await;
         for h in self.handles {
             let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
         }
