@@ -12,6 +12,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 use shared::nats::{headers, raw_subject};
+use tracing::Instrument;
 
 use crate::error::{self, ApiError};
 use crate::parse::{self, Format};
@@ -44,20 +45,35 @@ async fn receive(
     request_headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let request_id = request_id(&request_headers);
+    let traceparent = traceparent(&request_headers);
+    let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_owned();
+    let span = tracing::info_span!("webhook", trace_id, request_id);
+    receive_traced(state, request_headers, body, request_id, traceparent)
+        .instrument(span)
+        .await
+}
+
+async fn receive_traced(
+    state: AppState,
+    request_headers: HeaderMap,
+    body: Body,
+    request_id: String,
+    traceparent: String,
+) -> Response {
     let started = Instant::now();
     let received_at = shared::time_fmt::now_unix_ms();
-    let request_id = request_id(&request_headers);
     let m = &state.inner.metrics;
     let mut format = "unknown";
     let result = async {
         let accepted = accept(&state, &request_headers, body, &mut format).await?;
-        publish(&state, &request_headers, accepted, received_at, &request_id).await
+        publish(&state, accepted, received_at, &request_id, traceparent).await
     }
     .await;
     let (outcome, mut response) = match result {
         Ok(duplicate) => {
             let status = if duplicate { "duplicate" } else { "accepted" };
-            tracing::debug!(request_id, format, duplicate, "Webhook accepted.");
+            tracing::debug!(format, duplicate, "Webhook accepted.");
             (
                 status,
                 Json(json!({"status": status, "duplicate": duplicate, "requestId": request_id}))
@@ -68,14 +84,13 @@ async fn receive(
             match &err {
                 ApiError::Unavailable(cause) => {
                     tracing::warn!(
-                        request_id,
                         format,
                         cause,
                         "Webhook refused with 503: JetStream did not take it."
                     );
                 }
                 other => {
-                    tracing::info!(request_id, format, status = other.status().as_u16(), error = %other, "Webhook refused.")
+                    tracing::info!(format, status = other.status().as_u16(), error = %other, "Webhook refused.")
                 }
             }
             (err.outcome(), err.into_response())
@@ -233,10 +248,10 @@ async fn read_body(
 /// message id before (a duplicate).
 async fn publish(
     state: &AppState,
-    request_headers: &HeaderMap,
     accepted: Accepted,
     received_at: i64,
     request_id: &str,
+    traceparent: String,
 ) -> Result<bool, ApiError> {
     let mut h = NatsHeaders::new();
     h.insert(headers::MSG_ID, accepted.msg_id.as_str());
@@ -248,7 +263,7 @@ async fn publish(
     );
     h.insert(headers::REQUEST_ID, request_id);
     h.insert(headers::STORE_ID, accepted.store_id.as_str());
-    h.insert(headers::TRACEPARENT, traceparent(request_headers));
+    h.insert(headers::TRACEPARENT, traceparent);
     let js = &state.inner.base.js;
     let timeout = state.inner.config.publish_timeout;
     let started = Instant::now();

@@ -55,6 +55,17 @@ pub fn is_subject_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The span a stage handles one message in: the W3C trace id and the ingest's request id from
+/// the message's headers, so every stage's log lines for one webhook share them.
+pub fn message_span(h: Option<&async_nats::HeaderMap>) -> tracing::Span {
+    let get = |name: &str| h.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+    let trace_id = get(headers::TRACEPARENT)
+        .and_then(|t| t.split('-').nth(1).map(str::to_owned))
+        .unwrap_or_default();
+    let request_id = get(headers::REQUEST_ID).unwrap_or_default();
+    tracing::info_span!("event", trace_id, request_id)
+}
+
 /// Header names the pipeline sets. `Nats-Msg-Id` is JetStream's own.
 pub mod headers {
     pub const MSG_ID: &str = "Nats-Msg-Id";

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics::CommonMetrics;
 
@@ -76,10 +77,14 @@ pub async fn run_pull_loop<F, Fut>(
                 }
                 Some(Ok(message)) => {
                     let handle = handle.clone();
-                    tasks.spawn(async move {
-                        handle(message).await;
-                        drop(permit);
-                    });
+                    let span = crate::nats::message_span(message.headers.as_ref());
+                    tasks.spawn(
+                        async move {
+                            handle(message).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
                 }
             }
         }
