@@ -1,0 +1,126 @@
+//! A bad or missing setting stops a service at start-up with status 64 and a message naming the
+//! variable, before it binds a port or talks to NATS.
+
+use std::net::TcpListener;
+use std::process::Command;
+
+use integration_tests::procs::binary;
+
+/// Runs `name` with only `env`, and returns its status and stderr.
+fn run(name: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    run_with(name, &[], env)
+}
+
+fn run_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(binary(name))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_settings_exit_64_naming_the_variable() {
+    // A port we hold: a service that bound it before checking its config would fail differently.
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        ("ingest", &[("INGEST_LISTEN", &listen)], "ADMIN_TOKEN"),
+        (
+            "ingest",
+            &[
+                ("ADMIN_TOKEN", "0123456789abcdefXYZ"),
+                ("INGEST_LISTEN", "8080"),
+            ],
+            "INGEST_LISTEN",
+        ),
+        (
+            "ingest",
+            &[
+                ("ADMIN_TOKEN", "0123456789abcdefXYZ"),
+                ("INGEST_PUBLISH_TIMEOUT_MS", "soon"),
+            ],
+            "INGEST_PUBLISH_TIMEOUT_MS",
+        ),
+        (
+            "normalizer",
+            &[("OPS_LISTEN", &listen), ("NORMALIZER_CONCURRENCY", "0")],
+            "NORMALIZER_CONCURRENCY",
+        ),
+        (
+            "normalizer",
+            &[("NATS_URL", "http://nats:4222")],
+            "NATS_URL",
+        ),
+        (
+            "deliverer",
+            &[
+                ("OPS_LISTEN", &listen),
+                ("DELIVER_RETRY_SCHEDULE", "5s,later"),
+            ],
+            "DELIVER_RETRY_SCHEDULE",
+        ),
+        (
+            "deliverer",
+            &[("DELIVER_ALLOW_NETWORKS", "the office")],
+            "DELIVER_ALLOW_NETWORKS",
+        ),
+        ("deliverer", &[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+    ];
+    for (service, env, var) in cases {
+        let (code, stderr) = run(service, env);
+        assert_eq!(code, Some(64), "{service} with {env:?}: {stderr}");
+        assert!(
+            stderr.contains(var),
+            "{service}: the message names {var}: {stderr}"
+        );
+    }
+    drop(held);
+}
+
+#[test]
+fn healthcheck_answers_for_the_ops_port() {
+    // Nothing listens: exit 1.
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (code, _) = run_with(
+        "deliverer",
+        &["healthcheck"],
+        &[("OPS_LISTEN", &free.to_string())],
+    );
+    assert_eq!(code, Some(1));
+
+    // Something answers 200 on /healthz: exit 0; anything else: exit 1.
+    for (reply, expected) in [
+        ("HTTP/1.1 200 OK", 0),
+        ("HTTP/1.1 503 Service Unavailable", 1),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let n = conn.read(&mut buf).unwrap();
+            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            conn.write_all(format!("{reply}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                .unwrap();
+            request
+        });
+        let (code, _) = run_with(
+            "normalizer",
+            &["healthcheck"],
+            &[("OPS_LISTEN", &addr.to_string())],
+        );
+        assert_eq!(code, Some(expected), "{reply}");
+        assert!(server.join().unwrap().starts_with("GET /healthz "));
+    }
+}
