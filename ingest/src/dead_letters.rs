@@ -339,20 +339,7 @@ async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
             ApiError::unprocessable("seq", "the dead letter does not say where it came from")
         })?;
     let mut out = HeaderMap::new();
-    for name in [
-        headers::RECEIVED_AT,
-        headers::FORMAT,
-        headers::VERIFIED,
-        headers::REQUEST_ID,
-        headers::STORE_ID,
-        headers::INSTANCE_ID,
-        headers::TRACEPARENT,
-        headers::ORIGINAL_MSG_ID,
-    ] {
-        if let Some(v) = h.get(name) {
-            out.insert(name, v.as_str());
-        }
-    }
+    headers::carry(h, &mut out);
     out.insert(headers::MSG_ID, format!("replay:{seq}"));
     out.insert("Ecwid-Replayed-From", seq.to_string());
     let js = &state.inner.base.js;

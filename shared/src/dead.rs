@@ -54,21 +54,12 @@ pub async fn publish(
 ) -> Result<(), Error> {
     let mut h = HeaderMap::new();
     if let Some(original) = letter.original_headers {
-        for name in [
-            headers::RECEIVED_AT,
-            headers::FORMAT,
-            headers::VERIFIED,
-            headers::REQUEST_ID,
-            headers::STORE_ID,
-            headers::INSTANCE_ID,
-            headers::TRACEPARENT,
-        ] {
-            if let Some(v) = original.get(name) {
-                h.insert(name, v.as_str());
+        headers::carry(original, &mut h);
+        // A replayed event keeps its first id; otherwise the message's own id is the first.
+        if original.get(headers::ORIGINAL_MSG_ID).is_none() {
+            if let Some(v) = original.get(headers::MSG_ID) {
+                h.insert(headers::ORIGINAL_MSG_ID, v.as_str());
             }
-        }
-        if let Some(v) = original.get(headers::MSG_ID) {
-            h.insert(headers::ORIGINAL_MSG_ID, v.as_str());
         }
     }
     h.insert(

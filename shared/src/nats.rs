@@ -90,7 +90,29 @@ pub mod headers {
     pub const DEAD_LAST_ATTEMPT_AT: &str = "Ecwid-Last-Attempt-At";
     pub const DEAD_LAST_STATUS: &str = "Ecwid-Last-Status";
     pub const ORIGINAL_SUBJECT: &str = "Ecwid-Original-Subject";
+    /// The first message id of an event that was dead-lettered and replayed.
     pub const ORIGINAL_MSG_ID: &str = "Ecwid-Original-Msg-Id";
+
+    /// What travels with an event from stage to stage, into a dead letter and back on replay.
+    pub const CARRIED: [&str; 8] = [
+        RECEIVED_AT,
+        FORMAT,
+        VERIFIED,
+        REQUEST_ID,
+        STORE_ID,
+        INSTANCE_ID,
+        TRACEPARENT,
+        ORIGINAL_MSG_ID,
+    ];
+
+    /// Copies the [`CARRIED`] headers of `from` into `to`.
+    pub fn carry(from: &async_nats::HeaderMap, to: &mut async_nats::HeaderMap) {
+        for name in CARRIED {
+            if let Some(v) = from.get(name) {
+                to.insert(name, v.as_str());
+            }
+        }
+    }
 }
 
 /// Stream and bucket settings.

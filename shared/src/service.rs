@@ -74,3 +74,53 @@ impl Base {
         }
     }
 }
+
+/// The whole of a service's `main`: the `healthcheck` subcommand (GET `/healthz` on the address
+/// in `ops_var`), then config from the environment (exit 64 naming the variable), telemetry,
+/// the runtime, a token cancelled by SIGTERM/SIGINT, and `start`. Exit status 1 when `start`
+/// fails.
+pub fn main<C, F, Fut, E>(
+    service: &str,
+    ops_var: &str,
+    ops_default: &str,
+    parse: fn(&crate::config::Vars) -> Result<C, crate::config::ConfigError>,
+    common: fn(&C) -> &CommonConfig,
+    start: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    use crate::config::{exit_on_error, Vars};
+    let vars = Vars::from_env();
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        let addr = exit_on_error(vars.addr_or(ops_var, ops_default));
+        return std::process::ExitCode::from(crate::ops::healthcheck(addr) as u8);
+    }
+    let config = exit_on_error(parse(&vars));
+    crate::telemetry::init(common(&config).log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(error) => {
+            tracing::error!(%error, "Cannot start the Tokio runtime.");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        crate::shutdown::cancel_on_signal(cancel.clone());
+        start(config, cancel).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                service,
+                "Stopped with an error."
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
