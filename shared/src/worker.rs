@@ -4,10 +4,10 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, Consumer};
-use async_nats::jetstream::Message;
+use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -49,12 +49,22 @@ pub async fn run_pull_loop<F, Fut>(
                 }
             }
         };
+        // While every permit is taken, pulled messages wait in the client's buffer and their
+        // ack_wait runs: a message taken after such a wait gets a "work in progress" first, so
+        // the server does not hand it to another replica while this one starts on it.
+        let mut last_unsaturated = Instant::now();
         loop {
-            let permit = tokio::select! {
-                () = cancel.cancelled() => break 'pull,
-                p = Arc::clone(&permits).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break 'pull,
+            let permit = match Arc::clone(&permits).try_acquire_owned() {
+                Ok(p) => {
+                    last_unsaturated = Instant::now();
+                    p
+                }
+                Err(_) => tokio::select! {
+                    () = cancel.cancelled() => break 'pull,
+                    p = Arc::clone(&permits).acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break 'pull,
+                    },
                 },
             };
             let next = tokio::select! {
@@ -76,6 +86,9 @@ pub async fn run_pull_loop<F, Fut>(
                     }
                 }
                 Some(Ok(message)) => {
+                    if last_unsaturated.elapsed() > Duration::from_secs(1) {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
                     let handle = handle.clone();
                     let span = crate::nats::message_span(message.headers.as_ref());
                     tasks.spawn(
