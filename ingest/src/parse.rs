@@ -85,7 +85,18 @@ fn wrong(field: &'static str, expected: &str) -> ApiError {
 /// Parses a v3 body. Malformed JSON, a non-object, or a missing or wrongly typed routing field is
 /// a 400 that names the field. `entityId` and `data` are not looked at here.
 pub fn parse_v3(body: &[u8]) -> Result<V3Head, ApiError> {
-    let head: RawHead = serde_json::from_slice(body).map_err(|e| {
+    // Checked here, not only by the normalizer: a member the ingest skips may hold invalid UTF-8.
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("the body is not valid UTF-8: {e}"))
+    })?;
+    // serde would also fill the fields from a positional array.
+    if !text.trim_start().starts_with('{') {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    }
+    let head: RawHead = serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
             ApiError::bad_request("invalid_json", "the body must be a JSON object")
         } else {
@@ -101,7 +112,7 @@ pub fn parse_v3(body: &[u8]) -> Result<V3Head, ApiError> {
         None | Some(Value::Null) => return Err(missing("eventCreated")),
         Some(Value::Number(n)) => n
             .as_i64()
-            .filter(|t| *t >= 0)
+            .filter(|t| (0..=MAX_EVENT_CREATED).contains(t))
             .ok_or_else(|| wrong("eventCreated", "a Unix time in seconds"))?,
         Some(_) => return Err(wrong("eventCreated", "a Unix time in seconds (a number)")),
     };
@@ -123,6 +134,9 @@ pub fn parse_v3(body: &[u8]) -> Result<V3Head, ApiError> {
         event_type,
     })
 }
+
+/// 9999-12-31T23:59:59Z, the last second an envelope's `date` can show.
+const MAX_EVENT_CREATED: i64 = 253_402_300_799;
 
 fn is_store_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
@@ -177,11 +191,12 @@ pub fn parse_ion(body: &[u8]) -> Result<Ion, ApiError> {
 impl Ion {
     /// The body published for the normalizer: the form fields as a JSON object.
     pub fn to_json(&self) -> Vec<u8> {
-        let map: serde_json::Map<String, Value> = self
-            .fields
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
+        // A repeated name keeps its first value, the one `parse_ion` routed by.
+        let mut map = serde_json::Map::new();
+        for (k, v) in &self.fields {
+            map.entry(k.as_str())
+                .or_insert_with(|| Value::String(v.clone()));
+        }
         serde_json::to_vec(&map).unwrap_or_default()
     }
 
