@@ -114,6 +114,13 @@ struct V3<'a> {
     data: Option<&'a RawValue>,
 }
 
+/// The one member of an order event's `data` the normalizer reads.
+#[derive(Deserialize)]
+struct OrderData<'a> {
+    #[serde(rename = "orderId", default, borrow)]
+    order_id: Option<&'a RawValue>,
+}
+
 fn field<T: serde::de::DeserializeOwned>(
     raw: Option<&RawValue>,
     name: &'static str,
@@ -133,6 +140,10 @@ fn id_string(v: &Value) -> Option<String> {
 
 /// Normalizes a v3 webhook body.
 pub fn normalize_v3(body: &[u8]) -> Result<Normalized, NormalizeError> {
+    // serde would also fill the struct from a positional array (`["e-1", 1234567, …]`).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(NormalizeError::NotJson("it does not start with `{`".into()));
+    }
     let v: V3 = serde_json::from_slice(body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
     let event_id: String = field(v.event_id, "eventId")?;
     let event_created: i64 = field(v.event_created, "eventCreated")?;
@@ -148,9 +159,13 @@ pub fn normalize_v3(body: &[u8]) -> Result<Normalized, NormalizeError> {
         .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
         .and_then(|e| id_string(&e));
     let order_id = if object_type == "orders" || object_type == "abandonedCarts" {
+        // Only `data.orderId` is read; the rest of `data` is skipped, not built.
         v.data
-            .and_then(|d| serde_json::from_str::<Value>(d.get()).ok())
-            .and_then(|d| d.get("orderId").and_then(id_string))
+            .filter(|d| d.get().starts_with('{'))
+            .and_then(|d| serde_json::from_str::<OrderData>(d.get()).ok())
+            .and_then(|d| d.order_id)
+            .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
+            .and_then(|id| id_string(&id))
             .filter(|s| !s.is_empty())
     } else {
         None
@@ -269,4 +284,749 @@ pub fn envelope(normalized: &Normalized, instance_id: &str, raw: &RawValue) -> E
 pub fn raw_value(body: &[u8]) -> Result<&RawValue, NormalizeError> {
     let s = std::str::from_utf8(body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
     serde_json::from_str::<&RawValue>(s).map_err(|e| NormalizeError::NotJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const INSTANCE: &str = "inst-1";
+    /// 2026-11-22T10:15:00Z
+    const CREATED: i64 = 1_795_342_500;
+    const DATE: &str = "2026-11-22T10:15:00Z";
+
+    fn event(event_type: EventType, object_type: &str, object_id: &str, date: &str) -> Event {
+        Event {
+            event_type,
+            object_type: object_type.to_owned(),
+            object_id: object_id.to_owned(),
+            element_key: ELEMENT_KEY.to_owned(),
+            date: date.to_owned(),
+        }
+    }
+
+    /// A v3 webhook of store 1003 as Ecwid sends it.
+    fn webhook(event_id: &str, event_type: &str, entity_id: Value, data: Option<Value>) -> Value {
+        let mut body = json!({
+            "eventId": event_id,
+            "eventCreated": CREATED,
+            "storeId": 1003,
+            "entityId": entity_id,
+            "eventType": event_type,
+        });
+        if let Some(data) = data {
+            body["data"] = data;
+        }
+        body
+    }
+
+    /// The whole envelope the callback of [`INSTANCE`] receives for `body`, as JSON.
+    fn envelope_json(normalized: &Normalized, body: &[u8]) -> Value {
+        let raw = raw_value(body).unwrap();
+        let text = serde_json::to_string(&envelope(normalized, INSTANCE, raw)).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn every_documented_v3_payload_becomes_the_expected_envelope() {
+        use EventType::{Created, Deleted, Unknown, Updated};
+        let cases: Vec<(Value, Event)> = vec![
+            // Orders: objectId is data.orderId, the id the REST API uses.
+            (
+                webhook(
+                    "e-order-created",
+                    "order.created",
+                    json!(22222),
+                    Some(json!({"orderId": "XJ12H", "newPaymentStatus": "PAID",
+                                "newFulfillmentStatus": "AWAITING_PROCESSING"})),
+                ),
+                event(Created, "orders", "XJ12H", DATE),
+            ),
+            (
+                webhook(
+                    "e-order-updated",
+                    "order.updated",
+                    json!(22222),
+                    Some(json!({"orderId": "XJ12H",
+                                "oldPaymentStatus": "AWAITING_PAYMENT", "newPaymentStatus": "PAID",
+                                "oldFulfillmentStatus": "AWAITING_PROCESSING",
+                                "newFulfillmentStatus": "SHIPPED"})),
+                ),
+                event(Updated, "orders", "XJ12H", DATE),
+            ),
+            (
+                webhook(
+                    "e-order-deleted",
+                    "order.deleted",
+                    json!(22222),
+                    Some(json!({"orderId": "XJ12H"})),
+                ),
+                event(Deleted, "orders", "XJ12H", DATE),
+            ),
+            // Without data.orderId an order falls back to entityId.
+            (
+                webhook("e-order-bare", "order.deleted", json!(22222), None),
+                event(Deleted, "orders", "22222", DATE),
+            ),
+            // A numeric orderId is rendered as a string; an empty one falls back to entityId.
+            (
+                webhook(
+                    "e-order-num",
+                    "order.updated",
+                    json!(22222),
+                    Some(json!({"orderId": 1042})),
+                ),
+                event(Updated, "orders", "1042", DATE),
+            ),
+            (
+                webhook(
+                    "e-order-empty",
+                    "order.updated",
+                    json!(22222),
+                    Some(json!({"orderId": ""})),
+                ),
+                event(Updated, "orders", "22222", DATE),
+            ),
+            // data that is not an object, or an orderId that is not an id: entityId.
+            (
+                webhook(
+                    "e-order-array",
+                    "order.updated",
+                    json!(22222),
+                    Some(json!(["XJ12H"])),
+                ),
+                event(Updated, "orders", "22222", DATE),
+            ),
+            (
+                webhook(
+                    "e-order-null",
+                    "order.updated",
+                    json!(22222),
+                    Some(json!({"orderId": null, "items": [{"orderId": "nested"}]})),
+                ),
+                event(Updated, "orders", "22222", DATE),
+            ),
+            (
+                webhook(
+                    "e-order-obj",
+                    "order.updated",
+                    json!(22222),
+                    Some(json!({"orderId": {"id": "XJ12H"}})),
+                ),
+                event(Updated, "orders", "22222", DATE),
+            ),
+            (
+                webhook(
+                    "e-cart-created",
+                    "unfinished_order.created",
+                    json!(33333),
+                    Some(json!({"orderId": "QD7P2"})),
+                ),
+                event(Created, "abandonedCarts", "QD7P2", DATE),
+            ),
+            (
+                webhook(
+                    "e-cart-updated",
+                    "unfinished_order.updated",
+                    json!(33333),
+                    Some(json!({"orderId": "QD7P2"})),
+                ),
+                event(Updated, "abandonedCarts", "QD7P2", DATE),
+            ),
+            (
+                webhook(
+                    "e-cart-deleted",
+                    "unfinished_order.deleted",
+                    json!(33333),
+                    None,
+                ),
+                event(Deleted, "abandonedCarts", "33333", DATE),
+            ),
+            // Everything else: objectId is entityId as a string, even when data has an orderId.
+            (
+                webhook(
+                    "e-product-created",
+                    "product.created",
+                    json!(66722487),
+                    None,
+                ),
+                event(Created, "products", "66722487", DATE),
+            ),
+            (
+                webhook(
+                    "e-product-updated",
+                    "product.updated",
+                    json!(66722487),
+                    Some(json!({"orderId": "not-this-one"})),
+                ),
+                event(Updated, "products", "66722487", DATE),
+            ),
+            (
+                webhook(
+                    "e-product-deleted",
+                    "product.deleted",
+                    json!(66722487),
+                    None,
+                ),
+                event(Deleted, "products", "66722487", DATE),
+            ),
+            (
+                webhook("e-cat-created", "category.created", json!(9691094), None),
+                event(Created, "categories", "9691094", DATE),
+            ),
+            (
+                webhook("e-cat-deleted", "category.deleted", json!(9691094), None),
+                event(Deleted, "categories", "9691094", DATE),
+            ),
+            (
+                webhook(
+                    "e-customer-created",
+                    "customer.created",
+                    json!(177737165),
+                    Some(json!({"customerEmail": "ec.apps@lightspeedhq.com"})),
+                ),
+                event(Created, "customers", "177737165", DATE),
+            ),
+            (
+                webhook(
+                    "e-customer-updated",
+                    "customer.updated",
+                    json!(177737165),
+                    Some(json!({"customerEmail": "ec.apps@lightspeedhq.com"})),
+                ),
+                event(Updated, "customers", "177737165", DATE),
+            ),
+            (
+                webhook(
+                    "e-customer-deleted",
+                    "customer.deleted",
+                    json!(177737165),
+                    None,
+                ),
+                event(Deleted, "customers", "177737165", DATE),
+            ),
+            (
+                webhook(
+                    "e-customer-gdpr",
+                    "customer.personalDataRemovalRequest",
+                    json!(177737165),
+                    Some(json!({"customerEmail": "ec.apps@lightspeedhq.com"})),
+                ),
+                event(Unknown, "customers", "177737165", DATE),
+            ),
+            (
+                webhook(
+                    "e-customer-export",
+                    "customer.personalDataExportRequest",
+                    json!(177737165),
+                    None,
+                ),
+                event(Unknown, "customers", "177737165", DATE),
+            ),
+            (
+                webhook("e-group", "customer_group.created", json!(4), None),
+                event(Created, "customerGroups", "4", DATE),
+            ),
+            (
+                webhook("e-coupon", "discount_coupon.updated", json!(152301), None),
+                event(Updated, "discountCoupons", "152301", DATE),
+            ),
+            // A camelCase family folds to the same row.
+            (
+                webhook(
+                    "e-coupon-camel",
+                    "discountCoupon.deleted",
+                    json!(152301),
+                    None,
+                ),
+                event(Deleted, "discountCoupons", "152301", DATE),
+            ),
+            (
+                webhook("e-promo", "promotion.created", json!(5001), None),
+                event(Created, "promotions", "5001", DATE),
+            ),
+            (
+                webhook("e-class", "product_class.deleted", json!(62921), None),
+                event(Deleted, "productClasses", "62921", DATE),
+            ),
+            (
+                webhook("e-review", "review.created", json!(3011), None),
+                event(Created, "reviews", "3011", DATE),
+            ),
+            (
+                webhook("e-review-upd", "review.updated", json!(3011), None),
+                event(Updated, "reviews", "3011", DATE),
+            ),
+            (
+                webhook("e-invoice", "invoice.created", json!(77), None),
+                event(Created, "invoices", "77", DATE),
+            ),
+            (
+                webhook("e-size", "size_chart.updated", json!(12), None),
+                event(Updated, "sizeCharts", "12", DATE),
+            ),
+            (
+                webhook("e-profile", "profile.updated", json!(1003), None),
+                event(Updated, "profiles", "1003", DATE),
+            ),
+            (
+                webhook(
+                    "e-profile-plan",
+                    "profile.subscriptionStatusChanged",
+                    json!(1003),
+                    None,
+                ),
+                event(Updated, "profiles", "1003", DATE),
+            ),
+            // application.*: entityId is a string.
+            (
+                webhook(
+                    "e-app-in",
+                    "application.installed",
+                    json!("custom-app-1003-1"),
+                    None,
+                ),
+                event(Created, "applications", "custom-app-1003-1", DATE),
+            ),
+            (
+                webhook(
+                    "e-app-out",
+                    "application.uninstalled",
+                    json!("custom-app-1003-1"),
+                    None,
+                ),
+                event(Deleted, "applications", "custom-app-1003-1", DATE),
+            ),
+            (
+                webhook(
+                    "e-app-sub",
+                    "application.subscriptionStatusChanged",
+                    json!("custom-app-1003-1"),
+                    Some(json!({"oldSubscriptionName": "FREE", "newSubscriptionName": "PRO"})),
+                ),
+                event(Updated, "applications", "custom-app-1003-1", DATE),
+            ),
+            (
+                webhook(
+                    "e-app-sub-snake",
+                    "application.subscription_status_changed",
+                    json!("custom-app-1003-1"),
+                    None,
+                ),
+                event(Updated, "applications", "custom-app-1003-1", DATE),
+            ),
+            (
+                webhook(
+                    "e-app-storage",
+                    "application.storageChanged",
+                    json!("custom-app-1003-1"),
+                    None,
+                ),
+                event(Updated, "applications", "custom-app-1003-1", DATE),
+            ),
+            // A type Ecwid adds later still flows: its family keeps its name, UNKNOWN.
+            (
+                webhook("e-future", "gift_card.activated", json!(555), None),
+                event(Unknown, "gift_card", "555", DATE),
+            ),
+            (
+                webhook("e-future-bare", "order", json!(22222), None),
+                event(Unknown, "orders", "22222", DATE),
+            ),
+        ];
+        for (payload, expected) in cases {
+            let body = serde_json::to_vec(&payload).unwrap();
+            let event_id = payload["eventId"].as_str().unwrap();
+            let normalized = normalize_v3(&body)
+                .unwrap_or_else(|e| panic!("{} is refused: {e}", payload["eventType"]));
+            assert_eq!(normalized.store_id, "1003");
+            assert_eq!(normalized.event_key, format!("v3:1003:{event_id}"));
+            assert_eq!(normalized.event, expected, "{}", payload["eventType"]);
+            assert_eq!(
+                envelope_json(&normalized, &body),
+                json!({"message": {
+                    "eventId": notification_id(&normalized.event_key, INSTANCE),
+                    "instanceId": INSTANCE,
+                    "elementKey": "ecwid",
+                    "events": [{
+                        "eventType": expected.event_type.as_str(),
+                        "objectType": expected.object_type,
+                        "objectId": expected.object_id,
+                        "elementKey": "ecwid",
+                        "date": DATE,
+                    }],
+                    "raw": payload,
+                }}),
+                "{}",
+                payload["eventType"]
+            );
+        }
+    }
+
+    #[test]
+    fn the_design_example_is_exact() {
+        let body = br#"{"eventId":"80aece08-40e8-4145-8764-6c2f0d38678","eventCreated":1234567,"storeId":1003,"entityId":22222,"eventType":"order.created","data":{"orderId":"XJ12H"}}"#;
+        let normalized = normalize_v3(body).unwrap();
+        let text =
+            serde_json::to_string(&envelope(&normalized, INSTANCE, raw_value(body).unwrap()))
+                .unwrap();
+        // Pinned: a changed id scheme would deliver every redelivered raw message again.
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"message":{{"eventId":"{}","instanceId":"inst-1","elementKey":"ecwid","events":[{{"eventType":"CREATED","objectType":"orders","objectId":"XJ12H","elementKey":"ecwid","date":"1970-01-15T06:56:07Z"}}],"raw":{}}}}}"#,
+                "ef5f96da-3555-db70-8cd6-fb159563996e",
+                std::str::from_utf8(body).unwrap()
+            )
+        );
+    }
+
+    /// The ION body exactly as the ingest publishes it: the form fields as a JSON object.
+    fn ion(fields: &[(&str, &str)]) -> Vec<u8> {
+        let map: serde_json::Map<String, Value> = fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
+            .collect();
+        serde_json::to_vec(&map).unwrap()
+    }
+
+    #[test]
+    fn ion_notifications_become_order_events() {
+        let new_order = ion(&[
+            ("owner_id", "1003"),
+            ("event_type", "new_order"),
+            ("date", "2026-11-22 10:15:00"),
+            ("order_id", "42"),
+            ("payment_status", "PAID"),
+            ("fulfillment_status", "AWAITING_PROCESSING"),
+        ]);
+        let status_change = ion(&[
+            ("owner_id", "1003"),
+            ("event_type", "order_status_change"),
+            ("date", "2026-11-22 10:15:00"),
+            ("order_id", "42"),
+            ("payment_status", "PAID"),
+            ("fulfillment_status", "SHIPPED"),
+            ("old_payment_status", "AWAITING_PAYMENT"),
+            ("old_fulfillment_status", "PROCESSING"),
+        ]);
+        for (body, event_type) in [
+            (&new_order, EventType::Created),
+            (&status_change, EventType::Updated),
+        ] {
+            let normalized = normalize_ion(body, Some("ion:1003:abc"), Some(1)).unwrap();
+            assert_eq!(normalized.store_id, "1003");
+            assert_eq!(normalized.event_key, "ion:1003:abc");
+            assert_eq!(
+                normalized.event,
+                event(event_type, "orders", "42", "2026-11-22T10:15:00Z")
+            );
+            let raw: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(
+                envelope_json(&normalized, body),
+                json!({"message": {
+                    "eventId": notification_id("ion:1003:abc", INSTANCE),
+                    "instanceId": INSTANCE,
+                    "elementKey": "ecwid",
+                    "events": [{"eventType": event_type.as_str(), "objectType": "orders",
+                                "objectId": "42", "elementKey": "ecwid",
+                                "date": "2026-11-22T10:15:00Z"}],
+                    "raw": raw,
+                }})
+            );
+        }
+    }
+
+    #[test]
+    fn ion_without_a_usable_date_uses_the_receipt_time() {
+        for date in [None, Some("22/11/2026 10:15"), Some("")] {
+            let mut fields = vec![
+                ("owner_id", "1003"),
+                ("event_type", "new_order"),
+                ("order_id", "42"),
+            ];
+            if let Some(d) = date {
+                fields.push(("date", d));
+            }
+            let n = normalize_ion(&ion(&fields), None, Some(1_795_342_500_500)).unwrap();
+            assert_eq!(n.event.date, "2026-11-22T10:15:00.5Z", "{date:?}");
+        }
+    }
+
+    #[test]
+    fn ion_without_a_message_id_gets_a_key_from_its_body() {
+        let body = ion(&[
+            ("owner_id", "1003"),
+            ("event_type", "new_order"),
+            ("order_id", "42"),
+        ]);
+        let key = normalize_ion(&body, None, None).unwrap().event_key;
+        assert!(key.starts_with("ion:1003:"), "{key}");
+        assert_eq!(key.len(), "ion:1003:".len() + 32);
+        assert_eq!(normalize_ion(&body, None, None).unwrap().event_key, key);
+        let other = ion(&[
+            ("owner_id", "1003"),
+            ("event_type", "new_order"),
+            ("order_id", "43"),
+        ]);
+        assert_ne!(normalize_ion(&other, None, None).unwrap().event_key, key);
+    }
+
+    #[test]
+    fn an_unknown_ion_event_type_still_flows() {
+        let body = ion(&[
+            ("owner_id", "1003"),
+            ("event_type", "order_archived"),
+            ("order_id", "42"),
+        ]);
+        let n = normalize_ion(&body, None, None).unwrap();
+        assert_eq!(n.event.event_type, EventType::Unknown);
+        assert_eq!(n.event.object_type, "orders");
+    }
+
+    #[test]
+    fn raw_is_the_body_byte_for_byte() {
+        // Odd white space, key order, a trailing zero, an escape and non-ASCII: a parse and
+        // re-serialize would change every one of them.
+        let body = "{ \"storeId\" :1003,\n\t\"eventType\":\"order.updated\",  \"eventId\":\"e-1\",\r\n\"data\" :  { \"orderId\":\"XJ12H\",\"total\":1.50,\"note\":\"caf\\u00e9 \u{2713}\",\"big\":12345678901234567890123},\"eventCreated\":1234567 , \"entityId\":22222 }";
+        let normalized = normalize_v3(body.as_bytes()).unwrap();
+        assert_eq!(normalized.event.object_id, "XJ12H");
+        let raw = raw_value(body.as_bytes()).unwrap();
+        assert_eq!(raw.get(), body);
+        let built = envelope(&normalized, INSTANCE, raw);
+        let text = serde_json::to_string(&built).unwrap();
+        assert!(
+            text.ends_with(&format!(",\"raw\":{body}}}}}")),
+            "raw changed: {text}"
+        );
+        assert_eq!(built.to_json(), text.as_bytes());
+    }
+
+    #[test]
+    fn white_space_around_the_body_is_not_part_of_raw() {
+        let body = b"\n  {\"a\": 1}\r\n";
+        assert_eq!(raw_value(body).unwrap().get(), "{\"a\": 1}");
+    }
+
+    #[test]
+    fn notification_ids_are_deterministic_per_event_and_instance() {
+        let a = notification_id("v3:1003:e-1", "inst-1");
+        assert_eq!(a, notification_id("v3:1003:e-1", "inst-1"));
+        assert_ne!(a, notification_id("v3:1003:e-1", "inst-2"));
+        assert_ne!(a, notification_id("v3:1003:e-2", "inst-1"));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(notification_id("ab", "c"), notification_id("a", "bc"));
+        let parts: Vec<usize> = a.split('-').map(str::len).collect();
+        assert_eq!(parts, [8, 4, 4, 4, 12], "{a}");
+        assert!(a.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+
+        let body = serde_json::to_vec(&webhook("e-1", "order.created", json!(1), None)).unwrap();
+        let n = normalize_v3(&body).unwrap();
+        let raw = raw_value(&body).unwrap();
+        let (one, two) = (envelope(&n, "inst-1", raw), envelope(&n, "inst-2", raw));
+        assert_eq!(
+            one.message.event_id,
+            envelope(&n, "inst-1", raw).message.event_id
+        );
+        assert_ne!(one.message.event_id, two.message.event_id);
+        assert_eq!(two.message.instance_id, "inst-2");
+    }
+
+    #[test]
+    fn store_ids_may_be_numbers_or_digit_strings() {
+        let mut body = webhook("e-1", "order.created", json!(1), None);
+        body["storeId"] = json!("1003");
+        let n = normalize_v3(&serde_json::to_vec(&body).unwrap()).unwrap();
+        assert_eq!(n.store_id, "1003");
+        assert_eq!(n.event_key, "v3:1003:e-1");
+    }
+
+    #[test]
+    fn what_cannot_be_normalized_says_which_field() {
+        let valid = webhook("e-1", "order.created", json!(1), None);
+        let without = |field: &str| {
+            let mut v = valid.clone();
+            v.as_object_mut().unwrap().remove(field);
+            serde_json::to_vec(&v).unwrap()
+        };
+        let with = |field: &str, value: Value| {
+            let mut v = valid.clone();
+            v[field] = value;
+            serde_json::to_vec(&v).unwrap()
+        };
+        let cases: Vec<(Vec<u8>, NormalizeError)> = vec![
+            (without("eventId"), NormalizeError::Field("eventId")),
+            (with("eventId", json!(7)), NormalizeError::Field("eventId")),
+            (
+                without("eventCreated"),
+                NormalizeError::Field("eventCreated"),
+            ),
+            (
+                with("eventCreated", json!("yesterday")),
+                NormalizeError::Field("eventCreated"),
+            ),
+            (
+                with("eventCreated", json!(1.5)),
+                NormalizeError::Field("eventCreated"),
+            ),
+            // Past year 9999: no date to give.
+            (
+                with("eventCreated", json!(1_000_000_000_000_000_i64)),
+                NormalizeError::Field("eventCreated"),
+            ),
+            (without("eventType"), NormalizeError::Field("eventType")),
+            (
+                with("eventType", json!(["order.created"])),
+                NormalizeError::Field("eventType"),
+            ),
+            (without("storeId"), NormalizeError::Field("storeId")),
+            (with("storeId", json!(-4)), NormalizeError::Field("storeId")),
+            (
+                with("storeId", json!(10.5)),
+                NormalizeError::Field("storeId"),
+            ),
+            // Not one subject token: it would publish to another subject.
+            (
+                with("storeId", json!("10.3")),
+                NormalizeError::Field("storeId"),
+            ),
+            (
+                with("storeId", json!("1003.>")),
+                NormalizeError::Field("storeId"),
+            ),
+            (with("storeId", json!("")), NormalizeError::Field("storeId")),
+        ];
+        for (body, expected) in cases {
+            let err = normalize_v3(&body).unwrap_err();
+            assert_eq!(err, expected, "{}", String::from_utf8_lossy(&body));
+            assert_eq!(err.reason(), "unparseable");
+        }
+        // A positional array would otherwise fill the fields in order.
+        let positional = br#"["e-1",1234567,1003,"order.created",22222,{"orderId":"XJ12H"}]"#;
+        for body in [
+            &b""[..],
+            b"{",
+            b"[1]",
+            positional,
+            b"null",
+            b"\"order\"",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(normalize_v3(body), Err(NormalizeError::NotJson(_))),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ion_without_its_fields_is_refused() {
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (
+                &[("event_type", "new_order"), ("order_id", "42")],
+                "owner_id",
+            ),
+            (
+                &[
+                    ("owner_id", "10.3"),
+                    ("event_type", "new_order"),
+                    ("order_id", "42"),
+                ],
+                "owner_id",
+            ),
+            (&[("owner_id", "1003"), ("order_id", "42")], "event_type"),
+            (
+                &[("owner_id", "1003"), ("event_type", "new_order")],
+                "order_id",
+            ),
+            (
+                &[
+                    ("owner_id", "1003"),
+                    ("event_type", "new_order"),
+                    ("order_id", "  "),
+                ],
+                "order_id",
+            ),
+        ];
+        for (fields, field) in cases {
+            let err = normalize_ion(&ion(fields), None, None).unwrap_err();
+            assert_eq!(err, NormalizeError::Field(field), "{fields:?}");
+        }
+        assert!(matches!(
+            normalize_ion(
+                b"owner_id=1003&event_type=new_order&order_id=42",
+                None,
+                None
+            ),
+            Err(NormalizeError::NotJson(_))
+        ));
+        assert!(matches!(
+            normalize_ion(
+                br#"{"owner_id":1003,"event_type":"new_order","order_id":"42"}"#,
+                None,
+                None
+            ),
+            Err(NormalizeError::Field("owner_id"))
+        ));
+    }
+
+    #[test]
+    fn the_mapping_table_covers_every_documented_family_in_both_spellings() {
+        let families = [
+            ("order", "orders"),
+            ("unfinished_order", "abandonedCarts"),
+            ("unfinishedOrder", "abandonedCarts"),
+            ("product", "products"),
+            ("category", "categories"),
+            ("customer", "customers"),
+            ("customer_group", "customerGroups"),
+            ("customerGroup", "customerGroups"),
+            ("discount_coupon", "discountCoupons"),
+            ("promotion", "promotions"),
+            ("product_class", "productClasses"),
+            ("productClass", "productClasses"),
+            ("review", "reviews"),
+            ("invoice", "invoices"),
+            ("size_chart", "sizeCharts"),
+            ("sizeChart", "sizeCharts"),
+            ("application", "applications"),
+            ("profile", "profiles"),
+        ];
+        for (family, object_type) in families {
+            assert_eq!(
+                map_event_type(&format!("{family}.created")),
+                (object_type.to_owned(), EventType::Created),
+                "{family}"
+            );
+        }
+        let actions = [
+            ("created", EventType::Created),
+            ("updated", EventType::Updated),
+            ("deleted", EventType::Deleted),
+            ("installed", EventType::Created),
+            ("uninstalled", EventType::Deleted),
+            ("subscriptionStatusChanged", EventType::Updated),
+            ("subscription_status_changed", EventType::Updated),
+            ("storageStatusChanged", EventType::Updated),
+            ("storage_status_changed", EventType::Updated),
+            ("storageChanged", EventType::Updated),
+            ("personalDataRemovalRequest", EventType::Unknown),
+            ("personal_data_removal_request", EventType::Unknown),
+            ("personalDataExportRequest", EventType::Unknown),
+            ("activated", EventType::Unknown),
+            ("", EventType::Unknown),
+        ];
+        for (action, expected) in actions {
+            assert_eq!(event_type_of(action), expected, "{action}");
+        }
+        assert_eq!(
+            map_event_type(""),
+            ("unknown".to_owned(), EventType::Unknown)
+        );
+        assert_eq!(
+            map_event_type(".created"),
+            ("unknown".to_owned(), EventType::Created)
+        );
+    }
 }
