@@ -104,6 +104,10 @@ pub async fn run(
         metrics,
         dispatcher,
     });
+    // Not one message before the instances are known: its store would look unknown.
+    if !worker.base.directory.loaded(&cancel).await {
+        return Ok(());
+    }
     tracing::info!(concurrency, "Deliverer consuming.");
     shared::worker::run_pull_loop(consumer, concurrency, cancel, grace, move |message| {
         let worker = Arc::clone(&worker);

@@ -68,6 +68,10 @@ pub async fn run(
         base,
         metrics,
     });
+    // Not one message before the instances are known: its store would look unknown.
+    if !worker.base.directory.loaded(&cancel).await {
+        return Ok(());
+    }
     tracing::info!(concurrency, "Normalizer consuming.");
     shared::worker::run_pull_loop(consumer, concurrency, cancel, grace, move |message| {
         let worker = Arc::clone(&worker);

@@ -102,6 +102,21 @@ impl Directory {
         true
     }
 
+    /// Waits until the first load completed (warning every 5 s while it has not); `false` when
+    /// `cancel` fired first. Workers call it before pulling: a message handled earlier would
+    /// find its store unknown and be dead-lettered.
+    pub async fn loaded(&self, cancel: &CancellationToken) -> bool {
+        let wait = async {
+            while !self.wait_loaded(Duration::from_secs(5)).await {
+                tracing::warn!("Instances not loaded yet; waiting before consuming.");
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => false,
+            () = wait => true,
+        }
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> T {
         let guard = self
             .inner
