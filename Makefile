@@ -25,6 +25,13 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+# The benchmark (not a test: not part of `make test`): release build, then the pipeline and its
+# floors under load on this machine. `make bench BENCH_ARGS=--quick` for a short run; results
+# and how to read them in tests/bench/RESULTS.md.
+bench:
+	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
+	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench $(BENCH_ARGS)
+
 clean:
 	$(CARGO) clean
 	rm -rf .data

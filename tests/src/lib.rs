@@ -2,6 +2,8 @@
 //! restartable), real HTTP receivers on `127.0.0.1:0`, the three services in-process, and the
 //! helpers to drive them. Every wait has a deadline.
 
+pub mod procs;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,7 +41,7 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The `nats-server` binary: `NATS_SERVER_BIN`, the project-local install, or PATH.
+/// The `nats-server` binary: `NATS_SERVER_BIN`, the project-local install, Debian's, or PATH.
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return p.into();
@@ -47,6 +49,11 @@ pub fn nats_server_bin() -> PathBuf {
     let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
     if local.exists() {
         return local;
+    }
+    // Debian installs it to /usr/sbin, which is not on every user's PATH.
+    let debian = PathBuf::from("/usr/sbin/nats-server");
+    if debian.exists() {
+        return debian;
     }
     "nats-server".into()
 }
@@ -60,9 +67,11 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// Starts on a port the server picks itself (`-p -1`, read back from its ports file), so two
+    /// tests can never race for one port.
     pub async fn start() -> Self {
         let mut server = Self {
-            port: free_port(),
+            port: 0,
             store: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
@@ -75,20 +84,43 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
+        let ports_dir = self.store.path().join("ports");
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
+        let mut child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(self.store.path().join("js"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server must be installed (make test installs it)");
+        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server exited at start ({status}); is port {port} taken?");
+            }
+            let read = std::fs::read(&ports_file).ok();
+            let found = read
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| v["nats"][0].as_str().map(str::to_owned))
+                .and_then(|url| url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()));
+            if let Some(p) = found {
+                break p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.port = port;
         self.child = Some(child);
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         wait_until(Duration::from_secs(10), "nats-server to listen", || async {
@@ -386,7 +418,10 @@ impl Pipeline {
             normalizer_ops: addrs.2,
             deliverer_ops: addrs.3,
             cancel,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
             handles,
             deliverer_vars,
             deliverer: None,

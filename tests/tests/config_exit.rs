@@ -24,13 +24,16 @@ fn run_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, St
     )
 }
 
+/// (service, environment, the variable the message must name)
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn bad_settings_exit_64_naming_the_variable() {
     // A port we hold: a service that bound it before checking its config would fail differently.
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         ("ingest", &[("INGEST_LISTEN", &listen)], "ADMIN_TOKEN"),
         (
             "ingest",

@@ -1,0 +1,955 @@
+//! `make bench`: the pipeline under load, as separate release-built processes on one machine,
+//! against floors measured in the same run. See `tests/bench/RESULTS.md` for what it measures,
+//! how, and the numbers of the last run.
+//!
+//! - [`load`]: signed Ecwid v3 webhooks over bounded HTTP/1.1 keep-alive connections, closed loop
+//!   (as fast as answered) or open loop (fixed rate).
+//! - [`receive`]: callback receivers that verify `Elements-Webhook-Signature` and count deliveries
+//!   by `message.eventId`.
+//! - [`track`]: per-phase ledgers: sent, answered, delivered, end-to-end latency.
+//! - [`floors`]: the floors (a), (b), (c), each in a process of its own.
+//! - [`procinfo`]: CPU seconds and peak RSS from `/proc`.
+//!
+//! Usage: `bench [--quick] [--max-secs S] [--fixed-secs S] [--rates 500,2000] [--floor-secs S]
+//! [--floor-fixed-secs S] [--connections N] [--stores N] [--consume-msgs N] [--perf FILE]`;
+//! each flag also reads `BENCH_<FLAG>` (for example `BENCH_FIXED_SECS=5`).
+
+mod floors;
+mod load;
+mod procinfo;
+mod receive;
+mod track;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use integration_tests::procs::{Cluster, ServiceProc};
+use load::{LoadResult, Pace, Store, Webhooks};
+use procinfo::Usage;
+use track::{now_ns, quantile_ms, Summary, Tracker};
+
+/// Most requests a closed-loop phase can send per second of its duration (ledger size).
+const MAX_RATE_CAP: f64 = 60_000.0;
+const MIB: f64 = 1024.0;
+
+#[derive(Debug, Clone)]
+struct Opts {
+    max_secs: f64,
+    fixed_secs: f64,
+    rates: Vec<f64>,
+    floor_secs: f64,
+    floor_fixed_secs: f64,
+    connections: usize,
+    stores: usize,
+    consume_msgs: u64,
+    perf: Option<String>,
+}
+
+impl Opts {
+    fn parse() -> anyhow::Result<Self> {
+        let mut flags: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in std::env::vars() {
+            if let Some(name) = k.strip_prefix("BENCH_") {
+                flags.insert(name.to_ascii_lowercase().replace('_', "-"), v);
+            }
+        }
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let Some(flag) = arg.strip_prefix("--") else {
+                bail!("unexpected argument `{arg}` (flags start with --)");
+            };
+            if flag == "quick" {
+                flags.insert("quick".into(), "true".into());
+                continue;
+            }
+            match flag.split_once('=') {
+                Some((k, v)) => flags.insert(k.to_owned(), v.to_owned()),
+                None => flags.insert(
+                    flag.to_owned(),
+                    args.next()
+                        .with_context(|| format!("--{flag} needs a value"))?,
+                ),
+            };
+        }
+        let quick = flags.get("quick").is_some_and(|v| v == "true" || v == "1");
+        let num = |name: &str, default: f64| -> anyhow::Result<f64> {
+            match flags.get(name) {
+                Some(v) => v
+                    .parse::<f64>()
+                    .with_context(|| format!("--{name}: not a number: {v}")),
+                None => Ok(default),
+            }
+        };
+        let d = |long: f64| if quick { 3.0 } else { long };
+        let rates = match flags.get("rates") {
+            Some(v) => v
+                .split(',')
+                .map(|r| {
+                    r.trim()
+                        .parse::<f64>()
+                        .with_context(|| format!("--rates: {r}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            None => vec![500.0, 2000.0],
+        };
+        let known = [
+            "quick",
+            "max-secs",
+            "fixed-secs",
+            "rates",
+            "floor-secs",
+            "floor-fixed-secs",
+            "connections",
+            "stores",
+            "consume-msgs",
+            "perf",
+        ];
+        if let Some(unknown) = flags.keys().find(|k| !known.contains(&k.as_str())) {
+            bail!("unknown flag --{unknown} (known: {})", known.join(", --"));
+        }
+        Ok(Self {
+            max_secs: num("max-secs", d(10.0))?,
+            fixed_secs: num("fixed-secs", d(20.0))?,
+            rates,
+            floor_secs: num("floor-secs", d(10.0))?,
+            floor_fixed_secs: num("floor-fixed-secs", d(10.0))?,
+            connections: num("connections", 64.0)? as usize,
+            stores: num("stores", 4.0)?.max(1.0) as usize,
+            consume_msgs: num("consume-msgs", if quick { 20_000.0 } else { 100_000.0 })? as u64,
+            perf: flags.get("perf").cloned(),
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the Tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    let result = match arg(1).as_str() {
+        "floor-ingest" => runtime.block_on(async {
+            floors::floor_ingest(arg(2).parse().context("listen address")?, &arg(3)).await
+        }),
+        "floor-consume" => runtime.block_on(async {
+            floors::floor_consume(&arg(2), arg(3).parse().context("count")?).await
+        }),
+        "floor-post" => runtime.block_on(async {
+            floors::floor_post(
+                &arg(2),
+                arg(3).parse().context("secs")?,
+                arg(4).parse().context("connections")?,
+                arg(5).parse().context("size")?,
+            )
+            .await
+        }),
+        _ => Opts::parse().and_then(|opts| runtime.block_on(bench(opts))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The benchmark's own nats-server, with its store on disk under the target folder.
+struct Nats {
+    child: std::process::Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl Nats {
+    async fn start() -> anyhow::Result<Self> {
+        let port = integration_tests::free_port();
+        let store = tempfile::Builder::new()
+            .prefix("bench-nats-")
+            .tempdir_in(integration_tests::procs::binary_dir())?;
+        let child = std::process::Command::new(integration_tests::nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start nats-server (make test installs it)")?;
+        let nats = Self {
+            child,
+            port,
+            _store: store,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(nats)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process of the bench itself (a floor), killed on drop.
+struct Child(tokio::process::Child);
+
+impl Child {
+    fn spawn(args: &[&str]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let child = tokio::process::Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self(child))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id().unwrap_or(0)
+    }
+
+    /// Waits for it to exit and parses the JSON line it printed.
+    async fn output(self, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        let out = tokio::time::timeout(timeout, self.0.wait_with_output())
+            .await
+            .context("the floor process did not finish in time")??;
+        if !out.status.success() {
+            bail!("the floor process failed: {}", out.status);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        serde_json::from_str(line).with_context(|| format!("floor output: {text}"))
+    }
+}
+
+/// The processes whose resources are reported, by name.
+#[derive(Debug, Clone)]
+struct Pids(Vec<(String, u32)>);
+
+impl Pids {
+    fn ids(&self) -> Vec<u32> {
+        self.0.iter().map(|(_, pid)| *pid).collect()
+    }
+
+    fn read(&self) -> BTreeMap<String, Usage> {
+        self.0
+            .iter()
+            .map(|(name, pid)| (name.clone(), procinfo::read(*pid).unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// CPU seconds each process used between two readings.
+fn cpu_delta(
+    before: &BTreeMap<String, Usage>,
+    after: &BTreeMap<String, Usage>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, a)| {
+            let b = before.get(k).map(|u| u.cpu_secs).unwrap_or(0.0);
+            (k.clone(), a.cpu_secs - b)
+        })
+        .collect()
+}
+
+/// One pipeline phase, measured.
+#[derive(Debug)]
+struct Phase {
+    name: String,
+    rate: Option<f64>,
+    load: LoadResult,
+    summary: Summary,
+    /// Delivered events per second, from the first request (or, for the paused phase, from the
+    /// workers' resumption) to the last delivery.
+    e2e_eps: f64,
+    drained: bool,
+    /// CPU seconds per process while the load ran.
+    cpu_load: BTreeMap<String, f64>,
+    /// CPU seconds per process over the whole phase, the drain included.
+    cpu: BTreeMap<String, f64>,
+    /// CPU seconds other processes on the machine used while the load ran (other users of a
+    /// shared machine make the figures worse).
+    other_cpu: f64,
+    wall_secs: f64,
+}
+
+struct Ctx {
+    ingest: SocketAddr,
+    webhooks: Arc<Webhooks>,
+    trackers: Arc<Vec<Arc<Tracker>>>,
+    pids: Pids,
+    connections: usize,
+    /// `--perf FILE`: `perf record` of the services and nats-server during the two max-load
+    /// phases, into `FILE.ingest` and `FILE.e2e`.
+    perf: Option<String>,
+}
+
+/// Waits until every acknowledged webhook of `tracker` was delivered, or until deliveries stall
+/// for 45 s (longer than any ack_wait, so redeliveries are waited for). Returns whether all came.
+async fn drain(tracker: &Tracker) -> bool {
+    let mut last = (tracker.deliveries(), Instant::now());
+    let give_up = Instant::now() + Duration::from_secs(600);
+    loop {
+        if tracker.missing() == 0 {
+            return true;
+        }
+        let now = tracker.deliveries();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        if last.1.elapsed() > Duration::from_secs(45) || Instant::now() > give_up {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn pipeline_phase(
+    ctx: &Ctx,
+    index: usize,
+    pace: Pace,
+    secs: f64,
+    paused: &[&ServiceProc],
+    profile: Option<&str>,
+) -> Phase {
+    let tracker = ctx.trackers[index].clone();
+    let before = ctx.pids.read();
+    let others_before = procinfo::all_processes();
+    let wall = Instant::now();
+    for p in paused {
+        p.pause();
+    }
+    let perf = match (&ctx.perf, profile) {
+        (Some(file), Some(suffix)) => start_perf(&format!("{file}.{suffix}"), &ctx.pids, secs),
+        _ => None,
+    };
+    let load_start_ns = now_ns();
+    let load = load::run(
+        load::Target {
+            addr: ctx.ingest,
+            path: "/events/ecwid",
+            webhooks: ctx.webhooks.clone(),
+            phase: index,
+            tracker: tracker.clone(),
+        },
+        ctx.connections,
+        pace,
+        Duration::from_secs_f64(secs),
+    )
+    .await;
+    let at_load_end = ctx.pids.read();
+    let others = procinfo::others_cpu(&others_before, &procinfo::all_processes(), &ctx.pids.ids());
+    let resumed_ns = now_ns();
+    for p in paused {
+        p.resume();
+    }
+    if let Some(mut perf) = perf {
+        let _ = tokio::time::timeout(Duration::from_secs(30), perf.wait()).await;
+    }
+    let drained = drain(&tracker).await;
+    let after = ctx.pids.read();
+    let summary = tracker.summary();
+    let from = if paused.is_empty() {
+        load_start_ns
+    } else {
+        resumed_ns
+    };
+    let span = (summary.last_delivery_ns.saturating_sub(from)) as f64 / 1e9;
+    Phase {
+        name: tracker.name.clone(),
+        rate: match pace {
+            Pace::Rate(r) => Some(r),
+            Pace::Max => None,
+        },
+        e2e_eps: summary.delivered as f64 / span.max(1e-9),
+        load,
+        summary,
+        drained,
+        other_cpu: others,
+        cpu_load: cpu_delta(&before, &at_load_end),
+        cpu: cpu_delta(&before, &after),
+        wall_secs: wall.elapsed().as_secs_f64(),
+    }
+}
+
+/// `perf record` (software clock, 999 Hz, no call graphs: the release build has no frame
+/// pointers) of every process but the bench for `secs`.
+fn start_perf(file: &str, pids: &Pids, secs: f64) -> Option<tokio::process::Child> {
+    let list: Vec<String> = pids
+        .0
+        .iter()
+        .filter(|(name, _)| name != "bench")
+        .map(|(_, pid)| pid.to_string())
+        .collect();
+    let child = tokio::process::Command::new("perf")
+        .args([
+            "record",
+            "-F",
+            "999",
+            "-o",
+            file,
+            "-p",
+            &list.join(","),
+            "--",
+            "sleep",
+        ])
+        .arg(format!("{secs}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => {
+            println!("perf record of this phase's load into {file}");
+            Some(c)
+        }
+        Err(e) => {
+            println!("perf is not available ({e}); no profile");
+            None
+        }
+    }
+}
+
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.trim().to_owned()
+        })
+        .unwrap_or_else(|| format!("({cmd} not available)"))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem = command_line("free", &["-h"]);
+    let mem = mem.lines().nth(1).unwrap_or_default().to_owned();
+    format!(
+        "nproc {} | CPU {cpu} | {mem} | {} | kernel {}",
+        command_line("nproc", &[]),
+        command_line(
+            &integration_tests::nats_server_bin().to_string_lossy(),
+            &["--version"]
+        ),
+        command_line("uname", &["-r"]),
+    )
+}
+
+fn ms(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else if v < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn target(met: bool, note: String) -> String {
+    format!("{} {note}", if met { "MET   " } else { "MISSED" })
+}
+
+async fn bench(opts: Opts) -> anyhow::Result<()> {
+    now_ns();
+    println!("# ecwid-events bench");
+    println!("machine: {}", machine());
+    println!(
+        "command: {}",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
+    println!("options: {opts:?}");
+
+    let nats = Nats::start().await?;
+    let nats_url = nats.url();
+    let stores: Vec<Store> = (0..opts.stores)
+        .map(|i| Store {
+            id: 7_000_001 + i as u64,
+            client_secret: format!("bench-client-secret-{i}"),
+        })
+        .collect();
+    let webhooks = Arc::new(Webhooks::new(stores.clone()));
+    let body_size = webhooks.typical_size();
+    println!(
+        "webhook body: {body_size} bytes on average, {} stores",
+        opts.stores
+    );
+
+    // ---- Floors ----------------------------------------------------------------------------
+    println!("\n## Floors");
+    let floor_port = integration_tests::free_port();
+    let floor_addr: SocketAddr = ([127, 0, 0, 1], floor_port).into();
+    let floor_a = Child::spawn(&["floor-ingest", &floor_addr.to_string(), &nats_url])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(floor_addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("floor (a) did not listen");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let floor_pids = Pids(vec![
+        ("floor-a".into(), floor_a.pid()),
+        ("nats-server".into(), nats.pid()),
+        ("bench".into(), std::process::id()),
+    ]);
+    let mut floor_phases = Vec::new();
+    let paces: Vec<(Pace, f64)> = std::iter::once((Pace::Max, opts.floor_secs))
+        .chain(
+            opts.rates
+                .iter()
+                .map(|r| (Pace::Rate(*r), opts.floor_fixed_secs)),
+        )
+        .collect();
+    for (pace, secs) in &paces {
+        let cap = match pace {
+            Pace::Max => MAX_RATE_CAP * secs,
+            Pace::Rate(r) => r * secs + 16.0,
+        };
+        let tracker = Arc::new(Tracker::new("floor", cap as usize));
+        let before = floor_pids.read();
+        let others_before = procinfo::all_processes();
+        let result = load::run(
+            load::Target {
+                addr: floor_addr,
+                path: "/events/ecwid",
+                webhooks: webhooks.clone(),
+                phase: usize::MAX,
+                tracker,
+            },
+            opts.connections,
+            *pace,
+            Duration::from_secs_f64(*secs),
+        )
+        .await;
+        let cpu = cpu_delta(&before, &floor_pids.read());
+        let other = procinfo::others_cpu(
+            &others_before,
+            &procinfo::all_processes(),
+            &floor_pids.ids(),
+        );
+        let mut lat = result.latencies_us.clone();
+        lat.sort_unstable();
+        println!(
+            "floor (a) {:>10}: {:>8.0} req/s ok, {} non-200, {} errors, p50 {} ms, p99 {} ms, max {} ms; CPU s: {}, other processes {other:.1}",
+            match pace {
+                Pace::Max => "max".to_owned(),
+                Pace::Rate(r) => format!("{r}/s"),
+            },
+            result.rps(),
+            result.non_ok,
+            result.errors,
+            ms(quantile_ms(&lat, 0.5)),
+            ms(quantile_ms(&lat, 0.99)),
+            ms(quantile_ms(&lat, 1.0)),
+            fmt_cpu(&cpu),
+        );
+        floor_phases.push((*pace, result, lat, cpu));
+    }
+    let floor_a_usage = procinfo::read(floor_a.pid()).unwrap_or_default();
+    drop(floor_a);
+    let floor_a_rps = floor_phases[0].1.rps();
+
+    // CPU per operation at the floors: nats-server and the bench process are read around each.
+    let shared_pids = Pids(vec![
+        ("nats-server".into(), nats.pid()),
+        ("bench".into(), std::process::id()),
+    ]);
+    let sum = |m: &BTreeMap<String, f64>| m.values().sum::<f64>();
+    let before = shared_pids.read();
+    let publish_rate = floors::fill_floor_b(&nats_url, opts.consume_msgs, body_size, 256).await?;
+    let publish_us = sum(&cpu_delta(&before, &shared_pids.read())) * 1e6 / opts.consume_msgs as f64;
+    println!(
+        "JetStream publish, 256 acks in flight: {publish_rate:.0} msg/s ({} messages of {body_size} bytes)",
+        opts.consume_msgs
+    );
+    let consumer = Child::spawn(&["floor-consume", &nats_url, &opts.consume_msgs.to_string()])?;
+    let before = shared_pids.read();
+    let out = consumer.output(Duration::from_secs(300)).await?;
+    let floor_b_rate = out["count"].as_f64().unwrap_or(0.0) / out["secs"].as_f64().unwrap_or(1.0);
+    let consume_us = (sum(&cpu_delta(&before, &shared_pids.read()))
+        + out["cpu_secs"].as_f64().unwrap_or(f64::NAN))
+        * 1e6
+        / out["count"].as_f64().unwrap_or(1.0).max(1.0);
+    println!("floor (b) pull consumer + ack: {floor_b_rate:.0} msg/s");
+
+    let bare_count = Arc::new(AtomicU64::new(0));
+    let bare = receive::start_bare(bare_count.clone()).await?;
+    let envelope_size = body_size + 400;
+    let poster = Child::spawn(&[
+        "floor-post",
+        &format!("http://{bare}/hook"),
+        &opts.floor_secs.to_string(),
+        &opts.connections.to_string(),
+        &envelope_size.to_string(),
+    ])?;
+    let before = shared_pids.read();
+    let out = poster
+        .output(Duration::from_secs_f64(opts.floor_secs + 60.0))
+        .await?;
+    let floor_c_rate = out["count"].as_f64().unwrap_or(0.0) / out["secs"].as_f64().unwrap_or(1.0);
+    let post_us = (sum(&cpu_delta(&before, &shared_pids.read()))
+        + out["cpu_secs"].as_f64().unwrap_or(f64::NAN))
+        * 1e6
+        / out["count"].as_f64().unwrap_or(1.0).max(1.0);
+    println!(
+        "floor (c) reqwest POST -> bare axum: {floor_c_rate:.0} req/s, p50 {} ms, p99 {} ms ({} connections, {envelope_size}-byte bodies)",
+        ms(out["p50_ms"].as_f64().unwrap_or(f64::NAN)),
+        ms(out["p99_ms"].as_f64().unwrap_or(f64::NAN)),
+        opts.connections
+    );
+    {
+        let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+        for s in [floors::FLOOR_A_STREAM, floors::FLOOR_B_STREAM] {
+            let _ = js.delete_stream(s).await;
+        }
+    }
+
+    // ---- The pipeline ----------------------------------------------------------------------
+    println!("\n## Pipeline");
+    let mut names = vec![
+        "warm-up".to_owned(),
+        "ingest alone (max)".to_owned(),
+        "end to end (max)".to_owned(),
+    ];
+    let mut caps = vec![
+        2_000.0 + 16.0,
+        MAX_RATE_CAP * opts.max_secs,
+        MAX_RATE_CAP * opts.max_secs,
+    ];
+    for r in &opts.rates {
+        names.push(format!("fixed {r}/s"));
+        caps.push(r * opts.fixed_secs + 16.0);
+    }
+    let trackers: Arc<Vec<Arc<Tracker>>> = Arc::new(
+        names
+            .iter()
+            .zip(&caps)
+            .map(|(n, c)| Arc::new(Tracker::new(n, *c as usize)))
+            .collect(),
+    );
+    let anomalies = Arc::new(receive::Anomalies::default());
+    // Production settings: only what a local deployment must set.
+    let cluster = Cluster::start(
+        &nats_url,
+        &[
+            ("DELIVER_RETRY_SCHEDULE", ""),
+            ("DELIVER_TIMEOUT_MS", ""),
+            ("DELIVER_CONNECT_TIMEOUT_MS", ""),
+            ("DELIVER_BREAKER_COOLDOWN_MS", ""),
+            ("SHUTDOWN_GRACE_MS", ""),
+            ("INGEST_PUBLISH_TIMEOUT_MS", ""),
+            ("NORMALIZER_PUBLISH_TIMEOUT_MS", ""),
+            ("RUST_LOG", "info"),
+        ],
+        1,
+    )
+    .await;
+    for (i, store) in stores.iter().enumerate() {
+        let key = format!("bench-signature-key-{i}");
+        let addr = receive::start(&key, trackers.clone(), anomalies.clone()).await?;
+        cluster
+            .create_instance(
+                &store.id.to_string(),
+                &format!("http://{addr}/hook"),
+                &[
+                    ("ecwid.client.secret", &store.client_secret),
+                    ("event.notification.signature.key", &key),
+                ],
+            )
+            .await;
+    }
+    let pids = Pids(vec![
+        ("ingest".into(), cluster.ingest.pid().unwrap_or(0)),
+        (
+            "normalizer".into(),
+            cluster.normalizers[0].pid().unwrap_or(0),
+        ),
+        ("deliverer".into(), cluster.deliverers[0].pid().unwrap_or(0)),
+        ("nats-server".into(), nats.pid()),
+        ("bench".into(), std::process::id()),
+    ]);
+    let ctx = Ctx {
+        ingest: cluster.ingest.webhook.context("ingest webhook address")?,
+        webhooks: webhooks.clone(),
+        trackers: trackers.clone(),
+        pids,
+        connections: opts.connections,
+        perf: opts.perf.clone(),
+    };
+
+    let mut phases = Vec::new();
+    phases.push(pipeline_phase(&ctx, 0, Pace::Rate(1000.0), 2.0, &[], None).await);
+    let workers = [&cluster.normalizers[0], &cluster.deliverers[0]];
+    phases.push(pipeline_phase(&ctx, 1, Pace::Max, opts.max_secs, &workers, Some("ingest")).await);
+    phases.push(pipeline_phase(&ctx, 2, Pace::Max, opts.max_secs, &[], Some("e2e")).await);
+    for (i, r) in opts.rates.iter().enumerate() {
+        phases.push(pipeline_phase(&ctx, 3 + i, Pace::Rate(*r), opts.fixed_secs, &[], None).await);
+    }
+    let usage = ctx.pids.read();
+
+    // ---- Report ----------------------------------------------------------------------------
+    println!(
+        "\n| phase | sent | 200 | non-200 / errors | ingest req/s | ingest p50 / p99 ms | delivered | e2e ev/s | e2e p50 / p90 / p99 / max ms | lost | dup | CPU s during the load: ingest / norm / deliv / nats / bench / other processes | wall s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in &phases {
+        let mut http = p.load.latencies_us.clone();
+        http.sort_unstable();
+        let lat = &p.summary.latencies_us;
+        let e2e_lat = if p.name.starts_with("ingest alone") {
+            "(workers paused)".to_owned()
+        } else {
+            format!(
+                "{} / {} / {} / {}",
+                ms(quantile_ms(lat, 0.5)),
+                ms(quantile_ms(lat, 0.9)),
+                ms(quantile_ms(lat, 0.99)),
+                ms(quantile_ms(lat, 1.0))
+            )
+        };
+        let c = |k: &str| p.cpu_load.get(k).copied().unwrap_or(0.0);
+        println!(
+            "| {}{} | {} | {} | {} / {} | {:.0} | {} / {} | {} | {:.0} | {} | {} | {} | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} / {:.1} | {:.1} |",
+            p.name,
+            if p.drained { "" } else { " (NOT DRAINED)" },
+            p.load.sent,
+            p.load.ok,
+            p.load.non_ok,
+            p.load.errors,
+            p.load.rps(),
+            ms(quantile_ms(&http, 0.5)),
+            ms(quantile_ms(&http, 0.99)),
+            p.summary.delivered,
+            p.e2e_eps,
+            e2e_lat,
+            p.summary.lost,
+            p.summary.duplicates,
+            c("ingest"),
+            c("normalizer"),
+            c("deliverer"),
+            c("nats-server"),
+            c("bench"),
+            p.other_cpu,
+            p.wall_secs,
+        );
+        if let Some(rate) = p.rate.filter(|_| p.load.max_lag > Duration::from_millis(5)) {
+            println!(
+                "  ({rate}/s: the generator ran up to {:?} behind its schedule)",
+                p.load.max_lag
+            );
+        }
+    }
+    println!(
+        "\nCPU per event while the load ran, microseconds (CPU seconds / requests answered 200):\n"
+    );
+    println!("| phase | ingest | normalizer | deliverer | nats-server | bench (load + receivers) | all | all, drain included, per delivery |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for p in &phases {
+        let per =
+            |k: &str| p.cpu_load.get(k).copied().unwrap_or(0.0) * 1e6 / p.load.ok.max(1) as f64;
+        let all: f64 = p.cpu_load.values().sum::<f64>() * 1e6 / p.load.ok.max(1) as f64;
+        let whole: f64 = p.cpu.values().sum::<f64>() * 1e6 / p.summary.delivered.max(1) as f64;
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {all:.0} | {whole:.0} |",
+            p.name,
+            per("ingest"),
+            per("normalizer"),
+            per("deliverer"),
+            per("nats-server"),
+            per("bench"),
+        );
+    }
+    for (pace, result, _, cpu) in &floor_phases {
+        let per = |k: &str| cpu.get(k).copied().unwrap_or(0.0) * 1e6 / result.ok.max(1) as f64;
+        let all: f64 = cpu.values().sum::<f64>() * 1e6 / result.ok.max(1) as f64;
+        println!(
+            "| floor (a) {} | {:.0} (floor-a) | - | - | {:.0} | {:.0} | {all:.0} | - |",
+            match pace {
+                Pace::Max => "max".to_owned(),
+                Pace::Rate(r) => format!("{r}/s"),
+            },
+            per("floor-a"),
+            per("nats-server"),
+            per("bench"),
+        );
+    }
+    println!(
+        "signature checks failed: {}; deliveries not from this run: {}",
+        anomalies.bad_signatures.load(Ordering::Relaxed),
+        anomalies.unparseable.load(Ordering::Relaxed)
+    );
+
+    println!("\n| process | CPU s (whole run) | peak RSS MiB | RSS at end MiB |");
+    println!("|---|---|---|---|");
+    for (name, u) in &usage {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} |",
+            u.cpu_secs,
+            u.peak_rss_kib as f64 / MIB,
+            u.rss_kib as f64 / MIB
+        );
+    }
+    println!(
+        "| floor-a (for comparison) | {:.1} | {:.1} | - |",
+        floor_a_usage.cpu_secs,
+        floor_a_usage.peak_rss_kib as f64 / MIB
+    );
+
+    let ingest_phase = &phases[1];
+    let e2e_phase = &phases[2];
+    let ingest_rps = ingest_phase.load.rps();
+    let ingest_vs_floor = ingest_rps / floor_a_rps;
+    let e2e_eps = e2e_phase.e2e_eps;
+    let at = |rate: f64| phases.iter().find(|p| p.rate == Some(rate));
+    let floor_at = |rate: f64| {
+        floor_phases
+            .iter()
+            .find(|(p, _, _, _)| matches!(p, Pace::Rate(r) if *r == rate))
+    };
+    let p99_at_2000 = at(2000.0)
+        .map(|p| quantile_ms(&p.summary.latencies_us, 0.99))
+        .unwrap_or(f64::NAN);
+    let lost: u64 = phases.iter().map(|p| p.summary.lost).sum();
+    let duplicates: u64 = phases.iter().map(|p| p.summary.duplicates).sum();
+    let max_rss_mib = ["ingest", "normalizer", "deliverer"]
+        .iter()
+        .filter_map(|n| usage.get(*n))
+        .map(|u| u.peak_rss_kib as f64 / MIB)
+        .fold(0.0, f64::max);
+
+    println!("\n## Against the floors");
+    println!("| figure | ours | floor | ratio | target |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| ingest req/s (workers paused) | {ingest_rps:.0} | (a) {floor_a_rps:.0} | {ingest_vs_floor:.2} | {} |",
+        target(ingest_vs_floor >= 0.85, "≥ 0.85".into())
+    );
+    let e2e_ratio = e2e_eps / floor_a_rps;
+    println!(
+        "| end-to-end ev/s (max load) | {e2e_eps:.0} | (a) {floor_a_rps:.0} | {e2e_ratio:.2} | {} |",
+        target(e2e_ratio >= 0.3 && lost == 0, "≥ 0.3, zero loss".into())
+    );
+    println!(
+        "| end-to-end ev/s (max load) | {e2e_eps:.0} | (b) {floor_b_rate:.0} | {:.2} | - |",
+        e2e_eps / floor_b_rate
+    );
+    println!(
+        "| end-to-end ev/s (max load) | {e2e_eps:.0} | (c) {floor_c_rate:.0} | {:.2} | - |",
+        e2e_eps / floor_c_rate
+    );
+    println!(
+        "| workers' drain ev/s (backlog after the paused phase) | {:.0} | (b) {floor_b_rate:.0} | {:.2} | - |",
+        ingest_phase.e2e_eps,
+        ingest_phase.e2e_eps / floor_b_rate
+    );
+    for r in &opts.rates {
+        if let (Some(p), Some((_, f, flat, _))) = (at(*r), floor_at(*r)) {
+            let mut http = p.load.latencies_us.clone();
+            http.sort_unstable();
+            let ours = quantile_ms(&p.summary.latencies_us, 0.99);
+            let floor = quantile_ms(flat, 0.99);
+            println!(
+                "| e2e p99 ms at {r}/s | {} | (a) request p99 {} | {:.1}x | {} |",
+                ms(ours),
+                ms(floor),
+                ours / floor,
+                if *r == 2000.0 {
+                    target(ours < 50.0, "< 50 ms".into())
+                } else {
+                    "-".into()
+                }
+            );
+            println!(
+                "| ingest request p99 ms at {r}/s | {} | (a) {} at {:.0}/s | {:.1}x | - |",
+                ms(quantile_ms(&http, 0.99)),
+                ms(floor),
+                f.rps(),
+                quantile_ms(&http, 0.99) / floor
+            );
+        }
+    }
+    for n in ["ingest", "normalizer", "deliverer"] {
+        let mib = usage
+            .get(n)
+            .map(|u| u.peak_rss_kib as f64 / MIB)
+            .unwrap_or(0.0);
+        println!(
+            "| {n} peak RSS MiB | {mib:.1} | - | - | {} |",
+            target(mib < 64.0, "< 64 MiB".into())
+        );
+    }
+    // What one event costs the machine if the pipeline were nothing but its floors: an ingest
+    // request with its publish (a), a consume + ack (b), the normalizer's publish, another
+    // consume + ack, and the callback POST (c).
+    let floor_a_us =
+        floor_phases[0].3.values().sum::<f64>() * 1e6 / floor_phases[0].1.ok.max(1) as f64;
+    let composed_us = floor_a_us + 2.0 * consume_us + publish_us + post_us;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    let ceiling = cores * 1e6 / composed_us;
+    let e2e_us = e2e_phase.cpu_load.values().sum::<f64>() * 1e6 / e2e_phase.load.ok.max(1) as f64;
+    println!(
+        "\nCPU per operation at the floors, all processes, µs: (a) request + publish {floor_a_us:.0}; \
+         publish with 256 acks in flight {publish_us:.0}; (b) consume + ack {consume_us:.0}; \
+         (c) POST + receive {post_us:.0}. One event through the floors alone: {composed_us:.0} µs, \
+         so at most {ceiling:.0} events/s on {cores} cores. The pipeline at max load: {e2e_us:.0} µs \
+         per event, {e2e_eps:.0} events/s = {:.2} of that ceiling.",
+        e2e_eps / ceiling
+    );
+    println!(
+        "\nLatency is measured from the moment the load generator sent the request to the moment the callback receiver got the delivery (both in the bench process, one monotonic clock); the envelope's NATS header with the ingest's receipt time is not visible to a receiver."
+    );
+    println!(
+        "\nBENCH ingest_rps={ingest_rps:.0} ingest_vs_floor={ingest_vs_floor:.2} e2e_eps={e2e_eps:.0} e2e_p99_ms_at_2000={} lost={lost} duplicates={duplicates} max_rss_mib={max_rss_mib:.1}",
+        if p99_at_2000.is_nan() { "-".to_owned() } else { format!("{p99_at_2000:.1}") }
+    );
+    drop(cluster);
+    Ok(())
+}
+
+fn fmt_cpu(cpu: &BTreeMap<String, f64>) -> String {
+    cpu.iter()
+        .map(|(k, v)| format!("{k} {v:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,78 @@
+//! Resource use of a process from `/proc`: CPU seconds (user + system, `/proc/<pid>/stat`) and
+//! peak and current resident memory (`VmHWM`, `VmRSS` in `/proc/<pid>/status`).
+
+use std::sync::OnceLock;
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
+fn ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// One reading of a process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_secs: f64,
+    pub peak_rss_kib: u64,
+    pub rss_kib: u64,
+}
+
+/// Reads `pid`'s usage; `None` when the process is gone.
+pub fn read(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses; utime and stime are
+    // fields 14 and 15 of the whole line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Some(Usage {
+        cpu_secs: (utime + stime) / ticks_per_second(),
+        peak_rss_kib: kib("VmHWM:"),
+        rss_kib: kib("VmRSS:"),
+    })
+}
+
+/// CPU seconds of every process now running, by pid.
+pub fn all_processes() -> std::collections::HashMap<u32, f64> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, read(pid)?.cpu_secs)))
+        .collect()
+}
+
+/// CPU seconds processes other than `ours` used between two [`all_processes`] readings: a lower
+/// bound (a process that started and ended in between is not seen), to show whether something
+/// else on the machine competed with the measurement.
+pub fn others_cpu(
+    before: &std::collections::HashMap<u32, f64>,
+    after: &std::collections::HashMap<u32, f64>,
+    ours: &[u32],
+) -> f64 {
+    after
+        .iter()
+        .filter(|(pid, _)| !ours.contains(pid))
+        .map(|(pid, secs)| secs - before.get(pid).copied().unwrap_or(0.0))
+        .filter(|d| *d > 0.0)
+        .sum()
+}
