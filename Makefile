@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: run test tools lint fmt unit deploy-check bench fuzz clean
+.PHONY: run test tools lint fmt bench clean
 
 run:
 	scripts/run-local.sh
