@@ -488,17 +488,7 @@ impl Pipeline {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, self.admin_url(path))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("admin request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        admin_request(&self.http, self.admin, method, path, body).await
     }
 
     /// Creates an instance of `store_id` calling back `callback` with `extra` configuration, and
@@ -509,59 +499,24 @@ impl Pipeline {
         callback: &str,
         extra: &[(&str, &str)],
     ) -> String {
-        let mut config = json!({
-            "ecwid.order.key": "order-key-secret",
-            "ecwid.product.key": "",
-            "ecwid.store.id": store_id,
-            "event.notification.enabled": "true",
-            "event.notification.callback.url": callback,
-        });
-        for (k, v) in extra {
-            config[*k] = json!(v);
-        }
-        let body = json!({"element": {"key": "ecwid"}, "configuration": config, "tags": ["test"], "name": "test instance"});
-        let (status, created) = self
-            .admin_request(reqwest::Method::POST, "/instances", Some(body))
-            .await;
-        assert_eq!(status, 201, "instance created: {created}");
-        let id = created["id"].as_str().expect("id").to_owned();
-        self.wait_instances_seen().await;
-        id
+        let ops = [self.admin, self.normalizer_ops, self.deliverer_ops];
+        create_instance(
+            &self.http,
+            self.admin,
+            &self.nats_url,
+            &ops,
+            store_id,
+            callback,
+            extra,
+        )
+        .await
     }
 
     /// Waits until the ingest, normalizer and deliverer have all applied the bucket's newest
     /// revision (`ecwid_instances_revision`).
     pub async fn wait_instances_seen(&self) {
-        let client = async_nats::connect(&self.nats_url).await.expect("connect");
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js
-            .get_stream("KV_ECWID_INSTANCES")
-            .await
-            .expect("bucket stream");
-        let last = stream
-            .info()
-            .await
-            .expect("bucket info")
-            .state
-            .last_sequence as f64;
-        for ops in [self.admin, self.normalizer_ops, self.deliverer_ops] {
-            let http = self.http.clone();
-            wait_until(
-                Duration::from_secs(5),
-                "instance changes to reach every service",
-                || {
-                    let http = http.clone();
-                    async move {
-                        let text = match http.get(format!("http://{ops}/metrics")).send().await {
-                            Ok(r) => r.text().await.unwrap_or_default(),
-                            Err(_) => return false,
-                        };
-                        metric(&text, "ecwid_instances_revision").is_some_and(|r| r >= last)
-                    }
-                },
-            )
-            .await;
-        }
+        let ops = [self.admin, self.normalizer_ops, self.deliverer_ops];
+        wait_instances_seen(&self.nats_url, &self.http, &ops).await;
     }
 
     pub async fn post_json(&self, body: &Value, signature: Option<&str>) -> (u16, Value) {
@@ -583,6 +538,90 @@ impl Pipeline {
             .text()
             .await
             .expect("metrics text")
+    }
+}
+
+/// A request to the admin API at `admin` with the test token; the answer's status and JSON body
+/// (`null` when it has none).
+pub async fn admin_request(
+    http: &reqwest::Client,
+    admin: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http
+        .request(method, format!("http://{admin}{path}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .timeout(Duration::from_secs(10));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("admin request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Creates an instance (the seed's JSON with `store_id`, `callback` and `extra` configuration)
+/// through the admin API at `admin`, and waits until the services at `ops` have seen it.
+pub async fn create_instance(
+    http: &reqwest::Client,
+    admin: SocketAddr,
+    nats_url: &str,
+    ops: &[SocketAddr],
+    store_id: &str,
+    callback: &str,
+    extra: &[(&str, &str)],
+) -> String {
+    let mut config = json!({
+        "ecwid.order.key": "order-key-secret",
+        "ecwid.product.key": "",
+        "ecwid.store.id": store_id,
+        "event.notification.enabled": "true",
+        "event.notification.callback.url": callback,
+    });
+    for (k, v) in extra {
+        config[*k] = json!(v);
+    }
+    let body = json!({"element": {"key": "ecwid"}, "configuration": config, "tags": ["test"],
+                      "name": format!("store {store_id}")});
+    let (status, created) =
+        admin_request(http, admin, reqwest::Method::POST, "/instances", Some(body)).await;
+    assert_eq!(status, 201, "instance created: {created}");
+    let id = created["id"].as_str().expect("id").to_owned();
+    wait_instances_seen(nats_url, http, ops).await;
+    id
+}
+
+/// Waits until the services answering `/metrics` at `ops` all report an
+/// `ecwid_instances_revision` at least the bucket's last sequence.
+pub async fn wait_instances_seen(nats_url: &str, http: &reqwest::Client, ops: &[SocketAddr]) {
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(format!("KV_{}", shared::nats::INSTANCES_BUCKET))
+        .await
+        .expect("bucket stream");
+    let last = stream
+        .info()
+        .await
+        .expect("bucket info")
+        .state
+        .last_sequence as f64;
+    for ops in ops {
+        wait_until(
+            Duration::from_secs(10),
+            "instance changes to reach every service",
+            || async move {
+                let text = match http.get(format!("http://{ops}/metrics")).send().await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => return false,
+                };
+                metric(&text, "ecwid_instances_revision").is_some_and(|r| r >= last)
+            },
+        )
+        .await;
     }
 }
 

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use crate::{free_port, metric, order_created, wait_until, Receiver, ADMIN_TOKEN};
+use crate::{free_port, order_created, Receiver, ADMIN_TOKEN};
 
 /// How long a process gets to answer `/readyz` after it was started.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -430,18 +430,7 @@ impl Cluster {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("http://{}{path}", self.ingest.ops))
-            .bearer_auth(ADMIN_TOKEN)
-            .timeout(Duration::from_secs(10));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("admin request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        crate::admin_request(&self.http, self.ingest.ops, method, path, body).await
     }
 
     /// Creates an instance of `store_id` calling back `callback` with `extra` configuration, and
@@ -452,66 +441,29 @@ impl Cluster {
         callback: &str,
         extra: &[(&str, &str)],
     ) -> String {
-        let mut config = json!({
-            "ecwid.order.key": "",
-            "ecwid.product.key": "",
-            "ecwid.store.id": store_id,
-            "event.notification.enabled": "true",
-            "event.notification.callback.url": callback,
-        });
-        for (k, v) in extra {
-            config[*k] = json!(v);
-        }
-        let body = json!({"element": {"key": "ecwid"}, "configuration": config,
-                          "tags": ["faults"], "name": format!("store {store_id}")});
-        let (status, created) = self
-            .admin_request(reqwest::Method::POST, "/instances", Some(body))
-            .await;
-        assert_eq!(status, 201, "instance created: {created}");
-        let id = created["id"].as_str().expect("id").to_owned();
-        self.wait_instances_seen().await;
-        id
+        let ops = self.running_ops();
+        crate::create_instance(
+            &self.http,
+            self.ingest.ops,
+            &self.nats_url,
+            &ops,
+            store_id,
+            callback,
+            extra,
+        )
+        .await
+    }
+
+    fn running_ops(&self) -> Vec<SocketAddr> {
+        self.all()
+            .filter(|p| p.is_running())
+            .map(|p| p.ops)
+            .collect()
     }
 
     /// Waits until every running process applied the instances bucket's newest revision.
     pub async fn wait_instances_seen(&self) {
-        let ops: Vec<SocketAddr> = self
-            .all()
-            .filter(|p| p.is_running())
-            .map(|p| p.ops)
-            .collect();
-        wait_instances_seen(&self.nats_url, &self.http, &ops).await;
-    }
-}
-
-/// Waits until the services answering `/metrics` at `ops` all report an
-/// `ecwid_instances_revision` at least the bucket's last sequence.
-pub async fn wait_instances_seen(nats_url: &str, http: &reqwest::Client, ops: &[SocketAddr]) {
-    let client = async_nats::connect(nats_url).await.expect("connect");
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js
-        .get_stream(format!("KV_{}", shared::nats::INSTANCES_BUCKET))
-        .await
-        .expect("bucket stream");
-    let last = stream
-        .info()
-        .await
-        .expect("bucket info")
-        .state
-        .last_sequence as f64;
-    for ops in ops {
-        wait_until(
-            Duration::from_secs(10),
-            "instance changes to reach every service",
-            || async move {
-                let text = match http.get(format!("http://{ops}/metrics")).send().await {
-                    Ok(r) => r.text().await.unwrap_or_default(),
-                    Err(_) => return false,
-                };
-                metric(&text, "ecwid_instances_revision").is_some_and(|r| r >= last)
-            },
-        )
-        .await;
+        crate::wait_instances_seen(&self.nats_url, &self.http, &self.running_ops()).await;
     }
 }
 
