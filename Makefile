@@ -11,6 +11,7 @@ run:
 # Installs what the tests need (nats-server; the deploy checks install their own tools),
 # then lints and runs every test.
 test: tools lint
+	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked --all-targets
 	bash deploy/check.sh
 

@@ -75,7 +75,7 @@ pub fn binary(name: &str) -> PathBuf {
         panic!(
             "{} is missing: these tests run the service binaries as real processes. \
              Build them first with `cargo build{flag} --workspace --bins` \
-             (`make test` builds them with `cargo test --workspace --all-targets`).",
+             (`make test` builds them first).",
             path.display()
         );
     }
