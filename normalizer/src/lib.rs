@@ -28,16 +28,12 @@ pub async fn run(
     client: async_nats::Client,
     cancel: CancellationToken,
 ) -> Result<(), error::Error> {
-    let base = Base::start(client.clone(), &config.common, "normalizer", &cancel).await?;
-    let metrics = metrics::Metrics::register(&base.registry);
-    let ops = tokio::spawn(shared::ops::serve(
-        ops_listener,
-        shared::ops::router(base.ops_state()),
-        cancel.clone(),
-    ));
-    let grace = config.common.shutdown_grace;
-    consumer::run(config, base, metrics, cancel).await?;
-    let _ = ops.await;
-    shared::shutdown::drain_nats(&client, grace).await;
-    Ok(())
+    let common = config.common.clone();
+    let stop = cancel.clone();
+    let work = |base: Base| async move {
+        let metrics = metrics::Metrics::register(&base.registry);
+        consumer::run(config, base, metrics, stop).await?;
+        Ok::<(), error::Error>(())
+    };
+    shared::service::run_worker(&common, "normalizer", ops_listener, client, cancel, work).await
 }

@@ -124,3 +124,30 @@ where
         }
     }
 }
+
+/// A worker's life: start ([`Base::start`]), serve the ops endpoints on `ops_listener`, run
+/// `work` until it returns (it stops when `cancel` fires), then drain the NATS connection.
+pub async fn run_worker<F, Fut, E>(
+    common: &CommonConfig,
+    service: &str,
+    ops_listener: tokio::net::TcpListener,
+    client: async_nats::Client,
+    cancel: CancellationToken,
+    work: F,
+) -> Result<(), E>
+where
+    F: FnOnce(Base) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: From<Error>,
+{
+    let base = Base::start(client.clone(), common, service, &cancel).await?;
+    let ops = tokio::spawn(crate::ops::serve(
+        ops_listener,
+        crate::ops::router(base.ops_state()),
+        cancel,
+    ));
+    let result = work(base).await;
+    let _ = ops.await;
+    crate::shutdown::drain_nats(&client, common.shutdown_grace).await;
+    result
+}

@@ -331,23 +331,27 @@ pub struct Pipeline {
     deliverer: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
-/// The settings tests run with: loopback allowed, short timeouts and a short retry schedule.
+/// What the tests change from the defaults: loopback allowed, short timeouts, a short retry
+/// schedule. Used by the in-process pipeline and by the service processes.
+pub const TEST_SETTINGS: &[(&str, &str)] = &[
+    ("ADMIN_TOKEN", ADMIN_TOKEN),
+    ("DELIVER_ALLOW_NETWORKS", "127.0.0.0/8,::1/128"),
+    ("DELIVER_RETRY_SCHEDULE", "200ms,400ms,800ms"),
+    ("DELIVER_TIMEOUT_MS", "2000"),
+    ("DELIVER_CONNECT_TIMEOUT_MS", "1000"),
+    ("DELIVER_BREAKER_COOLDOWN_MS", "500"),
+    ("SHUTDOWN_GRACE_MS", "3000"),
+    ("INGEST_PUBLISH_TIMEOUT_MS", "1000"),
+    ("NORMALIZER_PUBLISH_TIMEOUT_MS", "2000"),
+];
+
+/// The settings tests run with: [`TEST_SETTINGS`], then `overrides`.
 pub fn test_vars(nats_url: &str, overrides: &[(&str, &str)]) -> Vars {
-    let mut map: HashMap<String, String> = [
-        ("NATS_URL", nats_url),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-        ("DELIVER_ALLOW_NETWORKS", "127.0.0.0/8,::1/128"),
-        ("DELIVER_RETRY_SCHEDULE", "200ms,400ms,800ms"),
-        ("DELIVER_TIMEOUT_MS", "2000"),
-        ("DELIVER_CONNECT_TIMEOUT_MS", "1000"),
-        ("DELIVER_BREAKER_COOLDOWN_MS", "500"),
-        ("SHUTDOWN_GRACE_MS", "3000"),
-        ("INGEST_PUBLISH_TIMEOUT_MS", "1000"),
-        ("NORMALIZER_PUBLISH_TIMEOUT_MS", "2000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let mut map: HashMap<String, String> = TEST_SETTINGS
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    map.insert("NATS_URL".into(), nats_url.into());
     for (k, v) in overrides {
         map.insert((*k).to_owned(), (*v).to_owned());
     }

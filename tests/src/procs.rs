@@ -19,7 +19,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use crate::{free_port, order_created, Receiver, ADMIN_TOKEN};
+use crate::{free_port, order_created, Receiver};
 
 /// How long a process gets to answer `/readyz` after it was started.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -87,21 +87,11 @@ pub fn binary(name: &str) -> PathBuf {
 /// service's own default). The process sees nothing else of the test's environment but
 /// `RUST_LOG` (default `info`) and `RUST_BACKTRACE`; `NO_COLOR` keeps the logs plain.
 pub fn process_env(nats_url: &str, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut map: BTreeMap<String, String> = [
-        ("NATS_URL", nats_url),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-        ("DELIVER_ALLOW_NETWORKS", "127.0.0.0/8,::1/128"),
-        ("DELIVER_RETRY_SCHEDULE", "200ms,400ms,800ms"),
-        ("DELIVER_TIMEOUT_MS", "2000"),
-        ("DELIVER_CONNECT_TIMEOUT_MS", "1000"),
-        ("DELIVER_BREAKER_COOLDOWN_MS", "500"),
-        ("SHUTDOWN_GRACE_MS", "3000"),
-        ("INGEST_PUBLISH_TIMEOUT_MS", "1000"),
-        ("NORMALIZER_PUBLISH_TIMEOUT_MS", "2000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let mut map: BTreeMap<String, String> = crate::TEST_SETTINGS
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    map.insert("NATS_URL".into(), nats_url.into());
     map.insert(
         "RUST_LOG".into(),
         std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
