@@ -10,82 +10,8 @@ use ingest::error::ApiError;
 use ingest::parse::{self, Format};
 use normalizer::normalize;
 use proptest::prelude::*;
-use serde_json::{json, Map, Value};
-
-/// Any JSON value, nested a few levels.
-fn any_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f)
-            .map(Value::Number)),
-        ".{0,12}".prop_map(Value::String),
-    ];
-    leaf.prop_recursive(4, 48, 6, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,8}", inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
-
-fn maybe(plausible: BoxedStrategy<Value>) -> impl Strategy<Value = Option<Value>> {
-    prop_oneof![
-        1 => Just(None),
-        6 => plausible.prop_map(Some),
-        2 => any_json().prop_map(Some),
-    ]
-}
-
-/// Objects shaped like v3 webhooks, so most cases get past the first field.
-fn webhook_like() -> impl Strategy<Value = Value> {
-    (
-        maybe(".{0,40}".prop_map(Value::from).boxed()),
-        maybe(
-            prop_oneof![
-                (0i64..4_000_000_000).prop_map(Value::from),
-                any::<i64>().prop_map(Value::from),
-            ]
-            .boxed(),
-        ),
-        maybe(
-            prop_oneof![
-                any::<u64>().prop_map(Value::from),
-                "[0-9]{1,22}".prop_map(Value::from),
-                "[a-z0-9._*> -]{0,8}".prop_map(Value::from),
-            ]
-            .boxed(),
-        ),
-        maybe(
-            prop_oneof![
-                Just(Value::from("order.created")),
-                "[a-zA-Z_]{0,12}\\.[a-zA-Z_]{0,24}".prop_map(Value::from),
-            ]
-            .boxed(),
-        ),
-        maybe(any::<u64>().prop_map(Value::from).boxed()),
-        maybe(any_json().prop_map(|d| json!({"orderId": d})).boxed()),
-    )
-        .prop_map(|(event_id, created, store, event_type, entity, data)| {
-            let mut m = Map::new();
-            for (k, v) in [
-                ("eventId", event_id),
-                ("eventCreated", created),
-                ("storeId", store),
-                ("eventType", event_type),
-                ("entityId", entity),
-                ("data", data),
-            ] {
-                if let Some(v) = v {
-                    m.insert(k.to_owned(), v);
-                }
-            }
-            Value::Object(m)
-        })
-}
+use serde_json::{Map, Value};
+use shared::strategies::{any_json, webhook_like};
 
 const ION_NAMES: &[&str] = &[
     "owner_id",

@@ -10,6 +10,7 @@
 //! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
 //! - [`service`]: start-up common to every service (topology, instances watch, metrics).
+//! - `strategies` (feature `strategies`): proptest strategies for Ecwid-shaped input.
 //! - [`telemetry`]: tracing initialisation (`LOG_FORMAT`, `RUST_LOG`).
 //! - [`shutdown`]: SIGTERM/SIGINT → one cancellation token; the bounded drain.
 //! - [`worker`]: the bounded pull loop both workers run; the consumer-lag reporter.
@@ -27,6 +28,8 @@ pub mod netguard;
 pub mod ops;
 pub mod service;
 pub mod shutdown;
+#[cfg(feature = "strategies")]
+pub mod strategies;
 pub mod telemetry;
 pub mod time_fmt;
 pub mod worker;
