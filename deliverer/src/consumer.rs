@@ -248,9 +248,8 @@ impl Worker {
             Ok(head) => head.message.event_id,
             Err(e) => return dead("unparseable", format!("not an envelope: {e}")),
         };
-        let schedule = instance
-            .retry_schedule()
-            .unwrap_or_else(|| self.config.schedule.clone());
+        let own_schedule = instance.retry_schedule();
+        let schedule = own_schedule.as_deref().unwrap_or(&self.config.schedule);
 
         let key = url.as_str();
         if let Admit::Wait(wait) = self.breakers.admit(key) {
@@ -325,7 +324,7 @@ impl Worker {
                 class,
                 error,
                 retry_after,
-            } => match next_wait(&schedule, attempt, retry_after) {
+            } => match next_wait(schedule, attempt, retry_after) {
                 Some(delay) => {
                     tracing::info!(instance_id, event_id, attempt, class, %error, retry_in = ?delay, "Delivery failed; will retry.");
                     self.metrics.retries.inc();

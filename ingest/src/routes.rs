@@ -117,12 +117,19 @@ async fn accept(
     let content_type = request_headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    // With a content type the format is known (or refused) before the body is read.
-    if content_type.is_some() {
-        *format_label = parse::detect_format(content_type, &[])?.as_str();
+    // With a content type the format is known (or refused) before the body is read; without
+    // one it is sniffed from the body.
+    let declared = content_type
+        .map(|ct| parse::detect_format(Some(ct), &[]))
+        .transpose()?;
+    if let Some(f) = declared {
+        *format_label = f.as_str();
     }
     let body = read_body(request_headers, body, config.max_body_bytes).await?;
-    let format = parse::detect_format(content_type, &body)?;
+    let format = match declared {
+        Some(f) => f,
+        None => parse::detect_format(None, &body)?,
+    };
     *format_label = format.as_str();
     let directory = &state.inner.base.directory;
     if !directory.is_loaded() {
