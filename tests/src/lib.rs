@@ -363,7 +363,7 @@ async fn local() -> TcpListener {
 }
 
 async fn wait_ready(http: &reqwest::Client, ops: SocketAddr) {
-    wait_until(Duration::from_secs(20), "a service to be ready", || {
+    wait_until(Duration::from_secs(60), "a service to be ready", || {
         let http = http.clone();
         async move {
             matches!(http.get(format!("http://{ops}/readyz")).send().await, Ok(r) if r.status() == 200)
