@@ -144,9 +144,7 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
-            .await
-            .expect("connect to the test nats-server")
+        connect(&self.url()).await
     }
 }
 
@@ -174,10 +172,20 @@ where
     }
 }
 
-async fn connect(nats_url: &str) -> async_nats::Client {
-    async_nats::connect(nats_url)
-        .await
-        .expect("connect to nats")
+/// Connects to the test's nats-server, retrying for up to 10 s: a server just started (or
+/// restarted) on a loaded machine may reset the first connections.
+pub async fn connect(nats_url: &str) -> async_nats::Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match async_nats::connect(nats_url).await {
+            Ok(client) => return client,
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "Test client cannot connect yet; retrying.");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("connect to {nats_url}: {error}"),
+        }
+    }
 }
 
 /// One request a receiver got.
@@ -601,7 +609,7 @@ pub async fn create_instance(
 /// Waits until the services answering `/metrics` at `ops` all report an
 /// `ecwid_instances_revision` at least the bucket's last sequence.
 pub async fn wait_instances_seen(nats_url: &str, http: &reqwest::Client, ops: &[SocketAddr]) {
-    let client = async_nats::connect(nats_url).await.expect("connect");
+    let client = connect(nats_url).await;
     let js = async_nats::jetstream::new(client);
     let mut stream = js
         .get_stream(format!("KV_{}", shared::nats::INSTANCES_BUCKET))

@@ -23,7 +23,7 @@ fn ids(webhooks: &[Webhook]) -> Vec<String> {
 
 /// Messages delivered to a consumer and not acknowledged yet.
 async fn ack_pending(nats_url: &str, stream: &str, consumer: &str) -> u64 {
-    let js = jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
+    let js = jetstream::new(integration_tests::connect(nats_url).await);
     let mut consumer: jetstream::consumer::PullConsumer = js
         .get_stream(stream)
         .await
@@ -40,7 +40,7 @@ async fn ack_pending(nats_url: &str, stream: &str, consumer: &str) -> u64 {
 
 /// Messages in the dead-letter stream.
 async fn dead_letters(nats_url: &str) -> u64 {
-    let js = jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
+    let js = jetstream::new(integration_tests::connect(nats_url).await);
     let mut stream = js
         .get_stream(shared::nats::DEAD_STREAM)
         .await
