@@ -18,7 +18,7 @@ use serde::Deserialize;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
 use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
-use shared::service::Base;
+use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +46,7 @@ pub enum Outcome {
 
 struct Worker {
     config: Config,
-    base: Base,
+    ctx: ServiceContext,
     metrics: Metrics,
     dispatcher: Dispatcher,
     breakers: Breakers,
@@ -57,12 +57,12 @@ struct Worker {
 
 pub async fn run(
     config: Config,
-    base: Base,
+    ctx: ServiceContext,
     metrics: Metrics,
     cancel: CancellationToken,
 ) -> Result<(), crate::error::Error> {
     let consumer = shared::nats::ensure_pull_consumer(
-        &base.js,
+        &ctx.js,
         EVENTS_STREAM,
         pull::Config {
             durable_name: Some(DELIVERER_CONSUMER.to_owned()),
@@ -79,7 +79,7 @@ pub async fn run(
     shared::worker::spawn_lag_reporter(
         consumer.clone(),
         DELIVERER_CONSUMER,
-        base.common.clone(),
+        ctx.common.clone(),
         cancel.clone(),
     );
     let dispatcher = Dispatcher::new(
@@ -100,12 +100,12 @@ pub async fn run(
         hosts: HostLimits::new(config.max_in_flight_per_host),
         deferrals: Mutex::new(HashMap::new()),
         config,
-        base,
+        ctx,
         metrics,
         dispatcher,
     });
     // Not one message before the instances are known: its store would look unknown.
-    if !worker.base.directory.loaded(&cancel).await {
+    if !worker.ctx.directory.loaded(&cancel).await {
         return Ok(());
     }
     tracing::info!(concurrency, "Deliverer consuming.");
@@ -223,7 +223,7 @@ impl Worker {
             last_status: None,
             attempts: attempt - 1,
         };
-        let Some(instance) = self.base.directory.get(instance_id) else {
+        let Some(instance) = self.ctx.directory.get(instance_id) else {
             return dead(
                 "no_instance",
                 format!("instance {instance_id} does not exist (any more)"),
@@ -401,7 +401,7 @@ impl Worker {
                     payload: Bytes::clone(&message.payload),
                     extra,
                 };
-                if let Err(e) = dead::publish(&self.base.js, letter, Duration::from_secs(5)).await {
+                if let Err(e) = dead::publish(&self.ctx.js, letter, Duration::from_secs(5)).await {
                     tracing::error!(instance_id, seq, error = %e, "Could not dead-letter an envelope; will try again.");
                     let _ = message
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
@@ -410,7 +410,7 @@ impl Worker {
                 }
                 self.forget(seq);
                 tracing::warn!(instance_id, seq, attempt, reason, %error, "Envelope dead-lettered.");
-                self.base
+                self.ctx
                     .common
                     .dead_letters
                     .with_label_values(&["deliver", reason])

@@ -100,7 +100,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, 
     instance.created_date = Some(now());
     instance.updated_date = instance.created_date.clone();
     let value = serde_json::to_vec(&instance).map_err(unavailable)?;
-    within(state.inner.base.kv.create(&instance.id, value.into())).await?;
+    within(state.inner.ctx.kv.create(&instance.id, value.into())).await?;
     tracing::info!(instance_id = %instance.id, store_id = instance.store_id().unwrap_or(""), "Instance created.");
     let location = format!("/instances/{}", instance.id);
     Ok((
@@ -121,7 +121,7 @@ async fn list(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let store = &state.inner.base.kv;
+    let store = &state.inner.ctx.kv;
     let keys: Vec<String> = within(store.keys())
         .await?
         .filter_map(|k| async move { k.ok() })
@@ -171,7 +171,7 @@ async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Instance>, ApiError> {
-    let (instance, _) = load(&state.inner.base.kv, &id)
+    let (instance, _) = load(&state.inner.ctx.kv, &id)
         .await?
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(instance.redacted()))
@@ -183,7 +183,7 @@ async fn update(
     body: Bytes,
 ) -> Result<Json<Instance>, ApiError> {
     let patch: InstancePatch = parse_json(&body)?;
-    let store = &state.inner.base.kv;
+    let store = &state.inner.ctx.kv;
     // Optimistic concurrency: apply to the revision we read; retry if another writer won.
     for _ in 0..5 {
         let (mut instance, revision) = load(store, &id).await?.ok_or_else(|| not_found(&id))?;
@@ -210,7 +210,7 @@ async fn remove(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let store = &state.inner.base.kv;
+    let store = &state.inner.ctx.kv;
     load(store, &id).await?.ok_or_else(|| not_found(&id))?;
     within(store.delete(&id)).await?;
     tracing::info!(instance_id = %id, "Instance deleted.");

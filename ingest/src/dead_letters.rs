@@ -108,7 +108,7 @@ impl Filter {
 }
 
 async fn dead_stream(state: &AppState) -> Result<jetstream::stream::Stream, ApiError> {
-    match tokio::time::timeout(JS_TIMEOUT, state.inner.base.js.get_stream(DEAD_STREAM)).await {
+    match tokio::time::timeout(JS_TIMEOUT, state.inner.ctx.js.get_stream(DEAD_STREAM)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
         Err(_) => Err(ApiError::Unavailable("JetStream did not answer".into())),
@@ -342,7 +342,7 @@ async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
     headers::carry(h, &mut out);
     out.insert(headers::MSG_ID, format!("replay:{seq}"));
     out.insert("Ecwid-Replayed-From", seq.to_string());
-    let js = &state.inner.base.js;
+    let js = &state.inner.ctx.js;
     let publish = async {
         js.publish_with_headers(target, out, letter.payload.clone())
             .await

@@ -21,7 +21,7 @@ pub mod verify;
 
 use std::sync::Arc;
 
-use shared::service::Base;
+use shared::service::ServiceContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,7 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct Inner {
     pub config: Config,
-    pub base: Base,
+    pub ctx: ServiceContext,
     pub metrics: metrics::Metrics,
 }
 
@@ -55,19 +55,19 @@ pub async fn run(
     client: async_nats::Client,
     cancel: CancellationToken,
 ) -> Result<(), shared::Error> {
-    let base = Base::start(client.clone(), &config.common, "ingest", &cancel).await?;
-    let metrics = metrics::Metrics::register(&base.registry);
+    let ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
+    let metrics = metrics::Metrics::register(&ctx.registry);
     let grace = config.common.shutdown_grace;
     let state = AppState {
         inner: Arc::new(Inner {
             config,
-            base,
+            ctx,
             metrics,
         }),
     };
     let webhooks = routes::router(state.clone());
     let admin =
-        admin::router(state.clone()).merge(shared::ops::router(state.inner.base.ops_state()));
+        admin::router(state.clone()).merge(shared::ops::router(state.inner.ctx.ops_state()));
     tracing::info!(
         webhooks = %listeners.webhooks.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %listeners.admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -131,7 +131,7 @@ async fn accept(
         None => parse::detect_format(None, &body)?,
     };
     *format_label = format.as_str();
-    let directory = &state.inner.base.directory;
+    let directory = &state.inner.ctx.directory;
     if !directory.is_loaded() {
         return Err(ApiError::Unavailable("instances not loaded yet".into()));
     }
@@ -271,7 +271,7 @@ async fn publish(
     h.insert(headers::REQUEST_ID, request_id);
     h.insert(headers::STORE_ID, accepted.store_id.as_str());
     h.insert(headers::TRACEPARENT, traceparent);
-    let js = &state.inner.base.js;
+    let js = &state.inner.ctx.js;
     let timeout = state.inner.config.publish_timeout;
     let started = Instant::now();
     let publish = async {

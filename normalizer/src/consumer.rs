@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
 use shared::nats::{events_subject, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM};
-use shared::service::Base;
+use shared::service::ServiceContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -31,18 +31,18 @@ pub enum Outcome {
 
 struct Worker {
     config: Config,
-    base: Base,
+    ctx: ServiceContext,
     metrics: Metrics,
 }
 
 pub async fn run(
     config: Config,
-    base: Base,
+    ctx: ServiceContext,
     metrics: Metrics,
     cancel: CancellationToken,
 ) -> Result<(), shared::Error> {
     let consumer = shared::nats::ensure_pull_consumer(
-        &base.js,
+        &ctx.js,
         RAW_STREAM,
         pull::Config {
             durable_name: Some(NORMALIZER_CONSUMER.to_owned()),
@@ -58,18 +58,18 @@ pub async fn run(
     shared::worker::spawn_lag_reporter(
         consumer.clone(),
         NORMALIZER_CONSUMER,
-        base.common.clone(),
+        ctx.common.clone(),
         cancel.clone(),
     );
     let concurrency = config.concurrency;
     let grace = config.common.shutdown_grace;
     let worker = Arc::new(Worker {
         config,
-        base,
+        ctx,
         metrics,
     });
     // Not one message before the instances are known: its store would look unknown.
-    if !worker.base.directory.loaded(&cancel).await {
+    if !worker.ctx.directory.loaded(&cancel).await {
         return Ok(());
     }
     tracing::info!(concurrency, "Normalizer consuming.");
@@ -129,7 +129,7 @@ impl Worker {
                 }
             }
         };
-        let instances = self.base.directory.for_store(&normalized.store_id);
+        let instances = self.ctx.directory.for_store(&normalized.store_id);
         if instances.is_empty() {
             return Outcome::Dead {
                 reason: "no_instance",
@@ -162,7 +162,7 @@ impl Worker {
                 }
             }
             let subject = events_subject(&instance.id);
-            let js = &self.base.js;
+            let js = &self.ctx.js;
             async move {
                 js.publish_with_headers(subject, out, envelope.to_json().into())
                     .await
@@ -226,7 +226,7 @@ impl Worker {
                     extra: Vec::new(),
                 };
                 if let Err(e) =
-                    dead::publish(&self.base.js, letter, self.config.publish_timeout).await
+                    dead::publish(&self.ctx.js, letter, self.config.publish_timeout).await
                 {
                     tracing::error!(store_id, error = %e, "Could not dead-letter a raw event; will retry.");
                     let _ = message
@@ -235,7 +235,7 @@ impl Worker {
                     return;
                 }
                 tracing::warn!(store_id, reason, %error, "Raw event dead-lettered.");
-                self.base
+                self.ctx
                     .common
                     .dead_letters
                     .with_label_values(&["normalize", reason])

@@ -14,7 +14,7 @@ pub mod error;
 pub mod metrics;
 pub mod normalize;
 
-use shared::service::Base;
+use shared::service::ServiceContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,9 +30,9 @@ pub async fn run(
 ) -> Result<(), error::Error> {
     let common = config.common.clone();
     let stop = cancel.clone();
-    let work = |base: Base| async move {
-        let metrics = metrics::Metrics::register(&base.registry);
-        consumer::run(config, base, metrics, stop).await?;
+    let work = |ctx: ServiceContext| async move {
+        let metrics = metrics::Metrics::register(&ctx.registry);
+        consumer::run(config, ctx, metrics, stop).await?;
         Ok::<(), error::Error>(())
     };
     shared::service::run_worker(&common, "normalizer", ops_listener, client, cancel, work).await

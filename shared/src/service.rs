@@ -1,6 +1,7 @@
 //! What every service does at start-up once it has a NATS client: set up the topology (retrying
 //! while JetStream is not ready), start following the instances bucket, register the common
-//! metrics. The result, [`Base`], is what the service's `run` builds on.
+//! metrics. The result, [`ServiceContext`] (NATS handles, the instance directory, the metrics
+//! registry), is what every service's `run` builds on.
 
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use crate::Error;
 
 /// A started service's shared parts.
 #[derive(Debug, Clone)]
-pub struct Base {
+pub struct ServiceContext {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub kv: kv::Store,
@@ -27,7 +28,7 @@ pub struct Base {
     pub common: CommonMetrics,
 }
 
-impl Base {
+impl ServiceContext {
     pub async fn start(
         client: async_nats::Client,
         config: &CommonConfig,
@@ -125,7 +126,7 @@ where
     }
 }
 
-/// A worker's life: start ([`Base::start`]), serve the ops endpoints on `ops_listener`, run
+/// A worker's life: start ([`ServiceContext::start`]), serve the ops endpoints on `ops_listener`, run
 /// `work` until it returns (it stops when `cancel` fires), then drain the NATS connection.
 pub async fn run_worker<F, Fut, E>(
     common: &CommonConfig,
@@ -136,17 +137,17 @@ pub async fn run_worker<F, Fut, E>(
     work: F,
 ) -> Result<(), E>
 where
-    F: FnOnce(Base) -> Fut,
+    F: FnOnce(ServiceContext) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
     E: From<Error>,
 {
-    let base = Base::start(client.clone(), common, service, &cancel).await?;
+    let ctx = ServiceContext::start(client.clone(), common, service, &cancel).await?;
     let ops = tokio::spawn(crate::ops::serve(
         ops_listener,
-        crate::ops::router(base.ops_state()),
+        crate::ops::router(ctx.ops_state()),
         cancel,
     ));
-    let result = work(base).await;
+    let result = work(ctx).await;
     let _ = ops.await;
     crate::shutdown::drain_nats(&client, common.shutdown_grace).await;
     result
