@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,21 +18,32 @@ use serde_json::json;
 use shared::instance::{new_instance_id, Instance, InstancePatch};
 use subtle::ConstantTimeEq;
 
-use crate::error::{self, ApiError};
-use crate::AppState;
+use crate::error::{self, ApiError, ApiPath, ApiQuery};
+use crate::state::AppState;
 
 /// Bucket operations that take longer than this answer 503.
 const KV_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The largest admin request body. An instance within its field limits
+/// ([`shared::instance::limits`]) fits well inside; a larger body gets 413.
+pub const MAX_BODY_BYTES: usize = 512 * 1024;
+
+/// The longest instance id looked up; a longer one cannot exist (ids are UUIDs).
+const MAX_ID_LEN: usize = 128;
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let panics = state.inner.ctx.common.http_panics.clone();
+    let router = Router::new()
         .route("/instances", get(list).post(create))
         .route("/instances/{id}", get(show).patch(update).delete(remove))
         .merge(crate::dead_letters::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .with_state(state)
+        .layer(middleware::from_fn(error::json_errors))
+        .with_state(state);
+    shared::ops::catch_panics(router, panics)
 }
 
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -52,14 +63,16 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    // Logged here; the client's 503 body says nothing internal.
     tracing::warn!(error = %e, "Instances bucket operation failed.");
     ApiError::Unavailable(e.to_string())
 }
 
 fn not_found(id: &str) -> ApiError {
+    let shown: String = id.chars().take(MAX_ID_LEN).collect();
     ApiError::NotFound {
         code: "not_found",
-        message: format!("no instance {id}"),
+        message: format!("no instance {shown}"),
     }
 }
 
@@ -119,7 +132,7 @@ struct ListQuery {
 
 async fn list(
     State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = &state.inner.ctx.kv;
     let keys: Vec<String> = within(store.keys())
@@ -157,9 +170,11 @@ async fn load(store: &kv::Store, id: &str) -> Result<Option<(Instance, u64)>, Ap
     }))
 }
 
-/// Keys the bucket can hold (`[-/_=.a-zA-Z0-9]`, not starting or ending with a dot).
+/// Keys the bucket can hold (`[-/_=.a-zA-Z0-9]`, not starting or ending with a dot), no longer
+/// than an id can be.
 fn is_valid_key(key: &str) -> bool {
     !key.is_empty()
+        && key.len() <= MAX_ID_LEN
         && !key.starts_with('.')
         && !key.ends_with('.')
         && key
@@ -169,7 +184,7 @@ fn is_valid_key(key: &str) -> bool {
 
 async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Instance>, ApiError> {
     let (instance, _) = load(&state.inner.ctx.kv, &id)
         .await?
@@ -179,7 +194,7 @@ async fn show(
 
 async fn update(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Json<Instance>, ApiError> {
     let patch: InstancePatch = parse_json(&body)?;
@@ -208,7 +223,7 @@ async fn update(
 
 async fn remove(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let store = &state.inner.ctx.kv;
     load(store, &id).await?.ok_or_else(|| not_found(&id))?;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use shared::config::{CommonConfig, ConfigError, Secret, Vars};
 use shared::netguard::AllowList;
+use shared::ops::ServerLimits;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
@@ -26,6 +27,14 @@ pub struct Config {
     pub require_signature: bool,
     /// `INGEST_MAX_EVENT_AGE_SECS`, default 0 (off): refuse v3 events older than this.
     pub max_event_age: Option<Duration>,
+    /// `INGEST_MAX_CLOCK_SKEW_SECS`, default 300: with a maximum age set, refuse v3 events whose
+    /// `eventCreated` lies further in the future than this.
+    pub max_clock_skew: Duration,
+    /// `INGEST_HEADER_TIMEOUT_MS` (default 10000) and `INGEST_MAX_CONNECTIONS` (default 1024),
+    /// for both listeners.
+    pub server_limits: ServerLimits,
+    /// `INGEST_BODY_TIMEOUT_MS`, default 10000: the whole body must arrive within this (408).
+    pub body_timeout: Duration,
     /// `DELIVER_ALLOW_NETWORKS`: literal callback addresses the admin API accepts.
     pub allow_networks: AllowList,
 }
@@ -54,6 +63,16 @@ impl Config {
             ));
         }
         let max_age_secs: u64 = vars.parse_or("INGEST_MAX_EVENT_AGE_SECS", 0)?;
+        // Ecwid gives up on an answer after 10 s: a slower request has failed anyway.
+        let header_read_timeout = vars.millis_or("INGEST_HEADER_TIMEOUT_MS", 10_000, 100)?;
+        let body_timeout = vars.millis_or("INGEST_BODY_TIMEOUT_MS", 10_000, 100)?;
+        let max_connections: usize = vars.parse_or("INGEST_MAX_CONNECTIONS", 1024)?;
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(ConfigError::new(
+                "INGEST_MAX_CONNECTIONS",
+                "must be between 1 and 1000000",
+            ));
+        }
         Ok(Self {
             common: CommonConfig::from_vars(vars)?,
             listen: vars.addr_or("INGEST_LISTEN", DEFAULT_LISTEN)?,
@@ -63,6 +82,12 @@ impl Config {
             publish_timeout,
             require_signature: vars.bool_or("INGEST_REQUIRE_SIGNATURE", false)?,
             max_event_age: (max_age_secs > 0).then(|| Duration::from_secs(max_age_secs)),
+            max_clock_skew: Duration::from_secs(vars.parse_or("INGEST_MAX_CLOCK_SKEW_SECS", 300)?),
+            server_limits: ServerLimits {
+                header_read_timeout,
+                max_connections,
+            },
+            body_timeout,
             allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
                 .map_err(|e| ConfigError::new("DELIVER_ALLOW_NETWORKS", e))?,
         })
@@ -84,6 +109,10 @@ mod tests {
         assert_eq!(c.publish_timeout, Duration::from_millis(2000));
         assert!(!c.require_signature);
         assert_eq!(c.max_event_age, None);
+        assert_eq!(c.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(c.server_limits.max_connections, 1024);
+        assert_eq!(c.server_limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_timeout, Duration::from_secs(10));
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
     }
 
@@ -96,6 +125,10 @@ mod tests {
             ("INGEST_MAX_BODY_BYTES", "lots"),
             ("INGEST_PUBLISH_TIMEOUT_MS", "15000"),
             ("INGEST_REQUIRE_SIGNATURE", "perhaps"),
+            ("INGEST_MAX_CLOCK_SKEW_SECS", "-1"),
+            ("INGEST_HEADER_TIMEOUT_MS", "5"),
+            ("INGEST_BODY_TIMEOUT_MS", "soon"),
+            ("INGEST_MAX_CONNECTIONS", "0"),
             ("DELIVER_ALLOW_NETWORKS", "10.0.0.0/40"),
             ("NATS_URL", "http://localhost"),
         ] {

@@ -11,7 +11,7 @@ use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, message::StreamMessage};
 use async_nats::HeaderMap;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,10 +19,10 @@ use base64::Engine as _;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shared::nats::{headers, DEAD_STREAM};
+use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 
-use crate::error::ApiError;
-use crate::AppState;
+use crate::error::{ApiError, ApiPath, ApiQuery};
+use crate::state::AppState;
 
 const JS_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_PAGE: usize = 500;
@@ -85,7 +85,7 @@ impl Filter {
             }
             (None, None) => "*",
         };
-        Ok(format!("ecwid.dead.{stage}.{id}"))
+        Ok(format!("{DEAD_PREFIX}.{stage}.{id}"))
     }
 
     fn time(
@@ -127,7 +127,12 @@ async fn scan(
     let until = filter.time(filter.until.as_deref(), "until")?;
     let deliver_policy = match (filter.after, since) {
         (Some(after), _) => DeliverPolicy::ByStartSequence {
-            start_sequence: after + 1,
+            start_sequence: after.checked_add(1).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    "after is past the last sequence there can be",
+                )
+            })?,
         },
         (None, Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
         (None, None) => DeliverPolicy::All,
@@ -220,7 +225,7 @@ fn describe(m: &StreamMessage, with_payload: bool) -> Value {
 
 async fn list(
     State(state): State<AppState>,
-    Query(filter): Query<Filter>,
+    ApiQuery(filter): ApiQuery<Filter>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = filter.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     let (found, more) = scan(&state, &filter, limit).await?;
@@ -236,14 +241,19 @@ async fn list(
 }
 
 async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> {
+    let missing = || ApiError::NotFound {
+        code: "not_found",
+        message: format!("no dead letter {seq}"),
+    };
+    // Sequences start at 1; JetStream answers 0 with an error, not with "no message".
+    if seq == 0 {
+        return Err(missing());
+    }
     let stream = dead_stream(state).await?;
     match tokio::time::timeout(JS_TIMEOUT, stream.get_raw_message(seq)).await {
         Ok(Ok(m)) => Ok(m),
         Ok(Err(e)) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-            Err(ApiError::NotFound {
-                code: "not_found",
-                message: format!("no dead letter {seq}"),
-            })
+            Err(missing())
         }
         Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
         Err(_) => Err(ApiError::Unavailable("JetStream did not answer".into())),
@@ -252,14 +262,14 @@ async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> 
 
 async fn show(
     State(state): State<AppState>,
-    Path(seq): Path<u64>,
+    ApiPath(seq): ApiPath<u64>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(describe(&get_one(&state, seq).await?, true)))
 }
 
 async fn remove(
     State(state): State<AppState>,
-    Path(seq): Path<u64>,
+    ApiPath(seq): ApiPath<u64>,
 ) -> Result<StatusCode, ApiError> {
     get_one(&state, seq).await?;
     let stream = dead_stream(&state).await?;
@@ -292,6 +302,9 @@ async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?
     };
+    if request.seq == Some(0) || request.seqs.iter().flatten().any(|s| *s == 0) {
+        return Err(ApiError::unprocessable("seq", "sequences start at 1"));
+    }
     let mut seqs: Vec<u64> = request
         .seq
         .into_iter()
@@ -317,7 +330,9 @@ async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value
     for seq in seqs {
         match replay_one(&state, seq).await {
             Ok(()) => replayed.push(seq),
-            Err(e) => failed.push(json!({"seq": seq, "error": e.code(), "message": e.to_string()})),
+            Err(e) => {
+                failed.push(json!({"seq": seq, "error": e.code(), "message": e.public_message()}))
+            }
         }
     }
     tracing::info!(
@@ -334,27 +349,23 @@ async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
     let letter = get_one(state, seq).await?;
     let h = &letter.headers;
     let target = header(h, headers::ORIGINAL_SUBJECT)
-        .filter(|s| s.starts_with("ecwid.raw.") || s.starts_with("ecwid.events."))
+        .filter(|s| shared::nats::is_work_subject(s))
         .ok_or_else(|| {
             ApiError::unprocessable("seq", "the dead letter does not say where it came from")
         })?;
     let mut out = HeaderMap::new();
     headers::carry(h, &mut out);
     out.insert(headers::MSG_ID, format!("replay:{seq}"));
-    out.insert("Ecwid-Replayed-From", seq.to_string());
-    let js = &state.inner.ctx.js;
-    let publish = async {
-        js.publish_with_headers(target, out, letter.payload.clone())
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    };
-    match tokio::time::timeout(JS_TIMEOUT, publish).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(ApiError::Unavailable(e)),
-        Err(_) => return Err(ApiError::Unavailable("no ack from JetStream".into())),
-    }
+    out.insert(headers::REPLAYED_FROM, seq.to_string());
+    shared::nats::publish(
+        &state.inner.ctx.js,
+        target,
+        out,
+        letter.payload.clone(),
+        JS_TIMEOUT,
+    )
+    .await
+    .map_err(|e| ApiError::Unavailable(crate::routes::error_chain(&e)))?;
     let stream = dead_stream(state).await?;
     if let Err(error) = stream.delete_message(seq).await {
         // The republish is stored; a second replay of this letter is dropped as a duplicate.

@@ -1,9 +1,15 @@
 //! Every refusal of the ingest: a status code and a JSON body `{"error", "message"}`. 5xx bodies
-//! say nothing internal.
+//! say nothing internal. [`ApiPath`] and [`ApiQuery`] answer their parse failures the same way,
+//! and [`json_errors`] turns any other error a layer below us writes as text into that shape.
 
-use axum::http::{header, StatusCode};
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +26,9 @@ pub enum ApiError {
     /// 405
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 408: the body did not arrive in time.
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     /// 409: a concurrent change won.
     #[error("{0}")]
     Conflict(String),
@@ -58,6 +67,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -72,11 +82,24 @@ impl ApiError {
             ApiError::BadRequest { code, .. } | ApiError::NotFound { code, .. } => code,
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge { .. } => "too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable { .. } => "invalid_field",
             ApiError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The message a response body carries: the error's own text for a client mistake, nothing
+    /// internal for a 5xx.
+    pub fn public_message(&self) -> String {
+        match self {
+            ApiError::Unavailable(_) => {
+                "temporarily unavailable; nothing was changed or stored; retry later".to_owned()
+            }
+            ApiError::Unprocessable { field, message } => format!("{field}: {message}"),
+            other => other.to_string(),
         }
     }
 
@@ -100,16 +123,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
-            ApiError::Unavailable(_) => json!({
-                "error": self.code(),
-                "message": "the event could not be stored right now; retry later",
-            }),
-            ApiError::Unprocessable { field, message } => json!({
+            ApiError::Unprocessable { field, .. } => json!({
                 "error": self.code(),
                 "field": field,
-                "message": format!("{field}: {message}"),
+                "message": self.public_message(),
             }),
-            other => json!({"error": other.code(), "message": other.to_string()}),
+            other => json!({"error": other.code(), "message": other.public_message()}),
         };
         let mut response = (status, Json(body)).into_response();
         match &self {
@@ -141,4 +160,84 @@ pub async fn not_found() -> ApiError {
 /// 405 for a known path with the wrong method, as JSON.
 pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+impl From<shared::ecwid::ParseError> for ApiError {
+    fn from(e: shared::ecwid::ParseError) -> Self {
+        ApiError::bad_request(e.code(), e.to_string())
+    }
+}
+
+/// `axum::extract::Path`, refusing a malformed path segment with 400 `invalid_path` as JSON.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    }
+}
+
+/// `axum::extract::Query`, refusing a malformed query with 400 `invalid_query` as JSON.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}
+
+/// The last word on error bodies: an error answer that is not JSON (a body-limit 413 from a
+/// layer, an extractor's text rejection) is rewritten into `{"error", "message"}`. A 4xx keeps
+/// its text (it describes the client's mistake); a 5xx says nothing internal.
+pub async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large".to_owned(),
+        StatusCode::BAD_REQUEST => "bad_request".to_owned(),
+        s => s
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+            .replace([' ', '-'], "_"),
+    };
+    let message = if status.is_client_error() {
+        let bytes = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+        if text.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_owned()
+        } else {
+            text
+        }
+    } else {
+        "internal error; it was logged".to_owned()
+    };
+    let body = json!({"error": code, "message": message}).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }

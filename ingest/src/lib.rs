@@ -2,10 +2,11 @@
 //! webhook, 503 (never 4xx) when it cannot, and 4xx only for input no retry can fix.
 //!
 //! - [`config`]: the ingest's environment variables.
+//! - [`state`]: [`state::AppState`], what every handler shares.
 //! - [`error`]: [`error::ApiError`], every refusal as a status code and a JSON body.
 //! - [`metrics`]: request, publish and verification metrics.
-//! - [`parse`]: Ecwid REST v3 JSON and legacy ION form bodies → what routing needs (pure).
-//! - [`verify`]: `X-Ecwid-Webhook-Signature` (pure).
+//! - [`verify`]: Ecwid's signature and who may send events for a store (pure). Parsing the
+//!   bodies is [`shared::ecwid`]'s, shared with the normalizer.
 //! - [`routes`]: the webhook endpoints and the publish to `ECWID_RAW`.
 //! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
@@ -15,30 +16,16 @@ pub mod config;
 pub mod dead_letters;
 pub mod error;
 pub mod metrics;
-pub mod parse;
 pub mod routes;
+pub mod state;
 pub mod verify;
-
-use std::sync::Arc;
 
 use shared::service::ServiceContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-
-/// Shared by every handler.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-pub struct Inner {
-    pub config: Config,
-    pub ctx: ServiceContext,
-    pub metrics: metrics::Metrics,
-}
+pub use state::AppState;
 
 /// The two listeners: webhooks (public) and admin + ops (internal).
 #[derive(Debug)]
@@ -58,13 +45,8 @@ pub async fn run(
     let ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
     let metrics = metrics::Metrics::register(&ctx.registry);
     let grace = config.common.shutdown_grace;
-    let state = AppState {
-        inner: Arc::new(Inner {
-            config,
-            ctx,
-            metrics,
-        }),
-    };
+    let limits = config.server_limits;
+    let state = AppState::new(config, ctx, metrics);
     let webhooks = routes::router(state.clone());
     let admin =
         admin::router(state.clone()).merge(shared::ops::router(state.inner.ctx.ops_state()));
@@ -75,8 +57,8 @@ pub async fn run(
     );
     let servers = async {
         let (a, b) = tokio::join!(
-            shared::ops::serve(listeners.webhooks, webhooks, cancel.clone()),
-            shared::ops::serve(listeners.admin, admin, cancel.clone()),
+            shared::ops::serve_with(listeners.webhooks, webhooks, limits, cancel.clone()),
+            shared::ops::serve_with(listeners.admin, admin, limits, cancel.clone()),
         );
         a.and(b)
     };

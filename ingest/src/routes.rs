@@ -1,7 +1,10 @@
 //! The webhook endpoints: `POST /events/ecwid` and its Open Connectors alias. A request is
-//! answered 200 only after JetStream acknowledged the publish to `ecwid.raw.<storeId>`.
+//! read (bounded in size and time), parsed by [`shared::ecwid`], routed to its store's
+//! instances, checked by [`crate::verify`], and answered 200 only after JetStream acknowledged
+//! the publish to `ecwid.raw.<storeId>`.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap as NatsHeaders;
 use axum::body::{Body, Bytes};
@@ -11,24 +14,30 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
+use shared::directory::Directory;
+use shared::ecwid::{self, Format};
+use shared::instance::Instance;
 use shared::nats::{headers, raw_subject};
 use tracing::Instrument;
 
+use crate::config::Config;
 use crate::error::{self, ApiError};
-use crate::parse::{self, Format};
-use crate::verify;
-use crate::AppState;
+use crate::state::AppState;
+use crate::verify::{self, Claim};
 
 pub const WEBHOOK_PATH: &str = "/events/ecwid";
 pub const OPEN_CONNECTORS_PATH: &str = "/elements/api-v2/events/ecwid";
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let panics = state.inner.ctx.common.http_panics.clone();
+    let router = Router::new()
         .route(WEBHOOK_PATH, post(receive))
         .route(OPEN_CONNECTORS_PATH, post(receive))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .with_state(state)
+        .layer(axum::middleware::from_fn(error::json_errors))
+        .with_state(state);
+    shared::ops::catch_panics(router, panics)
 }
 
 /// What the ingest learned of a request before publishing it.
@@ -114,21 +123,34 @@ async fn accept(
     format_label: &mut &'static str,
 ) -> Result<Accepted, ApiError> {
     let config = &state.inner.config;
+    let unsupported = |ct: String| {
+        ApiError::UnsupportedMediaType(format!(
+            "content type `{ct}` is not accepted: send application/json (Ecwid webhooks) or \
+             application/x-www-form-urlencoded (Instant Order Notifications)"
+        ))
+    };
     let content_type = request_headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     // With a content type the format is known (or refused) before the body is read; without
     // one it is sniffed from the body.
     let declared = content_type
-        .map(|ct| parse::detect_format(Some(ct), &[]))
+        .as_deref()
+        .map(|ct| Format::of_request(Some(ct), &[]).map_err(unsupported))
         .transpose()?;
     if let Some(f) = declared {
         *format_label = f.as_str();
     }
-    let body = read_body(request_headers, body, config.max_body_bytes).await?;
+    let body = read_body(
+        request_headers,
+        body,
+        config.max_body_bytes,
+        config.body_timeout,
+    )
+    .await?;
     let format = match declared {
         Some(f) => f,
-        None => parse::detect_format(None, &body)?,
+        None => Format::of_request(None, &body).map_err(unsupported)?,
     };
     *format_label = format.as_str();
     let directory = &state.inner.ctx.directory;
@@ -137,77 +159,41 @@ async fn accept(
     }
     let accepted = match format {
         Format::V3 => {
-            let head = parse::parse_v3(&body)?;
-            if let Some(max_age) = config.max_event_age {
-                let age = shared::time_fmt::now_unix_ms() / 1000 - head.event_created;
-                if age > max_age.as_secs() as i64 {
-                    return Err(ApiError::bad_request(
-                        "stale_event",
-                        format!(
-                            "eventCreated is {age} s old, over INGEST_MAX_EVENT_AGE_SECS ({} s)",
-                            max_age.as_secs()
-                        ),
-                    ));
-                }
-            }
-            let instances = directory.for_store(&head.store_id);
-            if instances.is_empty() {
-                return Err(unknown_store(&head.store_id));
-            }
-            let secrets: Vec<&str> = instances.iter().filter_map(|i| i.client_secret()).collect();
-            let verified = if secrets.is_empty() {
-                false
-            } else {
-                let signature = request_headers
-                    .get(verify::SIGNATURE_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| {
-                        ApiError::Unauthorized("X-Ecwid-Webhook-Signature is missing".into())
-                    })?;
-                if !verify::verify(
-                    secrets,
-                    &head.event_created.to_string(),
-                    &head.event_id,
-                    signature,
-                ) {
-                    return Err(ApiError::Unauthorized(
-                        "X-Ecwid-Webhook-Signature does not match the store's client secret".into(),
-                    ));
-                }
-                true
+            let event = ecwid::parse_v3(&body)?;
+            check_event_time(config, event.event_created)?;
+            let instances = instances_of(directory, &event.store_id)?;
+            let signature = request_headers
+                .get(verify::SIGNATURE_HEADER)
+                .and_then(|v| v.to_str().ok());
+            let claim = Claim::V3 {
+                event_created: event.event_created,
+                event_id: &event.event_id,
+                signature,
             };
+            let verified = verify::check(&instances, claim, config.require_signature)?;
+            let (msg_id, store_id) = (event.msg_id(), event.store_id);
             Accepted {
                 format,
-                msg_id: parse::v3_msg_id(&head),
-                store_id: head.store_id,
+                msg_id,
+                store_id,
                 verified,
                 payload: body,
             }
         }
         Format::Ion => {
-            let ion = parse::parse_ion(&body)?;
-            if directory.for_store(&ion.store_id).is_empty() {
-                return Err(unknown_store(&ion.store_id));
-            }
+            let ion = ecwid::parse_ion_form(&body)?;
+            let instances = instances_of(directory, &ion.store_id)?;
+            let verified = verify::check(&instances, Claim::Ion, config.require_signature)?;
             Accepted {
                 format,
                 msg_id: ion.msg_id(),
                 payload: Bytes::from(ion.to_json()),
                 store_id: ion.store_id,
-                verified: false,
+                verified,
             }
         }
     };
     if !accepted.verified {
-        if config.require_signature {
-            return Err(ApiError::Unauthorized(format!(
-                "unsigned events are refused (INGEST_REQUIRE_SIGNATURE=true){}",
-                match format {
-                    Format::V3 => "; give the store's instance an ecwid.client.secret",
-                    Format::Ion => "; Instant Order Notifications carry no signature",
-                }
-            )));
-        }
         state
             .inner
             .metrics
@@ -218,19 +204,57 @@ async fn accept(
     Ok(accepted)
 }
 
-fn unknown_store(store_id: &str) -> ApiError {
-    ApiError::NotFound {
-        code: "unknown_store",
-        message: format!("no instance is configured for store {store_id}"),
+/// With `INGEST_MAX_EVENT_AGE_SECS` set, refuses events older than that, and events dated further
+/// in the future than `INGEST_MAX_CLOCK_SKEW_SECS` (a replayed signature cannot dodge the age
+/// limit with a future date).
+fn check_event_time(config: &Config, event_created: i64) -> Result<(), ApiError> {
+    let Some(max_age) = config.max_event_age else {
+        return Ok(());
+    };
+    let now = shared::time_fmt::now_unix_ms() / 1000;
+    let age = now - event_created;
+    if age > max_age.as_secs() as i64 {
+        return Err(ApiError::bad_request(
+            "stale_event",
+            format!(
+                "eventCreated is {age} s old, over INGEST_MAX_EVENT_AGE_SECS ({} s)",
+                max_age.as_secs()
+            ),
+        ));
     }
+    if -age > config.max_clock_skew.as_secs() as i64 {
+        return Err(ApiError::bad_request(
+            "future_event",
+            format!(
+                "eventCreated is {} s in the future, over INGEST_MAX_CLOCK_SKEW_SECS ({} s)",
+                -age,
+                config.max_clock_skew.as_secs()
+            ),
+        ));
+    }
+    Ok(())
 }
 
-/// Reads the body, refusing it (413) as soon as it passes `limit`: from Content-Length when the
-/// client sends one, and while streaming otherwise.
+/// The store's instances, or 404 `unknown_store`.
+fn instances_of(directory: &Directory, store_id: &str) -> Result<Vec<Arc<Instance>>, ApiError> {
+    let instances = directory.for_store(store_id);
+    if instances.is_empty() {
+        return Err(ApiError::NotFound {
+            code: "unknown_store",
+            message: format!("no instance is configured for store {store_id}"),
+        });
+    }
+    Ok(instances)
+}
+
+/// Reads the body, refusing it (413) as soon as it passes `limit` (from Content-Length when the
+/// client sends one, and while streaming otherwise), and (408) when it has not arrived within
+/// `timeout`.
 async fn read_body(
     request_headers: &HeaderMap,
     body: Body,
     limit: usize,
+    timeout: Duration,
 ) -> Result<Bytes, ApiError> {
     let declared = request_headers
         .get(header::CONTENT_LENGTH)
@@ -239,7 +263,10 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::TooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::RequestTimeout(timeout))?;
+    read.map_err(|e| {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if s.is::<http_body_util::LengthLimitError>() {
@@ -271,27 +298,34 @@ async fn publish(
     h.insert(headers::REQUEST_ID, request_id);
     h.insert(headers::STORE_ID, accepted.store_id.as_str());
     h.insert(headers::TRACEPARENT, traceparent);
-    let js = &state.inner.ctx.js;
-    let timeout = state.inner.config.publish_timeout;
     let started = Instant::now();
-    let publish = async {
-        js.publish_with_headers(raw_subject(&accepted.store_id), h, accepted.payload)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    };
-    let ack = match tokio::time::timeout(timeout, publish).await {
-        Ok(Ok(ack)) => ack,
-        Ok(Err(cause)) => return Err(ApiError::Unavailable(cause)),
-        Err(_) => return Err(ApiError::Unavailable(format!("no ack within {timeout:?}"))),
-    };
+    let ack = shared::nats::publish(
+        &state.inner.ctx.js,
+        raw_subject(&accepted.store_id),
+        h,
+        accepted.payload,
+        state.inner.config.publish_timeout,
+    )
+    .await
+    .map_err(|e| ApiError::Unavailable(error_chain(&e)))?;
     state
         .inner
         .metrics
         .publish_duration
         .observe(started.elapsed().as_secs_f64());
     Ok(ack.duplicate)
+}
+
+/// An error and its causes, for a log line.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The caller's `X-Request-Id` when it is short and printable, otherwise a new one.

@@ -1,10 +1,24 @@
-//! Ecwid's webhook signature: `X-Ecwid-Webhook-Signature` =
-//! base64(HMAC-SHA256(key = the app's client secret, message = `"{eventCreated}.{eventId}"`)).
-//! It does not cover the body.
+//! Who may send events for a store: Ecwid's webhook signature and the rules around it. Pure.
+//!
+//! `X-Ecwid-Webhook-Signature` = base64(HMAC-SHA256(key = the app's client secret, message =
+//! `"{eventCreated}.{eventId}"`)). It does not cover the body.
+//!
+//! The rules, for the instances of the event's store:
+//! - a v3 webhook must carry a signature matching one of their client secrets when any of them
+//!   holds one (`ecwid.client.secret`); otherwise it is accepted unverified;
+//! - an Instant Order Notification carries no signature: it is accepted (unverified) only when
+//!   some instance takes unverified events, i.e. has no client secret or opts in with
+//!   `ecwid.ion.unsigned.allowed`;
+//! - with `INGEST_REQUIRE_SIGNATURE=true`, nothing unverified is accepted.
+
+use std::sync::Arc;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use shared::instance::{keys, Instance};
+
+use crate::error::ApiError;
 
 pub const SIGNATURE_HEADER: &str = "x-ecwid-webhook-signature";
 
@@ -40,6 +54,70 @@ pub fn verify<'a>(
     })
 }
 
+/// What the rules are applied to.
+#[derive(Debug, Clone, Copy)]
+pub enum Claim<'a> {
+    /// A v3 webhook: its `eventCreated`, `eventId` and the signature header, if sent.
+    V3 {
+        event_created: i64,
+        event_id: &'a str,
+        signature: Option<&'a str>,
+    },
+    /// An Instant Order Notification.
+    Ion,
+}
+
+/// Applies the rules to an event of a store with `instances` (at least one). `Ok(verified)`, or
+/// 401 saying what is missing.
+pub fn check(
+    instances: &[Arc<Instance>],
+    claim: Claim<'_>,
+    require_signature: bool,
+) -> Result<bool, ApiError> {
+    let verified = match claim {
+        Claim::V3 {
+            event_created,
+            event_id,
+            signature,
+        } => {
+            let secrets: Vec<&str> = instances.iter().filter_map(|i| i.client_secret()).collect();
+            if secrets.is_empty() {
+                false
+            } else {
+                let signature = signature.ok_or_else(|| {
+                    ApiError::Unauthorized("X-Ecwid-Webhook-Signature is missing".into())
+                })?;
+                if !verify(secrets, &event_created.to_string(), event_id, signature) {
+                    return Err(ApiError::Unauthorized(
+                        "X-Ecwid-Webhook-Signature does not match the store's client secret".into(),
+                    ));
+                }
+                true
+            }
+        }
+        Claim::Ion => {
+            if !instances.iter().any(|i| i.accepts_unverified()) {
+                return Err(ApiError::Unauthorized(format!(
+                    "Instant Order Notifications carry no signature and this store's instances \
+                     hold an ecwid.client.secret; set {} to \"true\" on an instance to take them",
+                    keys::ION_UNSIGNED_ALLOWED
+                )));
+            }
+            false
+        }
+    };
+    if !verified && require_signature {
+        return Err(ApiError::Unauthorized(format!(
+            "unsigned events are refused (INGEST_REQUIRE_SIGNATURE=true){}",
+            match claim {
+                Claim::V3 { .. } => "; give the store's instance an ecwid.client.secret",
+                Claim::Ion => "; Instant Order Notifications carry no signature",
+            }
+        )));
+    }
+    Ok(verified)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +147,73 @@ mod tests {
         ));
         assert!(!verify([SECRET], CREATED, ID, "not base64!"));
         assert!(!verify([], CREATED, ID, SIGNATURE));
+    }
+
+    fn instance(config: &[(&str, &str)]) -> Arc<Instance> {
+        let mut i: Instance = serde_json::from_str(r#"{"configuration":{"ecwid.store.id":"1"}}"#)
+            .expect("instance JSON");
+        for (k, v) in config {
+            i.configuration.insert((*k).into(), (*v).into());
+        }
+        Arc::new(i)
+    }
+
+    fn v3(signature: Option<&str>) -> Claim<'_> {
+        Claim::V3 {
+            event_created: 1234567,
+            event_id: ID,
+            signature,
+        }
+    }
+
+    #[test]
+    fn the_rules() {
+        let plain = instance(&[]);
+        let secret = instance(&[(keys::CLIENT_SECRET, SECRET)]);
+        let opted_in = instance(&[
+            (keys::CLIENT_SECRET, SECRET),
+            (keys::ION_UNSIGNED_ALLOWED, "true"),
+        ]);
+        let unauthorized = |r: Result<bool, ApiError>| matches!(r, Err(ApiError::Unauthorized(_)));
+        // No secret: accepted unverified, unless signatures are required.
+        assert_eq!(
+            check(std::slice::from_ref(&plain), v3(None), false).ok(),
+            Some(false)
+        );
+        assert!(unauthorized(check(
+            std::slice::from_ref(&plain),
+            v3(None),
+            true
+        )));
+        // A secret: the signature must match.
+        assert_eq!(
+            check(std::slice::from_ref(&secret), v3(Some(SIGNATURE)), true).ok(),
+            Some(true)
+        );
+        assert!(unauthorized(check(
+            std::slice::from_ref(&secret),
+            v3(None),
+            false
+        )));
+        assert!(unauthorized(check(
+            std::slice::from_ref(&secret),
+            v3(Some("eA==")),
+            false
+        )));
+        // ION: refused for a store whose instances all hold a secret, unless one opts in.
+        assert!(unauthorized(check(
+            std::slice::from_ref(&secret),
+            Claim::Ion,
+            false
+        )));
+        assert_eq!(
+            check(std::slice::from_ref(&plain), Claim::Ion, false).ok(),
+            Some(false)
+        );
+        assert_eq!(
+            check(&[secret.clone(), opted_in.clone()], Claim::Ion, false).ok(),
+            Some(false)
+        );
+        assert!(unauthorized(check(&[opted_in], Claim::Ion, true)));
     }
 }

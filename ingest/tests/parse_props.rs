@@ -1,16 +1,16 @@
-//! Property tests for what the ingest reads of a request body: no input panics
-//! [`parse::detect_format`], [`parse::parse_v3`] or [`parse::parse_ion`], and every refusal is a
-//! 4xx (Ecwid would retry a 5xx for 24 hours; input no retry can fix must be a 4xx). And what the
-//! ingest accepts (answers 200 for), the normalizer can normalize: otherwise Ecwid is told "stored"
-//! for an event that ends in the dead-letter stream.
+//! Property tests for what the ingest reads of a request body with [`shared::ecwid`]: no input
+//! panics [`Format::of_request`], [`ecwid::parse_v3`] or [`ecwid::parse_ion_form`], and every
+//! refusal is a 4xx (Ecwid would retry a 5xx for 24 hours; input no retry can fix must be a 4xx).
+//! What the ingest accepts, the normalizer reads with the same functions; for ION the normalizer
+//! reads the canonical JSON the ingest stores, so that round trip must give back the same
+//! notification, and any value the ingest puts in a NATS header must be one NATS takes.
 //!
 //! More cases: `PROPTEST_CASES=20000 cargo test -p ingest --test parse_props`.
 
 use ingest::error::ApiError;
-use ingest::parse::{self, Format};
-use normalizer::normalize;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
+use shared::ecwid::{self, Format};
 use shared::strategies::{any_json, webhook_like};
 
 const ION_NAMES: &[&str] = &[
@@ -81,99 +81,70 @@ fn content_type() -> impl Strategy<Value = Option<String>> {
     ]
 }
 
-fn is_4xx(e: &ApiError) -> Result<(), TestCaseError> {
+fn is_4xx(e: ApiError) -> Result<(), TestCaseError> {
     let status = e.status();
     prop_assert!(status.is_client_error(), "{status} for {e}");
     prop_assert!(!e.to_string().is_empty());
     Ok(())
 }
 
-/// What every outcome of `parse_v3` must satisfy: a 4xx refusal or routable fields.
+/// A value the ingest puts in a NATS header: async-nats panics on CR or LF.
+fn header_safe(v: &str) -> bool {
+    !v.contains(['\r', '\n'])
+}
+
+/// What every outcome of `parse_v3` must satisfy: a 4xx refusal or routable, header-safe fields.
 fn check_v3(body: &[u8]) -> Result<(), TestCaseError> {
-    match parse::parse_v3(body) {
-        Err(e) => is_4xx(&e)?,
-        Ok(head) => {
-            prop_assert!(
-                !head.store_id.is_empty() && head.store_id.bytes().all(|b| b.is_ascii_digit())
-            );
-            prop_assert!(head.event_created >= 0);
-            prop_assert!(!head.event_id.trim().is_empty() && !head.event_type.trim().is_empty());
+    match ecwid::parse_v3(body) {
+        Err(e) => is_4xx(e.into())?,
+        Ok(event) => {
+            prop_assert!(ecwid::is_store_id(&event.store_id));
+            prop_assert!(shared::nats::is_subject_token(&event.store_id));
+            prop_assert!(event.event_created >= 0);
+            prop_assert!(!event.event_id.trim().is_empty() && !event.event_type.trim().is_empty());
+            prop_assert!(header_safe(&event.msg_id()), "{:?}", event.msg_id());
+            prop_assert!(shared::time_fmt::unix_secs_to_rfc3339(event.event_created).is_some());
         }
     }
     Ok(())
 }
 
-/// What every outcome of `parse_ion` must satisfy: a 4xx refusal, or a store, an event type, an
-/// order and a body for the normalizer that is an object of strings, with a stable message id.
+/// What every outcome of `parse_ion_form` must satisfy: a 4xx refusal, or a store, an event
+/// type, an order and a stored body for the normalizer that reads back as the same notification
+/// under the same id.
 fn check_ion(body: &[u8]) -> Result<(), TestCaseError> {
-    match parse::parse_ion(body) {
-        Err(e) => is_4xx(&e)?,
+    match ecwid::parse_ion_form(body) {
+        Err(e) => is_4xx(e.into())?,
         Ok(ion) => {
-            prop_assert!(
-                !ion.store_id.is_empty() && ion.store_id.bytes().all(|b| b.is_ascii_digit())
-            );
+            prop_assert!(ecwid::is_store_id(&ion.store_id));
             prop_assert!(!ion.event_type.is_empty() && !ion.order_id.is_empty());
-            let object: Map<String, Value> = serde_json::from_slice(&ion.to_json())
-                .map_err(|e| TestCaseError::fail(format!("published body not an object: {e}")))?;
+            let stored = ion.to_json();
+            let object: Map<String, Value> = serde_json::from_slice(&stored)
+                .map_err(|e| TestCaseError::fail(format!("stored body not an object: {e}")))?;
             prop_assert!(object.values().all(Value::is_string));
-            let again = parse::parse_ion(body)
-                .map(|i| i.msg_id())
-                .unwrap_or_default();
-            prop_assert_eq!(ion.msg_id(), again);
+            let read_back = ecwid::parse_ion_json(&stored).map_err(|e| {
+                TestCaseError::fail(format!(
+                    "the normalizer refuses what the ingest stored: {e}"
+                ))
+            })?;
+            prop_assert_eq!(&read_back, &ion);
+            prop_assert_eq!(read_back.msg_id(), ion.msg_id());
+            prop_assert!(header_safe(&ion.msg_id()));
         }
     }
-    Ok(())
-}
-
-/// A v3 body the ingest accepts (answers 200 for) is one the normalizer normalizes, for the same
-/// store and with the same event key.
-fn accepted_v3_normalizes(body: &[u8]) -> Result<(), TestCaseError> {
-    let Ok(head) = parse::parse_v3(body) else {
-        return Ok(());
-    };
-    let n = normalize::normalize_v3(body).map_err(|e| {
-        TestCaseError::fail(format!(
-            "the ingest accepts {:?} but the normalizer refuses it: {e}",
-            String::from_utf8_lossy(body)
-        ))
-    })?;
-    prop_assert!(
-        normalize::raw_value(body).is_ok(),
-        "the ingest accepts {:?} but its raw value is refused",
-        String::from_utf8_lossy(body)
-    );
-    prop_assert_eq!(&n.store_id, &head.store_id);
-    prop_assert_eq!(n.event_key, parse::v3_msg_id(&head));
-    Ok(())
-}
-
-/// An ION form the ingest accepts and routes to `ecwid.raw.<store_id>` is one the normalizer
-/// reads as the same store (whose instances it fans out to) and the same order.
-fn accepted_ion_normalizes_alike(body: &str) -> Result<(), TestCaseError> {
-    let Ok(ion) = parse::parse_ion(body.as_bytes()) else {
-        return Ok(());
-    };
-    let n =
-        normalize::normalize_ion(&ion.to_json(), Some(&ion.msg_id()), Some(0)).map_err(|e| {
-            TestCaseError::fail(format!("the ingest accepts {body:?}; the normalizer: {e}"))
-        })?;
-    prop_assert_eq!(&n.store_id, &ion.store_id, "{:?}", body);
-    prop_assert_eq!(&n.event.object_id, &ion.order_id, "{:?}", body);
     Ok(())
 }
 
 proptest! {
     #[test]
-    fn detect_format_never_panics_and_refuses_with_415(
+    fn format_detection_never_panics_and_refuses_only_a_content_type(
         ct in content_type(),
         body in prop::collection::vec(any::<u8>(), 0..64),
     ) {
-        match parse::detect_format(ct.as_deref(), &body) {
+        match Format::of_request(ct.as_deref(), &body) {
             Ok(Format::V3 | Format::Ion) => {}
-            Err(e) => {
-                is_4xx(&e)?;
-                prop_assert_eq!(e.status().as_u16(), 415);
-                prop_assert!(ct.is_some(), "refused without a content type");
+            Err(refused) => {
+                prop_assert_eq!(Some(refused), ct, "refused without a content type");
             }
         }
     }
@@ -222,48 +193,32 @@ proptest! {
         check_ion(body.as_bytes())?;
     }
 
-    #[test]
-    fn accepted_webhooks_always_normalize(
-        value in webhook_like(),
-        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
-    ) {
-        let mut body = value.to_string().into_bytes();
-        for (at, byte) in edits {
-            let i = at.index(body.len());
-            body[i] = byte;
-        }
-        accepted_v3_normalizes(&body)?;
-    }
-
-    #[test]
-    fn accepted_forms_normalize_to_the_same_store_and_order(body in form_like()) {
-        accepted_ion_normalizes_alike(&body)?;
-    }
 }
 
 /// Each body here once got a 200 from the ingest and was then dead-lettered (or misrouted) by the
-/// normalizer: the ingest must refuse it, or read it as the normalizer does.
+/// normalizer, or panicked the handler: the one parser refuses it now, naming what is wrong.
 #[test]
-fn what_the_ingest_accepts_the_normalizer_takes() {
-    let v3: [&[u8]; 3] = [
+fn what_the_normalizer_could_not_take_is_refused() {
+    let cases: [(&[u8], &str); 6] = [
         // eventCreated past year 9999: no date for the envelope.
-        br#"{"eventId":"e-1","eventCreated":253402300800,"storeId":1003,"eventType":"order.created"}"#,
+        (br#"{"eventId":"e-1","eventCreated":253402300800,"storeId":1003,"eventType":"order.created"}"#, "eventCreated"),
         // A positional array: serde fills struct fields from a sequence.
-        br#"["e-1",1234567,1003,"order.created"]"#,
+        (br#"["e-1",1234567,1003,"order.created"]"#, "JSON object"),
         // Invalid UTF-8 inside a member the ingest does not read.
-        b"{\"eventId\":\"e-1\",\"eventCreated\":1234567,\"storeId\":1003,\"eventType\":\"order.created\",\"note\":\"\xff\"}",
+        (b"{\"eventId\":\"e-1\",\"eventCreated\":1234567,\"storeId\":1003,\"eventType\":\"order.created\",\"note\":\"\xff\"}", "UTF-8"),
+        // Repeated members: the normalizer read the other one.
+        (br#"{"eventId":"e-1","eventCreated":1,"storeId":1003,"eventType":"order.created","entityId":1,"entityId":2}"#, "entityId"),
+        (br#"{"eventId":"e-1","eventCreated":1,"storeId":1003,"storeId":9999,"eventType":"order.created"}"#, "storeId"),
+        // A CR/LF in the event id once reached a NATS header and panicked the handler.
+        (b"{\"eventId\":\"e-1\\r\\nX: y\",\"eventCreated\":1,\"storeId\":1003,\"eventType\":\"order.created\"}", "eventId"),
     ];
-    let mut failures: Vec<String> = v3
-        .into_iter()
-        .filter_map(|body| accepted_v3_normalizes(body).err())
-        .map(|e| e.to_string())
-        .collect();
-    // Routed to store 1003 by the ingest, fanned out to store 9999's instances by the normalizer.
-    let form = "owner_id=1003&event_type=new_order&order_id=42&owner_id=9999&order_id=43";
-    failures.extend(
-        accepted_ion_normalizes_alike(form)
-            .err()
-            .map(|e| e.to_string()),
-    );
-    assert!(failures.is_empty(), "{failures:#?}");
+    for (body, says) in cases {
+        let err = ecwid::parse_v3(body).expect_err(&String::from_utf8_lossy(body));
+        assert!(err.to_string().contains(says), "{err} should say {says}");
+        assert!(ApiError::from(err).status().is_client_error());
+    }
+    // Routed to store 1003, fanned out to store 9999's instances: a repeated owner_id is refused.
+    let form = b"owner_id=1003&event_type=new_order&order_id=42&owner_id=9999&order_id=43";
+    let err = ecwid::parse_ion_form(form).unwrap_err();
+    assert!(err.to_string().contains("owner_id"), "{err}");
 }

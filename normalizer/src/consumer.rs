@@ -9,6 +9,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use shared::dead::{self, DeadLetter, Stage};
+use shared::ecwid::{Format, ParseError};
 use shared::instance::Instance;
 use shared::nats::{events_subject, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM};
 use shared::service::ServiceContext;
@@ -85,18 +86,11 @@ fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     h.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
-/// Parses a raw message. The format comes from the ingest's header (v3 when absent).
-pub fn parse(
-    payload: &[u8],
-    h: Option<&HeaderMap>,
-) -> Result<Normalized, normalize::NormalizeError> {
+/// Normalizes a raw message. The format comes from the ingest's header (v3 when absent).
+pub fn parse<'a>(payload: &'a [u8], h: Option<&HeaderMap>) -> Result<Normalized<'a>, ParseError> {
     let received_at = header(h, headers::RECEIVED_AT).and_then(|v| v.parse().ok());
-    let msg_id = header(h, headers::ORIGINAL_MSG_ID).or_else(|| header(h, headers::MSG_ID));
-    match header(h, headers::FORMAT).unwrap_or("v3") {
-        "v3" => normalize::normalize_v3(payload),
-        "ion" => normalize::normalize_ion(payload, msg_id, received_at),
-        other => Err(normalize::NormalizeError::Format(other.to_owned())),
-    }
+    let format = Format::from_header(header(h, headers::FORMAT))?;
+    normalize::normalize(format, payload, received_at)
 }
 
 impl Worker {
@@ -115,16 +109,7 @@ impl Worker {
             Ok(n) => n,
             Err(e) => {
                 return Outcome::Dead {
-                    reason: e.reason(),
-                    error: e.to_string(),
-                }
-            }
-        };
-        let raw = match normalize::raw_value(&message.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                return Outcome::Dead {
-                    reason: e.reason(),
+                    reason: "unparseable",
                     error: e.to_string(),
                 }
             }
@@ -136,17 +121,23 @@ impl Worker {
                 error: format!("store {} has no instance", normalized.store_id),
             };
         }
+        let verified = header(h, headers::VERIFIED) == Some("true");
         let targets: Vec<&Arc<Instance>> = instances
             .iter()
-            .filter(|i| i.events_enabled() && i.accepts_object(&normalized.event.object_type))
+            .filter(|i| {
+                i.events_enabled()
+                    && i.accepts_object(&normalized.event.object_type)
+                    && (verified || i.accepts_unverified())
+            })
             .collect();
         if targets.is_empty() {
             return Outcome::Ack {
                 outcome: "filtered",
             };
         }
+        let timeout = self.config.publish_timeout;
         let publishes = targets.iter().map(|instance| {
-            let envelope = normalize::envelope(&normalized, &instance.id, raw);
+            let envelope = normalize::envelope(&normalized, &instance.id, verified);
             let mut out = HeaderMap::new();
             out.insert(headers::MSG_ID, envelope.message.event_id.as_str());
             out.insert(headers::INSTANCE_ID, instance.id.as_str());
@@ -162,36 +153,29 @@ impl Worker {
                 }
             }
             let subject = events_subject(&instance.id);
-            let js = &self.ctx.js;
-            async move {
-                js.publish_with_headers(subject, out, envelope.to_json().into())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            shared::nats::publish(
+                &self.ctx.js,
+                subject,
+                out,
+                envelope.to_json().into(),
+                timeout,
+            )
         });
-        let timeout = self.config.publish_timeout;
-        match tokio::time::timeout(timeout, futures::future::join_all(publishes)).await {
-            Err(_) => Outcome::Retry {
+        let results = futures::future::join_all(publishes).await;
+        match results.into_iter().find_map(Result::err) {
+            Some(error) => Outcome::Retry {
                 delay: retry_delay(message),
-                error: format!("envelopes not acknowledged within {timeout:?}"),
+                error: error.to_string(),
             },
-            Ok(results) => match results.into_iter().find_map(Result::err) {
-                Some(error) => Outcome::Retry {
-                    delay: retry_delay(message),
-                    error,
-                },
-                None => {
-                    self.metrics
-                        .envelopes
-                        .with_label_values(&[normalized.event.event_type.as_str()])
-                        .inc_by(targets.len() as u64);
-                    Outcome::Ack {
-                        outcome: "normalized",
-                    }
+            None => {
+                self.metrics
+                    .envelopes
+                    .with_label_values(&[normalized.event.event_type.as_str()])
+                    .inc_by(targets.len() as u64);
+                Outcome::Ack {
+                    outcome: "normalized",
                 }
-            },
+            }
         }
     }
 

@@ -78,15 +78,8 @@ pub async fn publish(
         h.insert(name, header_safe(&value));
     }
     let subject = dead_subject(letter.stage.as_str(), letter.id);
-    let ack = js
-        .publish_with_headers(subject, h, letter.payload)
-        .await
-        .map_err(Error::jetstream)?;
-    match tokio::time::timeout(timeout, ack).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(Error::jetstream(e)),
-        Err(_) => Err(Error::Timeout(timeout)),
-    }
+    crate::nats::publish(js, subject, h, letter.payload, timeout).await?;
+    Ok(())
 }
 
 /// A header value: one line, at most 512 bytes.

@@ -1,7 +1,7 @@
 //! The Open Connectors envelope: what a callback receives.
 //!
 //! ```json
-//! {"message": {"eventId": "…", "instanceId": "…", "elementKey": "ecwid",
+//! {"message": {"eventId": "…", "instanceId": "…", "elementKey": "ecwid", "verified": true,
 //!   "events": [{"eventType": "UPDATED", "objectType": "orders", "objectId": "XJ12H",
 //!               "elementKey": "ecwid", "date": "2026-11-22T10:15:00Z"}],
 //!   "raw": { …the Ecwid payload exactly as received… }}}
@@ -48,6 +48,9 @@ pub struct Message {
     pub event_id: String,
     pub instance_id: String,
     pub element_key: String,
+    /// Whether the ingest checked Ecwid's signature on this event (`false` for unsigned stores
+    /// and for Instant Order Notifications, which Ecwid does not sign).
+    pub verified: bool,
     pub events: Vec<Event>,
     /// The provider's payload, byte for byte.
     pub raw: Box<RawValue>,

@@ -17,6 +17,8 @@ pub enum Error {
     },
     #[error("JetStream request failed: {0}")]
     JetStream(String),
+    #[error(transparent)]
+    Publish(#[from] crate::nats::PublishError),
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
     #[error("start-up was cancelled")]
@@ -28,7 +30,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Connect { .. } | Error::JetStream(_) | Error::Timeout(_)
+            Error::Connect { .. } | Error::JetStream(_) | Error::Publish(_) | Error::Timeout(_)
         )
     }
 

@@ -37,6 +37,19 @@ pub mod keys {
     pub const OBJECTS: &str = "event.objects";
     /// Retry schedule override for this instance (`5s,1m,10m`).
     pub const RETRY_SCHEDULE: &str = "event.notification.retry.schedule";
+    /// `"true"`: this instance takes Instant Order Notifications although it holds a client
+    /// secret. ION posts carry no signature, so without this a store with a secret refuses them.
+    pub const ION_UNSIGNED_ALLOWED: &str = "ecwid.ion.unsigned.allowed";
+}
+
+/// Bounds on what an instance may hold, so a mistake is a 422 and not a bucket write that fails.
+pub mod limits {
+    pub const NAME_CHARS: usize = 200;
+    pub const TAGS: usize = 50;
+    pub const TAG_CHARS: usize = 100;
+    pub const CONFIG_KEYS: usize = 100;
+    pub const KEY_CHARS: usize = 100;
+    pub const VALUE_CHARS: usize = 4096;
 }
 
 /// What a secret value looks like in a response. Sending it back in a PATCH keeps the old value.
@@ -145,6 +158,16 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// Whether this instance takes events whose Ecwid signature was not checked: yes without a
+    /// client secret; with one, only when it opts in to Instant Order Notifications (which Ecwid
+    /// never signs) with [`keys::ION_UNSIGNED_ALLOWED`].
+    pub fn accepts_unverified(&self) -> bool {
+        self.client_secret().is_none()
+            || self
+                .config(keys::ION_UNSIGNED_ALLOWED)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
     /// Whether this instance wants events about `object_type` (`event.objects`; default all).
     pub fn accepts_object(&self, object_type: &str) -> bool {
         match self.config(keys::OBJECTS) {
@@ -162,12 +185,15 @@ impl Instance {
             .and_then(|v| crate::config::parse_duration_list(v).ok())
     }
 
-    /// A copy fit for a response or a log: every non-empty secret value replaced by [`REDACTED`].
+    /// A copy fit for a response or a log: every non-empty secret value replaced by [`REDACTED`],
+    /// and the credentials inside URLs (user info, query values) too.
     pub fn redacted(&self) -> Instance {
         let mut copy = self.clone();
         for (key, value) in copy.configuration.iter_mut() {
             if is_secret_key(key) && !value.is_empty() {
                 *value = REDACTED.to_owned();
+            } else if is_url_key(key) {
+                *value = redact_url(value);
             }
         }
         copy
@@ -182,6 +208,13 @@ impl Instance {
                         self.configuration.remove(&key);
                     }
                     Some(v) if v == REDACTED => {}
+                    // A URL sent back as it was shown (credentials masked) keeps the stored one.
+                    Some(v)
+                        if is_url_key(&key)
+                            && self
+                                .configuration
+                                .get(&key)
+                                .is_some_and(|stored| redact_url(stored) == v) => {}
                     Some(v) => {
                         self.configuration.insert(key, v);
                     }
@@ -199,6 +232,7 @@ impl Instance {
     /// Checks everything the pipeline relies on. `allow` is the operator's SSRF allow-list, applied
     /// here to callback URLs that name an address literally (names are checked at connect time).
     pub fn validate(&self, allow: &AllowList) -> Result<(), FieldError> {
+        self.check_sizes()?;
         if self.element.key != "ecwid" {
             return Err(FieldError::new("element.key", "must be \"ecwid\""));
         }
@@ -218,16 +252,18 @@ impl Instance {
             }
             Some(_) => {}
         }
-        if let Some(v) = self.config(keys::ENABLED) {
-            if !v.eq_ignore_ascii_case("true") && !v.eq_ignore_ascii_case("false") {
-                return Err(FieldError::new(
-                    "configuration.event.notification.enabled",
-                    "must be \"true\" or \"false\"",
-                ));
-            }
-        }
         if self.events_enabled() || self.callback_url().is_some() {
             validate_callback_url(self.callback_url(), self.events_enabled(), allow)?;
+        }
+        for key in [keys::ENABLED, keys::ION_UNSIGNED_ALLOWED] {
+            if let Some(v) = self.config(key) {
+                if !v.eq_ignore_ascii_case("true") && !v.eq_ignore_ascii_case("false") {
+                    return Err(FieldError::new(
+                        &format!("configuration.{key}"),
+                        "must be \"true\" or \"false\"",
+                    ));
+                }
+            }
         }
         if let Some(v) = self.config(keys::WEBHOOK_SECRET) {
             if v.split_whitespace().any(|s| decode_whsec(s).is_none()) {
@@ -244,6 +280,76 @@ impl Instance {
         }
         Ok(())
     }
+}
+
+impl Instance {
+    fn check_sizes(&self) -> Result<(), FieldError> {
+        use limits::*;
+        let too_long = |field: &str, max: usize| {
+            FieldError::new(field, format!("must be at most {max} characters"))
+        };
+        if self.name.chars().count() > NAME_CHARS {
+            return Err(too_long("name", NAME_CHARS));
+        }
+        if self.tags.len() > TAGS {
+            return Err(FieldError::new("tags", format!("at most {TAGS} tags")));
+        }
+        if self.tags.iter().any(|t| t.chars().count() > TAG_CHARS) {
+            return Err(too_long("tags", TAG_CHARS));
+        }
+        if self.configuration.len() > CONFIG_KEYS {
+            return Err(FieldError::new(
+                "configuration",
+                format!("at most {CONFIG_KEYS} keys"),
+            ));
+        }
+        for (key, value) in &self.configuration {
+            if key.chars().count() > KEY_CHARS || key.chars().any(char::is_control) {
+                return Err(FieldError::new(
+                    "configuration",
+                    format!(
+                        "keys must be at most {KEY_CHARS} characters without control characters"
+                    ),
+                ));
+            }
+            if value.chars().count() > VALUE_CHARS {
+                return Err(too_long(&format!("configuration.{key}"), VALUE_CHARS));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the value under `key` is a URL (the callback, and any key ending in `.url`).
+fn is_url_key(key: &str) -> bool {
+    key == keys::CALLBACK_URL || key.to_ascii_lowercase().ends_with(".url")
+}
+
+/// `url` with its user info and every query value replaced by [`REDACTED`], for responses and
+/// logs (`https://********:********@host/hook?token=********`). Text that is not a URL is
+/// returned unchanged; it holds no credentials a URL parser would find either.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if parsed.username().is_empty() && parsed.password().is_none() && parsed.query().is_none() {
+        return url.to_owned();
+    }
+    if !parsed.username().is_empty() {
+        let _ = parsed.set_username(REDACTED);
+    }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(REDACTED));
+    }
+    if parsed.query().is_some() {
+        let names: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        let mut pairs = parsed.query_pairs_mut();
+        pairs.clear();
+        for name in names {
+            pairs.append_pair(&name, REDACTED);
+        }
+    }
+    parsed.into()
 }
 
 fn validate_callback_url(
@@ -452,6 +558,69 @@ mod tests {
         assert_eq!(i.store_id(), Some("1003"));
         assert!(i.events_enabled());
         assert_eq!(i.element.key, "ecwid");
+    }
+
+    #[test]
+    fn credentials_in_urls_never_come_back() {
+        assert_eq!(
+            redact_url("https://user:pass@hooks.example.com/x?token=abc&v=2"),
+            "https://********:********@hooks.example.com/x?token=********&v=********"
+        );
+        assert_eq!(
+            redact_url("https://hooks.example.com/x"),
+            "https://hooks.example.com/x"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+        let mut i = seed_with("1003", "https://user:pass@a.example/hook?token=abc");
+        let shown = i.redacted();
+        let url = shown.callback_url().unwrap();
+        assert!(!url.contains("pass") && !url.contains("abc"), "{url}");
+        assert!(!format!("{i:?}").contains("pass"));
+        // Sending back what was shown keeps the stored URL; a new URL replaces it.
+        let patch = |v: &str| InstancePatch {
+            configuration: Some([(keys::CALLBACK_URL.to_owned(), Some(v.to_owned()))].into()),
+            ..Default::default()
+        };
+        i.apply(patch(url));
+        assert_eq!(
+            i.callback_url(),
+            Some("https://user:pass@a.example/hook?token=abc")
+        );
+        i.apply(patch("https://b.example/hook"));
+        assert_eq!(i.callback_url(), Some("https://b.example/hook"));
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_naming_them() {
+        let allow = AllowList::default();
+        let mut i = seed_with("1003", "https://a.example/");
+        i.name = "n".repeat(limits::NAME_CHARS + 1);
+        assert_eq!(i.validate(&allow).unwrap_err().field, "name");
+        i.name = "ok".into();
+        i.configuration
+            .insert("x.note".into(), "v".repeat(limits::VALUE_CHARS + 1));
+        assert_eq!(
+            i.validate(&allow).unwrap_err().field,
+            "configuration.x.note"
+        );
+    }
+
+    #[test]
+    fn ion_opt_in_lets_unsigned_notifications_reach_an_instance_with_a_secret() {
+        let mut i = seed_with("1003", "https://a.example/");
+        assert!(i.accepts_unverified());
+        i.configuration
+            .insert(keys::CLIENT_SECRET.into(), "s3cret".into());
+        assert!(!i.accepts_unverified());
+        i.configuration
+            .insert(keys::ION_UNSIGNED_ALLOWED.into(), "true".into());
+        assert!(i.accepts_unverified());
+        i.configuration
+            .insert(keys::ION_UNSIGNED_ALLOWED.into(), "maybe".into());
+        assert_eq!(
+            i.validate(&AllowList::default()).unwrap_err().field,
+            "configuration.ecwid.ion.unsigned.allowed"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub const INSTANCES_REVISION: &str = "ecwid_instances_revision";
 pub const DEAD_LETTERS_TOTAL: &str = "ecwid_dead_letters_total";
 pub const CONSUMER_PENDING: &str = "ecwid_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING: &str = "ecwid_consumer_ack_pending_messages";
+pub const HTTP_PANICS_TOTAL: &str = "ecwid_http_panics_total";
 
 /// Latency buckets from 1 ms to 60 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -78,6 +79,8 @@ pub struct CommonMetrics {
     pub dead_letters: IntCounterVec,
     pub consumer_pending: IntGaugeVec,
     pub consumer_ack_pending: IntGaugeVec,
+    /// HTTP handlers that panicked (answered 500; the panic is logged).
+    pub http_panics: IntCounter,
 }
 
 impl CommonMetrics {
@@ -114,6 +117,11 @@ impl CommonMetrics {
                 CONSUMER_ACK_PENDING,
                 "Messages delivered to the consumer and not yet acknowledged (in work or waiting for a retry).",
                 &["consumer"],
+            ),
+            http_panics: counter(
+                reg,
+                HTTP_PANICS_TOTAL,
+                "HTTP requests whose handler panicked; each was answered 500 and logged.",
             ),
         }
     }

@@ -27,19 +27,63 @@ pub const DELIVERER_CONSUMER: &str = "deliverer";
 /// How long raw messages and envelopes are kept: longer than the whole retry schedule.
 pub const WORK_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Subject prefixes: `<prefix>.<token>`; a stream's subjects are `<prefix>.>`.
+pub const RAW_PREFIX: &str = "ecwid.raw";
+pub const EVENTS_PREFIX: &str = "ecwid.events";
+pub const DEAD_PREFIX: &str = "ecwid.dead";
+
 /// `ecwid.raw.<storeId>`
 pub fn raw_subject(store_id: &str) -> String {
-    format!("ecwid.raw.{store_id}")
+    format!("{RAW_PREFIX}.{store_id}")
 }
 
 /// `ecwid.events.<instanceId>`
 pub fn events_subject(instance_id: &str) -> String {
-    format!("ecwid.events.{instance_id}")
+    format!("{EVENTS_PREFIX}.{instance_id}")
 }
 
 /// `ecwid.dead.<stage>.<id>`
 pub fn dead_subject(stage: &str, id: &str) -> String {
-    format!("ecwid.dead.{stage}.{id}")
+    format!("{DEAD_PREFIX}.{stage}.{id}")
+}
+
+/// Whether `subject` is one a dead letter may be replayed to: a raw event or an envelope.
+pub fn is_work_subject(subject: &str) -> bool {
+    [RAW_PREFIX, EVENTS_PREFIX].iter().any(|p| {
+        subject
+            .strip_prefix(p)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(is_subject_token)
+    })
+}
+
+/// A publish that JetStream did not acknowledge. The cause is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("JetStream did not take the message")]
+    Rejected(#[source] jetstream::context::PublishError),
+    #[error("JetStream did not acknowledge within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Publishes `payload` with `headers` to `subject` and waits up to `timeout` for JetStream's ack:
+/// nothing counts as stored before the ack. The ack says whether the message id was a duplicate.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+    timeout: Duration,
+) -> Result<jetstream::publish::PublishAck, PublishError> {
+    let acked = async {
+        js.publish_with_headers(subject, headers, payload)
+            .await?
+            .await
+    };
+    match tokio::time::timeout(timeout, acked).await {
+        Ok(result) => result.map_err(PublishError::Rejected),
+        Err(_) => Err(PublishError::Timeout(timeout)),
+    }
 }
 
 /// The last token of a subject (`ecwid.raw.42` → `42`).
@@ -92,6 +136,8 @@ pub mod headers {
     pub const ORIGINAL_SUBJECT: &str = "Ecwid-Original-Subject";
     /// The first message id of an event that was dead-lettered and replayed.
     pub const ORIGINAL_MSG_ID: &str = "Ecwid-Original-Msg-Id";
+    /// On a replayed message: the dead letter's sequence it came from.
+    pub const REPLAYED_FROM: &str = "Ecwid-Replayed-From";
 
     /// What travels with an event from stage to stage, into a dead letter and back on replay.
     pub const CARRIED: [&str; 8] = [
@@ -198,13 +244,13 @@ pub async fn setup_topology(
     let streams = [
         work_stream(
             RAW_STREAM,
-            "ecwid.raw.>",
+            &format!("{RAW_PREFIX}.>"),
             cfg,
             "Raw Ecwid webhooks as received by the ingest",
         ),
         work_stream(
             EVENTS_STREAM,
-            "ecwid.events.>",
+            &format!("{EVENTS_PREFIX}.>"),
             cfg,
             "Open Connectors envelopes, one per instance",
         ),
@@ -213,7 +259,7 @@ pub async fn setup_topology(
             max_age: Duration::ZERO,
             ..work_stream(
                 DEAD_STREAM,
-                "ecwid.dead.>",
+                &format!("{DEAD_PREFIX}.>"),
                 cfg,
                 "Messages a stage could not process",
             )
@@ -303,6 +349,11 @@ mod tests {
         assert_eq!(events_subject("ab-1"), "ecwid.events.ab-1");
         assert_eq!(dead_subject("deliver", "ab-1"), "ecwid.dead.deliver.ab-1");
         assert_eq!(subject_tail("ecwid.raw.42"), "42");
+        assert!(is_work_subject("ecwid.raw.42"));
+        assert!(is_work_subject("ecwid.events.ab-1"));
+        assert!(!is_work_subject("ecwid.dead.deliver.ab-1"));
+        assert!(!is_work_subject("ecwid.raw.4.2"));
+        assert!(!is_work_subject("ecwid.rawx.42"));
         assert!(is_subject_token("1003"));
         assert!(!is_subject_token("a.b"));
         assert!(!is_subject_token("*"));

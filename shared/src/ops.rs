@@ -1,18 +1,28 @@
 //! The ops HTTP server every service runs: `/metrics` (Prometheus text), `/healthz` (the process
 //! answers), `/readyz` (503 while NATS is disconnected or the instances are not loaded yet).
-//! Also the `healthcheck` subcommand, so a container health check needs no shell or curl.
+//! Also the `healthcheck` subcommand, so a container health check needs no shell or curl, and
+//! [`serve_with`], the HTTP server every listener runs: a header read timeout, a connection cap,
+//! and a panic in a handler answered as a 500 instead of a dropped connection.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use prometheus::Registry;
+use futures::FutureExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use prometheus::{IntCounter, Registry};
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::Directory;
@@ -37,11 +47,37 @@ impl OpsState {
 
 /// `/metrics`, `/healthz`, `/readyz`.
 pub fn router(state: OpsState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(state)
+    let panics = state.common.http_panics.clone();
+    catch_panics(
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state(state),
+        panics,
+    )
+}
+
+/// Answers a request whose handler panicked with 500 and a JSON body (saying nothing internal),
+/// and counts it in `panics`. The panic itself is logged by the hook [`crate::telemetry::init`]
+/// installs. Without this, hyper drops the connection and the client learns nothing.
+pub fn catch_panics(router: Router, panics: IntCounter) -> Router {
+    router.layer(middleware::from_fn(move |request: Request, next: Next| {
+        let panics = panics.clone();
+        async move {
+            match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+                Ok(response) => response,
+                Err(_) => {
+                    panics.inc();
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        Json(json!({"error": "internal", "message": "internal error; it was logged"})),
+                    )
+                        .into_response()
+                }
+            }
+        }
+    }))
 }
 
 async fn metrics(State(state): State<OpsState>) -> Response {
@@ -78,15 +114,88 @@ async fn readyz(State(state): State<OpsState>) -> Response {
     }
 }
 
-/// Serves `router` on `listener` until `cancel` fires, then finishes open requests.
+/// How an HTTP listener protects itself from slow and from too many clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// A connection that has not sent a whole request head within this is closed (also an idle
+    /// keep-alive connection: the clock starts when the server waits for the next request).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Serves `router` on `listener` with the default [`ServerLimits`] until `cancel` fires, then
+/// finishes open requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    serve_with(listener, router, ServerLimits::default(), cancel).await
+}
+
+/// Serves `router` on `listener` within `limits` until `cancel` fires; then stops accepting,
+/// closes idle connections and returns once the requests in flight are answered (callers bound
+/// that wait with the shutdown deadline).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    loop {
+        // A slot first: while every slot is taken, new connections wait in the kernel's backlog
+        // instead of being accepted and starved.
+        let permit = tokio::select! {
+            () = cancel.cancelled() => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "Cannot accept a connection; retrying.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP connection ended with an error.");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// The `healthcheck` subcommand: GET `/healthz` on the service's own ops address; 0 when it
