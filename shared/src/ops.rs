@@ -225,3 +225,37 @@ pub fn healthcheck(addr: SocketAddr) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_500_json_and_counted() {
+        let panics = IntCounter::new("p", "p").unwrap();
+        let router = catch_panics(
+            Router::new()
+                .route("/boom", get(|| async { panic!("boom") as &str }))
+                .route("/fine", get(|| async { "fine" })),
+            panics.clone(),
+        );
+        let request = |path: &str| Request::builder().uri(path).body(Body::empty()).unwrap();
+        let response = router.clone().oneshot(request("/boom")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "internal");
+        assert!(
+            !body.to_string().contains("boom"),
+            "nothing internal: {body}"
+        );
+        assert_eq!(panics.get(), 1);
+        let response = router.oneshot(request("/fine")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(panics.get(), 1);
+    }
+}

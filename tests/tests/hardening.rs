@@ -1,0 +1,499 @@
+//! Regression tests for the classes of defects an adversarial pass found, each against a real
+//! nats-server and the real services: values that reach NATS headers, unsigned ION posts around a
+//! client secret, bodies the normalizer could not parse, client mistakes answered as 5xx or as
+//! text, colliding ION ids, slow clients, credentials in callback URLs, and future-dated events.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use integration_tests::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn raw_count(nats: &NatsServer) -> u64 {
+    jetstream::new(nats.client().await)
+        .get_stream("ECWID_RAW")
+        .await
+        .expect("ECWID_RAW")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages
+}
+
+/// Posts `body` as JSON; the status and the JSON body (asserting the body is JSON).
+async fn post_raw(pipeline: &Pipeline, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    let resp = pipeline
+        .http
+        .post(pipeline.webhook_url())
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("the ingest answers");
+    json_answer(resp).await
+}
+
+/// The status and JSON body of an answer, asserting it is JSON.
+async fn json_answer(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let text = resp.text().await.unwrap_or_default();
+    assert!(
+        ct.starts_with("application/json"),
+        "{status} answered as {ct:?}: {text}"
+    );
+    let body: Value = serde_json::from_str(&text).expect("a JSON body");
+    assert!(body["error"].is_string() || status < 400, "{body}");
+    (status, body)
+}
+
+#[tokio::test]
+async fn values_bound_for_nats_headers_are_refused_naming_the_field() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("8001", &receiver.url(), &[]).await;
+
+    // A CR/LF inside eventId once reached the Nats-Msg-Id header, async-nats panicked, and the
+    // connection closed without an answer.
+    for event_id in ["a\r\nb", "a\nNats-Msg-Id: x", "tab\tin", "\u{0}"] {
+        let mut event = order_created(8001, "x");
+        event["eventId"] = json!(event_id);
+        let (status, body) = post_raw(
+            &pipeline,
+            "application/json",
+            event.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(status, 400, "{event_id:?}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("eventId"),
+            "{body}"
+        );
+    }
+    // Repeated members: the ingest and the normalizer once read different ones.
+    for repeated in [
+        r#"{"eventId":"d-1","eventCreated":1,"storeId":8001,"eventType":"order.created","entityId":1,"entityId":2}"#,
+        r#"{"eventId":"d-2","eventCreated":1,"storeId":8001,"eventType":"order.created","data":{},"data":{"orderId":"X"}}"#,
+        r#"{"eventId":"d-3","eventCreated":1,"storeId":8001,"storeId":9999,"eventType":"order.created"}"#,
+    ] {
+        let (status, body) = post_raw(&pipeline, "application/json", repeated.into()).await;
+        assert_eq!(status, 400, "{body}");
+        let field = ["entityId", "data", "storeId"]
+            .into_iter()
+            .find(|f| repeated.matches(&format!("\"{f}\"")).count() == 2)
+            .unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains(field),
+            "{body} should name {field}"
+        );
+    }
+    assert_eq!(raw_count(&nats).await, 0, "nothing refused was stored");
+    let metrics = pipeline.metrics_text(pipeline.admin).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "ecwid_ingest_requests_total{format=\"v3\",outcome=\"invalid\"}"
+        ),
+        Some(7.0),
+        "every refusal was answered and counted"
+    );
+    assert_eq!(metric(&metrics, "ecwid_http_panics_total"), Some(0.0));
+    // The service still answers.
+    let (status, _) = pipeline.post_json(&order_created(8001, "ok-1"), None).await;
+    assert_eq!(status, 200);
+    receiver.wait_for(1, WAIT).await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn unsigned_ion_posts_do_not_get_around_a_client_secret() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let secret = "store-8002-client-secret";
+    let id = pipeline
+        .create_instance("8002", &receiver.url(), &[("ecwid.client.secret", secret)])
+        .await;
+    let form = "owner_id=8002&event_type=new_order&order_id=77&date=2026-11-22+10%3A15%3A00";
+    let post_form = |body: &'static str| {
+        let http = pipeline.http.clone();
+        let url = pipeline.webhook_url();
+        async move {
+            let resp = http
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            json_answer(resp).await
+        }
+    };
+    let (status, body) = post_form(form).await;
+    assert_eq!(
+        status, 401,
+        "a forged ION post for a store with a secret: {body}"
+    );
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("ecwid.ion.unsigned.allowed"));
+    assert_eq!(raw_count(&nats).await, 0);
+
+    // The instance opts in: the notification is taken, and the envelope says it is unverified.
+    let (status, body) = pipeline
+        .admin_request(
+            Method::PATCH,
+            &format!("/instances/{id}"),
+            Some(json!({"configuration": {"ecwid.ion.unsigned.allowed": "true"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    pipeline.wait_instances_seen().await;
+    let (status, body) = post_form(form).await;
+    assert_eq!(status, 200, "{body}");
+    let got = receiver.wait_for(1, WAIT).await;
+    let message = &got[0].json()["message"];
+    assert_eq!(message["verified"], false);
+    assert_eq!(message["events"][0]["objectId"], "77");
+
+    // A signed webhook of the same store is marked verified.
+    let event = order_created(8002, "signed-1");
+    let (status, _) = pipeline
+        .post_json(&event, Some(&ecwid_signature(secret, &event)))
+        .await;
+    assert_eq!(status, 200);
+    let got = receiver.wait_for(2, WAIT).await;
+    assert_eq!(got[1].json()["message"]["verified"], true);
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn client_mistakes_are_4xx_json_without_internal_text() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let id = pipeline.create_instance("8003", &receiver.url(), &[]).await;
+    let admin = |method: Method, path: &str| {
+        pipeline
+            .http
+            .request(method, pipeline.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    let mut cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        // Path and query parse failures.
+        (admin(Method::GET, "/dead-letters/abc"), 400, "invalid_path"),
+        (
+            admin(Method::GET, "/dead-letters?after=x"),
+            400,
+            "invalid_query",
+        ),
+        (
+            admin(Method::GET, "/dead-letters?limit=-1"),
+            400,
+            "invalid_query",
+        ),
+        (
+            admin(Method::GET, "/dead-letters?after=18446744073709551615"),
+            400,
+            "invalid_query",
+        ),
+        // Sequence 0: JetStream answers it with an internal error text.
+        (admin(Method::GET, "/dead-letters/0"), 404, "not_found"),
+        (admin(Method::DELETE, "/dead-letters/0"), 404, "not_found"),
+        (
+            admin(Method::POST, "/dead-letters/replay").json(&json!({"seq": 0})),
+            422,
+            "invalid_field",
+        ),
+        // An id no instance can have.
+        (
+            admin(Method::GET, &format!("/instances/{}", "a".repeat(5000))),
+            404,
+            "not_found",
+        ),
+        (
+            admin(Method::PATCH, &format!("/instances/{}", "b".repeat(5000)))
+                .json(&json!({"name": "x"})),
+            404,
+            "not_found",
+        ),
+        // A body over the admin limit, and a field over its own.
+        (
+            admin(Method::PATCH, &format!("/instances/{id}"))
+                .json(&json!({"name": "n".repeat(1_000_000)})),
+            413,
+            "too_large",
+        ),
+        (
+            admin(Method::PATCH, &format!("/instances/{id}"))
+                .json(&json!({"name": "n".repeat(300)})),
+            422,
+            "invalid_field",
+        ),
+        (
+            admin(Method::POST, "/instances")
+                .header("content-type", "application/json")
+                .body("{\"configuration\": 5}"),
+            422,
+            "invalid_field",
+        ),
+    ];
+    // The webhook listener too: a body over INGEST_MAX_BODY_BYTES.
+    cases.push((
+        pipeline
+            .http
+            .post(pipeline.webhook_url())
+            .header("content-type", "application/json")
+            .body(vec![b' '; 300_000]),
+        413,
+        "too_large",
+    ));
+    for (request, status, code) in cases {
+        let request = request.build().unwrap();
+        let what = format!(
+            "{} {}",
+            request.method(),
+            &request.url().as_str()[..80.min(request.url().as_str().len())]
+        );
+        let (got, body) = json_answer(pipeline.http.execute(request).await.unwrap()).await;
+        assert_eq!(got, status, "{what}: {body}");
+        assert_eq!(body["error"], code, "{what}: {body}");
+        let text = body.to_string();
+        assert!(
+            !text.contains("JetStream") && !text.contains("code 400"),
+            "{what} leaks internal text: {text}"
+        );
+    }
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn ion_ids_cannot_collide_and_padding_is_one_notification() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("7001", &receiver.url(), &[]).await;
+    let pipeline = &pipeline;
+    let post = |body: &'static str| async move {
+        post_raw(
+            pipeline,
+            "application/x-www-form-urlencoded",
+            body.as_bytes().to_vec(),
+        )
+        .await
+    };
+    // A crafted post whose fields, joined with NULs (the old id's separator), read exactly like
+    // another, real one: `z1\0a\0z2\0b\0` either way.
+    let crafted = "owner_id=7001&event_type=new_order&order_id=5&z1=a%00z2%00b";
+    let real = "owner_id=7001&event_type=new_order&order_id=5&z1=a&z2=b";
+    let (status, body) = post(crafted).await;
+    assert_eq!(
+        (status, body["duplicate"].as_bool()),
+        (200, Some(false)),
+        "{body}"
+    );
+    let (status, body) = post(real).await;
+    assert_eq!(
+        (status, body["duplicate"].as_bool()),
+        (200, Some(false)),
+        "the real notification must be stored, not answered as a duplicate: {body}"
+    );
+    // White space around a value is what Ecwid would consider the same notification.
+    let (status, body) = post("owner_id=7001&event_type=order_status_change&order_id=6").await;
+    assert_eq!((status, body["duplicate"].as_bool()), (200, Some(false)));
+    let (status, body) =
+        post("owner_id=%207001%20&event_type=order_status_change&order_id=%206").await;
+    assert_eq!(
+        (status, body["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    // A control character in a field the pipeline reads is refused, naming it.
+    let (status, body) = post("owner_id=7001&event_type=new_order&order_id=5%00").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("order_id"),
+        "{body}"
+    );
+    assert_eq!(raw_count(&nats).await, 3);
+    receiver.wait_for(3, WAIT).await;
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(
+        &nats.url(),
+        &[
+            ("INGEST_HEADER_TIMEOUT_MS", "1000"),
+            ("INGEST_BODY_TIMEOUT_MS", "1000"),
+            ("INGEST_MAX_CONNECTIONS", "4"),
+        ],
+    )
+    .await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("8005", &receiver.url(), &[]).await;
+
+    // Slowloris: every slot taken by a client sending one header byte at a time.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(pipeline.webhook).await.unwrap();
+        s.write_all(b"POST /events/ecwid HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let trickle = tokio::spawn(async move {
+        // Each stays open as long as the server lets it, sending a byte every 200 ms; the
+        // server must close every one of them (read returns 0 or an error).
+        let mut closed = 0;
+        for mut s in slow {
+            let mut buf = [0u8; 256];
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if s.write_all(b"X").await.is_err() {
+                        return;
+                    }
+                    tokio::select! {
+                        r = s.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return },
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+            })
+            .await;
+            if ended.is_ok() {
+                closed += 1;
+            }
+        }
+        closed
+    });
+    // A real webhook waits for a slot, then is answered: the cap holds the line, the header
+    // timeout frees it.
+    let (status, _) = pipeline
+        .post_json(&order_created(8005, "after-slowloris"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        trickle.await.unwrap(),
+        4,
+        "every slow connection was closed"
+    );
+
+    // A body that never completes: 408 as JSON, nothing stored.
+    let mut s = TcpStream::connect(pipeline.webhook).await.unwrap();
+    s.write_all(
+        b"POST /events/ecwid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"eventId\":",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&answer).contains("request_timeout") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server answers a stalled body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/json"), "{answer}");
+    assert_eq!(raw_count(&nats).await, 1);
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_in_callback_urls_never_come_back() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let url = format!(
+        "http://hookuser:hookpass@127.0.0.1:{}/hook?token=tok3n&v=2",
+        receiver.addr.port()
+    );
+    let id = pipeline.create_instance("8006", &url, &[]).await;
+    let leaks = |v: &Value| {
+        let text = v.to_string();
+        text.contains("hookpass") || text.contains("tok3n") || text.contains("hookuser")
+    };
+    let (_, shown) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{id}"), None)
+        .await;
+    assert!(!leaks(&shown), "{shown}");
+    let (_, list) = pipeline
+        .admin_request(Method::GET, "/instances", None)
+        .await;
+    assert!(!leaks(&list), "{list}");
+    // Sending the shown URL back keeps the stored one; the callback still gets its credentials.
+    let shown_url = shown["configuration"]["event.notification.callback.url"].clone();
+    let (status, patched) = pipeline
+        .admin_request(
+            Method::PATCH,
+            &format!("/instances/{id}"),
+            Some(json!({"name": "renamed", "configuration": {"event.notification.callback.url": shown_url}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert!(!leaks(&patched), "{patched}");
+    pipeline.wait_instances_seen().await;
+    let (status, _) = pipeline
+        .post_json(&order_created(8006, "cred-1"), None)
+        .await;
+    assert_eq!(status, 200);
+    let got = receiver.wait_for(1, WAIT).await;
+    // reqwest sends the URL's user info as Basic auth: base64("hookuser:hookpass").
+    assert_eq!(
+        got[0].header("authorization"),
+        Some("Basic aG9va3VzZXI6aG9va3Bhc3M=")
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn future_events_are_refused_when_a_maximum_age_is_set() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(
+        &nats.url(),
+        &[
+            ("INGEST_MAX_EVENT_AGE_SECS", "90000"),
+            ("INGEST_MAX_CLOCK_SKEW_SECS", "300"),
+        ],
+    )
+    .await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("8007", &receiver.url(), &[]).await;
+    let now = shared::time_fmt::now_unix_ms() / 1000;
+    let at = |event_id: &str, created: i64| {
+        let mut e = order_created(8007, event_id);
+        e["eventCreated"] = json!(created);
+        e
+    };
+    let (status, body) = pipeline
+        .post_json(&at("far-future", now + 86_400), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "future_event");
+    let (status, body) = pipeline.post_json(&at("old", now - 100_000), None).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("stale_event")));
+    // Within the skew, and within the age: taken.
+    let (status, _) = pipeline.post_json(&at("skewed", now + 60), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(raw_count(&nats).await, 1);
+    pipeline.stop().await;
+}
