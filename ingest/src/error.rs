@@ -41,6 +41,9 @@ pub enum ApiError {
     /// 422: well-formed, but a field is missing or wrong.
     #[error("{field}: {message}")]
     Unprocessable { field: String, message: String },
+    /// 504: the work was handed on but its answer did not come back in time.
+    #[error("{0}")]
+    Timeout(String),
     /// 503: JetStream could not take it now; retry later.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
@@ -72,6 +75,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -87,6 +91,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => "too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable { .. } => "invalid_field",
+            ApiError::Timeout(_) => "timeout",
             ApiError::Unavailable(_) => "unavailable",
         }
     }

@@ -10,11 +10,13 @@
 //! - [`routes`]: the webhook endpoints and the publish to `ECWID_RAW`.
 //! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
+//! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
 
 pub mod admin;
 pub mod config;
 pub mod dead_letters;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod routes;
 pub mod state;

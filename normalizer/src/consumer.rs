@@ -10,6 +10,7 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::ecwid::{Format, ParseError};
+use shared::eventlog::{Record, Status};
 use shared::instance::Instance;
 use shared::nats::{events_subject, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM};
 use shared::service::ServiceContext;
@@ -19,15 +20,23 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::normalize::{self, Normalized};
 
-/// What becomes of one raw message.
+/// What becomes of one raw message. `records` are the event log records to create before the
+/// message is acked: one per envelope, or the raw-stage outcome.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Every envelope is stored (or none was due): ack.
-    Ack { outcome: &'static str },
+    Ack {
+        outcome: &'static str,
+        records: Vec<Record>,
+    },
     /// A transient failure: NAK with this delay; the server redelivers.
     Retry { delay: Duration, error: String },
     /// Can never succeed: dead-letter, then ack.
-    Dead { reason: &'static str, error: String },
+    Dead {
+        reason: &'static str,
+        error: String,
+        record: Option<Box<Record>>,
+    },
 }
 
 struct Worker {
@@ -111,14 +120,19 @@ impl Worker {
                 return Outcome::Dead {
                     reason: "unparseable",
                     error: e.to_string(),
+                    record: None,
                 }
             }
         };
         let instances = self.ctx.directory.for_store(&normalized.store_id);
         if instances.is_empty() {
+            let error = format!("store {} has no instance", normalized.store_id);
+            let mut record = log_record(&normalized, None, h, Status::Dead);
+            record.last_error = Some(error.clone());
             return Outcome::Dead {
                 reason: "no_instance",
-                error: format!("store {} has no instance", normalized.store_id),
+                error,
+                record: Some(Box::new(record)),
             };
         }
         let verified = header(h, headers::VERIFIED) == Some("true");
@@ -133,6 +147,7 @@ impl Worker {
         if targets.is_empty() {
             return Outcome::Ack {
                 outcome: "filtered",
+                records: vec![log_record(&normalized, None, h, Status::Filtered)],
             };
         }
         let timeout = self.config.publish_timeout;
@@ -162,28 +177,61 @@ impl Worker {
             )
         });
         let results = futures::future::join_all(publishes).await;
-        match results.into_iter().find_map(Result::err) {
-            Some(error) => Outcome::Retry {
-                delay: retry_delay(message),
-                error: error.to_string(),
-            },
-            None => {
-                self.metrics
-                    .envelopes
-                    .with_label_values(&[normalized.event.event_type.as_str()])
-                    .inc_by(targets.len() as u64);
-                Outcome::Ack {
-                    outcome: "normalized",
+        let mut records = Vec::with_capacity(targets.len());
+        for (instance, result) in targets.iter().zip(results) {
+            match result {
+                Err(error) => {
+                    return Outcome::Retry {
+                        delay: retry_delay(message),
+                        error: error.to_string(),
+                    }
+                }
+                // A duplicate's ack carries the sequence of the envelope stored first.
+                Ok(ack) => {
+                    let mut record =
+                        log_record(&normalized, Some(&instance.id), h, Status::Pending);
+                    record.envelope_seq = Some(ack.sequence);
+                    records.push(record);
                 }
             }
         }
+        self.metrics
+            .envelopes
+            .with_label_values(&[normalized.event.event_type.as_str()])
+            .inc_by(targets.len() as u64);
+        Outcome::Ack {
+            outcome: "normalized",
+            records,
+        }
+    }
+
+    /// Creates the log records; `false` (counted) when a write failed, and the raw message is
+    /// then NAK-ed so that it comes back: its envelopes are deduplicated, its records written.
+    async fn write_log(&self, message: &jetstream::Message, records: &[Record]) -> bool {
+        let log = &self.ctx.log;
+        let writes = records.iter().map(|r| log.create(r));
+        let failed = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .inspect(|e| log.failed(e))
+            .count();
+        if failed > 0 {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(retry_delay(message))))
+                .await;
+        }
+        failed == 0
     }
 
     async fn settle(&self, message: &jetstream::Message, outcome: Outcome) {
         let subject = message.subject.as_str();
         let store_id = subject_tail(subject);
         let label = match outcome {
-            Outcome::Ack { outcome } => {
+            Outcome::Ack { outcome, records } => {
+                if !self.write_log(message, &records).await {
+                    return;
+                }
                 tracing::debug!(store_id, outcome, "Raw event handled.");
                 outcome
             }
@@ -193,7 +241,11 @@ impl Worker {
                 self.metrics.messages.with_label_values(&["retried"]).inc();
                 return;
             }
-            Outcome::Dead { reason, error } => {
+            Outcome::Dead {
+                reason,
+                error,
+                record,
+            } => {
                 let seq = message
                     .info()
                     .map(|i| i.stream_sequence)
@@ -224,6 +276,18 @@ impl Worker {
                     .dead_letters
                     .with_label_values(&["normalize", reason])
                     .inc();
+                if !self
+                    .write_log(
+                        message,
+                        record
+                            .as_deref()
+                            .map(std::slice::from_ref)
+                            .unwrap_or_default(),
+                    )
+                    .await
+                {
+                    return;
+                }
                 "dead_lettered"
             }
         };
@@ -238,4 +302,43 @@ impl Worker {
 fn retry_delay(message: &jetstream::Message) -> Duration {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1).clamp(1, 6) as u32;
     Duration::from_secs((1u64 << (delivered - 1)).min(30))
+}
+
+/// The event log record of `normalized` for `instance_id` (`None`: the raw-stage outcome), as it
+/// stands when the normalizer is done with it.
+fn log_record(
+    normalized: &Normalized<'_>,
+    instance_id: Option<&str>,
+    h: Option<&HeaderMap>,
+    status: Status,
+) -> Record {
+    let received_at = header(h, headers::RECEIVED_AT)
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(shared::time_fmt::unix_ms_to_rfc3339)
+        .unwrap_or_default();
+    Record {
+        // The envelope's eventId; for the raw-stage outcome, one id per Ecwid event.
+        id: normalize::notification_id(&normalized.event_key, instance_id.unwrap_or_default()),
+        instance_id: instance_id.map(str::to_owned),
+        store_id: normalized.store_id.clone(),
+        object_type: normalized.event.object_type.clone(),
+        object_id: normalized.event.object_id.clone(),
+        event_type: normalized.event.event_type.as_str().to_owned(),
+        ecwid_event_id: normalized.ecwid_event_id().to_owned(),
+        format: normalized.format.as_str().to_owned(),
+        verified: header(h, headers::VERIFIED) == Some("true"),
+        request_id: header(h, headers::REQUEST_ID)
+            .unwrap_or_default()
+            .to_owned(),
+        received_at,
+        status,
+        attempts: 0,
+        last_status: None,
+        last_error: None,
+        last_attempt_at: None,
+        next_attempt_at: None,
+        delivered_at: None,
+        envelope_seq: None,
+        attempt_log: Vec::new(),
+    }
 }

@@ -5,7 +5,6 @@
 //! still flow: the family keeps its own name and the action becomes `UNKNOWN`.
 
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use shared::ecwid::{self, Format, ParseError};
 use shared::envelope::{Envelope, Event, EventType, Message, ELEMENT_KEY};
 
@@ -72,6 +71,7 @@ pub fn map_event_type(ecwid_event_type: &str) -> (String, EventType) {
 /// One Ecwid event, normalized, before fan-out. Borrows the raw payload.
 #[derive(Debug, Clone)]
 pub struct Normalized<'a> {
+    pub format: Format,
     pub store_id: String,
     /// Identifies the Ecwid event: `v3:<storeId>:<eventId>` or the ION's `ion:<storeId>:<hash>`,
     /// the same id the ingest stored it under.
@@ -79,6 +79,21 @@ pub struct Normalized<'a> {
     pub event: Event,
     /// The payload exactly as stored.
     pub raw: &'a RawValue,
+}
+
+impl Normalized<'_> {
+    /// The id Ecwid knows the event by: v3's `eventId`; for ION (which has none) its dedupe id.
+    pub fn ecwid_event_id(&self) -> &str {
+        match self.format {
+            Format::V3 => self
+                .event_key
+                .strip_prefix("v3:")
+                .and_then(|rest| rest.strip_prefix(self.store_id.as_str()))
+                .and_then(|rest| rest.strip_prefix(':'))
+                .unwrap_or(&self.event_key),
+            Format::Ion => &self.event_key,
+        }
+    }
 }
 
 /// Normalizes a raw message of `format`. The only way it fails is that [`shared::ecwid`] cannot
@@ -110,6 +125,7 @@ pub fn normalize_v3(body: &[u8]) -> Result<Normalized<'_>, ParseError> {
     // parse_v3 bounds eventCreated to what a date can show.
     let date = shared::time_fmt::unix_secs_to_rfc3339(v3.event_created).unwrap_or_default();
     Ok(Normalized {
+        format: Format::V3,
         event_key: v3.msg_id(),
         store_id: v3.store_id,
         event: Event {
@@ -145,6 +161,7 @@ pub fn normalize_ion(
         .or_else(|| received_at_ms.map(shared::time_fmt::unix_ms_to_rfc3339))
         .unwrap_or_default();
     Ok(Normalized {
+        format: Format::Ion,
         event_key: ion.msg_id(),
         store_id: ion.store_id,
         event: Event {
@@ -167,27 +184,7 @@ fn ion_date(s: &str) -> Option<String> {
     shared::time_fmt::unix_secs_to_rfc3339(t.unix_timestamp())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The notification id of (Ecwid event, instance): deterministic, so a redelivered raw message
-/// gets the same id and JetStream drops the second envelope. Shaped as a UUID.
-pub fn notification_id(event_key: &str, instance_id: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(event_key.as_bytes());
-    h.update([0]);
-    h.update(instance_id.as_bytes());
-    let x = hex(&h.finalize()[..16]);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &x[..8],
-        &x[8..12],
-        &x[12..16],
-        &x[16..20],
-        &x[20..32]
-    )
-}
+pub use shared::envelope::notification_id;
 
 /// The envelope for one instance. `raw` is the payload exactly as received; `verified` says
 /// whether the ingest checked Ecwid's signature.

@@ -161,6 +161,11 @@ pub struct CommonConfig {
     pub shutdown_grace: Duration,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
+    /// `EVENT_LOG`: `on` (default) or `off` (no records are written; for measuring its cost).
+    pub event_log: bool,
+    /// `EVENT_LOG_RETENTION`, default `7d`: how long records (and the envelopes they point to)
+    /// are kept.
+    pub event_log_retention: Duration,
 }
 
 impl CommonConfig {
@@ -205,12 +210,36 @@ impl CommonConfig {
                 ))
             }
         };
+        let event_log = match vars
+            .get("EVENT_LOG")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("on" | "true" | "1") => true,
+            Some("off" | "false" | "0") => false,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "EVENT_LOG",
+                    format!("expected on or off, got `{other}`"),
+                ))
+            }
+        };
+        let event_log_retention = parse_duration(&vars.string_or("EVENT_LOG_RETENTION", "7d"))
+            .map_err(|e| ConfigError::new("EVENT_LOG_RETENTION", e))?;
+        if event_log_retention < Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "EVENT_LOG_RETENTION",
+                "must be at least 1h",
+            ));
+        }
         Ok(Self {
             nats_url,
             stream_replicas,
             duplicate_window: Duration::from_secs(window_secs),
             shutdown_grace: vars.millis_or("SHUTDOWN_GRACE_MS", 20_000, 0)?,
             log_format,
+            event_log,
+            event_log_retention,
         })
     }
 }

@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 
 pub const ELEMENT_KEY: &str = "ecwid";
 
@@ -66,4 +67,27 @@ impl Envelope {
         // Serializing plain strings, enums and an already valid RawValue cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
+
+/// The notification id of (Ecwid event, instance): deterministic, so a redelivered raw message
+/// gets the same id and JetStream drops the second envelope. Shaped as a UUID. `event_key` is
+/// the Ecwid event's message id (`v3:<storeId>:<eventId>`, `ion:<storeId>:<hash>`); an empty
+/// `instance_id` names the event's raw-stage record in the event log.
+pub fn notification_id(event_key: &str, instance_id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(event_key.as_bytes());
+    h.update([0]);
+    h.update(instance_id.as_bytes());
+    let x: String = h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
 }

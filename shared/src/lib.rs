@@ -3,6 +3,7 @@
 //! - [`config`]: environment variables → typed, validated configuration; [`config::Secret`].
 //! - [`nats`]: stream, subject, consumer, bucket and header names; connect with retry; topology.
 //! - [`ecwid`]: Ecwid's inbound formats (v3 webhooks, ION forms) parsed once, and their dedupe ids.
+//! - [`eventlog`]: the event log: every envelope's journey and attempts, its streams and index.
 //! - [`instance`]: the connector instance (the seed's instance JSON), validation and redaction.
 //! - [`directory`]: the live in-memory view of the instances bucket (store id → instances).
 //! - [`envelope`]: the Open Connectors envelope the callbacks receive.
@@ -23,6 +24,7 @@ pub mod directory;
 pub mod ecwid;
 pub mod envelope;
 pub mod error;
+pub mod eventlog;
 pub mod instance;
 pub mod metrics;
 pub mod nats;

@@ -24,7 +24,9 @@ pub const NORMALIZER_CONSUMER: &str = "normalizer";
 /// Durable pull consumer of the deliverer replicas on [`EVENTS_STREAM`].
 pub const DELIVERER_CONSUMER: &str = "deliverer";
 
-/// How long raw messages and envelopes are kept: longer than the whole retry schedule.
+/// How long raw messages and envelopes are kept at least: longer than any retry schedule may
+/// last. Envelopes are kept as long as the event log's records too (a record points to its
+/// envelope for redelivery), when that is longer.
 pub const WORK_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Subject prefixes: `<prefix>.<token>`; a stream's subjects are `<prefix>.>`.
@@ -138,6 +140,11 @@ pub mod headers {
     pub const ORIGINAL_MSG_ID: &str = "Ecwid-Original-Msg-Id";
     /// On a replayed message: the dead letter's sequence it came from.
     pub const REPLAYED_FROM: &str = "Ecwid-Replayed-From";
+    /// On a redelivered envelope: the attempts made before, so numbering goes on.
+    pub const ATTEMPT_OFFSET: &str = "Ecwid-Attempt-Offset";
+    /// On a test envelope: where the deliverer answers the one attempt's result (core NATS).
+    /// A test envelope is tried once, never retried or dead-lettered.
+    pub const TEST_REPLY_TO: &str = "Ecwid-Test-Reply-To";
 
     /// What travels with an event from stage to stage, into a dead letter and back on replay.
     pub const CARRIED: [&str; 8] = [
@@ -166,6 +173,8 @@ pub mod headers {
 pub struct TopologyConfig {
     pub replicas: usize,
     pub duplicate_window: Duration,
+    /// `EVENT_LOG_RETENTION`.
+    pub log_retention: Duration,
 }
 
 impl From<&crate::config::CommonConfig> for TopologyConfig {
@@ -173,6 +182,7 @@ impl From<&crate::config::CommonConfig> for TopologyConfig {
         Self {
             replicas: c.stream_replicas,
             duplicate_window: c.duplicate_window,
+            log_retention: c.event_log_retention,
         }
     }
 }
@@ -248,12 +258,15 @@ pub async fn setup_topology(
             cfg,
             "Raw Ecwid webhooks as received by the ingest",
         ),
-        work_stream(
-            EVENTS_STREAM,
-            &format!("{EVENTS_PREFIX}.>"),
-            cfg,
-            "Open Connectors envelopes, one per instance",
-        ),
+        stream::Config {
+            max_age: WORK_STREAM_MAX_AGE.max(cfg.log_retention),
+            ..work_stream(
+                EVENTS_STREAM,
+                &format!("{EVENTS_PREFIX}.>"),
+                cfg,
+                "Open Connectors envelopes, one per instance",
+            )
+        },
         stream::Config {
             // Dead letters stay until an operator replays or deletes them.
             max_age: Duration::ZERO,
@@ -265,7 +278,8 @@ pub async fn setup_topology(
             )
         },
     ];
-    for config in streams {
+    let [log, index] = crate::eventlog::stream_configs(cfg.replicas, cfg.log_retention);
+    for config in streams.into_iter().chain([log, index]) {
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::CommonConfig;
 use crate::directory::Directory;
+use crate::eventlog::{EventLog, LogMetrics};
 use crate::metrics::CommonMetrics;
 use crate::nats::{setup_topology, TopologyConfig};
 use crate::ops::OpsState;
@@ -26,6 +27,8 @@ pub struct ServiceContext {
     pub directory: Directory,
     pub registry: Registry,
     pub common: CommonMetrics,
+    /// The event log (writes do nothing with `EVENT_LOG=off`).
+    pub log: EventLog,
 }
 
 impl ServiceContext {
@@ -56,6 +59,11 @@ impl ServiceContext {
         let directory =
             Directory::with_gauges(common.instances.clone(), common.instances_revision.clone());
         directory.spawn_watch(kv.clone(), cancel.child_token());
+        let log = EventLog::new(
+            js.clone(),
+            config.event_log,
+            LogMetrics::register(&registry),
+        );
         Ok(Self {
             client,
             js,
@@ -63,6 +71,7 @@ impl ServiceContext {
             directory,
             registry,
             common,
+            log,
         })
     }
 

@@ -1,0 +1,640 @@
+//! The event log API (admin listener, bearer token): search the records, show one with its
+//! attempts and its envelope, redeliver one, replay an instance's time window, and send an
+//! instance a test event. Records are written by the normalizer and the deliverer
+//! ([`shared::eventlog`]); this module only reads them and publishes envelopes again.
+//!
+//! A search reads `ECWID_LOG_INDEX` newest first: the subject filter picks the instance, store
+//! and objectId (`ecwid.logidx.<instance>.<store>.<objectIdHash>`), the entries carry the other
+//! fields, and the status is read from the records themselves. Pages go back in stream
+//! sequence: `next` is the sequence to pass as `after`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::stream::Stream;
+use async_nats::HeaderMap;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use shared::envelope::{notification_id, Envelope, Event, EventType, Message, ELEMENT_KEY};
+use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
+use shared::nats::{events_subject, headers, EVENTS_STREAM};
+use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
+
+use crate::error::{ApiError, ApiPath, ApiQuery};
+use crate::state::AppState;
+
+const JS_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+/// Events one replay call sends again; `more` says when the window holds more.
+const MAX_REPLAY: usize = 1000;
+/// How long `POST /instances/{id}/test` waits for a deliverer to make the attempt.
+const TEST_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// The event log routes, mounted by [`crate::admin::router`] behind the token.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/events", get(list))
+        .route("/events/{id}", get(show))
+        .route("/events/{id}/redeliver", post(redeliver))
+        .route("/instances/{id}/replay", post(replay))
+        .route("/instances/{id}/test", post(test))
+}
+
+/// `GET /events` filters; every one combinable.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Search {
+    pub store: Option<String>,
+    pub instance: Option<String>,
+    pub object_type: Option<String>,
+    pub object_id: Option<String>,
+    pub event_type: Option<String>,
+    pub ecwid_event_id: Option<String>,
+    pub status: Option<String>,
+    /// RFC 3339: received at or after.
+    pub since: Option<String>,
+    /// RFC 3339: received before.
+    pub until: Option<String>,
+    /// Page cursor: only index entries older than this sequence.
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+/// A [`Search`], checked.
+#[derive(Debug, Clone)]
+struct Query {
+    store: Option<String>,
+    instance: Option<String>,
+    object_type: Option<String>,
+    object_id: Option<String>,
+    event_type: Option<String>,
+    ecwid_event_id: Option<String>,
+    status: Option<Status>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    after: Option<u64>,
+    limit: usize,
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_query", message)
+}
+
+fn time(raw: Option<&str>, name: &str) -> Result<Option<i64>, ApiError> {
+    raw.map(|s| {
+        rfc3339_to_unix_ms(s).ok_or_else(|| {
+            bad(format!(
+                "{name} must be an RFC 3339 time such as 2026-11-22T10:00:00Z"
+            ))
+        })
+    })
+    .transpose()
+}
+
+impl TryFrom<Search> for Query {
+    type Error = ApiError;
+
+    fn try_from(s: Search) -> Result<Self, ApiError> {
+        if let Some(store) = &s.store {
+            if !shared::ecwid::is_store_id(store) {
+                return Err(bad("store must be the numeric store id"));
+            }
+        }
+        if let Some(instance) = &s.instance {
+            if !shared::nats::is_subject_token(instance) {
+                return Err(bad("instance is not a valid instance id"));
+            }
+        }
+        let status = s
+            .status
+            .as_deref()
+            .map(|v| {
+                Status::parse(v).ok_or_else(|| {
+                    bad("status must be pending, retrying, delivered, dead or filtered")
+                })
+            })
+            .transpose()?;
+        let limit = s.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(bad(format!("limit must be between 1 and {MAX_PAGE}")));
+        }
+        Ok(Self {
+            since_ms: time(s.since.as_deref(), "since")?,
+            until_ms: time(s.until.as_deref(), "until")?,
+            store: s.store,
+            instance: s.instance,
+            object_type: s.object_type,
+            object_id: s.object_id,
+            event_type: s.event_type,
+            ecwid_event_id: s.ecwid_event_id,
+            status,
+            after: s.after,
+            limit,
+        })
+    }
+}
+
+impl Query {
+    /// The index subject filter: literal where a filter names the token.
+    fn subject(&self) -> String {
+        eventlog::index_subject(
+            self.instance.as_deref().unwrap_or("*"),
+            self.store.as_deref().unwrap_or("*"),
+            &self
+                .object_id
+                .as_deref()
+                .map(eventlog::object_hash)
+                .unwrap_or_else(|| "*".to_owned()),
+        )
+    }
+
+    /// Whether an index entry passes the filters the entry can answer.
+    fn entry_matches(&self, e: &IndexEntry) -> bool {
+        let eq = |want: &Option<String>, got: &str| want.as_deref().is_none_or(|w| w == got);
+        eq(&self.object_type, &e.object_type)
+            && eq(&self.object_id, &e.object_id)
+            && self
+                .event_type
+                .as_deref()
+                .is_none_or(|w| w.eq_ignore_ascii_case(&e.event_type))
+            && eq(&self.ecwid_event_id, &e.ecwid_event_id)
+            && self.since_ms.is_none_or(|s| e.received_at_ms >= s)
+            && self.until_ms.is_none_or(|u| e.received_at_ms < u)
+    }
+
+    fn record_matches(&self, r: &Record) -> bool {
+        self.status.is_none_or(|s| s == r.status)
+    }
+}
+
+/// A record as a list shows it: without its attempts and internal pointers.
+fn summary(record: &Record) -> Value {
+    let mut v = serde_json::to_value(record).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("attemptLog");
+        o.remove("envelopeSeq");
+    }
+    v
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "Event log read failed.");
+    ApiError::Unavailable(e.to_string())
+}
+
+async fn stream(state: &AppState, name: &str) -> Result<Stream, ApiError> {
+    tokio::time::timeout(JS_TIMEOUT, state.inner.ctx.js.get_stream(name))
+        .await
+        .map_err(|_| unavailable("JetStream did not answer"))?
+        .map_err(unavailable)
+}
+
+/// The index entries matching `subject` with sequences in `[lo, hi)`, oldest first.
+async fn read_window(
+    stream: &Stream,
+    subject: &str,
+    lo: u64,
+    hi: u64,
+) -> Result<Vec<(u64, IndexEntry)>, ApiError> {
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: lo },
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    let mut found = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(found);
+    }
+    let mut messages = consumer.messages().await.map_err(unavailable)?;
+    loop {
+        let message = match tokio::time::timeout(JS_TIMEOUT, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(unavailable(e)),
+            Ok(None) | Err(_) => return Err(unavailable("reading the event index timed out")),
+        };
+        let info = message.info().map_err(unavailable)?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        if seq >= hi {
+            break;
+        }
+        if let Ok(entry) = serde_json::from_slice::<IndexEntry>(&message.payload) {
+            found.push((seq, entry));
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// Reads the records of `entries` (newest first), concurrently; drops those gone.
+async fn records_of(
+    state: &AppState,
+    entries: &[(u64, IndexEntry)],
+) -> Result<Vec<(u64, Record)>, ApiError> {
+    let log = &state.inner.ctx.log;
+    let reads = entries.iter().map(|(seq, e)| async move {
+        log.get(&e.id)
+            .await
+            .map(|r| r.map(|(record, _)| (*seq, record)))
+    });
+    let mut out = Vec::with_capacity(entries.len());
+    for read in futures::future::join_all(reads).await {
+        if let Some(hit) = read.map_err(unavailable)? {
+            out.push(hit);
+        }
+    }
+    Ok(out)
+}
+
+/// Searches newest first; returns up to `limit` records with their index sequences, and whether
+/// older ones may match.
+async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool), ApiError> {
+    if let Some(found) = by_ecwid_event_id(state, q).await? {
+        return Ok((found, false));
+    }
+    let stream = stream(state, INDEX_STREAM).await?;
+    let first = stream.cached_info().state.first_sequence.max(1);
+    let last = stream.cached_info().state.last_sequence;
+    let mut hi = q
+        .after
+        .unwrap_or(last.saturating_add(1))
+        .min(last.saturating_add(1));
+    let subject = q.subject();
+    // An objectId names few entries: one pass finds them all. Otherwise, windows that grow as
+    // they go back, so a recent page reads little.
+    let mut window = if q.object_id.is_some() {
+        u64::MAX
+    } else {
+        (q.limit as u64 * 4).max(256)
+    };
+    let mut hits: Vec<(u64, Record)> = Vec::new();
+    while hi > first {
+        let lo = hi.saturating_sub(window).max(first);
+        let entries = read_window(&stream, &subject, lo, hi).await?;
+        let older_than_since = q
+            .since_ms
+            .is_some_and(|s| entries.first().is_some_and(|(_, e)| e.received_at_ms < s));
+        let candidates: Vec<(u64, IndexEntry)> = entries
+            .into_iter()
+            .rev()
+            .filter(|(_, e)| q.entry_matches(e))
+            .collect();
+        for chunk in candidates.chunks(64) {
+            for (seq, record) in records_of(state, chunk).await? {
+                if q.record_matches(&record) {
+                    hits.push((seq, record));
+                    if hits.len() == q.limit {
+                        return Ok((hits, true));
+                    }
+                }
+            }
+        }
+        if older_than_since {
+            break;
+        }
+        hi = lo;
+        window = window.saturating_mul(4);
+    }
+    Ok((hits, false))
+}
+
+/// "Ecwid says it sent event E to store S; where did it go?": the records' ids follow from the
+/// event and the store's instances, so they are read directly. `None` when that does not apply
+/// or finds nothing (an instance since deleted): the caller scans.
+async fn by_ecwid_event_id(
+    state: &AppState,
+    q: &Query,
+) -> Result<Option<Vec<(u64, Record)>>, ApiError> {
+    let (Some(eid), Some(store), None) = (&q.ecwid_event_id, &q.store, q.after) else {
+        return Ok(None);
+    };
+    let key = if eid.starts_with("ion:") {
+        eid.clone()
+    } else {
+        format!("v3:{store}:{eid}")
+    };
+    let mut ids: BTreeSet<String> = [notification_id(&key, "")].into();
+    for instance in state.inner.ctx.directory.for_store(store) {
+        if q.instance.as_deref().is_none_or(|i| i == instance.id) {
+            ids.insert(notification_id(&key, &instance.id));
+        }
+    }
+    let log = &state.inner.ctx.log;
+    let mut found = Vec::new();
+    for id in ids {
+        if let Some((record, _)) = log.get(&id).await.map_err(unavailable)? {
+            if q.entry_matches(&record.index_entry())
+                && q.record_matches(&record)
+                && q.instance
+                    .as_deref()
+                    .is_none_or(|i| record.instance_id.as_deref() == Some(i))
+            {
+                found.push((0, record));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(None);
+    }
+    found.sort_by(|a, b| b.1.received_at.cmp(&a.1.received_at));
+    found.truncate(q.limit);
+    Ok(Some(found))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(search_query): ApiQuery<Search>,
+) -> Result<Json<Value>, ApiError> {
+    let q = Query::try_from(search_query)?;
+    let (hits, more) = search(&state, &q).await?;
+    let next = if more {
+        hits.last().map(|(seq, _)| *seq)
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "events": hits.iter().map(|(_, r)| summary(r)).collect::<Vec<_>>(),
+        "next": next,
+    })))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound {
+        code: "not_found",
+        message: format!(
+            "no event {}; it may be older than EVENT_LOG_RETENTION",
+            id.chars().take(64).collect::<String>()
+        ),
+    }
+}
+
+async fn record(state: &AppState, id: &str) -> Result<Record, ApiError> {
+    state
+        .inner
+        .ctx
+        .log
+        .get(id)
+        .await
+        .map_err(unavailable)?
+        .map(|(r, _)| r)
+        .ok_or_else(|| not_found(id))
+}
+
+/// The envelope of `record` as it was stored (and POSTed), with its headers; `None` once the
+/// events stream no longer holds it.
+async fn envelope_of(
+    state: &AppState,
+    record: &Record,
+) -> Result<Option<(HeaderMap, Bytes)>, ApiError> {
+    let Some(seq) = record.envelope_seq else {
+        return Ok(None);
+    };
+    let stream = stream(state, EVENTS_STREAM).await?;
+    match tokio::time::timeout(JS_TIMEOUT, stream.direct_get(seq)).await {
+        Err(_) => Err(unavailable("JetStream did not answer")),
+        Ok(Err(e)) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+            Ok(None)
+        }
+        Ok(Err(e)) => Err(unavailable(e)),
+        Ok(Ok(m)) => {
+            let same = m
+                .headers
+                .get(headers::MSG_ID)
+                .is_some_and(|v| v.as_str() == record.id);
+            Ok(same.then_some((m.headers, m.payload)))
+        }
+    }
+}
+
+async fn show(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let record = record(&state, &id).await?;
+    let envelope = envelope_of(&state, &record)
+        .await?
+        .and_then(|(_, body)| serde_json::from_slice::<Box<RawValue>>(&body).ok());
+    Ok(Json(json!({
+        "event": summary(&record),
+        "attempts": record.attempt_log,
+        "envelope": envelope,
+    })))
+}
+
+/// Publishes `record`'s envelope again, with the same body (so the same `Elements-Webhook-Id`
+/// and `webhook-id`) and a fresh attempt budget; its attempts number on from the record's.
+async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiError> {
+    let Some(instance_id) = record.instance_id.as_deref() else {
+        return Err(ApiError::unprocessable(
+            "id",
+            format!(
+                "this record is the raw-stage outcome ({}) of an event that reached no envelope; \
+                 replay its dead letter or fix the instance's event.objects instead",
+                record.status.as_str()
+            ),
+        ));
+    };
+    let (original, body) = envelope_of(state, record)
+        .await?
+        .ok_or_else(|| ApiError::NotFound {
+            code: "not_found",
+            message: format!(
+                "the envelope of {} is no longer stored (past retention)",
+                record.id
+            ),
+        })?;
+    let mut h = HeaderMap::new();
+    headers::carry(&original, &mut h);
+    h.insert(
+        headers::MSG_ID,
+        format!("redeliver:{}:{}", record.id, uuid::Uuid::new_v4().simple()),
+    );
+    h.insert(headers::ATTEMPT_OFFSET, record.attempts.to_string());
+    shared::nats::publish(
+        &state.inner.ctx.js,
+        events_subject(instance_id),
+        h,
+        body,
+        JS_TIMEOUT,
+    )
+    .await
+    .map_err(|e| ApiError::Unavailable(crate::routes::error_chain(&e)))?;
+    let log = &state.inner.ctx.log;
+    let fallback = record.clone();
+    let updated = log
+        .update(&record.id, |current| {
+            let mut r = current.unwrap_or_else(|| fallback.clone());
+            r.status = Status::Pending;
+            r.next_attempt_at = None;
+            r
+        })
+        .await;
+    match updated {
+        Ok(r) => Ok(r),
+        Err(error) => {
+            // The envelope is on its way; the deliverer's next snapshot says where it stands.
+            log.failed(&error);
+            Ok(record.clone())
+        }
+    }
+}
+
+async fn redeliver(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let record = record(&state, &id).await?;
+    let record = send_again(&state, &record).await?;
+    tracing::info!(event_id = %id, "Event redelivery requested.");
+    Ok((StatusCode::ACCEPTED, Json(summary(&record))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ReplayRequest {
+    since: String,
+    until: String,
+    status: Option<String>,
+    object_type: Option<String>,
+}
+
+async fn replay(
+    State(state): State<AppState>,
+    ApiPath(instance_id): ApiPath<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::unprocessable("body", e.to_string())
+        } else {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        }
+    })?;
+    if state.inner.ctx.directory.get(&instance_id).is_none() {
+        return Err(ApiError::NotFound {
+            code: "not_found",
+            message: format!(
+                "no instance {}",
+                instance_id.chars().take(64).collect::<String>()
+            ),
+        });
+    }
+    let q = Query::try_from(Search {
+        instance: Some(instance_id.clone()),
+        since: Some(request.since),
+        until: Some(request.until),
+        status: request.status,
+        object_type: request.object_type,
+        limit: Some(MAX_PAGE),
+        ..Default::default()
+    })?;
+    let q = Query {
+        limit: MAX_REPLAY,
+        ..q
+    };
+    let (mut hits, more) = search(&state, &q).await?;
+    // Oldest first: a receiver restoring a backup gets them in the order they happened.
+    hits.reverse();
+    let mut replayed = 0usize;
+    let mut failed = Vec::new();
+    for (_, record) in &hits {
+        match send_again(&state, record).await {
+            Ok(_) => replayed += 1,
+            Err(e) => failed
+                .push(json!({"id": record.id, "error": e.code(), "message": e.public_message()})),
+        }
+    }
+    tracing::info!(
+        instance_id,
+        replayed,
+        failed = failed.len(),
+        "Instance window replayed."
+    );
+    Ok(Json(
+        json!({"replayed": replayed, "failed": failed, "more": more}),
+    ))
+}
+
+async fn test(
+    State(state): State<AppState>,
+    ApiPath(instance_id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let ctx = &state.inner.ctx;
+    let Some(instance) = ctx.directory.get(&instance_id) else {
+        return Err(ApiError::NotFound {
+            code: "not_found",
+            message: format!(
+                "no instance {}",
+                instance_id.chars().take(64).collect::<String>()
+            ),
+        });
+    };
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let now = now_unix_ms();
+    let raw = json!({"test": true, "instanceId": instance.id, "sentAt": unix_ms_to_rfc3339(now)});
+    let envelope = Envelope {
+        message: Message {
+            event_id: event_id.clone(),
+            instance_id: instance.id.clone(),
+            element_key: ELEMENT_KEY.to_owned(),
+            verified: true,
+            events: vec![Event {
+                event_type: EventType::Created,
+                object_type: "test".to_owned(),
+                object_id: "test".to_owned(),
+                element_key: ELEMENT_KEY.to_owned(),
+                date: unix_ms_to_rfc3339(now),
+            }],
+            raw: RawValue::from_string(raw.to_string())
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+        },
+    };
+    let inbox = ctx.client.new_inbox();
+    let mut answers = ctx
+        .client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, format!("test:{event_id}"));
+    h.insert(headers::TEST_REPLY_TO, inbox.as_str());
+    h.insert(headers::INSTANCE_ID, instance.id.as_str());
+    h.insert(headers::RECEIVED_AT, now.to_string());
+    shared::nats::publish(
+        &ctx.js,
+        events_subject(&instance.id),
+        h,
+        envelope.to_json().into(),
+        JS_TIMEOUT,
+    )
+    .await
+    .map_err(|e| ApiError::Unavailable(crate::routes::error_chain(&e)))?;
+    let answer = tokio::time::timeout(TEST_TIMEOUT, answers.next())
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            ApiError::Timeout(format!(
+                "no deliverer made the attempt within {} s; is a deliverer running?",
+                TEST_TIMEOUT.as_secs()
+            ))
+        })?;
+    let mut result: Value = serde_json::from_slice(&answer.payload)
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    result["eventId"] = json!(event_id);
+    Ok(Json(result))
+}

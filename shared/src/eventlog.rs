@@ -1,0 +1,519 @@
+//! The event log: every envelope's journey (one record per Ecwid event × instance), and the
+//! raw-stage outcome of every accepted Ecwid event that reached no envelope.
+//!
+//! Storage is JetStream, two streams (names and subjects are constants here):
+//! - `ECWID_LOG`, subject `ecwid.log.<id>`, one message per subject (`max_msgs_per_subject = 1`):
+//!   the record's latest snapshot, attempts included. A lookup by id is one direct get of a
+//!   literal subject.
+//! - `ECWID_LOG_INDEX`, subject `ecwid.logidx.<instanceId|_>.<storeId>.<objectIdHash>`, one
+//!   small entry per record written when it is created: searches by instance, store and objectId
+//!   read only the entries whose subject matches; newest first by walking stream sequences back.
+//!
+//! Who writes: the normalizer creates the record (`pending`) once the envelope is stored, only if
+//! none exists yet (`Nats-Expected-Last-Subject-Sequence: 0`, so a late creation cannot overwrite
+//! what the deliverer wrote), and the raw-stage outcomes; the deliverer writes a new snapshot
+//! after every attempt, before it settles the message, so after a crash the message is
+//! redelivered and the record converges. A failed write never fails a delivery: it is counted
+//! (`ecwid_event_log_write_failures_total`) and retried (the normalizer NAKs the raw message, the
+//! deliverer retries the write a few times).
+
+use std::time::Duration;
+
+use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_SUBJECT_SEQUENCE;
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use prometheus::{IntCounter, IntCounterVec, Registry};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::nats::{headers, PublishError};
+
+/// Record snapshots, one per subject.
+pub const LOG_STREAM: &str = "ECWID_LOG";
+/// Search entries.
+pub const INDEX_STREAM: &str = "ECWID_LOG_INDEX";
+pub const LOG_PREFIX: &str = "ecwid.log";
+pub const INDEX_PREFIX: &str = "ecwid.logidx";
+/// The instance token of raw-stage outcomes (no instance).
+pub const NO_INSTANCE: &str = "_";
+
+/// How much of a callback's response body an attempt keeps.
+pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
+/// Attempts a record keeps: the first few and the latest (the count says how many there were).
+pub const MAX_ATTEMPTS_KEPT: usize = 50;
+/// The longest `lastError` / attempt error text kept.
+pub const MAX_ERROR_CHARS: usize = 512;
+/// The largest record snapshot the stream takes.
+pub const MAX_RECORD_BYTES: i32 = 128 * 1024;
+
+pub const WRITES_TOTAL: &str = "ecwid_event_log_writes_total";
+pub const WRITE_FAILURES_TOTAL: &str = "ecwid_event_log_write_failures_total";
+
+/// `ecwid.log.<id>`
+pub fn record_subject(id: &str) -> String {
+    format!("{LOG_PREFIX}.{id}")
+}
+
+/// `ecwid.logidx.<instance>.<store>.<objectIdHash>`; `*` in any place for a search.
+pub fn index_subject(instance: &str, store: &str, object_hash: &str) -> String {
+    format!("{INDEX_PREFIX}.{instance}.{store}.{object_hash}")
+}
+
+/// A subject token for an objectId (any text): 16 hex digits of its SHA-256.
+pub fn object_hash(object_id: &str) -> String {
+    Sha256::digest(object_id.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Where an envelope (or an Ecwid event) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Stored, not attempted yet (or redelivery requested).
+    Pending,
+    /// An attempt failed; the next one is scheduled (`nextAttemptAt`).
+    Retrying,
+    Delivered,
+    /// Dead-lettered: by the deliverer after its last attempt, or by the normalizer.
+    Dead,
+    /// Raw stage: every instance of the store filtered it out (`event.objects`, disabled).
+    Filtered,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Retrying => "retrying",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+            Status::Filtered => "filtered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Status::Pending,
+            Status::Retrying,
+            Status::Delivered,
+            Status::Dead,
+            Status::Filtered,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+/// One delivery attempt. Never request or response headers, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    /// 1-based, across redeliveries.
+    pub number: u64,
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// The HTTP status, when the callback answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Without an answer: `timeout`, `connect_error`, `refused_address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The first [`RESPONSE_EXCERPT_BYTES`] of the response body, UTF-8 (lossy).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub response: String,
+}
+
+/// A record: one envelope (Ecwid event × instance), or one Ecwid event's raw-stage outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// `message.eventId` of the envelope = `Elements-Webhook-Id`.
+    pub id: String,
+    /// `None` for a raw-stage outcome.
+    pub instance_id: Option<String>,
+    pub store_id: String,
+    pub object_type: String,
+    pub object_id: String,
+    pub event_type: String,
+    /// Ecwid's v3 `eventId`; for ION, the dedupe id.
+    pub ecwid_event_id: String,
+    pub format: String,
+    pub verified: bool,
+    pub request_id: String,
+    pub received_at: String,
+    pub status: Status,
+    /// How many attempts were made (the list keeps at most [`MAX_ATTEMPTS_KEPT`]).
+    pub attempts: u64,
+    /// The last HTTP status, or the error class of the last attempt.
+    pub last_status: Option<String>,
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub delivered_at: Option<String>,
+    /// The envelope's sequence in `ECWID_EVENTS` (its body, exactly as POSTed, is read there).
+    pub envelope_seq: Option<u64>,
+    pub attempt_log: Vec<Attempt>,
+}
+
+impl Record {
+    /// Appends `attempt`, keeping the first few and the latest ones.
+    pub fn push_attempt(&mut self, attempt: Attempt) {
+        self.attempts = self.attempts.max(attempt.number);
+        self.last_status = Some(match (attempt.status, &attempt.error_class) {
+            (Some(s), _) => s.to_string(),
+            (None, Some(class)) => class.clone(),
+            (None, None) => "unknown".to_owned(),
+        });
+        self.last_error = attempt.error.clone();
+        self.last_attempt_at = Some(attempt.started_at.clone());
+        self.attempt_log.push(attempt);
+        if self.attempt_log.len() > MAX_ATTEMPTS_KEPT {
+            // Keep the first five: how it started matters as much as how it is going.
+            self.attempt_log.remove(5);
+        }
+    }
+
+    /// The index entry written when the record is created.
+    pub fn index_entry(&self) -> IndexEntry {
+        IndexEntry {
+            id: self.id.clone(),
+            received_at_ms: crate::time_fmt::rfc3339_to_unix_ms(&self.received_at).unwrap_or(0),
+            object_type: self.object_type.clone(),
+            object_id: self.object_id.clone(),
+            event_type: self.event_type.clone(),
+            ecwid_event_id: self.ecwid_event_id.clone(),
+        }
+    }
+
+    pub fn index_subject(&self) -> String {
+        index_subject(
+            self.instance_id.as_deref().unwrap_or(NO_INSTANCE),
+            &self.store_id,
+            &object_hash(&self.object_id),
+        )
+    }
+}
+
+/// What an index entry holds: enough to filter on without reading the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub id: String,
+    #[serde(rename = "t")]
+    pub received_at_ms: i64,
+    #[serde(rename = "ot")]
+    pub object_type: String,
+    #[serde(rename = "oid")]
+    pub object_id: String,
+    #[serde(rename = "et")]
+    pub event_type: String,
+    #[serde(rename = "eid")]
+    pub ecwid_event_id: String,
+}
+
+/// Text cut to at most `max` characters.
+pub fn clip(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// A response body excerpt: the first [`RESPONSE_EXCERPT_BYTES`], UTF-8, lossy.
+pub fn excerpt(body: &[u8]) -> String {
+    let cut = &body[..body.len().min(RESPONSE_EXCERPT_BYTES)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+/// The two streams' settings. Records and index entries live `retention`.
+pub fn stream_configs(replicas: usize, retention: Duration) -> [stream::Config; 2] {
+    [
+        stream::Config {
+            name: LOG_STREAM.to_owned(),
+            description: Some("ecwid-events event log: each record's latest snapshot".to_owned()),
+            subjects: vec![format!("{LOG_PREFIX}.*")],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: retention,
+            max_messages_per_subject: 1,
+            max_message_size: MAX_RECORD_BYTES,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        },
+        stream::Config {
+            name: INDEX_STREAM.to_owned(),
+            description: Some("ecwid-events event log: search entries".to_owned()),
+            subjects: vec![format!("{INDEX_PREFIX}.*.*.*")],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: retention,
+            max_message_size: 8 * 1024,
+            discard: stream::DiscardPolicy::Old,
+            // Entries are deduplicated by record id: a retried creation adds no second entry.
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Why a log operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("event log write failed")]
+    Publish(#[from] PublishError),
+    #[error("event log read failed: {0}")]
+    Read(String),
+    #[error("the record kept changing under concurrent writers")]
+    Conflict,
+}
+
+/// The event log's metrics.
+#[derive(Debug, Clone)]
+pub struct LogMetrics {
+    /// kind: create, update, index, outcome.
+    pub writes: IntCounterVec,
+    pub failures: IntCounter,
+}
+
+impl LogMetrics {
+    pub fn register(reg: &Registry) -> Self {
+        Self {
+            writes: crate::metrics::counter_vec(
+                reg,
+                WRITES_TOTAL,
+                "Event log writes that JetStream acknowledged, by kind.",
+                &["kind"],
+            ),
+            failures: crate::metrics::counter(
+                reg,
+                WRITE_FAILURES_TOTAL,
+                "Event log writes that failed (each is retried; deliveries go on).",
+            ),
+        }
+    }
+}
+
+/// Reads and writes the log. Cheap to clone. With the log off (`EVENT_LOG=off`) writes do
+/// nothing and reads find nothing.
+#[derive(Debug, Clone)]
+pub struct EventLog {
+    js: jetstream::Context,
+    enabled: bool,
+    timeout: Duration,
+    metrics: LogMetrics,
+}
+
+impl EventLog {
+    pub fn new(js: jetstream::Context, enabled: bool, metrics: LogMetrics) -> Self {
+        Self {
+            js,
+            enabled,
+            timeout: Duration::from_secs(5),
+            metrics,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    async fn publish(
+        &self,
+        subject: String,
+        h: HeaderMap,
+        body: Vec<u8>,
+        kind: &'static str,
+    ) -> Result<jetstream::publish::PublishAck, LogError> {
+        match crate::nats::publish(&self.js, subject, h, body.into(), self.timeout).await {
+            Ok(ack) => {
+                self.metrics.writes.with_label_values(&[kind]).inc();
+                Ok(ack)
+            }
+            Err(e) => Err(LogError::Publish(e)),
+        }
+    }
+
+    /// Counts a failed write; the caller decides how it is retried.
+    pub fn failed(&self, error: &LogError) {
+        self.metrics.failures.inc();
+        tracing::warn!(%error, "Event log write failed; it will be retried.");
+    }
+
+    /// Creates `record` with its index entry, unless a snapshot already exists (the deliverer
+    /// got there first, or this is a retry): then only the index entry is (re)written, and
+    /// JetStream drops it as a duplicate when it was stored before.
+    pub async fn create(&self, record: &Record) -> Result<(), LogError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, format!("idx:{}", record.id));
+        let entry = serde_json::to_vec(&record.index_entry()).unwrap_or_default();
+        let index = self.publish(record.index_subject(), h, entry, "index");
+        let mut h = HeaderMap::new();
+        h.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let body = serde_json::to_vec(record).unwrap_or_default();
+        let snapshot = self.publish(record_subject(&record.id), h, body, "create");
+        let (index, snapshot) = futures::join!(index, snapshot);
+        index?;
+        match snapshot {
+            Ok(_) => Ok(()),
+            // "wrong last sequence": a snapshot exists, which is what we wanted to ensure.
+            Err(LogError::Publish(PublishError::Rejected(e)))
+                if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `record` as the latest snapshot, whatever was there.
+    pub async fn put(&self, record: &Record) -> Result<(), LogError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(record).unwrap_or_default();
+        self.publish(record_subject(&record.id), HeaderMap::new(), body, "update")
+            .await
+            .map(drop)
+    }
+
+    /// Reads the latest snapshot of `id` and its stream sequence.
+    pub async fn get(&self, id: &str) -> Result<Option<(Record, u64)>, LogError> {
+        if !self.enabled || !crate::nats::is_subject_token(id) {
+            return Ok(None);
+        }
+        let stream = self
+            .js
+            .get_stream_no_info(LOG_STREAM)
+            .await
+            .map_err(|e| LogError::Read(e.to_string()))?;
+        let read = tokio::time::timeout(
+            self.timeout,
+            stream.direct_get_last_for_subject(record_subject(id)),
+        )
+        .await
+        .map_err(|_| LogError::Read("no answer in time".into()))?;
+        match read {
+            Ok(m) => Ok(serde_json::from_slice::<Record>(&m.payload)
+                .ok()
+                .map(|r| (r, m.sequence))),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LogError::Read(e.to_string())),
+        }
+    }
+
+    /// Read-modify-write: applies `change` to the latest snapshot (`None` when there is none)
+    /// and writes the result only if nobody wrote in between; tries again a few times.
+    pub async fn update(
+        &self,
+        id: &str,
+        change: impl Fn(Option<Record>) -> Record,
+    ) -> Result<Record, LogError> {
+        for _ in 0..5 {
+            let current = self.get(id).await?;
+            let seq = current.as_ref().map_or(0, |(_, s)| *s);
+            let next = change(current.map(|(r, _)| r));
+            if !self.enabled {
+                return Ok(next);
+            }
+            let mut h = HeaderMap::new();
+            h.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string());
+            let body = serde_json::to_vec(&next).unwrap_or_default();
+            match self
+                .publish(record_subject(&next.id), h, body, "update")
+                .await
+            {
+                Ok(_) => return Ok(next),
+                Err(LogError::Publish(PublishError::Rejected(e)))
+                    if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(LogError::Conflict)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            id: "0f3c".into(),
+            instance_id: Some("inst".into()),
+            store_id: "1003".into(),
+            object_type: "orders".into(),
+            object_id: "XJ 12.H".into(),
+            event_type: "CREATED".into(),
+            ecwid_event_id: "e-1".into(),
+            format: "v3".into(),
+            verified: true,
+            request_id: "r".into(),
+            received_at: "2026-11-22T10:15:00Z".into(),
+            status: Status::Pending,
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            last_attempt_at: None,
+            next_attempt_at: None,
+            delivered_at: None,
+            envelope_seq: None,
+            attempt_log: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn subjects_are_tokens_whatever_the_object_id() {
+        let r = record();
+        let subject = r.index_subject();
+        assert_eq!(subject.split('.').count(), 5, "{subject}");
+        assert!(subject.starts_with("ecwid.logidx.inst.1003."));
+        assert_eq!(object_hash("XJ 12.H").len(), 16);
+        assert_ne!(object_hash("a"), object_hash("b"));
+        assert_eq!(record_subject("0f3c"), "ecwid.log.0f3c");
+        let mut raw = record();
+        raw.instance_id = None;
+        assert!(raw.index_subject().starts_with("ecwid.logidx._.1003."));
+    }
+
+    #[test]
+    fn attempts_are_bounded_and_summarised() {
+        let mut r = record();
+        for n in 1..=60 {
+            r.push_attempt(Attempt {
+                number: n,
+                started_at: format!("t{n}"),
+                duration_ms: 5,
+                status: Some(503),
+                error_class: None,
+                error: Some("HTTP 503".into()),
+                response: excerpt(&vec![b'x'; 5000]),
+            });
+        }
+        assert_eq!(r.attempts, 60);
+        assert_eq!(r.attempt_log.len(), MAX_ATTEMPTS_KEPT);
+        assert_eq!(r.attempt_log[0].number, 1);
+        assert_eq!(r.attempt_log[4].number, 5);
+        assert_eq!(r.attempt_log.last().map(|a| a.number), Some(60));
+        assert_eq!(r.attempt_log[0].response.len(), RESPONSE_EXCERPT_BYTES);
+        assert_eq!(r.last_status.as_deref(), Some("503"));
+        assert!(serde_json::to_vec(&r).unwrap().len() < MAX_RECORD_BYTES as usize);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["status"], "pending");
+        assert_eq!(json["ecwidEventId"], "e-1");
+    }
+
+    #[test]
+    fn excerpts_are_lossy_utf8() {
+        assert_eq!(excerpt(b"ok \xff"), "ok \u{fffd}");
+        assert_eq!(Status::parse("delivered"), Some(Status::Delivered));
+        assert_eq!(Status::parse("nope"), None);
+    }
+}
