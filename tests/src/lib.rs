@@ -137,6 +137,21 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOP: the server freezes with every connection open; nothing answers, nothing fails.
+    pub fn pause(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self.child.as_ref().expect("nats-server is running").id();
+        procs::send_signal(pid, signal).expect("signal nats-server");
+    }
+
     /// Starts again on the same port and store.
     pub async fn restart(&mut self) {
         self.kill();
