@@ -86,6 +86,39 @@ NUMERIC_ENV = {
 }
 ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
 
+# SHUTDOWN_GRACE_MS is the whole shutdown of a service, from SIGTERM to exit (the
+# work in hand, then the NATS drain; shared/src/shutdown.rs). What an orchestrator
+# waits before SIGKILL must exceed it by this margin: signal delivery, the
+# runtime's stop, a slow node. Kubernetes counts a preStop hook inside
+# terminationGracePeriodSeconds, so that comes on top. Documented in
+# deploy/README.md ("Shutdown").
+TERMINATION_MARGIN_SECONDS = 5
+# The services' default when SHUTDOWN_GRACE_MS is not set.
+DEFAULT_SHUTDOWN_GRACE_MS = 20000
+# One NATS_URL entry: nats:// or tls://, or a bare host:port; comma-separated for a cluster.
+NATS_URL_ENTRY = re.compile(r"^((nats|tls)://)?([^\s:/@,]+(:[^\s@/,]*)?@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:\d{1,5})?$")
+
+
+def nats_url_ok(value: str) -> bool:
+    return all(NATS_URL_ENTRY.match(e.strip()) for e in value.split(","))
+
+
+def shutdown_budget_seconds(env: dict) -> float:
+    return int(env.get("SHUTDOWN_GRACE_MS") or DEFAULT_SHUTDOWN_GRACE_MS) / 1000
+
+
+def parse_compose_duration(value: Any) -> float | None:
+    """Compose durations: 30s, 1m30s, 500ms, or a bare number of seconds."""
+    text = str(value).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s|us)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 0.000001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
 # JetStream: stream -> its durable pull consumer.
 CONSUMERS = {"ECWID_RAW": "normalizer", "ECWID_EVENTS": "deliverer"}
 
@@ -456,11 +489,17 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
                     dig(probe, "httpGet", "path") == path_ and probe_port(probe, ports) == ops,
                     f"{cwho}: {kind} GET {path_} on {ops}",
                 )
-            drain = int(env_names.get("SHUTDOWN_GRACE_MS") or 20000) / 1000
+            budget = shutdown_budget_seconds(env_names)
             pre = dig(c, "lifecycle", "preStop", "sleep", "seconds", default=0)
             rep.check(
-                grace > drain + pre,
-                f"{cwho}: terminationGracePeriodSeconds {grace} > drain {drain:g}s + preStop {pre}s",
+                grace >= budget + pre + TERMINATION_MARGIN_SECONDS,
+                f"{cwho}: terminationGracePeriodSeconds {grace} >= SHUTDOWN_GRACE_MS {budget:g}s"
+                f" + preStop {pre}s + margin {TERMINATION_MARGIN_SECONDS}s",
+            )
+            nats_url = env_names.get("NATS_URL")
+            rep.check(
+                nats_url is not None and nats_url_ok(nats_url),
+                f"{cwho}: NATS_URL={nats_url} is nats://host:port (comma-separated for a cluster)",
             )
     rep.check(services_seen == set(OPS_PORT), f"{name}: runs ingest, normalizer and deliverer", f"found {sorted(services_seen)}")
 
@@ -592,6 +631,13 @@ def cmd_compose(path: str) -> int:
                     rep.check(env.get(var) == want, f"{path}: {name}: {var}={want}")
             rep.check(env.get("LOG_FORMAT") == "json", f"{path}: {name}: LOG_FORMAT=json")
             rep.check(env.get("NATS_URL") == "nats://nats:4222", f"{path}: {name}: NATS_URL=nats://nats:4222")
+            budget = shutdown_budget_seconds(env)
+            stop = parse_compose_duration(svc.get("stop_grace_period", "10s"))
+            rep.check(
+                stop is not None and stop >= budget + TERMINATION_MARGIN_SECONDS,
+                f"{path}: {name}: stop_grace_period {svc.get('stop_grace_period', '10s (default)')} >= "
+                f"SHUTDOWN_GRACE_MS {budget:g}s + margin {TERMINATION_MARGIN_SECONDS}s",
+            )
             hc = dig(svc, "healthcheck", "test", default=[])
             rep.check(hc == ["CMD", f"/usr/local/bin/{binary}", "healthcheck"], f"{path}: {name}: health check is `{binary} healthcheck`")
             if binary == "ingest":

@@ -36,8 +36,9 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Runs the ingest until `cancel` fires, then stops accepting, finishes open requests within the
-/// grace period and drains the NATS connection.
+/// Runs the ingest until `cancel` fires, then stops accepting, finishes open requests and drains
+/// the NATS connection, all within one shutdown budget (`SHUTDOWN_GRACE_MS`, see
+/// [`shared::shutdown`]).
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -64,19 +65,10 @@ pub async fn run(
         );
         a.and(b)
     };
-    tokio::pin!(servers);
-    tokio::select! {
-        result = &mut servers => {
-            if let Err(error) = result {
-                tracing::error!(%error, "HTTP server failed.");
-            }
-        }
-        () = cancel.cancelled() => {
-            if tokio::time::timeout(grace, &mut servers).await.is_err() {
-                tracing::warn!(?grace, "Open requests did not finish within the grace period.");
-            }
-        }
+    let (deadline, result) = shared::shutdown::run_bounded(servers, &cancel, grace).await;
+    if let Some(Err(error)) = result {
+        tracing::error!(%error, "HTTP server failed.");
     }
-    shared::shutdown::drain_nats(&client, grace).await;
+    shared::shutdown::drain_nats(&client, &deadline).await;
     Ok(())
 }

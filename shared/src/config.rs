@@ -148,16 +148,103 @@ pub enum LogFormat {
     Json,
 }
 
+/// `NATS_URL` when unset.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// The NATS servers of `NATS_URL`: one address, or a cluster's addresses separated by commas
+/// (`nats://host:port`, `tls://host:port`, or a bare `host:port`, which means `nats://`).
+/// Async-nats takes the list as it is and picks another server when one goes away.
+///
+/// `Debug` and `Display` show scheme, host and port only: a URL may carry a user and password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsServers(Vec<async_nats::ServerAddr>);
+
+impl NatsServers {
+    /// Parses `NATS_URL`; the error says which entry is wrong and why.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let mut servers = Vec::new();
+        for entry in raw.split(',').map(str::trim) {
+            if entry.is_empty() {
+                return Err(format!(
+                    "an empty entry in `{}`; expected nats://host:port, comma-separated for a cluster",
+                    redact(raw)
+                ));
+            }
+            let addr: async_nats::ServerAddr = entry.parse().map_err(|e| {
+                format!(
+                    "`{}` is not a NATS server address (nats://host:port or tls://host:port): {e}",
+                    redact(entry)
+                )
+            })?;
+            // Async-nats also takes ws:// and wss://: not part of the documented contract, and
+            // untested here, so refused rather than half-supported.
+            if !matches!(addr.scheme(), "nats" | "tls") {
+                return Err(format!(
+                    "`{}`: the scheme must be nats:// or tls://, not {}://",
+                    redact(entry),
+                    addr.scheme()
+                ));
+            }
+            if addr.host().is_empty() {
+                return Err(format!("`{}` names no host", redact(entry)));
+            }
+            servers.push(addr);
+        }
+        Ok(Self(servers))
+    }
+
+    /// The addresses, in the order given; [`crate::nats::connect`] hands them to async-nats.
+    pub fn addrs(&self) -> &[async_nats::ServerAddr] {
+        &self.0
+    }
+}
+
+/// `scheme://host:port` of an entry whatever it carries besides, for messages and logs.
+fn redact(entry: &str) -> String {
+    match entry.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://<credentials>@{host}"),
+            None => entry.to_owned(),
+        },
+        None => entry.to_owned(),
+    }
+}
+
+impl fmt::Display for NatsServers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, addr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            let host = addr.host();
+            if host.contains(':') {
+                write!(f, "{}://[{host}]:{}", addr.scheme(), addr.port())?;
+            } else {
+                write!(f, "{}://{host}:{}", addr.scheme(), addr.port())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for NatsServers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NatsServers({self})")
+    }
+}
+
 /// Settings every service reads.
 #[derive(Debug, Clone)]
 pub struct CommonConfig {
-    /// `NATS_URL`, default `nats://127.0.0.1:4222`.
-    pub nats_url: String,
+    /// `NATS_URL`, default `nats://127.0.0.1:4222`: one server, or a cluster's servers
+    /// separated by commas. Parsed here, so a typo stops the service at start-up.
+    pub nats_url: NatsServers,
     /// `STREAM_REPLICAS`, default 1 (3 in a clustered deployment).
     pub stream_replicas: usize,
     /// `RAW_DUPLICATE_WINDOW_SECS`, default 7200: how long JetStream remembers a message id.
     pub duplicate_window: Duration,
-    /// `SHUTDOWN_GRACE_MS`, default 20000: how long in-flight work may take after SIGTERM.
+    /// `SHUTDOWN_GRACE_MS`, default 20000: the whole shutdown, from SIGTERM to exit. The work in
+    /// hand gets it less the drain's reserve, the NATS drain the rest ([`crate::shutdown`]).
     pub shutdown_grace: Duration,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
@@ -170,18 +257,8 @@ pub struct CommonConfig {
 
 impl CommonConfig {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        let nats_url = vars.string_or("NATS_URL", "nats://127.0.0.1:4222");
-        if !nats_url.split(',').all(|u| {
-            let u = u.trim();
-            u.starts_with("nats://") || u.starts_with("tls://") || !u.contains("://")
-        }) {
-            return Err(ConfigError::new(
-                "NATS_URL",
-                format!(
-                    "expected nats://host:port (comma-separated for a cluster), got `{nats_url}`"
-                ),
-            ));
-        }
+        let nats_url = NatsServers::parse(&vars.string_or("NATS_URL", DEFAULT_NATS_URL))
+            .map_err(|message| ConfigError::new("NATS_URL", message))?;
         let stream_replicas: usize = vars.parse_or("STREAM_REPLICAS", 1)?;
         if !(1..=5).contains(&stream_replicas) {
             return Err(ConfigError::new(
@@ -298,7 +375,7 @@ mod tests {
     #[test]
     fn defaults_apply_when_unset_or_empty() {
         let cfg = CommonConfig::from_vars(&Vars::from_pairs([("NATS_URL", "")])).unwrap();
-        assert_eq!(cfg.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(cfg.nats_url.to_string(), "nats://127.0.0.1:4222");
         assert_eq!(cfg.stream_replicas, 1);
         assert_eq!(cfg.duplicate_window, Duration::from_secs(7200));
         assert_eq!(cfg.log_format, LogFormat::Text);
@@ -325,6 +402,59 @@ mod tests {
             .addr_or("L", "0.0.0.0:1")
             .unwrap_err();
         assert_eq!(err.var, "L");
+    }
+
+    #[test]
+    fn nats_url_takes_a_cluster_as_a_comma_separated_list() {
+        let vars = Vars::from_pairs([(
+            "NATS_URL",
+            "nats://10.0.0.1:4222, nats://10.0.0.2:4223 ,10.0.0.3:4224",
+        )]);
+        let cfg = CommonConfig::from_vars(&vars).unwrap();
+        let addrs = cfg.nats_url.addrs();
+        assert_eq!(addrs.len(), 3);
+        assert_eq!(
+            addrs
+                .iter()
+                .map(|a| (a.host(), a.port()))
+                .collect::<Vec<_>>(),
+            [("10.0.0.1", 4222), ("10.0.0.2", 4223), ("10.0.0.3", 4224)]
+        );
+        // A bare host:port is nats://.
+        assert_eq!(addrs[2].scheme(), "nats");
+        assert_eq!(
+            cfg.nats_url.to_string(),
+            "nats://10.0.0.1:4222,nats://10.0.0.2:4223,nats://10.0.0.3:4224"
+        );
+    }
+
+    #[test]
+    fn nats_url_keeps_tls_and_hides_credentials() {
+        let servers =
+            NatsServers::parse("tls://svc:s3cret@nats-0.nats:4222,tls://nats-1.nats:4222").unwrap();
+        assert!(servers.addrs().iter().all(|a| a.tls_required()));
+        assert_eq!(servers.addrs()[0].password(), Some("s3cret"));
+        let shown = format!("{servers} {servers:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("tls://nats-0.nats:4222"), "{shown}");
+    }
+
+    #[test]
+    fn a_malformed_nats_url_entry_is_refused_naming_it() {
+        for (raw, names) in [
+            ("nats://a:4222,nats://b:42x2", "nats://b:42x2"),
+            ("nats://a:4222,,nats://b:4222", "empty entry"),
+            ("nats://a:4222;nats://b:4222", "nats://a:4222;nats://b:4222"),
+            ("http://nats:4222", "http://nats:4222"),
+            ("ws://nats:443", "ws://nats:443"),
+            ("nats://", "nats://"),
+            ("nats://user:hunter2@a:99999", "<credentials>@a:99999"),
+        ] {
+            let err = CommonConfig::from_vars(&Vars::from_pairs([("NATS_URL", raw)])).unwrap_err();
+            assert_eq!(err.var, "NATS_URL", "{raw}");
+            assert!(err.message.contains(names), "{raw}: {err}");
+            assert!(!err.message.contains("hunter2"), "{raw}: {err}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use backon::{ExponentialBuilder, Retryable};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::NatsServers;
 use crate::Error;
 
 /// Raw Ecwid payloads, as the ingest received them.
@@ -187,19 +188,22 @@ impl From<&crate::config::CommonConfig> for TopologyConfig {
     }
 }
 
-/// Connects to NATS, retrying with exponential backoff (capped at 5 s) until it answers or
-/// `cancel` fires. The client reconnects on its own after that.
+/// Connects to NATS (any one of `servers`: async-nats tries them in turn, and learns the rest
+/// of a cluster from the server), retrying with exponential backoff (capped at 5 s) until one
+/// answers or `cancel` fires. The client reconnects on its own after that, to any server of the
+/// cluster.
 pub async fn connect(
-    url: &str,
+    servers: &NatsServers,
     name: &str,
     cancel: &CancellationToken,
 ) -> Result<async_nats::Client, Error> {
+    let url = servers.to_string();
     let attempt = || async {
         async_nats::ConnectOptions::new()
             .name(name)
             .connection_timeout(Duration::from_secs(3))
             .max_reconnects(None)
-            .connect(url)
+            .connect(servers.addrs())
             .await
     };
     let retried = attempt
@@ -211,10 +215,10 @@ pub async fn connect(
                 .without_max_times(),
         )
         .notify(|err, wait| {
-            tracing::warn!(error = %err, url, retry_in = ?wait, "NATS is not reachable yet; retrying.");
+            tracing::warn!(error = %err, %url, retry_in = ?wait, "NATS is not reachable yet; retrying.");
         });
     tokio::select! {
-        result = retried => result.map_err(|source| Error::Connect { url: url.to_owned(), source }),
+        result = retried => result.map_err(|source| Error::Connect { url: url.clone(), source }),
         () = cancel.cancelled() => Err(Error::Cancelled),
     }
 }

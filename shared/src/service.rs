@@ -88,7 +88,8 @@ impl ServiceContext {
 /// The whole of a service's `main`: the `healthcheck` subcommand (GET `/healthz` on the address
 /// in `ops_var`), then config from the environment (exit 64 naming the variable), telemetry,
 /// the runtime, a token cancelled by SIGTERM/SIGINT, and `start`. Exit status 1 when `start`
-/// fails.
+/// fails. `start` keeps to the shutdown budget ([`crate::shutdown`]); the runtime then gets at
+/// most [`crate::shutdown::RUNTIME_STOP`].
 pub fn main<C, F, Fut, E>(
     service: &str,
     ops_var: &str,
@@ -122,6 +123,8 @@ where
         crate::shutdown::cancel_on_signal(cancel.clone());
         start(config, cancel).await
     });
+    // Dropping the runtime would wait for blocking threads (a DNS lookup in flight) without end.
+    runtime.shutdown_timeout(crate::shutdown::RUNTIME_STOP);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -136,7 +139,10 @@ where
 }
 
 /// A worker's life: start ([`ServiceContext::start`]), serve the ops endpoints on `ops_listener`, run
-/// `work` until it returns (it stops when `cancel` fires), then drain the NATS connection.
+/// `work` until it returns (it stops when `cancel` fires), then drain the NATS connection. From
+/// the moment `cancel` fires, `work` and the ops server share one budget with the drain
+/// (`SHUTDOWN_GRACE_MS`, see [`crate::shutdown`]); work still running when its share is spent is
+/// dropped, and the service still stops cleanly: what it had not settled is redelivered.
 pub async fn run_worker<F, Fut, E>(
     common: &CommonConfig,
     service: &str,
@@ -151,13 +157,25 @@ where
     E: From<Error>,
 {
     let ctx = ServiceContext::start(client.clone(), common, service, &cancel).await?;
+    // Its own token: work that ends on its own (an error) stops the ops server too, instead of
+    // leaving the process answering /healthz with nothing behind it.
+    let ops_cancel = cancel.child_token();
     let ops = tokio::spawn(crate::ops::serve(
         ops_listener,
         crate::ops::router(ctx.ops_state()),
-        cancel,
+        ops_cancel.clone(),
     ));
-    let result = work(ctx).await;
-    let _ = ops.await;
-    crate::shutdown::drain_nats(&client, common.shutdown_grace).await;
-    result
+    // A scrape on a kept-alive connection must not hold the process past its budget.
+    let ops_abort = ops.abort_handle();
+    let everything = async {
+        let result = work(ctx).await;
+        ops_cancel.cancel();
+        let _ = ops.await;
+        result
+    };
+    let (deadline, result) =
+        crate::shutdown::run_bounded(everything, &cancel, common.shutdown_grace).await;
+    ops_abort.abort();
+    crate::shutdown::drain_nats(&client, &deadline).await;
+    result.unwrap_or(Ok(()))
 }

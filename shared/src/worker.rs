@@ -16,8 +16,10 @@ use tracing::Instrument;
 
 use crate::metrics::CommonMetrics;
 
-/// Runs until `cancel` fires; then waits up to `grace` for handlers in progress. Messages a
-/// handler did not settle are redelivered by the server after `ack_wait`: nothing is lost.
+/// Runs until `cancel` fires; then waits for handlers in progress until the work's share of the
+/// shutdown budget `grace` (`SHUTDOWN_GRACE_MS`, less the drain's reserve: see
+/// [`crate::shutdown::Deadline`]) is spent, and aborts the rest. Messages a handler did not settle
+/// are redelivered by the server after `ack_wait`: nothing is lost.
 pub async fn run_pull_loop<F, Fut>(
     consumer: Consumer<pull::Config>,
     concurrency: usize,
@@ -102,6 +104,9 @@ pub async fn run_pull_loop<F, Fut>(
             }
         }
     }
+    // The budget counts from here, a moment after the signal; `run_worker` bounds the same work
+    // from the signal itself, so this is the bound for callers that run the loop on their own.
+    let deadline = crate::shutdown::Deadline::from_now(grace);
     let in_work = tasks.len();
     if in_work > 0 {
         tracing::info!(
@@ -110,8 +115,10 @@ pub async fn run_pull_loop<F, Fut>(
             "Stopped pulling; finishing the messages in work."
         );
     }
-    let finished =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    let finished = tokio::time::timeout_at(deadline.work_until(), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     if finished.is_err() {
         tracing::warn!(
             left = tasks.len(),

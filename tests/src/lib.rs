@@ -1,6 +1,7 @@
 //! Test harness: a real `nats-server` on a free port with a temp store dir (stoppable and
-//! restartable), real HTTP receivers on `127.0.0.1:0`, the three services in-process, and the
-//! helpers to drive them. Every wait has a deadline.
+//! restartable), a nats-server cluster on loopback ([`NatsCluster`]), real HTTP receivers on
+//! `127.0.0.1:0`, the three services in-process, and the helpers to drive them. Every wait has a
+//! deadline.
 
 pub mod procs;
 
@@ -137,6 +138,21 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOP: the server freezes with every connection open; nothing answers, nothing fails.
+    pub fn pause(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self.child.as_ref().expect("nats-server is running").id();
+        procs::send_signal(pid, signal).expect("signal nats-server");
+    }
+
     /// Starts again on the same port and store.
     pub async fn restart(&mut self) {
         self.kill();
@@ -151,6 +167,231 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// One server of a [`NatsCluster`]: its name, client and route ports, store and log.
+#[derive(Debug)]
+pub struct ClusterNode {
+    /// `server_name`, as JetStream reports a stream's leader and replicas.
+    pub name: String,
+    pub port: u16,
+    pub cluster_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("server.conf")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (make test installs it)");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no lame-duck mode, no goodbye to clients or to the other servers.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let from = all.len().saturating_sub(lines);
+        format!("----- NATS {} -----\n{}", self.name, all[from..].join("\n"))
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Real nats-servers with JetStream, clustered on loopback: each with its own store, client port
+/// and route port, every one routing to all the others. Servers are killed and started again
+/// (same ports, same store) by name.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers `n1`, `n2` … and waits until JetStream answers through them (a meta
+    /// leader is elected).
+    pub async fn start(size: usize) -> Self {
+        let mut nodes: Vec<ClusterNode> = (1..=size)
+            .map(|i| ClusterNode {
+                name: format!("n{i}"),
+                port: free_port(),
+                cluster_port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+                child: None,
+            })
+            .collect();
+        let routes: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("\"nats-route://127.0.0.1:{}\"", n.cluster_port))
+            .collect();
+        for node in &nodes {
+            // A server ignores the route to itself.
+            let config = format!(
+                "server_name: {name}\n\
+                 listen: \"127.0.0.1:{port}\"\n\
+                 log_file: \"{log}\"\n\
+                 jetstream {{ store_dir: \"{store}\" }}\n\
+                 cluster {{\n  name: ecwid-test\n  listen: \"127.0.0.1:{cluster_port}\"\n  \
+                 routes: [{routes}]\n}}\n",
+                name = node.name,
+                port = node.port,
+                log = node.log_path().display(),
+                store = node.dir.path().join("js").display(),
+                cluster_port = node.cluster_port,
+                routes = routes.join(", "),
+            );
+            std::fs::write(node.config_path(), config).expect("write the server config");
+        }
+        for node in &mut nodes {
+            node.spawn();
+        }
+        let cluster = Self { nodes };
+        for node in &cluster.nodes {
+            cluster.wait_listening(node).await;
+        }
+        cluster.wait_jetstream().await;
+        cluster
+    }
+
+    /// Every server's client URL, comma-separated: `NATS_URL` for a cluster.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(ClusterNode::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn node(&self, name: &str) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no server named {name}"))
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no server named {name}"))
+    }
+
+    /// SIGKILLs server `name`.
+    pub fn kill(&mut self, name: &str) {
+        self.node_mut(name).kill();
+    }
+
+    /// Starts server `name` again on its ports and store, and waits until it accepts clients.
+    pub async fn restart(&mut self, name: &str) {
+        let node = self.node_mut(name);
+        node.kill();
+        node.spawn();
+        self.wait_listening(self.node(name)).await;
+    }
+
+    async fn wait_listening(&self, node: &ClusterNode) {
+        let addr: SocketAddr = ([127, 0, 0, 1], node.port).into();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("NATS {} to listen", node.name),
+            || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
+        )
+        .await;
+    }
+
+    /// Waits until JetStream answers account requests: the cluster has a meta leader.
+    async fn wait_jetstream(&self) {
+        let client = connect(&self.url()).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.request("$JS.API.INFO", "".into()),
+            )
+            .await;
+            let info = match answer {
+                Ok(Ok(m)) => serde_json::from_slice::<Value>(&m.payload).ok(),
+                _ => None,
+            };
+            if info.is_some_and(|v| v.get("error").is_none()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "JetStream of the cluster not ready within 30 s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The server leading `stream` now (`$JS.API.STREAM.INFO.<stream>` → `cluster.leader`), and
+    /// the other replicas; `None` while it has no leader or the request fails.
+    pub async fn stream_leader(
+        client: &async_nats::Client,
+        stream: &str,
+    ) -> Option<(String, Vec<String>)> {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request(format!("$JS.API.STREAM.INFO.{stream}"), "".into()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let info: Value = serde_json::from_slice(&answer.payload).ok()?;
+        let leader = info["cluster"]["leader"].as_str()?.to_owned();
+        let replicas = info["cluster"]["replicas"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some((leader, replicas))
+    }
+
+    /// The end of every server's log, for a failure message.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.log_tail(15))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -172,12 +413,14 @@ where
     }
 }
 
-/// Connects to the test's nats-server, retrying for up to 10 s: a server just started (or
-/// restarted) on a loaded machine may reset the first connections.
+/// Connects to the test's nats-server (or any server of a comma-separated cluster list, as
+/// `NATS_URL` takes it), retrying for up to 10 s: a server just started (or restarted) on a
+/// loaded machine may reset the first connections.
 pub async fn connect(nats_url: &str) -> async_nats::Client {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let servers: Vec<&str> = nats_url.split(',').collect();
     loop {
-        match async_nats::connect(nats_url).await {
+        match async_nats::connect(&servers).await {
             Ok(client) => return client,
             Err(error) if Instant::now() < deadline => {
                 tracing::debug!(%error, "Test client cannot connect yet; retrying.");

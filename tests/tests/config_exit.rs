@@ -61,6 +61,24 @@ fn bad_settings_exit_64_naming_the_variable() {
             &[("NATS_URL", "http://nats:4222")],
             "NATS_URL",
         ),
+        // A cluster list with one bad entry: refused at start-up, not retried forever.
+        (
+            "ingest",
+            &[
+                ("ADMIN_TOKEN", "0123456789abcdefXYZ"),
+                ("INGEST_LISTEN", &listen),
+                ("NATS_URL", "nats://127.0.0.1:4222,nats://127.0.0.1:42x3"),
+            ],
+            "NATS_URL",
+        ),
+        (
+            "deliverer",
+            &[
+                ("OPS_LISTEN", &listen),
+                ("NATS_URL", "nats://127.0.0.1:4222,,nats://127.0.0.1:4223"),
+            ],
+            "NATS_URL",
+        ),
         (
             "deliverer",
             &[

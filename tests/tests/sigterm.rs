@@ -1,11 +1,14 @@
 //! Graceful operation: each service, running as a real process under load, gets SIGTERM. It must
-//! stop taking new work, finish what it has within its grace period (`SHUTDOWN_GRACE_MS`), exit 0,
-//! and lose nothing it acknowledged: every webhook the ingest answered 200 is delivered once the
-//! service (or a replacement on the same ports) runs again. Build the binaries first
+//! stop taking new work, finish what it has, drain NATS and exit 0, all within one budget
+//! (`SHUTDOWN_GRACE_MS`, plus a small tolerance for process exit on a busy machine), even when
+//! the work in hand cannot finish (a callback that never answers), and lose nothing it
+//! acknowledged: every webhook the ingest answered 200 is delivered once the service (or a
+//! replacement on the same ports) runs again. Build the binaries first
 //! (`cargo build --workspace --bins`, which `make test` does).
 //!
 //! `cargo test -p integration-tests --test sigterm -- --nocapture` prints each case's tally.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use integration_tests::procs::*;
@@ -13,11 +16,12 @@ use integration_tests::*;
 
 const GRACE_MS: &str = "3000";
 const GRACE: Duration = Duration::from_millis(3000);
-/// Beyond the grace period: process exit and scheduling on a busy 2-core machine.
-const EXIT_MARGIN: Duration = Duration::from_millis(1500);
+/// Beyond the budget: signal delivery, process exit and scheduling on a busy 2-core machine. The
+/// budget covers the drain too, so this is not a second grace period.
+const EXIT_MARGIN: Duration = Duration::from_millis(1000);
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Sends SIGTERM and asserts the process exits 0 within its grace period.
+/// Sends SIGTERM and asserts the process exits 0 within its budget.
 async fn terminate_cleanly(proc: &mut ServiceProc) -> Duration {
     let name = proc.service.name();
     let started = Instant::now();
@@ -182,4 +186,77 @@ async fn deliverer_sigterm_under_load_exits_0_and_loses_nothing_acknowledged() {
         restarted.elapsed()
     );
     assert_eq!(done.delivered, 400, "{done}");
+}
+
+/// Event ids of the requests `receiver` got at or after `since`.
+fn delivered_since(receiver: &Receiver, since: Instant) -> HashSet<String> {
+    receiver
+        .received()
+        .iter()
+        .filter(|r| r.at >= since)
+        .filter_map(|r| {
+            r.json()["message"]["raw"]["eventId"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn deliverer_sigterm_with_callbacks_hanging_and_nats_frozen_exits_0_within_its_budget() {
+    let nats = NatsServer::start().await;
+    let mut cluster = Cluster::start(
+        &nats.url(),
+        &[
+            ("SHUTDOWN_GRACE_MS", GRACE_MS),
+            // Longer than the budget: the requests in flight cannot end before it is spent.
+            // ack_wait 22 s: when what the old process held comes back.
+            ("DELIVER_TIMEOUT_MS", "5000"),
+        ],
+        1,
+    )
+    .await;
+    // Takes the requests and never answers.
+    let receiver = Receiver::start(Behavior::Hang).await;
+    cluster.create_instance("5004", &receiver.url(), &[]).await;
+    let webhooks = order_webhooks(5004, "sigterm-hang", 20);
+    let sent = send_all(&cluster.http, &cluster.webhook_url(), webhooks, 8).await;
+    assert_eq!(
+        sent.acked.len(),
+        20,
+        "the ingest took every webhook: {sent:?}"
+    );
+    receiver.wait_for(10, WAIT).await;
+
+    // NATS freezes too: the drain cannot finish either, and must not get a budget of its own.
+    nats.pause();
+    let took = terminate_cleanly(&mut cluster.deliverers[0]).await;
+    nats.resume();
+    // The work in hand got its share of the budget before it was abandoned.
+    let work_share = GRACE - shared::shutdown::drain_reserve(GRACE);
+    assert!(
+        took >= work_share,
+        "the deliverer exited after {took:?}, before the requests in flight had their \
+         {work_share:?}:\n{}",
+        cluster.deliverers[0].log_tail(30)
+    );
+    let hanging = receiver.count();
+
+    // The callback recovers; a replacement delivers what the old process left unsettled.
+    let recovered = Instant::now();
+    receiver.set_behavior(Behavior::Status(200));
+    cluster.deliverers[0].spawn();
+    cluster.deliverers[0].wait_ready().await;
+    wait_until(
+        Duration::from_secs(50),
+        "every webhook delivered after the restart",
+        || async { delivered_since(&receiver, recovered).len() == 20 },
+    )
+    .await;
+    eprintln!(
+        "deliverer SIGTERM with {hanging} callbacks hanging and NATS frozen: exited 0 after {took:?} (budget \
+         {GRACE:?}, work share {work_share:?}); all 20 delivered {:?} after the callback \
+         recovered",
+        recovered.elapsed(),
+    );
 }
