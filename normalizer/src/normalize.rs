@@ -144,7 +144,8 @@ pub fn normalize_v3(body: &[u8]) -> Result<Normalized, NormalizeError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(NormalizeError::NotJson("it does not start with `{`".into()));
     }
-    let v: V3 = serde_json::from_slice(body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
+    let v: V3<'_> =
+        serde_json::from_slice(body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
     let event_id: String = field(v.event_id, "eventId")?;
     let event_created: i64 = field(v.event_created, "eventCreated")?;
     let ecwid_event_type: String = field(v.event_type, "eventType")?;
@@ -162,7 +163,7 @@ pub fn normalize_v3(body: &[u8]) -> Result<Normalized, NormalizeError> {
         // Only `data.orderId` is read; the rest of `data` is skipped, not built.
         v.data
             .filter(|d| d.get().starts_with('{'))
-            .and_then(|d| serde_json::from_str::<OrderData>(d.get()).ok())
+            .and_then(|d| serde_json::from_str::<OrderData<'_>>(d.get()).ok())
             .and_then(|d| d.order_id)
             .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
             .and_then(|id| id_string(&id))
