@@ -26,12 +26,13 @@ lint:
 
 # cargo deny (deny.toml): licences, banned and duplicate crates, sources. Advisories need the
 # RustSec database, a git repository on GitHub: checked when it can be fetched, otherwise said
-# so and skipped (see README, "Development"). Duplicate-version warnings come without their
-# inclusion graphs; `$$(scripts/ensure-cargo-deny.sh) check bans` shows them.
+# so and skipped (see README, "Development"); the fetch gets two minutes. Duplicate-version
+# warnings come without their inclusion graphs: `cargo-deny check bans` (the binary that
+# scripts/ensure-cargo-deny.sh prints) shows them.
 deny:
 	@deny="$$(scripts/ensure-cargo-deny.sh)" && \
 	"$$deny" check --hide-inclusion-graph licenses bans sources && \
-	if "$$deny" fetch db >/dev/null 2>&1; then \
+	if timeout 120 "$$deny" fetch db >/dev/null 2>&1; then \
 	  "$$deny" check --hide-inclusion-graph advisories; \
 	else \
 	  echo "cargo deny: advisories NOT checked: the RustSec advisory database (a git repository on GitHub) could not be fetched from this machine." >&2; \
