@@ -54,6 +54,11 @@ impl Opts {
     fn parse() -> anyhow::Result<Self> {
         let mut flags: BTreeMap<String, String> = BTreeMap::new();
         for (k, v) in std::env::vars() {
+            // BENCH_ARGS is the Makefile's: make exports a variable set on its command line, so
+            // `make bench BENCH_ARGS=--quick` puts it in our environment as well as in argv.
+            if k == "BENCH_ARGS" {
+                continue;
+            }
             if let Some(name) = k.strip_prefix("BENCH_") {
                 flags.insert(name.to_ascii_lowercase().replace('_', "-"), v);
             }
