@@ -3,25 +3,40 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: run test tools lint fmt bench clean
+.PHONY: run test tools lint deny fmt bench clean
 
 run:
 	scripts/run-local.sh
 
-# Installs what the tests need (nats-server; the deploy checks install their own tools),
-# then lints and runs every test.
-test: tools lint
+# Installs what the tests need (nats-server, cargo-deny; the deploy checks install their own
+# tools), then lints, vets the dependencies and runs every test.
+test: tools lint deny
 	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked --all-targets
 	bash deploy/check.sh
 
 tools:
 	@echo "nats-server: $$(scripts/ensure-nats-server.sh)"
+	@echo "cargo-deny: $$(scripts/ensure-cargo-deny.sh)"
 	bash deploy/check.sh --install-only
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# cargo deny (deny.toml): licences, banned and duplicate crates, sources. Advisories need the
+# RustSec database, a git repository on GitHub: checked when it can be fetched, otherwise said
+# so and skipped (see README, "Development"); the fetch gets two minutes. Duplicate-version
+# warnings come without their inclusion graphs: `cargo-deny check bans` (the binary that
+# scripts/ensure-cargo-deny.sh prints) shows them.
+deny:
+	@deny="$$(scripts/ensure-cargo-deny.sh)" && \
+	"$$deny" check --hide-inclusion-graph licenses bans sources && \
+	if timeout 120 "$$deny" fetch db >/dev/null 2>&1; then \
+	  "$$deny" check --hide-inclusion-graph advisories; \
+	else \
+	  echo "cargo deny: advisories NOT checked: the RustSec advisory database (a git repository on GitHub) could not be fetched from this machine." >&2; \
+	fi
 
 fmt:
 	$(CARGO) fmt --all

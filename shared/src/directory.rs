@@ -5,13 +5,13 @@
 //! lookup. When the watch breaks (NATS restarted), the view is loaded again and watched anew.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use prometheus::IntGauge;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::instance::Instance;
@@ -51,11 +51,24 @@ impl Snapshot {
 }
 
 /// Instances by id and by store; cheap to clone, shared by every task of a service.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Directory {
     inner: Arc<RwLock<Snapshot>>,
-    loaded: Arc<AtomicBool>,
+    /// Whether the first load completed. A watch channel rather than a flag: a waiter sees the
+    /// value when it subscribes and is woken by the change, so no wake-up is lost between a check
+    /// and the wait.
+    loaded: Arc<watch::Sender<bool>>,
     gauges: Option<(IntGauge, IntGauge)>,
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            loaded: Arc::new(watch::Sender::new(false)),
+            gauges: None,
+        }
+    }
 }
 
 impl Directory {
@@ -87,19 +100,19 @@ impl Directory {
 
     /// Whether the first load from the bucket has completed.
     pub fn is_loaded(&self) -> bool {
-        self.loaded.load(Ordering::Acquire)
+        *self.loaded.borrow()
     }
 
     /// Waits until the first load completed, or `timeout` passed. Returns whether it loaded.
     pub async fn wait_loaded(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.is_loaded() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        let mut loaded = self.loaded.subscribe();
+        // `wait_for` looks at the current value first; the sender lives in `self`, so the channel
+        // cannot close while we wait.
+        let woken = tokio::time::timeout(timeout, async {
+            loaded.wait_for(|loaded| *loaded).await.is_ok()
+        })
+        .await;
+        woken.unwrap_or(false)
     }
 
     /// Waits until the first load completed (warning every 5 s while it has not); `false` when
@@ -212,7 +225,8 @@ impl Directory {
             .await
             .map_err(|e| e.to_string())?;
         self.write(last_revision, |s| *s = snapshot);
-        self.loaded.store(true, Ordering::Release);
+        // `send_replace`, not `send`: it stores the value even when nobody is waiting yet.
+        self.loaded.send_replace(true);
         tracing::debug!(instances = self.len(), "Instances loaded.");
         loop {
             tokio::select! {
@@ -224,5 +238,64 @@ impl Directory {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark_loaded(directory: &Directory) {
+        directory.loaded.send_replace(true);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_loaded_gives_up_at_its_timeout() {
+        let directory = Directory::default();
+        let started = tokio::time::Instant::now();
+        assert!(!directory.wait_loaded(Duration::from_secs(5)).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(!directory.is_loaded());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_woken_by_the_load_when_it_happens() {
+        let directory = Directory::default();
+        let waiter = tokio::spawn({
+            let directory = directory.clone();
+            async move {
+                let started = tokio::time::Instant::now();
+                let loaded = directory.wait_loaded(Duration::from_secs(60)).await;
+                (loaded, started.elapsed())
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        mark_loaded(&directory);
+        let (loaded, waited) = waiter.await.expect("the waiter ends");
+        assert!(loaded);
+        // Woken by the change itself, not by a poll or the timeout.
+        assert_eq!(waited, Duration::from_secs(3));
+        assert!(directory.is_loaded());
+        // Once loaded, it stays loaded, for later waiters too.
+        assert!(directory.wait_loaded(Duration::ZERO).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loaded_waits_past_the_warnings_and_stops_on_cancel() {
+        let directory = Directory::default();
+        let cancel = CancellationToken::new();
+        let waiter = tokio::spawn({
+            let (directory, cancel) = (directory.clone(), cancel.clone());
+            async move { directory.loaded(&cancel).await }
+        });
+        // Past two 5 s warnings, still waiting.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert!(!waiter.is_finished());
+        mark_loaded(&directory);
+        assert!(waiter.await.expect("the waiter ends"));
+
+        let never = Directory::default();
+        cancel.cancel();
+        assert!(!never.loaded(&cancel).await, "cancelled before the load");
     }
 }

@@ -431,6 +431,61 @@ pub async fn connect(nats_url: &str) -> async_nats::Client {
     }
 }
 
+/// What a durable consumer still has to do: `(num_pending, num_ack_pending)`, the messages it has
+/// not yet handed out, and those handed out but not acknowledged (in flight, or NAKed with a
+/// delay and waiting for their retry).
+pub async fn consumer_backlog(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> (u64, u64) {
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream}: {e}"))
+        .get_consumer(consumer)
+        .await
+        .unwrap_or_else(|e| panic!("consumer {consumer}: {e}"));
+    let info = consumer.info().await.expect("consumer info");
+    (info.num_pending, info.num_ack_pending as u64)
+}
+
+/// Waits until the pipeline has settled: the `normalizer` and `deliverer` consumers have nothing
+/// pending and nothing in flight, so every raw event stored so far was normalized and acked and
+/// every envelope was delivered (or dead-lettered) and acked. A test counts what arrived after
+/// this instead of sleeping to see whether more comes. A retry still waiting on the server
+/// counts as in flight, so this also waits out retries.
+///
+/// The consumers are read in pipeline order: once the normalizer's shows nothing left, every
+/// envelope it published is already stored in `ECWID_EVENTS`, so a deliverer's consumer read
+/// afterwards with nothing left means nothing is between the two. Panics after `timeout`.
+pub async fn wait_settled(nats_url: &str, timeout: Duration) {
+    let js = async_nats::jetstream::new(connect(nats_url).await);
+    let stages = [
+        (shared::nats::RAW_STREAM, shared::nats::NORMALIZER_CONSUMER),
+        (
+            shared::nats::EVENTS_STREAM,
+            shared::nats::DELIVERER_CONSUMER,
+        ),
+    ];
+    let deadline = Instant::now() + timeout;
+    'poll: loop {
+        for (stream, consumer) in stages {
+            let (pending, in_flight) = consumer_backlog(&js, stream, consumer).await;
+            if (pending, in_flight) != (0, 0) {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out after {timeout:?} waiting for the pipeline to settle: \
+                     {consumer} has {pending} pending, {in_flight} in flight"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue 'poll;
+            }
+        }
+        return;
+    }
+}
+
 /// One request a receiver got.
 #[derive(Debug, Clone)]
 pub struct Received {

@@ -33,7 +33,7 @@ fn bad_settings_exit_64_naming_the_variable() {
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let cases: &[Case] = &[
+    let cases: &[Case<'_>] = &[
         ("ingest", &[("INGEST_LISTEN", &listen)], "ADMIN_TOKEN"),
         (
             "ingest",

@@ -112,7 +112,7 @@ async fn failures_are_retried_with_growing_waits_then_delivered_once() {
         200
     );
     let got = receiver.wait_for(3, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(receiver.count(), 3, "one success after N+1 = 3 attempts");
     let ids: Vec<_> = got
         .iter()
@@ -231,7 +231,7 @@ async fn exhausted_schedule_is_dead_lettered_and_replayed_once() {
     assert_eq!(second["replayed"], json!([]));
     assert_eq!(second["failed"][0]["error"], "not_found");
     let got = receiver.wait_for(5, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(receiver.count(), 5, "the replay was delivered exactly once");
     assert_eq!(
         got[4].header("elements-webhook-id"),
@@ -381,7 +381,7 @@ async fn a_restart_between_attempts_keeps_the_schedule() {
         "the second wait is the schedule's second entry: {:?}",
         g[1]
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(receiver.count(), 3);
     pipeline.stop().await;
 }

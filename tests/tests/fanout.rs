@@ -10,8 +10,6 @@ use serde_json::{json, Value};
 use shared::nats::{dead_subject, headers, raw_subject, DEAD_STREAM};
 
 const WAIT: Duration = Duration::from_secs(15);
-/// How long to watch for deliveries that must not come.
-const QUIET: Duration = Duration::from_millis(500);
 
 fn order_updated(store_id: u64, event_id: &str) -> Value {
     json!({
@@ -131,7 +129,7 @@ async fn one_envelope_per_enabled_instance_that_wants_the_object_type() {
     let got = products_only.wait_for(1, WAIT).await;
     a.wait_for(2, WAIT).await;
     b.wait_for(2, WAIT).await;
-    tokio::time::sleep(QUIET).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(
         products_only.count(),
         1,
@@ -193,7 +191,7 @@ async fn an_event_no_instance_wants_is_counted_as_filtered() {
         200
     );
     let got = receiver.wait_for(1, WAIT).await;
-    tokio::time::sleep(QUIET).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(receiver.count(), 1);
     assert_eq!(got[0].json()["message"]["raw"]["eventId"], "f-2");
     pipeline.stop().await;
@@ -257,7 +255,7 @@ async fn an_unparseable_raw_message_is_dead_lettered_and_the_pipeline_keeps_goin
         200
     );
     let got = receiver.wait_for(1, WAIT).await;
-    tokio::time::sleep(QUIET).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(receiver.count(), 1);
     assert_eq!(got[0].json()["message"]["raw"]["eventId"], "after-garbage");
     let text = pipeline.metrics_text(pipeline.normalizer_ops).await;
@@ -295,7 +293,7 @@ async fn a_raw_event_of_a_store_whose_instance_was_deleted_is_dead_lettered() {
         Some("no_instance")
     );
     assert_eq!(dead.payload.as_ref(), EVENT);
-    tokio::time::sleep(QUIET).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(receiver.count(), 0);
     pipeline.stop().await;
 }
@@ -329,7 +327,7 @@ async fn an_ion_form_post_reaches_the_callback_as_an_order_created_event() {
                "order_id": "42", "payment_status": "PAID",
                "fulfillment_status": "AWAITING_PROCESSING"})
     );
-    tokio::time::sleep(QUIET).await;
+    wait_settled(&nats.url(), WAIT).await;
     assert_eq!(receiver.count(), 1);
     pipeline.stop().await;
 }

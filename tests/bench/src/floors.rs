@@ -23,8 +23,8 @@ use axum::Router;
 use futures::StreamExt;
 use serde_json::json;
 
-pub const FLOOR_A_STREAM: &str = "BENCH_FLOOR_A";
-pub const FLOOR_B_STREAM: &str = "BENCH_FLOOR_B";
+pub(crate) const FLOOR_A_STREAM: &str = "BENCH_FLOOR_A";
+pub(crate) const FLOOR_B_STREAM: &str = "BENCH_FLOOR_B";
 
 /// A work stream as the pipeline's are: file storage, limits retention.
 fn stream_config(name: &str, subject: &str) -> stream::Config {
@@ -45,7 +45,7 @@ fn own_cpu() -> f64 {
 }
 
 /// `bench floor-ingest <listen> <nats-url>`: serves `POST /events/ecwid` until killed.
-pub async fn floor_ingest(listen: SocketAddr, nats_url: &str) -> anyhow::Result<()> {
+pub(crate) async fn floor_ingest(listen: SocketAddr, nats_url: &str) -> anyhow::Result<()> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client);
     js.get_or_create_stream(stream_config(FLOOR_A_STREAM, "bench.a.>"))
@@ -74,7 +74,7 @@ pub async fn floor_ingest(listen: SocketAddr, nats_url: &str) -> anyhow::Result<
 
 /// Publishes `count` messages of `size` bytes to floor (b)'s stream, `in_flight` acks
 /// outstanding; returns messages per second.
-pub async fn fill_floor_b(
+pub(crate) async fn fill_floor_b(
     nats_url: &str,
     count: u64,
     size: usize,
@@ -108,7 +108,7 @@ pub async fn fill_floor_b(
 /// `bench floor-consume <nats-url> <count>`: consumes and acks `count` messages of floor (b)'s
 /// stream with a durable pull consumer (batches of 256, as the workers pull); prints
 /// `{"count":…, "secs":…}`.
-pub async fn floor_consume(nats_url: &str, count: u64) -> anyhow::Result<()> {
+pub(crate) async fn floor_consume(nats_url: &str, count: u64) -> anyhow::Result<()> {
     let js = jetstream::new(async_nats::connect(nats_url).await?);
     let stream = js
         .get_stream(FLOOR_B_STREAM)
@@ -153,7 +153,7 @@ pub async fn floor_consume(nats_url: &str, count: u64) -> anyhow::Result<()> {
 /// `bench floor-post <url> <secs> <connections> <size>`: POSTs `size`-byte JSON bodies with one
 /// reqwest client (as the deliverer's: rustls, no redirects), `connections` at a time, for `secs`;
 /// prints `{"count":…, "secs":…, "p50_ms":…, "p99_ms":…}`.
-pub async fn floor_post(
+pub(crate) async fn floor_post(
     url: &str,
     secs: f64,
     connections: usize,

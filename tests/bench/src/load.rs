@@ -19,7 +19,7 @@ use crate::track::Tracker;
 
 /// A store the webhooks come from, with the client secret its instance holds.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub(crate) struct Store {
     pub id: u64,
     pub client_secret: String,
 }
@@ -66,7 +66,7 @@ const LINES: &str = r#"[{"sku":"TSHIRT-ORG-M-BLU","name":"Organic cotton T-shirt
 
 /// Builds the webhooks: `bench-<phase>-<seq>` ids, stores in turn, event types in turn.
 #[derive(Debug)]
-pub struct Webhooks {
+pub(crate) struct Webhooks {
     pub stores: Vec<Store>,
     created: i64,
     /// `(event type, data)` with the padding in.
@@ -74,7 +74,7 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    pub fn new(stores: Vec<Store>) -> Self {
+    pub(crate) fn new(stores: Vec<Store>) -> Self {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -94,19 +94,19 @@ impl Webhooks {
     }
 
     /// The event id of webhook `seq` of `phase`.
-    pub fn event_id(phase: usize, seq: u64) -> String {
+    pub(crate) fn event_id(phase: usize, seq: u64) -> String {
         format!("bench-{phase}-{seq}")
     }
 
     /// Parses [`Self::event_id`].
-    pub fn parse_event_id(id: &str) -> Option<(usize, u64)> {
+    pub(crate) fn parse_event_id(id: &str) -> Option<(usize, u64)> {
         let rest = id.strip_prefix("bench-")?;
         let (phase, seq) = rest.split_once('-')?;
         Some((phase.parse().ok()?, seq.parse().ok()?))
     }
 
     /// The body and its `X-Ecwid-Webhook-Signature`.
-    pub fn make(&self, phase: usize, seq: u64) -> (Bytes, String) {
+    pub(crate) fn make(&self, phase: usize, seq: u64) -> (Bytes, String) {
         let store = &self.stores[(seq as usize) % self.stores.len()];
         let (event_type, data) = &self.events[(seq as usize / self.stores.len()) % EVENTS.len()];
         let event_id = Self::event_id(phase, seq);
@@ -122,7 +122,7 @@ impl Webhooks {
     }
 
     /// The size of a typical body, for the report.
-    pub fn typical_size(&self) -> usize {
+    pub(crate) fn typical_size(&self) -> usize {
         let sizes: Vec<usize> = (0..EVENTS.len() as u64 * self.stores.len() as u64)
             .map(|s| self.make(0, 1_000_000 + s).0.len())
             .collect();
@@ -132,7 +132,7 @@ impl Webhooks {
 
 /// How requests are paced.
 #[derive(Debug, Clone, Copy)]
-pub enum Pace {
+pub(crate) enum Pace {
     /// Each connection sends its next request as soon as the previous one is answered.
     Max,
     /// Requests leave at this many per second, whatever the answers.
@@ -141,7 +141,7 @@ pub enum Pace {
 
 /// What a load run saw at the client.
 #[derive(Debug, Default)]
-pub struct LoadResult {
+pub(crate) struct LoadResult {
     pub sent: u64,
     pub ok: u64,
     pub non_ok: u64,
@@ -154,14 +154,14 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
-    pub fn rps(&self) -> f64 {
+    pub(crate) fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
 /// Where and what a load run sends: webhooks of `phase` to `addr` + `path`, recorded in `tracker`.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub addr: SocketAddr,
     pub path: &'static str,
     pub webhooks: Arc<Webhooks>,
@@ -170,7 +170,12 @@ pub struct Target {
 }
 
 /// Runs `connections` connections against `target` for `duration`.
-pub async fn run(target: Target, connections: usize, pace: Pace, duration: Duration) -> LoadResult {
+pub(crate) async fn run(
+    target: Target,
+    connections: usize,
+    pace: Pace,
+    duration: Duration,
+) -> LoadResult {
     let target = Arc::new(target);
     let next = Arc::new(AtomicU64::new(0));
     let start = tokio::time::Instant::now() + Duration::from_millis(20);

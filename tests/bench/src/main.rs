@@ -54,6 +54,11 @@ impl Opts {
     fn parse() -> anyhow::Result<Self> {
         let mut flags: BTreeMap<String, String> = BTreeMap::new();
         for (k, v) in std::env::vars() {
+            // BENCH_ARGS is the Makefile's: make exports a variable set on its command line, so
+            // `make bench BENCH_ARGS=--quick` puts it in our environment as well as in argv.
+            if k == "BENCH_ARGS" {
+                continue;
+            }
             if let Some(name) = k.strip_prefix("BENCH_") {
                 flags.insert(name.to_ascii_lowercase().replace('_', "-"), v);
             }
@@ -489,7 +494,61 @@ fn target(met: bool, note: String) -> String {
     format!("{} {note}", if met { "MET   " } else { "MISSED" })
 }
 
+/// What every phase shares: the benchmark's nats-server and the webhooks the load sends.
+struct Setup {
+    nats: Nats,
+    nats_url: String,
+    stores: Vec<Store>,
+    webhooks: Arc<Webhooks>,
+    body_size: usize,
+}
+
+/// Floor (a) at one pace: the load's result, its response times sorted, CPU seconds per process.
+struct FloorA {
+    pace: Pace,
+    result: LoadResult,
+    latencies_us: Vec<u32>,
+    cpu: BTreeMap<String, f64>,
+}
+
+/// The floors, measured in this run.
+struct Floors {
+    /// Floor (a) at max load first, then at each `--rates` pace.
+    a: Vec<FloorA>,
+    a_usage: Usage,
+    a_rps: f64,
+    b_rate: f64,
+    c_rate: f64,
+    /// CPU microseconds per operation, all processes: a JetStream publish (256 acks in flight),
+    /// a consume + ack (b), a POST and its receipt (c).
+    publish_us: f64,
+    consume_us: f64,
+    post_us: f64,
+}
+
+/// The pipeline's processes and what its phases share.
+struct Pipeline {
+    cluster: Cluster,
+    ctx: Ctx,
+    anomalies: Arc<receive::Anomalies>,
+}
+
+/// The run: set up, floors, the pipeline at max load, then at fixed rates, then the report.
 async fn bench(opts: Opts) -> anyhow::Result<()> {
+    let setup = set_up(&opts).await?;
+    let floors = measure_floors(&opts, &setup).await?;
+    let pipeline = start_pipeline(&opts, &setup).await?;
+    let mut phases = vec![warm_up(&pipeline.ctx).await];
+    phases.extend(max_load(&opts, &pipeline).await);
+    phases.extend(paced_runs(&opts, &pipeline.ctx).await);
+    let usage = pipeline.ctx.pids.read();
+    report(&opts, &floors, &phases, &usage, &pipeline.anomalies);
+    drop(pipeline);
+    Ok(())
+}
+
+/// Prints what runs where, starts nats-server and prepares the webhooks.
+async fn set_up(opts: &Opts) -> anyhow::Result<Setup> {
     now_ns();
     println!("# ecwid-events bench");
     println!("machine: {}", machine());
@@ -513,12 +572,51 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
         "webhook body: {body_size} bytes on average, {} stores",
         opts.stores
     );
+    Ok(Setup {
+        nats,
+        nats_url,
+        stores,
+        webhooks,
+        body_size,
+    })
+}
 
-    // ---- Floors ----------------------------------------------------------------------------
+/// The floors (a), (b) and (c), each in a process of its own; their streams are deleted after.
+async fn measure_floors(opts: &Opts, setup: &Setup) -> anyhow::Result<Floors> {
     println!("\n## Floors");
+    let (a, a_usage) = floor_a(opts, setup).await?;
+    let a_rps = a[0].result.rps();
+    // CPU per operation at the floors: nats-server and the bench process are read around each.
+    let shared_pids = Pids(vec![
+        ("nats-server".into(), setup.nats.pid()),
+        ("bench".into(), std::process::id()),
+    ]);
+    let (b_rate, publish_us, consume_us) = floor_b(opts, setup, &shared_pids).await?;
+    let (c_rate, post_us) = floor_c(opts, setup, &shared_pids).await?;
+    {
+        let js = async_nats::jetstream::new(async_nats::connect(&setup.nats_url).await?);
+        for s in [floors::FLOOR_A_STREAM, floors::FLOOR_B_STREAM] {
+            let _ = js.delete_stream(s).await;
+        }
+    }
+    Ok(Floors {
+        a,
+        a_usage,
+        a_rps,
+        b_rate,
+        c_rate,
+        publish_us,
+        consume_us,
+        post_us,
+    })
+}
+
+/// Floor (a), a bare axum ingest that publishes, at max load and at each `--rates` pace; and its
+/// process's usage.
+async fn floor_a(opts: &Opts, setup: &Setup) -> anyhow::Result<(Vec<FloorA>, Usage)> {
     let floor_port = integration_tests::free_port();
     let floor_addr: SocketAddr = ([127, 0, 0, 1], floor_port).into();
-    let floor_a = Child::spawn(&["floor-ingest", &floor_addr.to_string(), &nats_url])?;
+    let floor_a = Child::spawn(&["floor-ingest", &floor_addr.to_string(), &setup.nats_url])?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(floor_addr).await.is_err() {
         if Instant::now() > deadline {
@@ -528,7 +626,7 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     }
     let floor_pids = Pids(vec![
         ("floor-a".into(), floor_a.pid()),
-        ("nats-server".into(), nats.pid()),
+        ("nats-server".into(), setup.nats.pid()),
         ("bench".into(), std::process::id()),
     ]);
     let mut floor_phases = Vec::new();
@@ -551,7 +649,7 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
             load::Target {
                 addr: floor_addr,
                 path: "/events/ecwid",
-                webhooks: webhooks.clone(),
+                webhooks: setup.webhooks.clone(),
                 phase: usize::MAX,
                 tracker,
             },
@@ -570,10 +668,7 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
         lat.sort_unstable();
         println!(
             "floor (a) {:>10}: {:>8.0} req/s ok, {} non-200, {} errors, p50 {} ms, p99 {} ms, max {} ms; CPU s: {}, other processes {other:.1}",
-            match pace {
-                Pace::Max => "max".to_owned(),
-                Pace::Rate(r) => format!("{r}/s"),
-            },
+            pace_name(*pace),
             result.rps(),
             result.non_ok,
             result.errors,
@@ -582,26 +677,43 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
             ms(quantile_ms(&lat, 1.0)),
             fmt_cpu(&cpu),
         );
-        floor_phases.push((*pace, result, lat, cpu));
+        floor_phases.push(FloorA {
+            pace: *pace,
+            result,
+            latencies_us: lat,
+            cpu,
+        });
     }
     let floor_a_usage = procinfo::read(floor_a.pid()).unwrap_or_default();
     drop(floor_a);
-    let floor_a_rps = floor_phases[0].1.rps();
+    Ok((floor_phases, floor_a_usage))
+}
 
-    // CPU per operation at the floors: nats-server and the bench process are read around each.
-    let shared_pids = Pids(vec![
-        ("nats-server".into(), nats.pid()),
-        ("bench".into(), std::process::id()),
-    ]);
-    let sum = |m: &BTreeMap<String, f64>| m.values().sum::<f64>();
+fn sum(m: &BTreeMap<String, f64>) -> f64 {
+    m.values().sum::<f64>()
+}
+
+/// JetStream publish with 256 acks in flight, then floor (b), a pull consumer that acks:
+/// `(consume rate, publish µs, consume µs)`.
+async fn floor_b(
+    opts: &Opts,
+    setup: &Setup,
+    shared_pids: &Pids,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let body_size = setup.body_size;
     let before = shared_pids.read();
-    let publish_rate = floors::fill_floor_b(&nats_url, opts.consume_msgs, body_size, 256).await?;
+    let publish_rate =
+        floors::fill_floor_b(&setup.nats_url, opts.consume_msgs, body_size, 256).await?;
     let publish_us = sum(&cpu_delta(&before, &shared_pids.read())) * 1e6 / opts.consume_msgs as f64;
     println!(
         "JetStream publish, 256 acks in flight: {publish_rate:.0} msg/s ({} messages of {body_size} bytes)",
         opts.consume_msgs
     );
-    let consumer = Child::spawn(&["floor-consume", &nats_url, &opts.consume_msgs.to_string()])?;
+    let consumer = Child::spawn(&[
+        "floor-consume",
+        &setup.nats_url,
+        &opts.consume_msgs.to_string(),
+    ])?;
     let before = shared_pids.read();
     let out = consumer.output(Duration::from_secs(300)).await?;
     let floor_b_rate = out["count"].as_f64().unwrap_or(0.0) / out["secs"].as_f64().unwrap_or(1.0);
@@ -610,10 +722,14 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
         * 1e6
         / out["count"].as_f64().unwrap_or(1.0).max(1.0);
     println!("floor (b) pull consumer + ack: {floor_b_rate:.0} msg/s");
+    Ok((floor_b_rate, publish_us, consume_us))
+}
 
+/// Floor (c), reqwest POSTs to a bare axum receiver: `(rate, µs per POST)`.
+async fn floor_c(opts: &Opts, setup: &Setup, shared_pids: &Pids) -> anyhow::Result<(f64, f64)> {
     let bare_count = Arc::new(AtomicU64::new(0));
     let bare = receive::start_bare(bare_count.clone()).await?;
-    let envelope_size = body_size + 400;
+    let envelope_size = setup.body_size + 400;
     let poster = Child::spawn(&[
         "floor-post",
         &format!("http://{bare}/hook"),
@@ -636,14 +752,12 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
         ms(out["p99_ms"].as_f64().unwrap_or(f64::NAN)),
         opts.connections
     );
-    {
-        let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
-        for s in [floors::FLOOR_A_STREAM, floors::FLOOR_B_STREAM] {
-            let _ = js.delete_stream(s).await;
-        }
-    }
+    Ok((floor_c_rate, post_us))
+}
 
-    // ---- The pipeline ----------------------------------------------------------------------
+/// Starts the services as release processes with production settings, one instance (and one
+/// verifying receiver) per store, and the ledgers of every phase.
+async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> {
     println!("\n## Pipeline");
     let mut names = vec![
         "warm-up".to_owned(),
@@ -669,7 +783,7 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     let anomalies = Arc::new(receive::Anomalies::default());
     // Production settings: only what a local deployment must set.
     let cluster = Cluster::start(
-        &nats_url,
+        &setup.nats_url,
         &[
             ("DELIVER_RETRY_SCHEDULE", ""),
             ("DELIVER_TIMEOUT_MS", ""),
@@ -683,7 +797,7 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
         1,
     )
     .await;
-    for (i, store) in stores.iter().enumerate() {
+    for (i, store) in setup.stores.iter().enumerate() {
         let key = format!("bench-signature-key-{i}");
         let addr = receive::start(&key, trackers.clone(), anomalies.clone()).await?;
         cluster
@@ -704,34 +818,81 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
             cluster.normalizers[0].pid().unwrap_or(0),
         ),
         ("deliverer".into(), cluster.deliverers[0].pid().unwrap_or(0)),
-        ("nats-server".into(), nats.pid()),
+        ("nats-server".into(), setup.nats.pid()),
         ("bench".into(), std::process::id()),
     ]);
     let ctx = Ctx {
         ingest: cluster.ingest.webhook.context("ingest webhook address")?,
-        webhooks: webhooks.clone(),
-        trackers: trackers.clone(),
+        webhooks: setup.webhooks.clone(),
+        trackers,
         pids,
         connections: opts.connections,
         perf: opts.perf.clone(),
     };
+    Ok(Pipeline {
+        cluster,
+        ctx,
+        anomalies,
+    })
+}
 
-    let mut phases = Vec::new();
-    phases.push(pipeline_phase(&ctx, 0, Pace::Rate(1000.0), 2.0, &[], None).await);
+/// Phase 0: 2 s at 1000/s, so connections, streams and caches are warm.
+async fn warm_up(ctx: &Ctx) -> Phase {
+    pipeline_phase(ctx, 0, Pace::Rate(1000.0), 2.0, &[], None).await
+}
+
+/// Phases 1 and 2, closed loop: the ingest alone (normalizer and deliverer paused, then
+/// draining the backlog), then the whole pipeline.
+async fn max_load(opts: &Opts, pipeline: &Pipeline) -> [Phase; 2] {
+    let (ctx, cluster) = (&pipeline.ctx, &pipeline.cluster);
     let workers = [&cluster.normalizers[0], &cluster.deliverers[0]];
-    phases.push(pipeline_phase(&ctx, 1, Pace::Max, opts.max_secs, &workers, Some("ingest")).await);
-    phases.push(pipeline_phase(&ctx, 2, Pace::Max, opts.max_secs, &[], Some("e2e")).await);
-    for (i, r) in opts.rates.iter().enumerate() {
-        phases.push(pipeline_phase(&ctx, 3 + i, Pace::Rate(*r), opts.fixed_secs, &[], None).await);
-    }
-    let usage = ctx.pids.read();
+    let ingest_alone =
+        pipeline_phase(ctx, 1, Pace::Max, opts.max_secs, &workers, Some("ingest")).await;
+    let end_to_end = pipeline_phase(ctx, 2, Pace::Max, opts.max_secs, &[], Some("e2e")).await;
+    [ingest_alone, end_to_end]
+}
 
-    // ---- Report ----------------------------------------------------------------------------
+/// Phases 3 and on, open loop: the pipeline at each `--rates` pace.
+async fn paced_runs(opts: &Opts, ctx: &Ctx) -> Vec<Phase> {
+    let mut phases = Vec::new();
+    for (i, r) in opts.rates.iter().enumerate() {
+        phases.push(pipeline_phase(ctx, 3 + i, Pace::Rate(*r), opts.fixed_secs, &[], None).await);
+    }
+    phases
+}
+
+fn pace_name(pace: Pace) -> String {
+    match pace {
+        Pace::Max => "max".to_owned(),
+        Pace::Rate(r) => format!("{r}/s"),
+    }
+}
+
+/// The tables: the phases, CPU per event, the processes, and the figures against the floors.
+fn report(
+    opts: &Opts,
+    floors: &Floors,
+    phases: &[Phase],
+    usage: &BTreeMap<String, Usage>,
+    anomalies: &receive::Anomalies,
+) {
+    report_phases(phases);
+    report_cpu_per_event(floors, phases);
+    println!(
+        "signature checks failed: {}; deliveries not from this run: {}",
+        anomalies.bad_signatures.load(Ordering::Relaxed),
+        anomalies.unparseable.load(Ordering::Relaxed)
+    );
+    report_processes(floors, usage);
+    report_against_floors(opts, floors, phases, usage);
+}
+
+fn report_phases(phases: &[Phase]) {
     println!(
         "\n| phase | sent | 200 | non-200 / errors | ingest req/s | ingest p50 / p99 ms | delivered | e2e ev/s | e2e p50 / p90 / p99 / max ms | lost | dup | CPU s during the load: ingest / norm / deliv / nats / bench / other processes | wall s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for p in &phases {
+    for p in phases {
         let mut http = p.load.latencies_us.clone();
         http.sort_unstable();
         let lat = &p.summary.latencies_us;
@@ -778,12 +939,15 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
             );
         }
     }
+}
+
+fn report_cpu_per_event(floors: &Floors, phases: &[Phase]) {
     println!(
         "\nCPU per event while the load ran, microseconds (CPU seconds / requests answered 200):\n"
     );
     println!("| phase | ingest | normalizer | deliverer | nats-server | bench (load + receivers) | all | all, drain included, per delivery |");
     println!("|---|---|---|---|---|---|---|---|");
-    for p in &phases {
+    for p in phases {
         let per =
             |k: &str| p.cpu_load.get(k).copied().unwrap_or(0.0) * 1e6 / p.load.ok.max(1) as f64;
         let all: f64 = p.cpu_load.values().sum::<f64>() * 1e6 / p.load.ok.max(1) as f64;
@@ -798,29 +962,26 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
             per("bench"),
         );
     }
-    for (pace, result, _, cpu) in &floor_phases {
+    for FloorA {
+        pace, result, cpu, ..
+    } in &floors.a
+    {
         let per = |k: &str| cpu.get(k).copied().unwrap_or(0.0) * 1e6 / result.ok.max(1) as f64;
         let all: f64 = cpu.values().sum::<f64>() * 1e6 / result.ok.max(1) as f64;
         println!(
             "| floor (a) {} | {:.0} (floor-a) | - | - | {:.0} | {:.0} | {all:.0} | - |",
-            match pace {
-                Pace::Max => "max".to_owned(),
-                Pace::Rate(r) => format!("{r}/s"),
-            },
+            pace_name(*pace),
             per("floor-a"),
             per("nats-server"),
             per("bench"),
         );
     }
-    println!(
-        "signature checks failed: {}; deliveries not from this run: {}",
-        anomalies.bad_signatures.load(Ordering::Relaxed),
-        anomalies.unparseable.load(Ordering::Relaxed)
-    );
+}
 
+fn report_processes(floors: &Floors, usage: &BTreeMap<String, Usage>) {
     println!("\n| process | CPU s (whole run) | peak RSS MiB | RSS at end MiB |");
     println!("|---|---|---|---|");
-    for (name, u) in &usage {
+    for (name, u) in usage {
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} |",
             u.cpu_secs,
@@ -830,10 +991,18 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     }
     println!(
         "| floor-a (for comparison) | {:.1} | {:.1} | - |",
-        floor_a_usage.cpu_secs,
-        floor_a_usage.peak_rss_kib as f64 / MIB
+        floors.a_usage.cpu_secs,
+        floors.a_usage.peak_rss_kib as f64 / MIB
     );
+}
 
+fn report_against_floors(
+    opts: &Opts,
+    floors: &Floors,
+    phases: &[Phase],
+    usage: &BTreeMap<String, Usage>,
+) {
+    let (floor_a_rps, floor_b_rate, floor_c_rate) = (floors.a_rps, floors.b_rate, floors.c_rate);
     let ingest_phase = &phases[1];
     let e2e_phase = &phases[2];
     let ingest_rps = ingest_phase.load.rps();
@@ -841,9 +1010,10 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     let e2e_eps = e2e_phase.e2e_eps;
     let at = |rate: f64| phases.iter().find(|p| p.rate == Some(rate));
     let floor_at = |rate: f64| {
-        floor_phases
+        floors
+            .a
             .iter()
-            .find(|(p, _, _, _)| matches!(p, Pace::Rate(r) if *r == rate))
+            .find(|f| matches!(f.pace, Pace::Rate(r) if r == rate))
     };
     let p99_at_2000 = at(2000.0)
         .map(|p| quantile_ms(&p.summary.latencies_us, 0.99))
@@ -882,11 +1052,11 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
         ingest_phase.e2e_eps / floor_b_rate
     );
     for r in &opts.rates {
-        if let (Some(p), Some((_, f, flat, _))) = (at(*r), floor_at(*r)) {
+        if let (Some(p), Some(f)) = (at(*r), floor_at(*r)) {
             let mut http = p.load.latencies_us.clone();
             http.sort_unstable();
             let ours = quantile_ms(&p.summary.latencies_us, 0.99);
-            let floor = quantile_ms(flat, 0.99);
+            let floor = quantile_ms(&f.latencies_us, 0.99);
             println!(
                 "| e2e p99 ms at {r}/s | {} | (a) request p99 {} | {:.1}x | {} |",
                 ms(ours),
@@ -902,7 +1072,7 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
                 "| ingest request p99 ms at {r}/s | {} | (a) {} at {:.0}/s | {:.1}x | - |",
                 ms(quantile_ms(&http, 0.99)),
                 ms(floor),
-                f.rps(),
+                f.result.rps(),
                 quantile_ms(&http, 0.99) / floor
             );
         }
@@ -920,8 +1090,8 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     // What one event costs the machine if the pipeline were nothing but its floors: an ingest
     // request with its publish (a), a consume + ack (b), the normalizer's publish, another
     // consume + ack, and the callback POST (c).
-    let floor_a_us =
-        floor_phases[0].3.values().sum::<f64>() * 1e6 / floor_phases[0].1.ok.max(1) as f64;
+    let (publish_us, consume_us, post_us) = (floors.publish_us, floors.consume_us, floors.post_us);
+    let floor_a_us = sum(&floors.a[0].cpu) * 1e6 / floors.a[0].result.ok.max(1) as f64;
     let composed_us = floor_a_us + 2.0 * consume_us + publish_us + post_us;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -943,8 +1113,6 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
         "\nBENCH ingest_rps={ingest_rps:.0} ingest_vs_floor={ingest_vs_floor:.2} e2e_eps={e2e_eps:.0} e2e_p99_ms_at_2000={} lost={lost} duplicates={duplicates} max_rss_mib={max_rss_mib:.1}",
         if p99_at_2000.is_nan() { "-".to_owned() } else { format!("{p99_at_2000:.1}") }
     );
-    drop(cluster);
-    Ok(())
 }
 
 fn fmt_cpu(cpu: &BTreeMap<String, f64>) -> String {

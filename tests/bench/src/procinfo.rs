@@ -19,14 +19,14 @@ fn ticks_per_second() -> f64 {
 
 /// One reading of a process.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub cpu_secs: f64,
     pub peak_rss_kib: u64,
     pub rss_kib: u64,
 }
 
 /// Reads `pid`'s usage; `None` when the process is gone.
-pub fn read(pid: u32) -> Option<Usage> {
+pub(crate) fn read(pid: u32) -> Option<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) in parentheses; utime and stime are
     // fields 14 and 15 of the whole line.
@@ -51,7 +51,7 @@ pub fn read(pid: u32) -> Option<Usage> {
 }
 
 /// CPU seconds of every process now running, by pid.
-pub fn all_processes() -> std::collections::HashMap<u32, f64> {
+pub(crate) fn all_processes() -> std::collections::HashMap<u32, f64> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -64,7 +64,7 @@ pub fn all_processes() -> std::collections::HashMap<u32, f64> {
 /// CPU seconds processes other than `ours` used between two [`all_processes`] readings: a lower
 /// bound (a process that started and ended in between is not seen), to show whether something
 /// else on the machine competed with the measurement.
-pub fn others_cpu(
+pub(crate) fn others_cpu(
     before: &std::collections::HashMap<u32, f64>,
     after: &std::collections::HashMap<u32, f64>,
     ours: &[u32],

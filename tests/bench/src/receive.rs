@@ -22,7 +22,7 @@ use crate::track::{now_ns, Tracker};
 
 /// Deliveries the receivers could not account for.
 #[derive(Debug, Default)]
-pub struct Anomalies {
+pub(crate) struct Anomalies {
     pub bad_signatures: AtomicU64,
     pub unparseable: AtomicU64,
 }
@@ -54,7 +54,7 @@ struct RawHead<'a> {
 }
 
 /// `sha256=<base64 HMAC-SHA256(key, body)>`
-pub fn elements_signature(key: &[u8], body: &[u8]) -> String {
+pub(crate) fn elements_signature(key: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     mac.update(body);
@@ -97,7 +97,7 @@ async fn receive(
 }
 
 /// Starts a receiver on 127.0.0.1:0 verifying with `key`; returns its address.
-pub async fn start(
+pub(crate) async fn start(
     key: &str,
     trackers: Arc<Vec<Arc<Tracker>>>,
     anomalies: Arc<Anomalies>,
@@ -117,7 +117,7 @@ pub async fn start(
 }
 
 /// Floor (c)'s receiver: reads the body, answers 200, counts.
-pub async fn start_bare(count: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn start_bare(count: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = Router::new()

@@ -11,7 +11,7 @@ static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 /// Nanoseconds since the bench started (one monotonic clock for the sender and the receivers,
 /// which share the process).
-pub fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
@@ -25,7 +25,7 @@ struct Deliveries {
 
 /// One phase's ledger, sized for `capacity` webhooks.
 #[derive(Debug)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     pub name: String,
     /// `now_ns() + 1` when sent; 0 when not.
     sent_at: Vec<AtomicU64>,
@@ -37,7 +37,7 @@ pub struct Tracker {
 
 /// A phase's ledger, summed up.
 #[derive(Debug, Clone, Default)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub sent: u64,
     pub acked: u64,
     /// Acknowledged (200) and never delivered.
@@ -54,7 +54,7 @@ pub struct Summary {
 }
 
 impl Tracker {
-    pub fn new(name: &str, capacity: usize) -> Self {
+    pub(crate) fn new(name: &str, capacity: usize) -> Self {
         Self {
             name: name.to_owned(),
             sent_at: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
@@ -64,24 +64,24 @@ impl Tracker {
         }
     }
 
-    pub fn capacity(&self) -> u64 {
+    pub(crate) fn capacity(&self) -> u64 {
         self.sent_at.len() as u64
     }
 
-    pub fn record_sent(&self, seq: u64) {
+    pub(crate) fn record_sent(&self, seq: u64) {
         if let Some(s) = self.sent_at.get(seq as usize) {
             s.store(now_ns() + 1, Ordering::Release);
         }
     }
 
-    pub fn record_answer(&self, seq: u64, status: u16) {
+    pub(crate) fn record_answer(&self, seq: u64, status: u16) {
         if let Some(a) = self.answer.get(seq as usize) {
             a.store(status, Ordering::Release);
         }
     }
 
     /// A delivery of webhook `seq` as envelope `message_event_id`, received at `at_ns`.
-    pub fn record_delivery(&self, seq: u64, message_event_id: &str, at_ns: u64) {
+    pub(crate) fn record_delivery(&self, seq: u64, message_event_id: &str, at_ns: u64) {
         let Some(count) = self.delivered.get(seq as usize) else {
             return;
         };
@@ -104,7 +104,7 @@ impl Tracker {
     }
 
     /// Acknowledged webhooks not delivered yet.
-    pub fn missing(&self) -> u64 {
+    pub(crate) fn missing(&self) -> u64 {
         self.answer
             .iter()
             .zip(&self.delivered)
@@ -113,14 +113,14 @@ impl Tracker {
     }
 
     /// Deliveries so far (all, duplicates included).
-    pub fn deliveries(&self) -> u64 {
+    pub(crate) fn deliveries(&self) -> u64 {
         self.delivered
             .iter()
             .map(|d| u64::from(d.load(Ordering::Acquire)))
             .sum()
     }
 
-    pub fn summary(&self) -> Summary {
+    pub(crate) fn summary(&self) -> Summary {
         let mut s = Summary::default();
         for ((sent, answer), delivered) in
             self.sent_at.iter().zip(&self.answer).zip(&self.delivered)
@@ -158,7 +158,7 @@ impl Tracker {
 }
 
 /// The `q` quantile (0..=1) of sorted microseconds, in milliseconds.
-pub fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
+pub(crate) fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
     if sorted_us.is_empty() {
         return f64::NAN;
     }
