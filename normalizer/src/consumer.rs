@@ -157,6 +157,8 @@ impl Worker {
             out.insert(headers::MSG_ID, envelope.message.event_id.as_str());
             out.insert(headers::INSTANCE_ID, instance.id.as_str());
             out.insert(headers::STORE_ID, normalized.store_id.as_str());
+            out.insert(headers::ECWID_EVENT_ID, normalized.ecwid_event_id());
+            out.insert(headers::FORMAT, normalized.format.as_str());
             for name in [
                 headers::RECEIVED_AT,
                 headers::REQUEST_ID,

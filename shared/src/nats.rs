@@ -124,6 +124,8 @@ pub mod headers {
     pub const VERIFIED: &str = "Ecwid-Verified";
     pub const REQUEST_ID: &str = "Ecwid-Request-Id";
     pub const STORE_ID: &str = "Ecwid-Store-Id";
+    /// On an envelope: the id Ecwid knows the event by (v3 `eventId`; for ION its dedupe id).
+    pub const ECWID_EVENT_ID: &str = "Ecwid-Event-Id";
     pub const INSTANCE_ID: &str = "Ecwid-Instance-Id";
     /// W3C trace context, so every stage logs under the ingest's trace.
     pub const TRACEPARENT: &str = "traceparent";
@@ -148,13 +150,14 @@ pub mod headers {
     pub const TEST_REPLY_TO: &str = "Ecwid-Test-Reply-To";
 
     /// What travels with an event from stage to stage, into a dead letter and back on replay.
-    pub const CARRIED: [&str; 8] = [
+    pub const CARRIED: [&str; 9] = [
         RECEIVED_AT,
         FORMAT,
         VERIFIED,
         REQUEST_ID,
         STORE_ID,
         INSTANCE_ID,
+        ECWID_EVENT_ID,
         TRACEPARENT,
         ORIGINAL_MSG_ID,
     ];
