@@ -18,6 +18,7 @@ use serde::Deserialize;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
 use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,10 @@ use crate::config::Config;
 use crate::dispatch::{self, Attempt, Dispatcher};
 use crate::metrics::Metrics;
 use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
+
+/// How long a dead letter's publish may wait for JetStream's ack before the envelope is put
+/// back to try again.
+const DEAD_LETTER_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// What becomes of one envelope after an attempt (or instead of one).
 #[derive(Debug, PartialEq)]
@@ -274,7 +279,7 @@ impl Worker {
                 .inc();
             // A probe admitted above must not block the breaker: count it as not sent.
             return Outcome::Retry {
-                delay: jitter(Duration::from_secs(1)),
+                delay: jitter(HOST_BUSY_WAIT),
                 spends_attempt: false,
             };
         };
@@ -401,11 +406,13 @@ impl Worker {
                     payload: Bytes::clone(&message.payload),
                     extra,
                 };
-                if let Err(e) = dead::publish(&self.ctx.js, letter, Duration::from_secs(5)).await {
+                if let Err(e) = dead::publish(&self.ctx.js, letter, DEAD_LETTER_ACK_WAIT).await {
                     tracing::error!(instance_id, seq, error = %e, "Could not dead-letter an envelope; will try again.");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                        .await;
+                    let delivered = message
+                        .info()
+                        .map_or(1, |i| u64::try_from(i.delivered).unwrap_or(1));
+                    let wait = shared::retry::transient(Stage::Deliver, delivered);
+                    let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
                     return;
                 }
                 self.forget(seq);

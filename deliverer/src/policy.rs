@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGauge};
 use rand::Rng;
+use shared::retry::JITTER_FRACTION;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -17,9 +18,10 @@ use tokio::time::Instant;
 /// attempt).
 pub const HOST_SLOT_WAIT: Duration = Duration::from_secs(2);
 
-/// `delay` ±20 %.
+/// `delay` ± [`JITTER_FRACTION`] (20 %), so retries of many events that failed together do not
+/// arrive together.
 pub fn jitter(delay: Duration) -> Duration {
-    let factor = rand::rng().random_range(0.8..=1.2);
+    let factor = rand::rng().random_range(1.0 - JITTER_FRACTION..=1.0 + JITTER_FRACTION);
     delay.mul_f64(factor)
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -131,7 +131,7 @@ impl From<&crate::config::CommonConfig> for TopologyConfig {
     }
 }
 
-/// Connects to NATS, retrying with exponential backoff (capped at 5 s) until it answers or
+/// Connects to NATS, retrying with [`crate::retry::backoff`] until it answers or
 /// `cancel` fires. The client reconnects on its own after that.
 pub async fn connect(
     url: &str,
@@ -147,13 +147,7 @@ pub async fn connect(
             .await
     };
     let retried = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(5))
-                .with_jitter()
-                .without_max_times(),
-        )
+        .retry(crate::retry::backoff().without_max_times())
         .notify(|err, wait| {
             tracing::warn!(error = %err, url, retry_in = ?wait, "NATS is not reachable yet; retrying.");
         });
