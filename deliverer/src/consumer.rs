@@ -293,7 +293,7 @@ impl Worker {
         self.metrics
             .attempt_duration
             .observe(started.elapsed().as_secs_f64());
-        let success = matches!(result, Attempt::Delivered { .. });
+        let success = matches!(result, Attempt::Delivered(_));
         self.metrics
             .attempts
             .with_label_values(&[if success { "success" } else { "failure" }, result.class()])
@@ -302,17 +302,18 @@ impl Worker {
             self.breakers.record(key, success);
         }
         match result {
-            Attempt::Delivered { status } => {
+            Attempt::Delivered(answer) => {
                 if let Some(received) = header(message.headers.as_ref(), headers::RECEIVED_AT)
                     .and_then(|v| v.parse::<i64>().ok())
                 {
                     let ms = (now_unix_ms() - received).max(0);
                     self.metrics.end_to_end.observe(ms as f64 / 1000.0);
                 }
+                let status = answer.status;
                 tracing::debug!(instance_id, event_id, attempt, status, "Delivered.");
                 Outcome::Ack
             }
-            Attempt::Gone => Outcome::Dead {
+            Attempt::Gone(_) => Outcome::Dead {
                 reason: "gone",
                 error: "the callback answered 410 Gone".into(),
                 last_status: Some(410),
@@ -325,7 +326,7 @@ impl Worker {
                 attempts: attempt,
             },
             Attempt::Failed {
-                status,
+                answer,
                 class,
                 error,
                 retry_after,
@@ -341,7 +342,7 @@ impl Worker {
                 None => Outcome::Dead {
                     reason: "attempts_exhausted",
                     error,
-                    last_status: status,
+                    last_status: answer.map(|a| a.status),
                     attempts: attempt,
                 },
             },

@@ -64,3 +64,8 @@ impl Envelope {
         serde_json::to_vec(self).unwrap_or_default()
     }
 }
+
+/// How much of a callback's response body the deliverer reads and keeps (as UTF-8, lossy): enough
+/// for an operator to see why a receiver refused an envelope; the rest is never read, so an
+/// endless or huge answer costs nothing.
+pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
