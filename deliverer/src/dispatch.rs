@@ -1,6 +1,7 @@
 //! One delivery attempt: sign the envelope and POST it. No redirects are followed; callback
 //! addresses are checked against the SSRF guard after DNS resolution, at connect time. Of the
-//! answer only the status and the first [`RESPONSE_EXCERPT_BYTES`] of the body are read.
+//! answer only the status and the first [`RESPONSE_EXCERPT_BYTES`] of the body are read. No
+//! error text carries the callback URL, which may hold credentials (`user:pass@`, `?token=`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -271,7 +272,8 @@ impl Dispatcher {
                 Attempt::Failed {
                     answer: None,
                     class,
-                    error: error_chain(&e),
+                    // The URL may carry credentials: this text goes to logs and dead letters.
+                    error: error_chain(&e.without_url()),
                     retry_after: None,
                 }
             }
@@ -432,6 +434,28 @@ mod tests {
             written < 16 << 20,
             "the receiver wrote {written} bytes before the connection closed"
         );
+    }
+
+    #[tokio::test]
+    async fn error_texts_carry_no_part_of_the_callback_url() {
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://user:secret@127.0.0.1:{closed_port}/x?token=abc")
+            .parse()
+            .unwrap();
+        let attempt = loopback_dispatcher()
+            .post(&url, Default::default(), Bytes::new())
+            .await;
+        let Attempt::Failed { error, class, .. } = attempt else {
+            panic!("a closed port fails: {attempt:?}");
+        };
+        assert_eq!(class, "connect_error");
+        for part in ["secret", "token", "abc", "/x"] {
+            assert!(!error.contains(part), "{part} in {error}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The deliverer against real receivers: signatures checked by independent code, retries with
 //! growing waits held by the NATS server, 410, dead letters and replay, timeouts, restarts
-//! between attempts, the SSRF guard, one dead endpoint not slowing a healthy one, and a receiver
-//! answering with an endless body.
+//! between attempts, the SSRF guard, one dead endpoint not slowing a healthy one, a receiver
+//! answering with an endless body, and callback credentials kept out of dead letters.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -652,5 +652,43 @@ async fn an_endless_response_body_is_cut_short_and_the_event_delivered_once() {
         written < 16 << 20,
         "the receiver wrote {written} bytes before the deliverer hung up"
     );
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_in_a_callback_url_stay_out_of_dead_letters() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let closed_port = free_port();
+    let callback = format!("http://user:secret@127.0.0.1:{closed_port}/x?token=abc");
+    let id = pipeline.create_instance("4014", &callback, &[]).await;
+    assert_eq!(
+        pipeline
+            .post_json(&order_created(4014, "creds-1"), None)
+            .await
+            .0,
+        200
+    );
+    let letters = wait_dead_letters(&pipeline, &format!("?instance={id}"), 1).await;
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "attempts_exhausted", "{letter}");
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.contains("connect"),
+        "the error still says what failed: {error}"
+    );
+    let seq = letter["seq"].as_u64().unwrap();
+    let (status, full) = pipeline
+        .admin_request(Method::GET, &format!("/dead-letters/{seq}"), None)
+        .await;
+    assert_eq!(status, 200);
+    for part in ["secret", "abc"] {
+        assert!(!error.contains(part), "{part} in {error}");
+    }
+    // The whole letter holds ids in hex, where "abc" may occur by chance: look for the query.
+    let full = full.to_string();
+    for part in ["secret", "token=abc"] {
+        assert!(!full.contains(part), "{part} in {full}");
+    }
     pipeline.stop().await;
 }
