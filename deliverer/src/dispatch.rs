@@ -1,7 +1,8 @@
-//! One delivery attempt: sign the envelope and POST it. No redirects are followed; callback
-//! addresses are checked against the SSRF guard after DNS resolution, at connect time. Of the
-//! answer only the status and the first [`RESPONSE_EXCERPT_BYTES`] of the body are read. No
-//! error text carries the callback URL, which may hold credentials (`user:pass@`, `?token=`).
+//! One delivery attempt: the request headers and signatures, and the POST. No redirects are
+//! followed; callback addresses are checked against the SSRF guard after DNS resolution, at
+//! connect time. Of the answer only the status and the first [`RESPONSE_EXCERPT_BYTES`] of the
+//! body are read. No error text carries the callback URL, which may hold credentials
+//! (`user:pass@`, `?token=`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -11,8 +12,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use sha2::Sha256;
 use shared::envelope::RESPONSE_EXCERPT_BYTES;
+use shared::instance::Instance;
 use shared::netguard::{self, AllowList};
 
 use crate::policy::parse_retry_after;
@@ -47,6 +50,38 @@ pub fn standard_signature(secrets: &[Vec<u8>], id: &str, timestamp: i64, body: &
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The request headers: always the id and content type (the client adds the user agent); the
+/// Open Connectors signature when the instance has a key; the Standard Webhooks trio when it has
+/// secrets.
+pub fn request_headers(
+    instance: &Instance,
+    event_id: &str,
+    body: &[u8],
+    now_secs: i64,
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    put(CONTENT_TYPE.as_str(), "application/json");
+    put("elements-webhook-id", event_id);
+    if let Some(key) = instance.signature_key() {
+        put("elements-webhook-signature", &elements_signature(key, body));
+    }
+    let secrets = instance.webhook_secrets();
+    if !secrets.is_empty() {
+        put("webhook-id", event_id);
+        put("webhook-timestamp", &now_secs.to_string());
+        put(
+            "webhook-signature",
+            &standard_signature(&secrets, event_id, now_secs, body),
+        );
+    }
+    h
 }
 
 /// What the callback answered.
