@@ -347,7 +347,7 @@ impl Worker {
                 .deferred
                 .with_label_values(&["host_busy"])
                 .inc();
-            // A probe admitted above must not block the breaker: count it as not sent.
+            self.breakers.not_sent(url.as_str());
             return Err(Outcome::Retry {
                 delay: jitter(HOST_BUSY_WAIT),
                 spends_attempt: false,
@@ -377,8 +377,10 @@ impl Worker {
             .attempts
             .with_label_values(&[if success { "success" } else { "failure" }, result.class()])
             .inc();
-        if !matches!(result, Attempt::Refused(_)) {
-            self.breakers.record(target.url.as_str(), success);
+        match result {
+            // Refused before a request went: says nothing about the receiver.
+            Attempt::Refused(_) => self.breakers.not_sent(target.url.as_str()),
+            _ => self.breakers.record(target.url.as_str(), success),
         }
         result
     }

@@ -117,6 +117,22 @@ impl Breakers {
         })
     }
 
+    /// A request [`Breakers::admit`] let through was not sent after all (its host had no free
+    /// slot, or its address was refused). When it was the probe, the next delivery may probe
+    /// instead: a probe whose result never comes would hold the URL's events forever.
+    pub fn not_sent(&self, url: &str) {
+        self.with(|states| {
+            if states.get(url) == Some(&State::HalfOpen) {
+                states.insert(
+                    url.to_owned(),
+                    State::Open {
+                        until: Instant::now(),
+                    },
+                );
+            }
+        });
+    }
+
     pub fn record(&self, url: &str, success: bool) {
         self.with(|states| {
             let state = states
@@ -258,6 +274,21 @@ mod tests {
         b.record("u", true);
         assert_eq!(b.admit("u"), Admit::Go);
         assert_eq!(b.open_gauge.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_not_sent_lets_the_next_one_probe() {
+        let b = breakers(1, 1000);
+        b.record("u", false);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(b.admit("u"), Admit::Go, "the probe");
+        b.not_sent("u");
+        assert_eq!(b.admit("u"), Admit::Go, "another probe, at once");
+        b.record("u", true);
+        assert_eq!(b.open_gauge.get(), 0);
+        // Closed: a request not sent changes nothing.
+        b.not_sent("u");
+        assert_eq!(b.admit("u"), Admit::Go);
     }
 
     #[tokio::test]
