@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use shared::config::{parse_duration_list, CommonConfig, ConfigError, Vars};
+use shared::config::{CommonConfig, ConfigError, Vars};
 use shared::netguard::AllowList;
+use shared::retry::{parse_schedule, MAX_ATTEMPT_TIMEOUT};
 
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9102";
 pub const DEFAULT_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,9h";
@@ -36,15 +37,14 @@ impl Config {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         let connect_timeout = vars.millis_or("DELIVER_CONNECT_TIMEOUT_MS", 5_000, 10)?;
         let timeout = vars.millis_or("DELIVER_TIMEOUT_MS", 15_000, 10)?;
-        if timeout > Duration::from_secs(600) {
+        if timeout > MAX_ATTEMPT_TIMEOUT {
             return Err(ConfigError::new(
                 "DELIVER_TIMEOUT_MS",
-                "must be at most 600000",
+                format!("must be at most {}", MAX_ATTEMPT_TIMEOUT.as_millis()),
             ));
         }
-        let schedule =
-            parse_duration_list(&vars.string_or("DELIVER_RETRY_SCHEDULE", DEFAULT_SCHEDULE))
-                .map_err(|e| ConfigError::new("DELIVER_RETRY_SCHEDULE", e))?;
+        let schedule = parse_schedule(&vars.string_or("DELIVER_RETRY_SCHEDULE", DEFAULT_SCHEDULE))
+            .map_err(|e| ConfigError::new("DELIVER_RETRY_SCHEDULE", e))?;
         let max_in_flight: usize = vars.parse_or("DELIVER_MAX_IN_FLIGHT", 256)?;
         if !(1..=10_000).contains(&max_in_flight) {
             return Err(ConfigError::new(
@@ -106,9 +106,27 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_attempt_fits_the_schedule_allowance() {
+        // parse_schedule budgets ATTEMPT_ALLOWANCE per attempt: it must cover the longest time
+        // the server lets one attempt hold a message.
+        let c = Config::from_vars(&Vars::from_pairs([("DELIVER_TIMEOUT_MS", "600000")])).unwrap();
+        assert!(
+            c.ack_wait() <= shared::retry::ATTEMPT_ALLOWANCE,
+            "{:?}",
+            c.ack_wait()
+        );
+        let err =
+            Config::from_vars(&Vars::from_pairs([("DELIVER_TIMEOUT_MS", "600001")])).unwrap_err();
+        assert_eq!(err.var, "DELIVER_TIMEOUT_MS");
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         for (var, value) in [
             ("DELIVER_RETRY_SCHEDULE", "5s,soon"),
+            ("DELIVER_RETRY_SCHEDULE", "3000000000h"),
+            ("DELIVER_RETRY_SCHEDULE", "1d,2d,3d"),
+            ("DELIVER_RETRY_SCHEDULE", "0s"),
             ("DELIVER_TIMEOUT_MS", "x"),
             ("DELIVER_MAX_IN_FLIGHT", "0"),
             ("DELIVER_MAX_IN_FLIGHT_PER_HOST", "100000"),

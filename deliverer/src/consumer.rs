@@ -2,6 +2,10 @@
 //! [`Outcome`]: ack, NAK with a delay (the server holds the wait, so it survives restarts), or
 //! dead-letter then ack.
 //!
+//! Each attempt goes in four steps: resolve the target (instance, URL, event id), admit it
+//! (breaker, host slot), dispatch it, and decide its [`Outcome`] ([`decide`]); `settle` then
+//! acks, NAKs or dead-letters.
+//!
 //! The attempt number is the message's delivery count less the times this replica put it back
 //! without trying (breaker open, host busy), so a restart loses no retry and repeats no wait.
 
@@ -13,19 +17,24 @@ use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use reqwest::header::{HeaderMap as HttpHeaders, HeaderValue, CONTENT_TYPE};
 use serde::Deserialize;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
 use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dispatch::{self, Attempt, Dispatcher};
 use crate::metrics::Metrics;
 use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
+
+/// How long a dead letter's publish may wait for JetStream's ack before the envelope is put
+/// back to try again.
+const DEAD_LETTER_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// What becomes of one envelope after an attempt (or instead of one).
 #[derive(Debug, PartialEq)]
@@ -132,38 +141,50 @@ fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     h.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
-/// The request headers: always the id, content type and user agent; the Open Connectors
-/// signature when the instance has a key; the Standard Webhooks trio when it has secrets.
-pub fn request_headers(
-    instance: &Instance,
-    event_id: &str,
-    body: &[u8],
-    now_secs: i64,
-) -> HttpHeaders {
-    let mut h = HttpHeaders::new();
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
-    put(CONTENT_TYPE.as_str(), "application/json");
-    put("elements-webhook-id", event_id);
-    if let Some(key) = instance.signature_key() {
-        put(
-            "elements-webhook-signature",
-            &dispatch::elements_signature(key, body),
-        );
+/// Where and how one envelope is sent, resolved from its instance and its head.
+struct Target {
+    instance: Arc<Instance>,
+    url: reqwest::Url,
+    event_id: String,
+    /// The instance's own retry schedule, if it has one.
+    own_schedule: Option<Vec<Duration>>,
+}
+
+/// What the result of attempt number `attempt` (1-based) means for its envelope, under
+/// `schedule`.
+pub fn decide(result: &Attempt, schedule: &[Duration], attempt: u64) -> Outcome {
+    match result {
+        Attempt::Delivered(_) => Outcome::Ack,
+        Attempt::Gone(_) => Outcome::Dead {
+            reason: "gone",
+            error: "the callback answered 410 Gone".into(),
+            last_status: Some(410),
+            attempts: attempt,
+        },
+        Attempt::Refused(why) => Outcome::Dead {
+            reason: "refused_address",
+            error: why.clone(),
+            last_status: None,
+            attempts: attempt,
+        },
+        Attempt::Failed {
+            answer,
+            error,
+            retry_after,
+            ..
+        } => match next_wait(schedule, attempt, *retry_after) {
+            Some(delay) => Outcome::Retry {
+                delay,
+                spends_attempt: true,
+            },
+            None => Outcome::Dead {
+                reason: "attempts_exhausted",
+                error: error.clone(),
+                last_status: answer.as_ref().map(|a| a.status),
+                attempts: attempt,
+            },
+        },
     }
-    let secrets = instance.webhook_secrets();
-    if !secrets.is_empty() {
-        put("webhook-id", event_id);
-        put("webhook-timestamp", &now_secs.to_string());
-        put(
-            "webhook-signature",
-            &dispatch::standard_signature(&secrets, event_id, now_secs, body),
-        );
-    }
-    h
 }
 
 impl Worker {
@@ -211,12 +232,57 @@ impl Worker {
             .remove(&seq);
     }
 
+    /// Attempt number `attempt` for `message`: resolve where it goes, wait to be admitted,
+    /// send it, and decide what becomes of it.
     async fn attempt(
         &self,
         message: &jetstream::Message,
         instance_id: &str,
         attempt: u64,
     ) -> Outcome {
+        let target = match self.resolve(message, instance_id, attempt) {
+            Ok(target) => target,
+            Err(dead) => return dead,
+        };
+        let _slot = match self.admit(&target.url).await {
+            Ok(slot) => slot,
+            Err(deferral) => return deferral,
+        };
+        let result = self.dispatch(message, &target).await;
+        let schedule = target
+            .own_schedule
+            .as_deref()
+            .unwrap_or(&self.config.schedule);
+        let outcome = decide(&result, schedule, attempt);
+        let event_id = target.event_id.as_str();
+        match (&result, &outcome) {
+            (Attempt::Delivered(answer), _) => {
+                if let Some(received) = header(message.headers.as_ref(), headers::RECEIVED_AT)
+                    .and_then(|v| v.parse::<i64>().ok())
+                {
+                    let ms = (now_unix_ms() - received).max(0);
+                    self.metrics.end_to_end.observe(ms as f64 / 1000.0);
+                }
+                let status = answer.status;
+                tracing::debug!(instance_id, event_id, attempt, status, "Delivered.");
+            }
+            (Attempt::Failed { class, error, .. }, Outcome::Retry { delay, .. }) => {
+                tracing::info!(instance_id, event_id, attempt, class, %error, retry_in = ?delay, "Delivery failed; will retry.");
+                self.metrics.retries.inc();
+            }
+            _ => {}
+        }
+        outcome
+    }
+
+    /// The instance, callback URL and event id of `message`, or the dead letter it becomes when
+    /// one of them is missing (the attempt is not spent: nothing was sent).
+    fn resolve(
+        &self,
+        message: &jetstream::Message,
+        instance_id: &str,
+        attempt: u64,
+    ) -> Result<Target, Outcome> {
         let dead = |reason, error: String| Outcome::Dead {
             reason,
             error,
@@ -224,123 +290,99 @@ impl Worker {
             attempts: attempt - 1,
         };
         let Some(instance) = self.ctx.directory.get(instance_id) else {
-            return dead(
+            return Err(dead(
                 "no_instance",
                 format!("instance {instance_id} does not exist (any more)"),
-            );
+            ));
         };
         if !instance.events_enabled() {
-            return dead(
+            return Err(dead(
                 "disabled",
                 format!("instance {instance_id} has events disabled"),
-            );
+            ));
         }
         let url = match instance.callback_url().map(reqwest::Url::parse) {
             Some(Ok(url)) if matches!(url.scheme(), "http" | "https") => url,
             _ => {
-                return dead(
+                return Err(dead(
                     "bad_callback",
                     "the instance has no valid callback URL".into(),
-                )
+                ))
             }
         };
         let event_id = match serde_json::from_slice::<EnvelopeHead>(&message.payload) {
             Ok(head) => head.message.event_id,
-            Err(e) => return dead("unparseable", format!("not an envelope: {e}")),
+            Err(e) => return Err(dead("unparseable", format!("not an envelope: {e}"))),
         };
-        let own_schedule = instance.retry_schedule();
-        let schedule = own_schedule.as_deref().unwrap_or(&self.config.schedule);
+        Ok(Target {
+            own_schedule: instance.retry_schedule(),
+            instance,
+            url,
+            event_id,
+        })
+    }
 
+    /// A slot to send to `url` now: its breaker lets the request through and its host has a
+    /// free slot. Otherwise the deferral that puts the envelope back without spending an
+    /// attempt.
+    async fn admit(&self, url: &reqwest::Url) -> Result<OwnedSemaphorePermit, Outcome> {
         let key = url.as_str();
         if let Admit::Wait(wait) = self.breakers.admit(key) {
             self.metrics
                 .deferred
                 .with_label_values(&["breaker_open"])
                 .inc();
-            return Outcome::Retry {
+            return Err(Outcome::Retry {
                 delay: jitter(wait),
                 spends_attempt: false,
-            };
+            });
         }
         let host = format!(
             "{}:{}",
             url.host_str().unwrap_or(""),
             url.port_or_known_default().unwrap_or(0)
         );
-        let Some(_slot) = self.hosts.acquire(&host).await else {
+        let Some(slot) = self.hosts.acquire(&host).await else {
             self.metrics
                 .deferred
                 .with_label_values(&["host_busy"])
                 .inc();
-            // A probe admitted above must not block the breaker: count it as not sent.
-            return Outcome::Retry {
-                delay: jitter(Duration::from_secs(1)),
+            self.breakers.not_sent(url.as_str());
+            return Err(Outcome::Retry {
+                delay: jitter(HOST_BUSY_WAIT),
                 spends_attempt: false,
-            };
+            });
         };
+        Ok(slot)
+    }
 
+    /// Signs and POSTs the envelope; counts the attempt and tells the breaker how it went.
+    async fn dispatch(&self, message: &jetstream::Message, target: &Target) -> Attempt {
         let body = message.payload.clone();
-        let headers = request_headers(&instance, &event_id, &body, now_unix_ms() / 1000);
+        let headers = dispatch::request_headers(
+            &target.instance,
+            &target.event_id,
+            &body,
+            now_unix_ms() / 1000,
+        );
         self.metrics.in_flight.inc();
         let started = Instant::now();
-        let result = self.dispatcher.post(&url, headers, body).await;
+        let result = self.dispatcher.post(&target.url, headers, body).await;
         self.metrics.in_flight.dec();
         self.metrics
             .attempt_duration
             .observe(started.elapsed().as_secs_f64());
-        let success = matches!(result, Attempt::Delivered { .. });
+        let success = matches!(result, Attempt::Delivered(_));
         self.metrics
             .attempts
             .with_label_values(&[if success { "success" } else { "failure" }, result.class()])
             .inc();
-        if !matches!(result, Attempt::Refused(_)) {
-            self.breakers.record(key, success);
-        }
         match result {
-            Attempt::Delivered { status } => {
-                if let Some(received) = header(message.headers.as_ref(), headers::RECEIVED_AT)
-                    .and_then(|v| v.parse::<i64>().ok())
-                {
-                    let ms = (now_unix_ms() - received).max(0);
-                    self.metrics.end_to_end.observe(ms as f64 / 1000.0);
-                }
-                tracing::debug!(instance_id, event_id, attempt, status, "Delivered.");
-                Outcome::Ack
-            }
-            Attempt::Gone => Outcome::Dead {
-                reason: "gone",
-                error: "the callback answered 410 Gone".into(),
-                last_status: Some(410),
-                attempts: attempt,
-            },
-            Attempt::Refused(why) => Outcome::Dead {
-                reason: "refused_address",
-                error: why,
-                last_status: None,
-                attempts: attempt,
-            },
-            Attempt::Failed {
-                status,
-                class,
-                error,
-                retry_after,
-            } => match next_wait(schedule, attempt, retry_after) {
-                Some(delay) => {
-                    tracing::info!(instance_id, event_id, attempt, class, %error, retry_in = ?delay, "Delivery failed; will retry.");
-                    self.metrics.retries.inc();
-                    Outcome::Retry {
-                        delay,
-                        spends_attempt: true,
-                    }
-                }
-                None => Outcome::Dead {
-                    reason: "attempts_exhausted",
-                    error,
-                    last_status: status,
-                    attempts: attempt,
-                },
-            },
+            // Refused before a request went: says nothing about the receiver.
+            Attempt::Refused(_) => self.breakers.not_sent(target.url.as_str()),
+            _ => self.breakers.record(target.url.as_str(), success),
         }
+        result
     }
 
     async fn settle(
@@ -401,11 +443,13 @@ impl Worker {
                     payload: Bytes::clone(&message.payload),
                     extra,
                 };
-                if let Err(e) = dead::publish(&self.ctx.js, letter, Duration::from_secs(5)).await {
+                if let Err(e) = dead::publish(&self.ctx.js, letter, DEAD_LETTER_ACK_WAIT).await {
                     tracing::error!(instance_id, seq, error = %e, "Could not dead-letter an envelope; will try again.");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                        .await;
+                    let delivered = message
+                        .info()
+                        .map_or(1, |i| u64::try_from(i.delivered).unwrap_or(1));
+                    let wait = shared::retry::transient(Stage::Deliver, delivered);
+                    let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
                     return;
                 }
                 self.forget(seq);
@@ -420,5 +464,97 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::Answer;
+
+    fn answer(status: u16) -> Option<Answer> {
+        Some(Answer {
+            status,
+            excerpt: String::new(),
+        })
+    }
+
+    fn failed(answer: Option<Answer>, retry_after: Option<Duration>) -> Attempt {
+        Attempt::Failed {
+            answer,
+            class: "5xx",
+            error: "HTTP 503".into(),
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn each_result_decides_the_envelopes_fate() {
+        let schedule = [Duration::from_secs(10), Duration::from_secs(60)];
+        let delivered = Attempt::Delivered(Answer {
+            status: 204,
+            excerpt: String::new(),
+        });
+        assert_eq!(decide(&delivered, &schedule, 1), Outcome::Ack);
+        let gone = Attempt::Gone(Answer {
+            status: 410,
+            excerpt: "bye".into(),
+        });
+        assert!(matches!(
+            decide(&gone, &schedule, 2),
+            Outcome::Dead {
+                reason: "gone",
+                last_status: Some(410),
+                attempts: 2,
+                ..
+            }
+        ));
+        let refused = Attempt::Refused("loopback".into());
+        assert!(matches!(
+            decide(&refused, &schedule, 1),
+            Outcome::Dead {
+                reason: "refused_address",
+                last_status: None,
+                ..
+            }
+        ));
+        // A failure within the schedule waits its entry; Retry-After is clamped to it.
+        let Outcome::Retry {
+            delay,
+            spends_attempt: true,
+        } = decide(&failed(answer(503), None), &schedule, 2)
+        else {
+            panic!("the second failure is retried");
+        };
+        assert!(delay >= Duration::from_secs(48) && delay <= Duration::from_secs(72));
+        assert_eq!(
+            decide(
+                &failed(answer(429), Some(Duration::from_secs(1))),
+                &schedule,
+                1
+            ),
+            Outcome::Retry {
+                delay: Duration::from_secs(10),
+                spends_attempt: true
+            }
+        );
+        // After the last wait: dead, with the last status, or none for a connection error.
+        assert_eq!(
+            decide(&failed(answer(503), None), &schedule, 3),
+            Outcome::Dead {
+                reason: "attempts_exhausted",
+                error: "HTTP 503".into(),
+                last_status: Some(503),
+                attempts: 3
+            }
+        );
+        assert!(matches!(
+            decide(&failed(None, None), &schedule, 3),
+            Outcome::Dead {
+                last_status: None,
+                attempts: 3,
+                ..
+            }
+        ));
     }
 }

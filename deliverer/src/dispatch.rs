@@ -1,5 +1,8 @@
-//! One delivery attempt: sign the envelope and POST it. No redirects are followed; callback
-//! addresses are checked against the SSRF guard after DNS resolution, at connect time.
+//! One delivery attempt: the request headers and signatures, and the POST. No redirects are
+//! followed; callback addresses are checked against the SSRF guard after DNS resolution, at
+//! connect time. Of the answer only the status and the first [`RESPONSE_EXCERPT_BYTES`] of the
+//! body are read. No error text carries the callback URL, which may hold credentials
+//! (`user:pass@`, `?token=`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -9,7 +12,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use sha2::Sha256;
+use shared::envelope::RESPONSE_EXCERPT_BYTES;
+use shared::instance::Instance;
 use shared::netguard::{self, AllowList};
 
 use crate::policy::parse_retry_after;
@@ -46,18 +52,59 @@ pub fn standard_signature(secrets: &[Vec<u8>], id: &str, timestamp: i64, body: &
         .join(" ")
 }
 
+/// The request headers: always the id and content type (the client adds the user agent); the
+/// Open Connectors signature when the instance has a key; the Standard Webhooks trio when it has
+/// secrets.
+pub fn request_headers(
+    instance: &Instance,
+    event_id: &str,
+    body: &[u8],
+    now_secs: i64,
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    put(CONTENT_TYPE.as_str(), "application/json");
+    put("elements-webhook-id", event_id);
+    if let Some(key) = instance.signature_key() {
+        put("elements-webhook-signature", &elements_signature(key, body));
+    }
+    let secrets = instance.webhook_secrets();
+    if !secrets.is_empty() {
+        put("webhook-id", event_id);
+        put("webhook-timestamp", &now_secs.to_string());
+        put(
+            "webhook-signature",
+            &standard_signature(&secrets, event_id, now_secs, body),
+        );
+    }
+    h
+}
+
+/// What the callback answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    /// The first [`RESPONSE_EXCERPT_BYTES`] of the body, as UTF-8 (lossy); never longer.
+    pub excerpt: String,
+}
+
 /// How an attempt went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attempt {
     /// 2xx.
-    Delivered { status: u16 },
+    Delivered(Answer),
     /// 410: the receiver says the endpoint is gone; no retry.
-    Gone,
+    Gone(Answer),
     /// The address is refused by the SSRF guard; no retry.
     Refused(String),
-    /// Anything else: retried.
+    /// Anything else: retried. `answer` is `None` when no HTTP answer came (timeout, connection
+    /// error).
     Failed {
-        status: Option<u16>,
+        answer: Option<Answer>,
         class: &'static str,
         error: String,
         retry_after: Option<Duration>,
@@ -68,12 +115,63 @@ impl Attempt {
     /// The `status_class` label.
     pub fn class(&self) -> &'static str {
         match self {
-            Attempt::Delivered { .. } => "2xx",
-            Attempt::Gone => "4xx",
+            Attempt::Delivered(_) => "2xx",
+            Attempt::Gone(_) => "4xx",
             Attempt::Refused(_) => "refused",
             Attempt::Failed { class, .. } => class,
         }
     }
+
+    /// The callback's answer, when it gave one.
+    pub fn answer(&self) -> Option<&Answer> {
+        match self {
+            Attempt::Delivered(a) | Attempt::Gone(a) => Some(a),
+            Attempt::Failed { answer, .. } => answer.as_ref(),
+            Attempt::Refused(_) => None,
+        }
+    }
+}
+
+/// How long the excerpt of a response body may take to read. The status has already decided
+/// the outcome; a receiver trickling its body must not hold the attempt (or its host slot).
+const EXCERPT_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads at most [`RESPONSE_EXCERPT_BYTES`] of `response`'s body, within [`EXCERPT_WAIT`], then
+/// drops the response. A body read to its end gives the connection back to the pool; one left
+/// unread (endless, large or slow) closes it, so nothing more of it is ever read.
+async fn read_excerpt(mut response: reqwest::Response) -> String {
+    let mut head = Vec::with_capacity(RESPONSE_EXCERPT_BYTES);
+    let read = async {
+        while head.len() < RESPONSE_EXCERPT_BYTES {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = RESPONSE_EXCERPT_BYTES - head.len();
+                    head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(EXCERPT_WAIT, read).await;
+    drop(response);
+    excerpt_text(&head)
+}
+
+/// `bytes` as UTF-8, lossy, at most [`RESPONSE_EXCERPT_BYTES`] long. A character cut in two by
+/// the byte limit is left out rather than shown as U+FFFD.
+fn excerpt_text(bytes: &[u8]) -> String {
+    let whole = match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() => &bytes[..e.valid_up_to()],
+        _ => bytes,
+    };
+    let mut text = String::from_utf8_lossy(whole).into_owned();
+    // Invalid bytes become U+FFFD (3 bytes each): the text can outgrow the bytes it came from.
+    let mut cut = text.len().min(RESPONSE_EXCERPT_BYTES);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text
 }
 
 /// The SSRF guard as a DNS resolver: only allowed addresses are handed to the connector.
@@ -175,16 +273,18 @@ impl Dispatcher {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(parse_retry_after);
-                // Read (a bounded part of) the body so the connection can be reused.
-                let _ = tokio::time::timeout(Duration::from_secs(1), r.bytes()).await;
                 let code = status.as_u16();
+                let answer = Answer {
+                    status: code,
+                    excerpt: read_excerpt(r).await,
+                };
                 if status.is_success() {
-                    Attempt::Delivered { status: code }
+                    Attempt::Delivered(answer)
                 } else if code == 410 {
-                    Attempt::Gone
+                    Attempt::Gone(answer)
                 } else {
                     Attempt::Failed {
-                        status: Some(code),
+                        answer: Some(answer),
                         class: match code {
                             300..=399 => "3xx",
                             400..=499 => "4xx",
@@ -205,9 +305,10 @@ impl Dispatcher {
                     "connect_error"
                 };
                 Attempt::Failed {
-                    status: None,
+                    answer: None,
                     class,
-                    error: error_chain(&e),
+                    // The URL may carry credentials: this text goes to logs and dead letters.
+                    error: error_chain(&e.without_url()),
                     retry_after: None,
                 }
             }
@@ -300,6 +401,113 @@ mod tests {
                 .await;
             assert!(matches!(attempt, Attempt::Refused(_)), "{url}: {attempt:?}");
         }
+    }
+
+    fn loopback_dispatcher() -> Dispatcher {
+        Dispatcher::new(
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            AllowList::parse("127.0.0.0/8").unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// A receiver on 127.0.0.1 that answers one request with 200 and a chunked body that never
+    /// ends. The channel gets the bytes it wrote once the client closed the connection.
+    async fn endless_receiver() -> (SocketAddr, tokio::sync::oneshot::Receiver<usize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client sent a whole request head");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+            let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
+            let mut written = 0;
+            let ended = async {
+                conn.write_all(head.as_bytes()).await?;
+                loop {
+                    conn.write_all(chunk.as_bytes()).await?;
+                    written += chunk.len();
+                }
+            };
+            let _: std::io::Result<()> = ended.await;
+            let _ = closed_tx.send(written);
+        });
+        (addr, closed_rx)
+    }
+
+    #[tokio::test]
+    async fn an_endless_response_body_is_cut_at_the_excerpt_and_the_connection_closed() {
+        let (addr, closed) = endless_receiver().await;
+        let url = format!("http://{addr}/hook").parse().unwrap();
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            loopback_dispatcher().post(&url, Default::default(), Bytes::from_static(b"{}")),
+        )
+        .await
+        .expect("the attempt returns although the body never ends");
+        let Attempt::Delivered(answer) = attempt else {
+            panic!("200 counts as delivered: {attempt:?}");
+        };
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.excerpt, "x".repeat(RESPONSE_EXCERPT_BYTES));
+        let written = tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the deliverer closes the connection instead of reading on")
+            .unwrap();
+        // Socket buffers at both ends hold a few MiB; reading on for the old 1 s let ~90 MB by.
+        assert!(
+            written < 16 << 20,
+            "the receiver wrote {written} bytes before the connection closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn error_texts_carry_no_part_of_the_callback_url() {
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://user:secret@127.0.0.1:{closed_port}/x?token=abc")
+            .parse()
+            .unwrap();
+        let attempt = loopback_dispatcher()
+            .post(&url, Default::default(), Bytes::new())
+            .await;
+        let Attempt::Failed { error, class, .. } = attempt else {
+            panic!("a closed port fails: {attempt:?}");
+        };
+        assert_eq!(class, "connect_error");
+        for part in ["secret", "token", "abc", "/x"] {
+            assert!(!error.contains(part), "{part} in {error}");
+        }
+    }
+
+    #[test]
+    fn excerpts_are_utf8_and_never_longer_than_the_limit() {
+        let n = RESPONSE_EXCERPT_BYTES;
+        assert_eq!(
+            excerpt_text(b"refused: bad signature"),
+            "refused: bad signature"
+        );
+        // A 3-byte character cut by the limit is left out, not shown as U+FFFD.
+        let mut cut = vec![b'a'; n - 1];
+        cut.extend_from_slice(&"€".as_bytes()[..1]);
+        assert_eq!(excerpt_text(&cut), "a".repeat(n - 1));
+        // Invalid bytes grow into U+FFFD; the text is still cut at the limit.
+        let text = excerpt_text(&vec![0xff; n]);
+        assert!(text.len() <= n && text.chars().all(|c| c == '\u{fffd}'));
+        assert_eq!(text.chars().count(), n / 3);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGauge};
 use rand::Rng;
+use shared::retry::JITTER_FRACTION;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -17,9 +18,10 @@ use tokio::time::Instant;
 /// attempt).
 pub const HOST_SLOT_WAIT: Duration = Duration::from_secs(2);
 
-/// `delay` ±20 %.
+/// `delay` ± [`JITTER_FRACTION`] (20 %), so retries of many events that failed together do not
+/// arrive together.
 pub fn jitter(delay: Duration) -> Duration {
-    let factor = rand::rng().random_range(0.8..=1.2);
+    let factor = rand::rng().random_range(1.0 - JITTER_FRACTION..=1.0 + JITTER_FRACTION);
     delay.mul_f64(factor)
 }
 
@@ -113,6 +115,22 @@ impl Breakers {
             }
             Some(State::HalfOpen) => Admit::Wait(probe_wait),
         })
+    }
+
+    /// A request [`Breakers::admit`] let through was not sent after all (its host had no free
+    /// slot, or its address was refused). When it was the probe, the next delivery may probe
+    /// instead: a probe whose result never comes would hold the URL's events forever.
+    pub fn not_sent(&self, url: &str) {
+        self.with(|states| {
+            if states.get(url) == Some(&State::HalfOpen) {
+                states.insert(
+                    url.to_owned(),
+                    State::Open {
+                        until: Instant::now(),
+                    },
+                );
+            }
+        });
     }
 
     pub fn record(&self, url: &str, success: bool) {
@@ -256,6 +274,21 @@ mod tests {
         b.record("u", true);
         assert_eq!(b.admit("u"), Admit::Go);
         assert_eq!(b.open_gauge.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_not_sent_lets_the_next_one_probe() {
+        let b = breakers(1, 1000);
+        b.record("u", false);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(b.admit("u"), Admit::Go, "the probe");
+        b.not_sent("u");
+        assert_eq!(b.admit("u"), Admit::Go, "another probe, at once");
+        b.record("u", true);
+        assert_eq!(b.open_gauge.get(), 0);
+        // Closed: a request not sent changes nothing.
+        b.not_sent("u");
+        assert_eq!(b.admit("u"), Admit::Go);
     }
 
     #[tokio::test]

@@ -300,10 +300,12 @@ impl Worker {
     }
 }
 
-/// 1 s, 2 s, 4 s … capped at 30 s, by delivery count.
+/// The wait after a transient failure, by delivery count: [`shared::retry::transient`].
 fn retry_delay(message: &jetstream::Message) -> Duration {
-    let delivered = message.info().map(|i| i.delivered).unwrap_or(1).clamp(1, 6) as u32;
-    Duration::from_secs((1u64 << (delivered - 1)).min(30))
+    let delivered = message
+        .info()
+        .map_or(1, |i| u64::try_from(i.delivered).unwrap_or(1));
+    shared::retry::transient(Stage::Normalize, delivered)
 }
 
 /// The event log record of `normalized` for `instance_id` (`None`: the raw-stage outcome), as it

@@ -69,6 +69,11 @@ impl Envelope {
     }
 }
 
+/// How much of a callback's response body the deliverer reads and keeps (as UTF-8, lossy): enough
+/// for an operator to see why a receiver refused an envelope; the rest is never read, so an
+/// endless or huge answer costs nothing.
+pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
+
 /// The notification id of (Ecwid event, instance): deterministic, so a redelivered raw message
 /// gets the same id and JetStream drops the second envelope. Shaped as a UUID. `event_key` is
 /// the Ecwid event's message id (`v3:<storeId>:<eventId>`, `ion:<storeId>:<hash>`); an empty

@@ -37,8 +37,7 @@ pub const INDEX_PREFIX: &str = "ecwid.logidx";
 /// The instance token of raw-stage outcomes (no instance).
 pub const NO_INSTANCE: &str = "_";
 
-/// How much of a callback's response body an attempt keeps.
-pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
+pub use crate::envelope::RESPONSE_EXCERPT_BYTES;
 /// Attempts a record keeps: the first few and the latest (the count says how many there were).
 pub const MAX_ATTEMPTS_KEPT: usize = 50;
 /// The longest `lastError` / attempt error text kept.

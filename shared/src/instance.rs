@@ -179,10 +179,11 @@ impl Instance {
         }
     }
 
-    /// The instance's own retry schedule, when it sets a valid one.
+    /// The instance's own retry schedule, when it sets one that can be kept
+    /// ([`crate::retry::parse_schedule`]; one stored before that check falls back to the default).
     pub fn retry_schedule(&self) -> Option<Vec<std::time::Duration>> {
         self.config(keys::RETRY_SCHEDULE)
-            .and_then(|v| crate::config::parse_duration_list(v).ok())
+            .and_then(|v| crate::retry::parse_schedule(v).ok())
     }
 
     /// A copy fit for a response or a log: every non-empty secret value replaced by [`REDACTED`],
@@ -274,7 +275,7 @@ impl Instance {
             }
         }
         if let Some(v) = self.config(keys::RETRY_SCHEDULE) {
-            crate::config::parse_duration_list(v).map_err(|e| {
+            crate::retry::parse_schedule(v).map_err(|e| {
                 FieldError::new("configuration.event.notification.retry.schedule", e)
             })?;
         }
@@ -621,6 +622,25 @@ mod tests {
             i.validate(&AllowList::default()).unwrap_err().field,
             "configuration.ecwid.ion.unsigned.allowed"
         );
+    }
+
+    #[test]
+    fn retry_schedules_that_outlive_the_events_are_refused() {
+        let mut i = seed_with("1003", "https://a.example/");
+        i.configuration
+            .insert(keys::RETRY_SCHEDULE.into(), "10s,1m,1h".into());
+        assert_eq!(i.validate(&AllowList::default()), Ok(()));
+        assert_eq!(i.retry_schedule().map(|s| s.len()), Some(3));
+        for bad in ["3000000000h", "7d", "1s,0s"] {
+            i.configuration
+                .insert(keys::RETRY_SCHEDULE.into(), bad.into());
+            let err = i.validate(&AllowList::default()).unwrap_err();
+            assert_eq!(
+                err.field, "configuration.event.notification.retry.schedule",
+                "{bad}"
+            );
+            assert_eq!(i.retry_schedule(), None, "{bad}: the default applies");
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`envelope`]: the Open Connectors envelope the callbacks receive.
 //! - [`dead`]: publishing to the dead-letter stream, with headers saying why.
 //! - [`netguard`]: which callback addresses are refused (SSRF guard) and the operator's allow-list.
+//! - [`retry`]: how long a stage waits before trying again; the start-up backoff; the bounds of
+//!   a delivery retry schedule.
 //! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
 //! - [`service`]: start-up common to every service (topology, instances watch, metrics).
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod nats;
 pub mod netguard;
 pub mod ops;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 #[cfg(feature = "strategies")]

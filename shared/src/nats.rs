@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsServers;
@@ -192,9 +192,8 @@ impl From<&crate::config::CommonConfig> for TopologyConfig {
 }
 
 /// Connects to NATS (any one of `servers`: async-nats tries them in turn, and learns the rest
-/// of a cluster from the server), retrying with exponential backoff (capped at 5 s) until one
-/// answers or `cancel` fires. The client reconnects on its own after that, to any server of the
-/// cluster.
+/// of a cluster from the server), retrying with [`crate::retry::backoff`] until one answers or
+/// `cancel` fires. The client reconnects on its own after that, to any server of the cluster.
 pub async fn connect(
     servers: &NatsServers,
     name: &str,
@@ -210,13 +209,7 @@ pub async fn connect(
             .await
     };
     let retried = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(5))
-                .with_jitter()
-                .without_max_times(),
-        )
+        .retry(crate::retry::backoff().without_max_times())
         .notify(|err, wait| {
             tracing::warn!(error = %err, %url, retry_in = ?wait, "NATS is not reachable yet; retrying.");
         });

@@ -3,10 +3,8 @@
 //! metrics. The result, [`ServiceContext`] (NATS handles, the instance directory, the metrics
 //! registry), is what every service's `run` builds on.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, kv};
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +15,10 @@ use crate::metrics::CommonMetrics;
 use crate::nats::{setup_topology, TopologyConfig};
 use crate::ops::OpsState;
 use crate::Error;
+
+/// How many times start-up retries setting up the topology (75 to 150 s of waits with
+/// [`crate::retry::backoff`]) before the service gives up and exits.
+const TOPOLOGY_TRIES: usize = 20;
 
 /// A started service's shared parts.
 #[derive(Debug, Clone)]
@@ -43,12 +45,7 @@ impl ServiceContext {
         let setup = || setup_topology(&js, &topology);
         let kv = tokio::select! {
             result = setup
-                .retry(
-                    ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(200))
-                        .with_max_delay(Duration::from_secs(5))
-                        .with_max_times(20),
-                )
+                .retry(crate::retry::backoff().with_max_times(TOPOLOGY_TRIES))
                 .notify(|error, wait| {
                     tracing::warn!(%error, retry_in = ?wait, "JetStream topology not ready; retrying.");
                 }) => result?,

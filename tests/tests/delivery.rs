@@ -1,7 +1,11 @@
 //! The deliverer against real receivers: signatures checked by independent code, retries with
 //! growing waits held by the NATS server, 410, dead letters and replay, timeouts, restarts
-//! between attempts, the SSRF guard, and one dead endpoint not slowing a healthy one.
+//! between attempts, the SSRF guard, one dead endpoint not slowing a healthy one, a receiver
+//! answering with an endless body, and callback credentials kept out of dead letters.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -10,6 +14,7 @@ use integration_tests::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -535,4 +540,155 @@ async fn deliver_and_time(
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// A callback receiver that answers every request 200 with a chunked body that never ends, and
+/// counts the requests, the connections the client closed, and the bytes written until then.
+#[derive(Debug, Clone)]
+struct EndlessReceiver {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    written: Arc<AtomicUsize>,
+}
+
+impl EndlessReceiver {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the endless receiver");
+        let receiver = Self {
+            addr: listener.local_addr().expect("its address"),
+            requests: Arc::default(),
+            closed: Arc::default(),
+            written: Arc::default(),
+        };
+        let r = receiver.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(r.clone().answer(conn));
+            }
+        });
+        receiver
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.addr.port())
+    }
+
+    async fn answer(self, mut conn: tokio::net::TcpStream) {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 8192];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let chunk = format!("4000\r\n{}\r\n", "z".repeat(0x4000));
+        let mut written = 0;
+        let endless = async {
+            conn.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await?;
+            loop {
+                conn.write_all(chunk.as_bytes()).await?;
+                written += chunk.len();
+            }
+        };
+        let _: std::io::Result<()> = endless.await;
+        self.written.fetch_add(written, Ordering::SeqCst);
+        self.closed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn an_endless_response_body_is_cut_short_and_the_event_delivered_once() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let endless = EndlessReceiver::start().await;
+    let healthy = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("4012", &endless.url(), &[]).await;
+    pipeline.create_instance("4013", &healthy.url(), &[]).await;
+    assert_eq!(
+        pipeline
+            .post_json(&order_created(4012, "endless-1"), None)
+            .await
+            .0,
+        200
+    );
+    wait_until(
+        WAIT,
+        "the deliverer to hang up on the endless body",
+        || async { endless.closed.load(Ordering::SeqCst) >= 1 },
+    )
+    .await;
+    // The deliverer keeps working: the next event, to another receiver, arrives.
+    assert_eq!(
+        pipeline
+            .post_json(&order_created(4013, "after-endless-1"), None)
+            .await
+            .0,
+        200
+    );
+    healthy.wait_for(1, WAIT).await;
+    let success = r#"ecwid_deliver_attempts_total{outcome="success",status_class="2xx"}"#;
+    wait_until(WAIT, "both attempts to count as delivered", || async {
+        metric(
+            &pipeline.metrics_text(pipeline.deliverer_ops).await,
+            success,
+        ) == Some(2.0)
+    })
+    .await;
+    let metrics = pipeline.metrics_text(pipeline.deliverer_ops).await;
+    assert_eq!(metric(&metrics, "ecwid_deliver_retries_total"), Some(0.0));
+    assert_eq!(
+        endless.requests.load(Ordering::SeqCst),
+        1,
+        "the endless answer was a 200: delivered once"
+    );
+    let written = endless.written.load(Ordering::SeqCst);
+    assert!(
+        written < 16 << 20,
+        "the receiver wrote {written} bytes before the deliverer hung up"
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_in_a_callback_url_stay_out_of_dead_letters() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let closed_port = free_port();
+    let callback = format!("http://user:secret@127.0.0.1:{closed_port}/x?token=abc");
+    let id = pipeline.create_instance("4014", &callback, &[]).await;
+    assert_eq!(
+        pipeline
+            .post_json(&order_created(4014, "creds-1"), None)
+            .await
+            .0,
+        200
+    );
+    let letters = wait_dead_letters(&pipeline, &format!("?instance={id}"), 1).await;
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "attempts_exhausted", "{letter}");
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.contains("connect"),
+        "the error still says what failed: {error}"
+    );
+    let seq = letter["seq"].as_u64().unwrap();
+    let (status, full) = pipeline
+        .admin_request(Method::GET, &format!("/dead-letters/{seq}"), None)
+        .await;
+    assert_eq!(status, 200);
+    for part in ["secret", "abc"] {
+        assert!(!error.contains(part), "{part} in {error}");
+    }
+    // The whole letter holds ids in hex, where "abc" may occur by chance: look for the query.
+    let full = full.to_string();
+    for part in ["secret", "token=abc"] {
+        assert!(!full.contains(part), "{part} in {full}");
+    }
+    pipeline.stop().await;
 }

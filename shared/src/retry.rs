@@ -1,0 +1,168 @@
+//! How long anything waits before it tries again, in one place: the start-up backoff against
+//! NATS, the waits after a transient failure of each stage, and the bounds a delivery retry
+//! schedule must keep so that no retry outlives its message.
+//!
+//! Waits after a message failed are held by the NATS server (NAK with a delay), never by a sleep
+//! in the worker, so they survive restarts and cost nothing while they run.
+
+use std::time::Duration;
+
+use backon::ExponentialBuilder;
+
+use crate::dead::Stage;
+use crate::nats::WORK_STREAM_MAX_AGE;
+
+/// The first wait of the start-up backoff ([`backoff`]).
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait of the start-up backoff before jitter.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The backoff for start-up steps against NATS (connecting, setting up the topology): 100 ms
+/// doubling to 5 s, each wait stretched by up to 100 % (backon's jitter) so that replicas started
+/// together do not retry in step. The caller says how many times (connect: until cancelled;
+/// topology: a bounded number).
+pub fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_MIN)
+        .with_max_delay(BACKOFF_MAX)
+        .with_jitter()
+}
+
+/// The normalizer's first wait after its envelopes (or its dead letter) were not stored.
+pub const NORMALIZE_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// The normalizer's longest such wait.
+pub const NORMALIZE_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// The deliverer's wait after it could not publish a dead letter. Flat, not growing: an
+/// envelope's delivery count mostly counts callback attempts, so it says nothing about how long
+/// NATS has been failing.
+pub const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
+
+/// How long a delivery whose callback host had no free slot is put back for (before jitter;
+/// the attempt is not spent).
+pub const HOST_BUSY_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a message of `stage` waits after a transient failure (NATS did not store what the
+/// stage produced), given the message's delivery count (1 on the first delivery).
+///
+/// - normalize: 1 s, 2 s, 4 s … capped at 30 s: the raw message is redelivered only for such
+///   failures, so its delivery count measures how long they have lasted.
+/// - deliver: [`DEAD_LETTER_RETRY`], flat.
+pub fn transient(stage: Stage, delivered: u64) -> Duration {
+    match stage {
+        Stage::Normalize => {
+            let doublings = delivered.clamp(1, 6) - 1;
+            (NORMALIZE_FIRST_WAIT * (1u32 << doublings)).min(NORMALIZE_MAX_WAIT)
+        }
+        Stage::Deliver => DEAD_LETTER_RETRY,
+    }
+}
+
+/// How far a planned retry wait may be stretched by jitter (±20 %).
+pub const JITTER_FRACTION: f64 = 0.2;
+
+/// The longest `DELIVER_TIMEOUT_MS` the deliverer accepts.
+pub const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What one attempt may add to a message's life beyond the schedule's waits: the deliverer's
+/// longest `ack_wait` (a host slot wait, [`MAX_ATTEMPT_TIMEOUT`], a margin) rounded up.
+pub const ATTEMPT_ALLOWANCE: Duration = Duration::from_secs(11 * 60);
+
+/// The longest wait a NATS server honours: it holds a NAK delay in signed 64-bit nanoseconds
+/// and redelivers at once when the delay does not fit.
+pub const MAX_WAIT: Duration = Duration::from_nanos(i64::MAX as u64);
+
+/// Parses a delivery retry schedule (`5s,30s,2m`: the waits between attempts, so one attempt
+/// more than waits) and checks that it can be kept: every wait above zero and one the NATS
+/// server can hold, and the whole schedule, stretched by jitter and with [`ATTEMPT_ALLOWANCE`]
+/// per attempt, shorter than the retention of `ECWID_EVENTS`, so the last retry still finds
+/// its message.
+///
+/// The deliverer's `DELIVER_RETRY_SCHEDULE` and an instance's
+/// `event.notification.retry.schedule` both go through here.
+pub fn parse_schedule(raw: &str) -> Result<Vec<Duration>, String> {
+    let schedule = crate::config::parse_duration_list(raw)?;
+    for wait in &schedule {
+        if wait.is_zero() {
+            return Err("every wait must be longer than zero".into());
+        }
+        if *wait > MAX_WAIT {
+            return Err(format!("a wait of {wait:?} is longer than NATS can hold"));
+        }
+    }
+    let worst = schedule
+        .iter()
+        .try_fold(Duration::ZERO, |total, wait| {
+            total.checked_add(wait.mul_f64(1.0 + JITTER_FRACTION))
+        })
+        .and_then(|waits| {
+            let attempts = u32::try_from(schedule.len() + 1).ok()?;
+            waits.checked_add(ATTEMPT_ALLOWANCE.checked_mul(attempts)?)
+        });
+    match worst {
+        Some(worst) if worst < WORK_STREAM_MAX_AGE => Ok(schedule),
+        _ => Err(format!(
+            "the schedule with its jitter (+{:.0} %) and {} min per attempt must take less than \
+             the {} days events are kept",
+            JITTER_FRACTION * 100.0,
+            ATTEMPT_ALLOWANCE.as_secs() / 60,
+            WORK_STREAM_MAX_AGE.as_secs() / 86_400
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_waits_double_to_thirty_seconds() {
+        let waits: Vec<u64> = (0..=8)
+            .map(|d| transient(Stage::Normalize, d).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(transient(Stage::Normalize, u64::MAX), NORMALIZE_MAX_WAIT);
+    }
+
+    #[test]
+    fn deliver_waits_flat_after_a_failed_dead_letter() {
+        assert_eq!(transient(Stage::Deliver, 1), DEAD_LETTER_RETRY);
+        assert_eq!(transient(Stage::Deliver, 40), DEAD_LETTER_RETRY);
+    }
+
+    #[test]
+    fn the_default_schedule_and_short_test_schedules_are_accepted() {
+        let default = parse_schedule("5s,30s,2m,10m,30m,1h,2h,4h,8h,9h").unwrap();
+        assert_eq!(default.len(), 10);
+        assert_eq!(
+            parse_schedule("200ms, 400ms,800ms").unwrap(),
+            [200, 400, 800].map(Duration::from_millis)
+        );
+    }
+
+    #[test]
+    fn schedules_that_cannot_be_kept_are_refused() {
+        for (raw, why) in [
+            ("5s,0s", "longer than zero"),
+            ("0", "longer than zero"),
+            ("3000000000h", "longer than NATS can hold"),
+            ("7d", "days events are kept"),
+            // 6 days: under the retention, but not with +20 % jitter.
+            ("3d,3d", "days events are kept"),
+            ("5s,soon", "not a duration"),
+        ] {
+            let err = parse_schedule(raw).unwrap_err();
+            assert!(err.contains(why), "{raw}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_longest_schedule_accepted_still_fits_the_retention() {
+        // 5 days and 4 hours with jitter is 6 days and ~5 h; two attempts' allowance fits.
+        assert!(parse_schedule("124h").is_ok());
+        assert!(parse_schedule("140h").is_err());
+        // Many tiny waits: the allowance per attempt adds up.
+        let many = vec!["1s"; 1000].join(",");
+        assert!(parse_schedule(&many).is_err());
+    }
+}
