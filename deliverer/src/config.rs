@@ -66,8 +66,21 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let common = CommonConfig::from_vars(vars)?;
+        // A record must outlive the retries it describes, or a retrying event would vanish from
+        // the log while still being delivered.
+        let schedule_total: Duration = schedule.iter().sum();
+        if common.event_log && common.event_log_retention < schedule_total {
+            return Err(ConfigError::new(
+                "EVENT_LOG_RETENTION",
+                format!(
+                    "must be at least as long as DELIVER_RETRY_SCHEDULE lasts ({} h); raise it",
+                    schedule_total.as_secs().div_ceil(3600)
+                ),
+            ));
+        }
         Ok(Self {
-            common: CommonConfig::from_vars(vars)?,
+            common,
             ops_listen: vars.addr_or("OPS_LISTEN", DEFAULT_OPS_LISTEN)?,
             connect_timeout,
             timeout,
@@ -133,6 +146,9 @@ mod tests {
             ("DELIVER_BREAKER_FAILURES", "0"),
             ("DELIVER_ALLOW_NETWORKS", "everything"),
             ("OPS_LISTEN", "9102"),
+            // Shorter than the default schedule's 24 h 43 min.
+            ("EVENT_LOG_RETENTION", "24h"),
+            ("EVENT_LOG_RETENTION", "forever"),
         ] {
             let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value}");

@@ -7,7 +7,12 @@
 //! acks, NAKs or dead-letters.
 //!
 //! The attempt number is the message's delivery count less the times this replica put it back
-//! without trying (breaker open, host busy), so a restart loses no retry and repeats no wait.
+//! without trying (breaker open, host busy), so a restart loses no retry and repeats no wait. A
+//! redelivered envelope (`Ecwid-Attempt-Offset`) gets a fresh budget; its attempts are numbered
+//! on in the event log, which gets a snapshot after every attempt ([`crate::journal`]).
+//!
+//! A test envelope (`Ecwid-Test-Reply-To`, from `POST /instances/{id}/test`) is tried once, its
+//! result answered on that subject; it is never retried, dead-lettered or logged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dispatch::{self, Attempt, Dispatcher};
+use crate::journal::{self, Sent};
 use crate::metrics::Metrics;
 use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
 
@@ -199,7 +205,25 @@ impl Worker {
         let deferred = self.deferrals_of(seq);
         let attempt = delivered.saturating_sub(deferred).max(1);
         let instance_id = subject_tail(message.subject.as_str()).to_owned();
-        let outcome = self.attempt(&message, &instance_id, attempt).await;
+        let h = message.headers.as_ref();
+        if let Some(reply_to) = header(h, headers::TEST_REPLY_TO).map(str::to_owned) {
+            self.test(&message, &instance_id, reply_to).await;
+            return;
+        }
+        let offset = header(h, headers::ATTEMPT_OFFSET)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let (outcome, sent) = self.attempt(&message, &instance_id, attempt).await;
+        journal::record(
+            &self.ctx.log,
+            &message,
+            offset,
+            attempt,
+            sent.as_ref(),
+            &outcome,
+            now_unix_ms(),
+        )
+        .await;
         self.settle(
             &message,
             &instance_id,
@@ -233,22 +257,25 @@ impl Worker {
     }
 
     /// Attempt number `attempt` for `message`: resolve where it goes, wait to be admitted,
-    /// send it, and decide what becomes of it.
+    /// send it, and decide what becomes of it. Also what was sent, when something was.
     async fn attempt(
         &self,
         message: &jetstream::Message,
         instance_id: &str,
         attempt: u64,
-    ) -> Outcome {
+    ) -> (Outcome, Option<Sent>) {
         let target = match self.resolve(message, instance_id, attempt) {
             Ok(target) => target,
-            Err(dead) => return dead,
+            Err(dead) => return (dead, None),
         };
         let _slot = match self.admit(&target.url).await {
             Ok(slot) => slot,
-            Err(deferral) => return deferral,
+            Err(deferral) => return (deferral, None),
         };
+        let started_at_ms = now_unix_ms();
+        let started = Instant::now();
         let result = self.dispatch(message, &target).await;
+        let duration = started.elapsed();
         let schedule = target
             .own_schedule
             .as_deref()
@@ -272,7 +299,53 @@ impl Worker {
             }
             _ => {}
         }
-        outcome
+        let sent = Sent {
+            started_at_ms,
+            duration,
+            result,
+        };
+        (outcome, Some(sent))
+    }
+
+    /// A test envelope: one attempt (past the breaker: the operator is checking the receiver),
+    /// its result answered on `reply_to`, then acked whatever happened.
+    async fn test(&self, message: &jetstream::Message, instance_id: &str, reply_to: String) {
+        let answer = match self.resolve(message, instance_id, 1) {
+            Err(Outcome::Dead { error, .. }) => {
+                serde_json::json!({"delivered": false, "error": error})
+            }
+            Err(_) => serde_json::json!({"delivered": false, "error": "not sent"}),
+            Ok(target) => {
+                let started = Instant::now();
+                let result = self.dispatch(message, &target).await;
+                let answer = result.answer();
+                let error = match &result {
+                    Attempt::Delivered(_) => None,
+                    Attempt::Gone(_) => Some("the callback answered 410 Gone".to_owned()),
+                    Attempt::Refused(why) => Some(why.clone()),
+                    Attempt::Failed { error, .. } => Some(error.clone()),
+                };
+                serde_json::json!({
+                    "delivered": matches!(result, Attempt::Delivered(_)),
+                    "status": answer.map(|a| a.status),
+                    "errorClass": answer.is_none().then(|| result.class()),
+                    "durationMs": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "response": answer.map(|a| a.excerpt.as_str()).unwrap_or_default(),
+                    "error": error,
+                })
+            }
+        };
+        if let Err(error) = self
+            .ctx
+            .client
+            .publish(reply_to, answer.to_string().into())
+            .await
+        {
+            tracing::warn!(instance_id, %error, "Could not answer a test event.");
+        }
+        if let Err(error) = message.ack().await {
+            tracing::warn!(instance_id, %error, "Ack of a test event failed.");
+        }
     }
 
     /// The instance, callback URL and event id of `message`, or the dead letter it becomes when

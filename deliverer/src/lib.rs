@@ -9,12 +9,14 @@
 //!   SSRF guard at connect time.
 //! - [`policy`]: the retry schedule, jitter and `Retry-After`, the per-URL circuit breaker and
 //!   the per-host limits.
+//! - [`journal`]: the event log snapshot written after every attempt.
 //! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
 
 pub mod config;
 pub mod consumer;
 pub mod dispatch;
 pub mod error;
+pub mod journal;
 pub mod metrics;
 pub mod policy;
 

@@ -266,3 +266,220 @@ async fn raw_stage_outcomes_are_found_by_ecwid_event_id() {
     assert!(shown["envelope"].is_null(), "no envelope was made");
     pipeline.stop().await;
 }
+
+/// `GET /events/{id}` through `admin`.
+async fn show(admin: &Pipeline, id: &str) -> Value {
+    let (status, body) = admin
+        .admin_request(Method::GET, &format!("/events/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Waits until the record `id` has `status` and at least `attempts` attempts; returns it.
+async fn wait_record(pipeline: &Pipeline, id: &str, status: &str, attempts: u64) -> Value {
+    wait_until(
+        WAIT,
+        &format!("event {id} {status} after {attempts} attempts"),
+        || async {
+            let (code, body) = pipeline
+                .admin_request(Method::GET, &format!("/events/{id}"), None)
+                .await;
+            code == 200
+                && body["event"]["status"] == status
+                && body["event"]["attempts"].as_u64() >= Some(attempts)
+        },
+    )
+    .await;
+    show(pipeline, id).await
+}
+
+#[tokio::test]
+async fn attempts_are_recorded_then_delivered_and_can_be_sent_again() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Sequence(vec![500, 503])).await;
+    let instance = pipeline
+        .create_instance(
+            "9204",
+            &receiver.url(),
+            &[("event.notification.signature.key", "log-signature-key")],
+        )
+        .await;
+    let event = webhook(9204, "three-tries", "order.created", 5, Some("XJ5"));
+    assert_eq!(pipeline.post_json(&event, None).await.0, 200);
+    let got = receiver.wait_for(3, WAIT).await;
+    let id = got[0].json()["message"]["eventId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The record shows 3 attempts with their statuses, then delivered.
+    let shown = wait_record(&pipeline, &id, "delivered", 3).await;
+    let record = &shown["event"];
+    assert_eq!(record["attempts"], 3);
+    assert_eq!(record["lastStatus"], "200");
+    assert!(record["deliveredAt"].is_string());
+    assert_eq!(record["instanceId"], instance.as_str());
+    assert_eq!(record["objectId"], "XJ5");
+    let statuses: Vec<Value> = shown["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!(500), json!(503), json!(200)]);
+    let numbers: Vec<u64> = shown["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["number"].as_u64())
+        .collect();
+    assert_eq!(numbers, [1, 2, 3]);
+    // The envelope exactly as POSTed.
+    assert_eq!(
+        serde_json::to_vec(&shown["envelope"]).unwrap(),
+        serde_json::to_vec(&got[2].json()).unwrap()
+    );
+    assert_eq!(
+        search(&pipeline, &format!("status=delivered&instance={instance}"))
+            .await
+            .0
+            .len(),
+        1
+    );
+
+    // Redeliver: the same body (same webhook id and signature), a new attempt on the record.
+    let (status, body) = pipeline
+        .admin_request(Method::POST, &format!("/events/{id}/redeliver"), None)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let again = receiver.wait_for(4, WAIT).await;
+    assert_eq!(again[3].body, got[2].body);
+    assert_eq!(again[3].header("elements-webhook-id"), Some(id.as_str()));
+    assert_eq!(
+        again[3].header("elements-webhook-signature"),
+        got[2].header("elements-webhook-signature")
+    );
+    let shown = wait_record(&pipeline, &id, "delivered", 4).await;
+    assert_eq!(shown["attempts"].as_array().unwrap().len(), 4);
+    assert_eq!(shown["attempts"][3]["number"], 4);
+
+    // Replay the instance's window: the same envelope once more.
+    let (status, body) = pipeline
+        .admin_request(
+            Method::POST,
+            &format!("/instances/{instance}/replay"),
+            Some(json!({"since": "2001-01-01T00:00:00Z", "until": "2099-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["replayed"], 1, "{body}");
+    assert_eq!(body["more"], false);
+    let again = receiver.wait_for(5, WAIT).await;
+    assert_eq!(again[4].body, got[2].body);
+    wait_record(&pipeline, &id, "delivered", 5).await;
+
+    // Unknown ids and raw-stage records.
+    let (status, _) = pipeline
+        .admin_request(
+            Method::POST,
+            "/events/00000000-0000-0000-0000-000000000000/redeliver",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_test_event_answers_how_the_receiver_took_it() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let good = Receiver::start(Behavior::Status(204)).await;
+    let bad = Receiver::start(Behavior::Status(500)).await;
+    let good_id = pipeline
+        .create_instance(
+            "9205",
+            &good.url(),
+            &[("event.notification.signature.key", "test-key")],
+        )
+        .await;
+    let bad_id = pipeline.create_instance("9206", &bad.url(), &[]).await;
+
+    let (status, answer) = pipeline
+        .admin_request(Method::POST, &format!("/instances/{good_id}/test"), None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["delivered"], true);
+    assert_eq!(answer["status"], 204);
+    let got = good.wait_for(1, WAIT).await;
+    let message = &got[0].json()["message"];
+    assert_eq!(message["events"][0]["objectType"], "test");
+    assert_eq!(message["events"][0]["eventType"], "CREATED");
+    assert_eq!(message["eventId"], answer["eventId"]);
+    assert!(got[0].header("elements-webhook-signature").is_some());
+
+    let (status, answer) = pipeline
+        .admin_request(Method::POST, &format!("/instances/{bad_id}/test"), None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["delivered"], false);
+    assert_eq!(answer["status"], 500);
+    // Tried once: no retry follows.
+    wait_settled(&pipeline.nats_url, WAIT).await;
+    assert_eq!(bad.count(), 1);
+    let (status, _) = pipeline
+        .admin_request(Method::POST, "/instances/nope/test", None)
+        .await;
+    assert_eq!(status, 404);
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_deliverer_killed_mid_attempt_leaves_a_record_that_converges() {
+    use integration_tests::procs::*;
+    let nats = NatsServer::start().await;
+    let mut cluster = Cluster::start(&nats.url(), &[("DELIVER_TIMEOUT_MS", "1000")], 1).await;
+    let receiver = Receiver::start(Behavior::Hang).await;
+    cluster.create_instance("9207", &receiver.url(), &[]).await;
+    let event = webhook(9207, "killed-mid-attempt", "order.created", 8, Some("XJ8"));
+    let resp = cluster
+        .http
+        .post(cluster.webhook_url())
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The attempt is in flight (the receiver holds it), then the deliverer dies.
+    let got = receiver.wait_for(1, WAIT).await;
+    let id = got[0].json()["message"]["eventId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    cluster.deliverers[0].kill().await;
+    receiver.set_behavior(Behavior::Status(200));
+    cluster.deliverers[0].spawn();
+    cluster.deliverers[0].wait_ready().await;
+    // The message comes back after ack_wait; the record ends delivered, not pending.
+    let shown = {
+        let http = &cluster.http;
+        let admin = cluster.ingest.ops;
+        wait_until(
+            Duration::from_secs(60),
+            "the record to converge",
+            || async {
+                let (code, body) =
+                    admin_request(http, admin, Method::GET, &format!("/events/{id}"), None).await;
+                code == 200 && body["event"]["status"] == "delivered"
+            },
+        )
+        .await;
+        admin_request(http, admin, Method::GET, &format!("/events/{id}"), None)
+            .await
+            .1
+    };
+    assert!(shown["event"]["attempts"].as_u64().unwrap() >= 1, "{shown}");
+    assert!(receiver.count() >= 2);
+}

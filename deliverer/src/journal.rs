@@ -1,0 +1,183 @@
+//! What the deliverer writes to the event log ([`shared::eventlog`]): after every attempt, and
+//! when an envelope is dead-lettered without one, the record's new snapshot. It is written
+//! before the message is settled: a deliverer that dies before writing leaves the message to be
+//! redelivered, and the next attempt's snapshot says what really happened.
+//!
+//! The first attempt of an envelope never redelivered needs no read: everything the record holds
+//! is in the envelope and its headers. Later attempts read the snapshot and append to it (a
+//! compare-and-set write, so two writers cannot lose each other's attempt).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use serde::Deserialize;
+use shared::envelope::Event;
+use shared::eventlog::{self, EventLog, Record, Status};
+use shared::nats::{headers, subject_tail};
+use shared::time_fmt::unix_ms_to_rfc3339;
+
+use crate::consumer::Outcome;
+use crate::dispatch::Attempt;
+
+/// A write that fails is tried this many times before the attempt moves on without it.
+const TRIES: usize = 3;
+const TRY_WAIT: Duration = Duration::from_millis(200);
+
+/// An attempt that was made: when, how long, and how it went.
+#[derive(Debug)]
+pub struct Sent {
+    pub started_at_ms: i64,
+    pub duration: Duration,
+    pub result: Attempt,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeBody {
+    message: MessageBody,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageBody {
+    event_id: String,
+    #[serde(default)]
+    events: Vec<Event>,
+}
+
+fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    h.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// The record of `message` as the envelope and its headers describe it, before any attempt.
+fn base_record(message: &jetstream::Message) -> Option<Record> {
+    let body: EnvelopeBody = serde_json::from_slice(&message.payload).ok()?;
+    let event = body.message.events.into_iter().next()?;
+    let h = message.headers.as_ref();
+    Some(Record {
+        id: body.message.event_id,
+        instance_id: Some(subject_tail(message.subject.as_str()).to_owned()),
+        store_id: header(h, headers::STORE_ID).unwrap_or_default().to_owned(),
+        object_type: event.object_type,
+        object_id: event.object_id,
+        event_type: event.event_type.as_str().to_owned(),
+        ecwid_event_id: header(h, headers::ECWID_EVENT_ID)
+            .unwrap_or_default()
+            .to_owned(),
+        format: header(h, headers::FORMAT).unwrap_or("v3").to_owned(),
+        verified: header(h, headers::VERIFIED) == Some("true"),
+        request_id: header(h, headers::REQUEST_ID)
+            .unwrap_or_default()
+            .to_owned(),
+        received_at: header(h, headers::RECEIVED_AT)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(unix_ms_to_rfc3339)
+            .unwrap_or_default(),
+        status: Status::Pending,
+        attempts: 0,
+        last_status: None,
+        last_error: None,
+        last_attempt_at: None,
+        next_attempt_at: None,
+        delivered_at: None,
+        envelope_seq: message.info().ok().map(|i| i.stream_sequence),
+        attempt_log: Vec::new(),
+    })
+}
+
+/// The log entry of attempt `number`.
+fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
+    let answer = sent.result.answer();
+    let (error_class, error) = match &sent.result {
+        Attempt::Delivered(_) | Attempt::Gone(_) => (None, None),
+        Attempt::Refused(why) => (Some("refused_address"), Some(why.clone())),
+        Attempt::Failed { class, error, .. } => {
+            ((answer.is_none()).then_some(*class), Some(error.clone()))
+        }
+    };
+    eventlog::Attempt {
+        number,
+        started_at: unix_ms_to_rfc3339(sent.started_at_ms),
+        duration_ms: u64::try_from(sent.duration.as_millis()).unwrap_or(u64::MAX),
+        status: answer.map(|a| a.status),
+        error_class: error_class.map(str::to_owned),
+        error: error.map(|e| eventlog::clip(&e, eventlog::MAX_ERROR_CHARS)),
+        response: answer.map(|a| a.excerpt.clone()).unwrap_or_default(),
+    }
+}
+
+/// Writes the snapshot that follows `outcome` for `message`. `offset` is the attempts made
+/// before this message was (re)delivered, `attempt` this message's own attempt number. A
+/// deferral (no attempt) writes nothing. Failures are counted and tried again a few times; the
+/// delivery goes on regardless.
+pub async fn record(
+    log: &EventLog,
+    message: &jetstream::Message,
+    offset: u64,
+    attempt: u64,
+    sent: Option<&Sent>,
+    outcome: &Outcome,
+    now_ms: i64,
+) {
+    if !log.enabled() {
+        return;
+    }
+    let (status, next_attempt_at) = match outcome {
+        Outcome::Ack => (Status::Delivered, None),
+        Outcome::Retry {
+            spends_attempt: false,
+            ..
+        } => return,
+        Outcome::Retry { delay, .. } => (
+            Status::Retrying,
+            Some(unix_ms_to_rfc3339(
+                now_ms + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2),
+            )),
+        ),
+        Outcome::Dead { .. } => (Status::Dead, None),
+    };
+    let Some(base) = base_record(message) else {
+        // Not an envelope: it is dead-lettered as unparseable, and has no record to update.
+        return;
+    };
+    let entry = sent.map(|s| attempt_entry(offset + attempt, s));
+    let apply = |mut r: Record| {
+        r.status = status;
+        r.next_attempt_at = next_attempt_at.clone();
+        if let Some(entry) = &entry {
+            r.push_attempt(entry.clone());
+        }
+        match outcome {
+            Outcome::Ack => r.delivered_at = Some(unix_ms_to_rfc3339(now_ms)),
+            Outcome::Dead { error, .. } if entry.is_none() => {
+                r.last_error = Some(eventlog::clip(error, eventlog::MAX_ERROR_CHARS));
+            }
+            _ => {}
+        }
+        if r.envelope_seq.is_none() {
+            r.envelope_seq = base.envelope_seq;
+        }
+        r
+    };
+    let first = offset == 0 && attempt == 1 && sent.is_some();
+    for try_number in 1..=TRIES {
+        let written = if first {
+            log.put(&apply(base.clone())).await
+        } else {
+            log.update(&base.id, |current| {
+                apply(current.unwrap_or_else(|| base.clone()))
+            })
+            .await
+            .map(drop)
+        };
+        match written {
+            Ok(()) => return,
+            Err(error) => {
+                log.failed(&error);
+                if try_number < TRIES {
+                    tokio::time::sleep(TRY_WAIT).await;
+                }
+            }
+        }
+    }
+}
