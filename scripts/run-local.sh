@@ -26,7 +26,7 @@ if [ -z "${NATS_URL:-}" ]; then
   fi
 fi
 
-cargo build --locked --profile "$profile" -p ingest -p normalizer -p deliverer -p integration-tests --bin echo-receiver
+cargo build --locked --profile "$profile" -p ingest -p normalizer -p deliverer -p poller -p integration-tests --bin echo-receiver
 dir="target/$profile"; [ "$profile" = dev ] && dir="target/debug"
 
 export ADMIN_TOKEN="${ADMIN_TOKEN:-local-admin-token-change-me}"
@@ -35,6 +35,8 @@ export RUST_LOG="${RUST_LOG:-info}"
 "$dir/ingest" & pids+=($!)
 "$dir/normalizer" & pids+=($!)
 "$dir/deliverer" & pids+=($!)
+# Polls https://app.ecwid.com/api/v3 (ECWID_API_URL) for instances with event.vendor.type=polling.
+"$dir/poller" & pids+=($!)
 SIGNATURE_KEY=local-signature-key "$dir/echo-receiver" & pids+=($!)
 
 cat <<MSG
@@ -44,6 +46,7 @@ ecwid-events is running:
   admin API  http://127.0.0.1:8081                (Authorization: Bearer $ADMIN_TOKEN; also /metrics /healthz /readyz)
   normalizer http://127.0.0.1:9101/metrics
   deliverer  http://127.0.0.1:9102/metrics
+  poller     http://127.0.0.1:9103/metrics
   receiver   http://127.0.0.1:9999/               (prints what it receives)
   NATS       $NATS_URL
 

@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/instances/{id}", get(show).patch(update).delete(remove))
         .merge(crate::dead_letters::routes())
         .merge(crate::events::routes())
+        .merge(crate::backfill::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

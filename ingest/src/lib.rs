@@ -11,8 +11,10 @@
 //! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
 //! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
+//! - [`backfill`]: the poller's routes: backfill a window, show a store's last poll.
 
 pub mod admin;
+pub mod backfill;
 pub mod config;
 pub mod dead_letters;
 pub mod error;

@@ -192,6 +192,12 @@ async fn accept(
                 verified,
             }
         }
+        // Only the poller writes this format; no request body is ever taken as one.
+        Format::Poll => {
+            return Err(ApiError::UnsupportedMediaType(
+                "poll events come from the poller only".into(),
+            ))
+        }
     };
     if !accepted.verified {
         state

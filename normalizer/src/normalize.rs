@@ -53,8 +53,13 @@ pub fn map_event_type(ecwid_event_type: &str) -> (String, EventType) {
     let (family, action) = ecwid_event_type
         .split_once('.')
         .unwrap_or((ecwid_event_type, ""));
+    (object_type_of(family), event_type_of(action))
+}
+
+/// Ecwid event family (`order`, `unfinished_order`) → `objectType`, by [`MAPPING`].
+pub fn object_type_of(family: &str) -> String {
     let folded = fold(family);
-    let object_type = MAPPING
+    MAPPING
         .iter()
         .find(|(f, _)| *f == folded)
         .map(|(_, o)| (*o).to_owned())
@@ -64,8 +69,26 @@ pub fn map_event_type(ecwid_event_type: &str) -> (String, EventType) {
             } else {
                 family.to_owned()
             }
-        });
-    (object_type, event_type_of(action))
+        })
+}
+
+/// The `objectType` of a polled entity type: its webhook family through [`MAPPING`], so a
+/// polled order and an order webhook name the same type.
+pub fn poll_object_type(entity: ecwid::PollEntity) -> String {
+    object_type_of(entity.family())
+}
+
+/// Whether `instance` takes an event that arrived in `format`: webhook formats go to instances
+/// whose `event.vendor.type` names webhooks, polled ones to those that poll. A poll message that
+/// names an instance (`Ecwid-Instance-Id`, set by a backfill) goes to that instance only.
+pub fn takes(format: Format, instance: &shared::instance::Instance, named: Option<&str>) -> bool {
+    match format {
+        Format::V3 | Format::Ion => instance.takes_webhooks(),
+        Format::Poll => match named {
+            Some(id) => instance.id == id,
+            None => instance.polls(),
+        },
+    }
 }
 
 /// One Ecwid event, normalized, before fan-out. Borrows the raw payload.
@@ -91,7 +114,7 @@ impl Normalized<'_> {
                 .and_then(|rest| rest.strip_prefix(self.store_id.as_str()))
                 .and_then(|rest| rest.strip_prefix(':'))
                 .unwrap_or(&self.event_key),
-            Format::Ion => &self.event_key,
+            Format::Ion | Format::Poll => &self.event_key,
         }
     }
 }
@@ -106,7 +129,35 @@ pub fn normalize(
     match format {
         Format::V3 => normalize_v3(payload),
         Format::Ion => normalize_ion(payload, received_at_ms),
+        Format::Poll => normalize_poll(payload),
     }
+}
+
+/// Normalizes an entity the poller read (`poll` format, see [`shared::ecwid::parse_poll`]):
+/// CREATED when its creation and update times are equal, UPDATED otherwise, DELETED from a
+/// `/deleted` list. `objectId` is the id webhooks use, `date` the update (or deletion) time, and
+/// `raw` the entity exactly as the REST API returned it.
+pub fn normalize_poll(body: &[u8]) -> Result<Normalized<'_>, ParseError> {
+    let poll = ecwid::parse_poll(body)?;
+    let event_type = match poll.action {
+        ecwid::PollAction::Created => EventType::Created,
+        ecwid::PollAction::Updated => EventType::Updated,
+        ecwid::PollAction::Deleted => EventType::Deleted,
+    };
+    let date = shared::time_fmt::unix_secs_to_rfc3339(poll.changed_at).unwrap_or_default();
+    Ok(Normalized {
+        format: Format::Poll,
+        event_key: poll.msg_id(),
+        event: Event {
+            event_type,
+            object_type: poll_object_type(poll.entity),
+            object_id: poll.object_id,
+            element_key: ELEMENT_KEY.to_owned(),
+            date,
+        },
+        store_id: poll.store_id,
+        raw: poll.item,
+    })
 }
 
 /// Normalizes a v3 webhook body. Orders and abandoned carts take `objectId` from
@@ -937,5 +988,98 @@ mod tests {
             map_event_type(".created"),
             ("unknown".to_owned(), EventType::Created)
         );
+    }
+
+    #[test]
+    fn polled_entities_become_the_same_envelopes_as_webhooks() {
+        use shared::ecwid::{poll_body, PollEntity};
+        use EventType::{Created, Deleted, Updated};
+        let cases: &[(PollEntity, bool, &str, Event)] = &[
+            (
+                PollEntity::Orders,
+                false,
+                r#"{"id":"XJ12H","internalId":22222,"createTimestamp":1795342500,"updateTimestamp":1795342500}"#,
+                event(Created, "orders", "XJ12H", DATE),
+            ),
+            (
+                PollEntity::Orders,
+                false,
+                r#"{"id":"XJ12H","createTimestamp":1795342000,"updateTimestamp":1795342500}"#,
+                event(Updated, "orders", "XJ12H", DATE),
+            ),
+            (
+                PollEntity::Orders,
+                true,
+                r#"{"id":"XJ12H","date":"2026-11-22 10:15:00 +0000"}"#,
+                event(Deleted, "orders", "XJ12H", DATE),
+            ),
+            (
+                PollEntity::Carts,
+                false,
+                r#"{"cartId":"C-1","createDate":"2026-11-22 10:15:00 +0000","updateDate":"2026-11-22 10:15:00 +0000"}"#,
+                event(Created, "abandonedCarts", "C-1", DATE),
+            ),
+            (
+                PollEntity::Products,
+                false,
+                r#"{"id":66722487,"created":"2026-11-22 10:00:00 +0000","updated":"2026-11-22 10:15:00 +0000"}"#,
+                event(Updated, "products", "66722487", DATE),
+            ),
+            (
+                PollEntity::Customers,
+                true,
+                r#"{"id":177737165,"date":1795342500}"#,
+                event(Deleted, "customers", "177737165", DATE),
+            ),
+            (
+                PollEntity::Coupons,
+                false,
+                r#"{"id":152301,"creationDate":"2026-11-22 10:15:00 +0000","updateDate":"2026-11-22 10:15:00 +0000"}"#,
+                event(Created, "discountCoupons", "152301", DATE),
+            ),
+            (
+                PollEntity::Reviews,
+                false,
+                r#"{"id":3011,"createTimestamp":1795342000,"updateTimestamp":1795342500}"#,
+                event(Updated, "reviews", "3011", DATE),
+            ),
+        ];
+        for (entity, deleted, item, expected) in cases {
+            let raw: Box<RawValue> = serde_json::from_str(item).unwrap();
+            let body = poll_body(*entity, "1003", *deleted, &raw).unwrap();
+            let n = normalize(Format::Poll, &body, None).unwrap();
+            assert_eq!(&n.event, expected, "{item}");
+            assert_eq!(n.store_id, "1003");
+            assert_eq!(n.raw.get(), *item, "raw is the entity as Ecwid returned it");
+            assert!(n.event_key.starts_with("poll:1003:"), "{}", n.event_key);
+            assert_eq!(n.ecwid_event_id(), n.event_key);
+        }
+    }
+
+    #[test]
+    fn vendor_types_decide_which_instances_take_which_format() {
+        use shared::instance::{keys, Instance};
+        let with = |vendor: Option<&str>| {
+            let mut i: Instance = serde_json::from_str(r#"{"configuration":{}}"#).unwrap();
+            i.id = "i-1".into();
+            if let Some(v) = vendor {
+                i.configuration.insert(keys::VENDOR_TYPE.into(), v.into());
+            }
+            i
+        };
+        let cases = [
+            (None, [true, true, false]),
+            (Some("webhooks"), [true, true, false]),
+            (Some("polling"), [false, false, true]),
+            (Some("webhooks,polling"), [true, true, true]),
+        ];
+        for (vendor, expected) in cases {
+            let i = with(vendor);
+            let got = [Format::V3, Format::Ion, Format::Poll].map(|f| takes(f, &i, None));
+            assert_eq!(got, expected, "{vendor:?}");
+        }
+        // A backfill names its instance: it alone takes the message, whatever it is set to.
+        assert!(takes(Format::Poll, &with(None), Some("i-1")));
+        assert!(!takes(Format::Poll, &with(Some("polling")), Some("i-2")));
     }
 }

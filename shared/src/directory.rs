@@ -86,6 +86,11 @@ impl Directory {
         self.read(|s| s.by_store.get(store_id).cloned().unwrap_or_default())
     }
 
+    /// Every instance (any state): the poller's list of stores to poll.
+    pub fn all(&self) -> Vec<Arc<Instance>> {
+        self.read(|s| s.by_id.values().cloned().collect())
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<Instance>> {
         self.read(|s| s.by_id.get(id).cloned())
     }

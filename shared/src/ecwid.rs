@@ -1,5 +1,6 @@
-//! Ecwid's inbound formats, parsed in one place: REST v3 webhooks (JSON) and legacy Instant Order
-//! Notifications (forms). Pure functions.
+//! Ecwid's inbound formats, parsed in one place: REST v3 webhooks (JSON), legacy Instant Order
+//! Notifications (forms), and `poll` (an entity the poller read from the REST API, with the REST
+//! API's own response shapes: pages, deleted items, `latest-stats`). Pure functions.
 //!
 //! The ingest accepts a body only when this module parses it, and the normalizer parses what the
 //! ingest stored with the same functions, so "whatever the ingest accepts, the normalizer can
@@ -23,6 +24,8 @@ pub enum Format {
     V3,
     /// Legacy Instant Order Notification, stored as a JSON object of its form fields.
     Ion,
+    /// An entity the poller read from the REST API ([`PollEvent`]).
+    Poll,
 }
 
 impl Format {
@@ -30,6 +33,7 @@ impl Format {
         match self {
             Format::V3 => "v3",
             Format::Ion => "ion",
+            Format::Poll => "poll",
         }
     }
 
@@ -38,6 +42,7 @@ impl Format {
         match value.unwrap_or("v3") {
             "v3" => Ok(Format::V3),
             "ion" => Ok(Format::Ion),
+            "poll" => Ok(Format::Poll),
             other => Err(ParseError::Format(other.chars().take(32).collect())),
         }
     }
@@ -408,6 +413,343 @@ pub fn parse_ion_json(body: &[u8]) -> Result<Ion, ParseError> {
     Ion::from_fields(pairs)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Polling: what the poller reads from the REST API and the `poll` raw format it stores.
+
+/// The entity types the poller reads: every one the REST API can list by update time. Categories
+/// and the other types without a date filter are not polled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PollEntity {
+    Orders,
+    Carts,
+    Products,
+    Customers,
+    Coupons,
+    Reviews,
+}
+
+impl PollEntity {
+    pub const ALL: [PollEntity; 6] = [
+        PollEntity::Orders,
+        PollEntity::Carts,
+        PollEntity::Products,
+        PollEntity::Customers,
+        PollEntity::Coupons,
+        PollEntity::Reviews,
+    ];
+
+    /// The REST path segment (`/{storeId}/<path>`); also the `entity` of a stored poll body and
+    /// the cursor key's last token.
+    pub fn path(self) -> &'static str {
+        match self {
+            PollEntity::Orders => "orders",
+            PollEntity::Carts => "carts",
+            PollEntity::Products => "products",
+            PollEntity::Customers => "customers",
+            PollEntity::Coupons => "discount_coupons",
+            PollEntity::Reviews => "reviews",
+        }
+    }
+
+    pub fn from_path(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.path() == s)
+    }
+
+    /// The webhook event family of the same entity (`order` of `order.updated`): the normalizer
+    /// maps it to the `objectType` with its one table, so both sources agree.
+    pub fn family(self) -> &'static str {
+        match self {
+            PollEntity::Orders => "order",
+            PollEntity::Carts => "unfinished_order",
+            PollEntity::Products => "product",
+            PollEntity::Customers => "customer",
+            PollEntity::Coupons => "discount_coupon",
+            PollEntity::Reviews => "review",
+        }
+    }
+
+    /// Whether the REST API lists this type's deletions (`/{storeId}/<path>/deleted`).
+    pub fn has_deleted(self) -> bool {
+        matches!(
+            self,
+            PollEntity::Orders | PollEntity::Products | PollEntity::Customers | PollEntity::Coupons
+        )
+    }
+
+    /// The `latest-stats` field holding this type's last update time.
+    pub fn stats_field(self) -> &'static str {
+        match self {
+            PollEntity::Orders => "ordersUpdated",
+            PollEntity::Carts => "abandonedSalesUpdated",
+            PollEntity::Products => "productsUpdated",
+            PollEntity::Customers => "customersUpdated",
+            PollEntity::Coupons => "discountCouponsUpdated",
+            PollEntity::Reviews => "reviewsUpdated",
+        }
+    }
+
+    /// The member of an item that is its id, as webhooks name the entity: an order's `id` (the
+    /// `data.orderId` of an order webhook), a cart's `cartId`, everything else's `id`.
+    fn id_fields(self) -> &'static [&'static str] {
+        match self {
+            PollEntity::Carts => &["cartId", "id"],
+            _ => &["id"],
+        }
+    }
+}
+
+/// Members that hold an item's creation time, first match wins (orders, carts and reviews:
+/// `createTimestamp`/`createDate`; products `created`; coupons `creationDate`; customers
+/// `registered`).
+const CREATED_FIELDS: [&str; 6] = [
+    "createTimestamp",
+    "createDate",
+    "created",
+    "creationDate",
+    "registered",
+    "registrationDate",
+];
+/// Members that hold an item's last update time, first match wins.
+const UPDATED_FIELDS: [&str; 4] = ["updateTimestamp", "updateDate", "updated", "updatedDate"];
+
+/// A time as the REST API writes it: Unix seconds, `2024-05-01 10:15:00 +0000`,
+/// `2024-05-01T10:15:00+0000` (latest-stats), or RFC 3339. `None` for anything else.
+pub fn ecwid_time(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().filter(|t| (0..=MAX_EVENT_CREATED).contains(t)),
+        Value::String(s) => parse_ecwid_time(s),
+        _ => None,
+    }
+}
+
+fn parse_ecwid_time(s: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
+    use time::macros::format_description;
+    let s = s.trim();
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Some(t.unix_timestamp());
+    }
+    let with_offset = [
+        format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second] [offset_hour sign:mandatory][offset_minute]"
+        ),
+        format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second][offset_hour sign:mandatory][offset_minute]"
+        ),
+    ];
+    for f in with_offset {
+        if let Ok(t) = time::OffsetDateTime::parse(s, &f) {
+            return Some(t.unix_timestamp());
+        }
+    }
+    let bare = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::PrimitiveDateTime::parse(s, &bare)
+        .ok()
+        .map(|t| t.assume_utc().unix_timestamp())
+}
+
+/// The first of `fields` that `item` has as a usable time.
+fn first_time(item: &serde_json::Map<String, Value>, fields: &[&str]) -> Option<i64> {
+    fields
+        .iter()
+        .find_map(|f| item.get(*f).and_then(ecwid_time))
+}
+
+/// What a poll event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollAction {
+    /// The item's creation and update times are equal: nothing changed since it was created.
+    Created,
+    Updated,
+    /// From a `/deleted` endpoint.
+    Deleted,
+}
+
+/// A poll event, parsed: one entity of one store, as the REST API returned it.
+#[derive(Debug, Clone)]
+pub struct PollEvent<'a> {
+    pub entity: PollEntity,
+    pub store_id: String,
+    pub action: PollAction,
+    /// The id webhooks use for the same entity ([`PollEntity::id_fields`]).
+    pub object_id: String,
+    /// The update time (the deletion's `date` for a deletion), Unix seconds.
+    pub changed_at: i64,
+    /// The entity exactly as the REST API returned it (a deleted item's `{"id","date"}`).
+    pub item: &'a RawValue,
+}
+
+impl PollEvent<'_> {
+    /// `poll:<storeId>:<entity>:<objectId>:<updated>` (`…:deleted:<date>` for a deletion): one
+    /// message per version of an entity, so overlapping windows, a backfill of a polled window
+    /// and a second replica's read store it once.
+    pub fn msg_id(&self) -> String {
+        let kind = match self.action {
+            PollAction::Deleted => "deleted:",
+            _ => "",
+        };
+        format!(
+            "poll:{}:{}:{}:{kind}{}",
+            self.store_id,
+            self.entity.path(),
+            self.object_id,
+            self.changed_at
+        )
+    }
+}
+
+/// Builds the stored body of a changed entity (`item`, one element of a page's `items`):
+/// `{"entity":"orders","storeId":"1003","action":"changed","item":{…}}`. Checked with
+/// [`parse_poll`], so what the poller stores the normalizer can read.
+pub fn poll_body(
+    entity: PollEntity,
+    store_id: &str,
+    deleted: bool,
+    item: &RawValue,
+) -> Result<Vec<u8>, ParseError> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        entity: &'a str,
+        store_id: &'a str,
+        action: &'a str,
+        item: &'a RawValue,
+    }
+    let body = serde_json::to_vec(&Body {
+        entity: entity.path(),
+        store_id,
+        action: if deleted { "deleted" } else { "changed" },
+        item,
+    })
+    .map_err(|e| ParseError::Json(e.to_string()))?;
+    parse_poll(&body)?;
+    Ok(body)
+}
+
+/// Parses a stored poll body (see [`poll_body`]). Every member appears once; `item` must be an
+/// object with an id and, for a change, an update time (or a creation time); a deletion needs
+/// `id` and `date`.
+pub fn parse_poll(body: &[u8]) -> Result<PollEvent<'_>, ParseError> {
+    let (members, _) = object(body)?;
+    const NAMES: [&str; 4] = ["entity", "storeId", "action", "item"];
+    let mut slots: [Option<&RawValue>; 4] = [None; 4];
+    for (key, value) in members.0 {
+        if let Some(i) = NAMES.iter().position(|n| *n == key) {
+            once(&mut slots[i], NAMES[i], value)?;
+        }
+    }
+    let [entity, store_id, action, item] = slots;
+    let string = |raw: Option<&RawValue>, field: &'static str| -> Result<String, ParseError> {
+        match raw.map(|r| serde_json::from_str::<Value>(r.get())) {
+            Some(Ok(Value::String(s))) => Ok(s),
+            None | Some(Ok(Value::Null)) => Err(ParseError::field(field, REQUIRED)),
+            _ => Err(ParseError::field(field, "must be a string")),
+        }
+    };
+    let entity = PollEntity::from_path(&string(entity, "entity")?).ok_or(ParseError::field(
+        "entity",
+        "must be orders, carts, products, customers, discount_coupons or reviews",
+    ))?;
+    let store_id = string(store_id, "storeId")?;
+    if !is_store_id(&store_id) {
+        return Err(ParseError::field("storeId", NOT_STORE));
+    }
+    let deleted = match string(action, "action")?.as_str() {
+        "changed" => false,
+        "deleted" => true,
+        _ => return Err(ParseError::field("action", "must be changed or deleted")),
+    };
+    let item = item.ok_or(ParseError::field("item", REQUIRED))?;
+    let fields = match serde_json::from_str::<Value>(item.get()) {
+        Ok(Value::Object(map)) => map,
+        _ => return Err(ParseError::field("item", "must be a JSON object")),
+    };
+    let id_fields = if deleted {
+        &["id"][..]
+    } else {
+        entity.id_fields()
+    };
+    let object_id = id_fields
+        .iter()
+        .find_map(|f| fields.get(*f).and_then(id_string))
+        .filter(|id| is_header_text(id))
+        .ok_or(ParseError::field("item.id", NOT_TEXT))?;
+    let (action, changed_at) = if deleted {
+        let date = fields
+            .get("date")
+            .and_then(ecwid_time)
+            .ok_or(ParseError::field("item.date", NOT_TIME))?;
+        (PollAction::Deleted, date)
+    } else {
+        let created = first_time(&fields, &CREATED_FIELDS);
+        let updated = first_time(&fields, &UPDATED_FIELDS);
+        match (created, updated) {
+            (Some(c), Some(u)) if c == u => (PollAction::Created, u),
+            (_, Some(u)) => (PollAction::Updated, u),
+            // Never updated since it was created.
+            (Some(c), None) => (PollAction::Created, c),
+            (None, None) => return Err(ParseError::field("item.updated", NOT_TIME)),
+        }
+    };
+    Ok(PollEvent {
+        entity,
+        store_id,
+        action,
+        object_id,
+        changed_at,
+        item,
+    })
+}
+
+/// One page of a REST search (`{"total","count","offset","limit","items":[…]}`), or a deleted
+/// list (`{"items":[{"id","date"}]}`, where `total` and `count` may be absent).
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    pub total: Option<u64>,
+    #[serde(default)]
+    pub count: Option<u64>,
+    pub items: Vec<Box<RawValue>>,
+}
+
+/// Parses a page; an answer without an `items` array is an error.
+pub fn parse_page(body: &[u8]) -> Result<Page, ParseError> {
+    serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))
+}
+
+/// Parses `GET /{storeId}/latest-stats`: the last update time of every type it reports.
+pub fn parse_latest_stats(body: &[u8]) -> Result<BTreeMap<PollEntity, i64>, ParseError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
+    let map = value.as_object().ok_or(ParseError::NotObject)?;
+    Ok(PollEntity::ALL
+        .into_iter()
+        .filter_map(|e| {
+            map.get(e.stats_field())
+                .and_then(ecwid_time)
+                .map(|t| (e, t))
+        })
+        .collect())
+}
+
+/// The key of a webhook sighting in `ECWID_POLL_SEEN`: `<storeId>.<objectType>.<objectId>`,
+/// the id hashed when it holds a character a key cannot (keys allow `[-_=a-zA-Z0-9]` per token).
+pub fn sighting_key(store_id: &str, object_type: &str, object_id: &str) -> String {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let id = if plain(object_id) {
+        object_id.to_owned()
+    } else {
+        let digest = Sha256::digest(object_id.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("h={hex}")
+    };
+    format!("{store_id}.{object_type}.{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,5 +920,194 @@ mod tests {
         assert_eq!(Format::from_header(None), Ok(Format::V3));
         assert_eq!(Format::from_header(Some("ion")), Ok(Format::Ion));
         assert!(Format::from_header(Some("xml")).is_err());
+    }
+
+    fn poll(
+        entity: PollEntity,
+        deleted: bool,
+        item: &str,
+    ) -> Result<PollEvent<'static>, ParseError> {
+        let raw: Box<RawValue> = serde_json::from_str(item).unwrap();
+        let body = poll_body(entity, "1003", deleted, &raw)?;
+        let body: &'static [u8] = Box::leak(body.into_boxed_slice());
+        parse_poll(body)
+    }
+
+    #[test]
+    fn poll_items_become_created_updated_or_deleted() {
+        use PollAction::*;
+        use PollEntity::*;
+        let cases: &[(PollEntity, bool, &str, PollAction, &str, i64)] = &[
+            // An order as /orders returns it: id is what order webhooks call data.orderId.
+            (
+                Orders,
+                false,
+                r#"{"id":"XJ12H","internalId":22222,"createDate":"2024-05-01 10:15:00 +0000","updateDate":"2024-05-01 10:15:00 +0000","createTimestamp":1714558500,"updateTimestamp":1714558500}"#,
+                Created,
+                "XJ12H",
+                1714558500,
+            ),
+            (
+                Orders,
+                false,
+                r#"{"id":"XJ12H","createTimestamp":1714558500,"updateTimestamp":1714558600}"#,
+                Updated,
+                "XJ12H",
+                1714558600,
+            ),
+            (
+                Orders,
+                false,
+                r#"{"id":42,"createDate":"2024-05-01 10:15:00 +0000","updateDate":"2024-05-01 10:16:40 +0000"}"#,
+                Updated,
+                "42",
+                1714558600,
+            ),
+            (
+                Carts,
+                false,
+                r#"{"cartId":"6626E60A-A6F9-4CD5-8230-43D5F162E0CD","createDate":"2024-05-01 10:15:00 +0000","updateDate":"2024-05-01 10:15:00 +0000"}"#,
+                Created,
+                "6626E60A-A6F9-4CD5-8230-43D5F162E0CD",
+                1714558500,
+            ),
+            (
+                Products,
+                false,
+                r#"{"id":66722487,"created":"2024-05-01 10:15:00 +0000","updated":"2024-05-01T10:16:40+00:00"}"#,
+                Updated,
+                "66722487",
+                1714558600,
+            ),
+            (
+                Customers,
+                false,
+                r#"{"id":177737165,"registered":"2024-05-01 10:15:00 +0000","updated":"2024-05-01 10:15:00 +0000"}"#,
+                Created,
+                "177737165",
+                1714558500,
+            ),
+            (
+                Coupons,
+                false,
+                r#"{"id":152301,"code":"SALE","creationDate":"2024-05-01 10:15:00 +0000","updateDate":"2024-05-01 10:17:00 +0000"}"#,
+                Updated,
+                "152301",
+                1714558620,
+            ),
+            (
+                Reviews,
+                false,
+                r#"{"id":3011,"createTimestamp":1714558500}"#,
+                Created,
+                "3011",
+                1714558500,
+            ),
+            (
+                Orders,
+                true,
+                r#"{"id":"XJ12H","date":"2024-05-01 10:20:00 +0000"}"#,
+                Deleted,
+                "XJ12H",
+                1714558800,
+            ),
+            (
+                Products,
+                true,
+                r#"{"id":66722487,"date":1714558800}"#,
+                Deleted,
+                "66722487",
+                1714558800,
+            ),
+        ];
+        for (entity, deleted, item, action, id, at) in cases {
+            let e = poll(*entity, *deleted, item).unwrap_or_else(|err| panic!("{item}: {err}"));
+            assert_eq!(
+                (e.action, e.object_id.as_str(), e.changed_at),
+                (*action, *id, *at),
+                "{item}"
+            );
+            assert_eq!(e.store_id, "1003");
+            assert_eq!(e.item.get(), *item, "the item is kept byte for byte");
+        }
+    }
+
+    #[test]
+    fn poll_ids_name_the_version_of_an_entity() {
+        let a = poll(
+            PollEntity::Orders,
+            false,
+            r#"{"id":"X","updateTimestamp":5}"#,
+        )
+        .unwrap();
+        let b = poll(
+            PollEntity::Orders,
+            false,
+            r#"{"id":"X","updateTimestamp":5,"total":9}"#,
+        )
+        .unwrap();
+        let c = poll(
+            PollEntity::Orders,
+            false,
+            r#"{"id":"X","updateTimestamp":6}"#,
+        )
+        .unwrap();
+        let d = poll(PollEntity::Orders, true, r#"{"id":"X","date":6}"#).unwrap();
+        assert_eq!(a.msg_id(), "poll:1003:orders:X:5");
+        assert_eq!(a.msg_id(), b.msg_id());
+        assert_ne!(a.msg_id(), c.msg_id());
+        assert_eq!(d.msg_id(), "poll:1003:orders:X:deleted:6");
+    }
+
+    #[test]
+    fn poll_bodies_are_checked_naming_the_field() {
+        for (item, deleted, field) in [
+            (r#"{"updateTimestamp":5}"#, false, "item.id"),
+            (r#"{"id":"a\nb","updateTimestamp":5}"#, false, "item.id"),
+            (r#"{"id":"X"}"#, false, "item.updated"),
+            (
+                r#"{"id":"X","updateDate":"yesterday"}"#,
+                false,
+                "item.updated",
+            ),
+            (r#"{"id":"X"}"#, true, "item.date"),
+            (r#"[1]"#, false, "item"),
+        ] {
+            let err = poll(PollEntity::Orders, deleted, item).unwrap_err();
+            assert!(
+                matches!(&err, ParseError::Field { field: f, .. } if *f == field),
+                "{item}: {err}"
+            );
+        }
+        for (body, field) in [
+            (&br#"{"entity":"categories","storeId":"1","action":"changed","item":{"id":1,"updated":1}}"#[..], "entity"),
+            (br#"{"entity":"orders","storeId":"x","action":"changed","item":{"id":1,"updated":1}}"#, "storeId"),
+            (br#"{"entity":"orders","storeId":"1","action":"gone","item":{"id":1,"updated":1}}"#, "action"),
+            (br#"{"entity":"orders","storeId":"1","storeId":"2","action":"changed","item":{"id":1,"updated":1}}"#, "storeId"),
+            (br#"{"entity":"orders","storeId":"1","action":"changed"}"#, "item"),
+        ] {
+            let err = parse_poll(body).unwrap_err();
+            assert!(matches!(&err, ParseError::Field { field: f, .. } if *f == field), "{err}");
+        }
+        assert_eq!(Format::from_header(Some("poll")), Ok(Format::Poll));
+    }
+
+    #[test]
+    fn rest_answers_parse() {
+        let page = parse_page(
+            br#"{"total":250,"count":100,"offset":0,"limit":100,"items":[{"id":1},{"id":2}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (page.total, page.count, page.items.len()),
+            (Some(250), Some(100), 2)
+        );
+        assert!(parse_page(br#"{"total":1}"#).is_err());
+        let stats = parse_latest_stats(br#"{"productsUpdated":"2024-05-01T10:15:00+0000","ordersUpdated":"2024-05-01T10:16:40+0000","productCount":4}"#).unwrap();
+        assert_eq!(stats.get(&PollEntity::Products), Some(&1714558500));
+        assert_eq!(stats.get(&PollEntity::Orders), Some(&1714558600));
+        assert_eq!(stats.get(&PollEntity::Reviews), None);
+        assert_eq!(sighting_key("1003", "orders", "XJ12H"), "1003.orders.XJ12H");
+        assert!(sighting_key("1003", "applications", "a.b c").starts_with("1003.applications.h="));
     }
 }

@@ -40,7 +40,21 @@ pub mod keys {
     /// `"true"`: this instance takes Instant Order Notifications although it holds a client
     /// secret. ION posts carry no signature, so without this a store with a secret refuses them.
     pub const ION_UNSIGNED_ALLOWED: &str = "ecwid.ion.unsigned.allowed";
+    /// How events reach this instance (Open Connectors' name): `webhooks` (default), `polling`,
+    /// or `webhooks,polling`.
+    pub const VENDOR_TYPE: &str = "event.vendor.type";
+    /// Minutes between two polls of the store (decimals allowed, at least 0.05; default 5).
+    pub const POLL_INTERVAL: &str = "event.poller.refresh_interval";
+    /// The store's REST API token (`secret_…`), which the poller reads with. A secret.
+    pub const API_TOKEN: &str = "ecwid.api.token";
 }
+
+/// The shortest `event.poller.refresh_interval`, in minutes (3 s).
+pub const MIN_POLL_MINUTES: f64 = 0.05;
+/// The longest, in minutes (one day).
+pub const MAX_POLL_MINUTES: f64 = 1440.0;
+/// `event.poller.refresh_interval` when unset.
+pub const DEFAULT_POLL_MINUTES: f64 = 5.0;
 
 /// Bounds on what an instance may hold, so a mistake is a 422 and not a bucket write that fails.
 pub mod limits {
@@ -179,6 +193,50 @@ impl Instance {
         }
     }
 
+    /// The vendor types named by `event.vendor.type` (`webhooks` when unset), or `None` when it
+    /// names something else.
+    fn vendor_types(&self) -> Option<(bool, bool)> {
+        let Some(v) = self.config(keys::VENDOR_TYPE) else {
+            return Some((true, false));
+        };
+        let (mut webhooks, mut polling) = (false, false);
+        for t in v.split(',').map(str::trim) {
+            match t.to_ascii_lowercase().as_str() {
+                "webhooks" | "webhook" => webhooks = true,
+                "polling" => polling = true,
+                _ => return None,
+            }
+        }
+        Some((webhooks, polling))
+    }
+
+    /// Whether webhook events (v3, ION) reach this instance (`event.vendor.type` names webhooks,
+    /// or is unset).
+    pub fn takes_webhooks(&self) -> bool {
+        self.vendor_types().is_some_and(|(w, _)| w)
+    }
+
+    /// Whether the poller polls this instance's store for it (`event.vendor.type` names polling).
+    pub fn polls(&self) -> bool {
+        self.vendor_types().is_some_and(|(_, p)| p)
+    }
+
+    /// `event.poller.refresh_interval` (default 5 minutes), bounded to what validation allows.
+    pub fn poll_interval(&self) -> std::time::Duration {
+        let minutes = self
+            .config(keys::POLL_INTERVAL)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|m| m.is_finite())
+            .unwrap_or(DEFAULT_POLL_MINUTES)
+            .clamp(MIN_POLL_MINUTES, MAX_POLL_MINUTES);
+        std::time::Duration::from_secs_f64(minutes * 60.0)
+    }
+
+    /// `ecwid.api.token`, the REST token the poller reads with.
+    pub fn api_token(&self) -> Option<&str> {
+        self.config(keys::API_TOKEN)
+    }
+
     /// The instance's own retry schedule, when it sets one that can be kept
     /// ([`crate::retry::parse_schedule`]; one stored before that check falls back to the default).
     pub fn retry_schedule(&self) -> Option<Vec<std::time::Duration>> {
@@ -279,7 +337,48 @@ impl Instance {
                 FieldError::new("configuration.event.notification.retry.schedule", e)
             })?;
         }
-        Ok(())
+        self.validate_polling()
+    }
+
+    fn validate_polling(&self) -> Result<(), FieldError> {
+        let field = |key: &str| format!("configuration.{key}");
+        if self.vendor_types().is_none() {
+            return Err(FieldError::new(
+                &field(keys::VENDOR_TYPE),
+                "must be webhooks, polling, or webhooks,polling",
+            ));
+        }
+        if let Some(v) = self.config(keys::POLL_INTERVAL) {
+            let ok = v
+                .parse::<f64>()
+                .ok()
+                .filter(|m| (MIN_POLL_MINUTES..=MAX_POLL_MINUTES).contains(m));
+            if ok.is_none() {
+                return Err(FieldError::new(
+                    &field(keys::POLL_INTERVAL),
+                    format!(
+                        "must be a number of minutes from {MIN_POLL_MINUTES} to {MAX_POLL_MINUTES}"
+                    ),
+                ));
+            }
+        }
+        match self.api_token() {
+            Some(t)
+                if !t.starts_with("secret_")
+                    || t.len() > 200
+                    || t.contains(char::is_whitespace) =>
+            {
+                Err(FieldError::new(
+                    &field(keys::API_TOKEN),
+                    "must be the store's secret REST token (secret_…)",
+                ))
+            }
+            None if self.polls() => Err(FieldError::new(
+                &field(keys::API_TOKEN),
+                "is required when event.vendor.type includes polling",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -655,5 +754,48 @@ mod tests {
         i.configuration
             .insert(keys::WEBHOOK_SECRET.into(), "plain".into());
         assert!(i.validate(&AllowList::default()).is_err());
+    }
+
+    #[test]
+    fn polling_keys_are_checked_naming_the_key() {
+        let allow = AllowList::default();
+        let mut i = seed_with("1003", "https://a.example/");
+        assert!(i.takes_webhooks() && !i.polls());
+        assert_eq!(i.poll_interval(), std::time::Duration::from_secs(300));
+        i.configuration
+            .insert(keys::VENDOR_TYPE.into(), "webhooks,polling".into());
+        assert_eq!(
+            i.validate(&allow).unwrap_err().field,
+            "configuration.ecwid.api.token"
+        );
+        i.configuration
+            .insert(keys::API_TOKEN.into(), "secret_abc123".into());
+        assert_eq!(i.validate(&allow), Ok(()));
+        assert!(i.takes_webhooks() && i.polls());
+        assert_eq!(i.redacted().configuration[keys::API_TOKEN], REDACTED);
+        assert!(!format!("{i:?}").contains("secret_abc123"));
+        for (key, value) in [
+            (keys::VENDOR_TYPE, "carrier-pigeon"),
+            (keys::VENDOR_TYPE, "polling,fax"),
+            (keys::POLL_INTERVAL, "0.01"),
+            (keys::POLL_INTERVAL, "soon"),
+            (keys::POLL_INTERVAL, "NaN"),
+            (keys::API_TOKEN, "public_abc"),
+        ] {
+            let mut bad = i.clone();
+            bad.configuration.insert(key.into(), value.into());
+            assert_eq!(
+                bad.validate(&allow).unwrap_err().field,
+                format!("configuration.{key}"),
+                "{key}={value}"
+            );
+        }
+        i.configuration
+            .insert(keys::VENDOR_TYPE.into(), " Polling ".into());
+        i.configuration
+            .insert(keys::POLL_INTERVAL.into(), "0.05".into());
+        assert_eq!(i.validate(&allow), Ok(()));
+        assert!(!i.takes_webhooks() && i.polls());
+        assert_eq!(i.poll_interval(), std::time::Duration::from_secs(3));
     }
 }

@@ -19,6 +19,24 @@ pub const EVENTS_STREAM: &str = "ECWID_EVENTS";
 pub const DEAD_STREAM: &str = "ECWID_DEAD";
 /// Connector instances, keyed by instance id.
 pub const INSTANCES_BUCKET: &str = "ECWID_INSTANCES";
+/// The poller's leases: `lease.<storeId>` (which replica polls a store) and `replica.<id>`
+/// (which replicas are alive). Values carry their own expiry (Unix ms): a lease is held
+/// until then, whatever the bucket keeps.
+pub const POLL_LEASES_BUCKET: &str = "ECWID_POLL_LEASES";
+/// The poller's lasting state: `cursor.<storeId>.<entity>` (where the next window starts),
+/// `status.<storeId>` (the last poll's outcome, shown by the admin API) and `budget.<hash>`
+/// (the shared request budget of one API token; the key is a hash, never the token).
+pub const POLL_STATE_BUCKET: &str = "ECWID_POLL_STATE";
+/// Webhook sightings, written by the normalizer: `<storeId>.<objectType>.<objectId>` → the
+/// newest `eventCreated` seen, so the poller skips what a webhook already brought.
+pub const POLL_SEEN_BUCKET: &str = "ECWID_POLL_SEEN";
+/// How long a webhook sighting is kept: longer than any poll window can lag.
+pub const POLL_SEEN_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Core NATS subject of on-demand backfills (request/reply; the poller replicas answer in
+/// the [`POLLER_QUEUE`] group, so exactly one of them runs each request).
+pub const BACKFILL_SUBJECT: &str = "ecwid.poller.backfill";
+pub const POLLER_QUEUE: &str = "poller";
 
 /// Durable pull consumer of the normalizer replicas on [`RAW_STREAM`].
 pub const NORMALIZER_CONSUMER: &str = "normalizer";
@@ -118,7 +136,8 @@ pub mod headers {
     pub const MSG_ID: &str = "Nats-Msg-Id";
     /// When the ingest received the webhook, Unix milliseconds.
     pub const RECEIVED_AT: &str = "Ecwid-Received-At";
-    /// `v3` (REST webhook, JSON) or `ion` (legacy Instant Order Notification, form).
+    /// `v3` (REST webhook, JSON), `ion` (legacy Instant Order Notification, form) or `poll`
+    /// (an entity the poller read from the REST API).
     pub const FORMAT: &str = "Ecwid-Format";
     /// `true` when the Ecwid signature was checked and matched.
     pub const VERIFIED: &str = "Ecwid-Verified";
@@ -314,7 +333,65 @@ pub async fn setup_topology(
     js.create_or_update_stream(bucket_stream)
         .await
         .map_err(|e| topology(e.to_string()))?;
-    js.get_key_value(INSTANCES_BUCKET)
+    let instances = js
+        .get_key_value(INSTANCES_BUCKET)
+        .await
+        .map_err(|e| topology(e.to_string()))?;
+    for (bucket, description, max_age) in [
+        (
+            POLL_LEASES_BUCKET,
+            "ecwid-events poller leases",
+            Duration::ZERO,
+        ),
+        (
+            POLL_STATE_BUCKET,
+            "ecwid-events poller cursors, status, budgets",
+            Duration::ZERO,
+        ),
+        (
+            POLL_SEEN_BUCKET,
+            "ecwid-events webhook sightings",
+            POLL_SEEN_MAX_AGE,
+        ),
+    ] {
+        ensure_bucket(js, bucket, description, cfg.replicas, max_age).await?;
+    }
+    Ok(instances)
+}
+
+/// Creates or updates a key-value bucket that keeps one value per key, the way
+/// [`setup_topology`] creates the instances bucket (directly, for nats-server 2.9).
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<kv::Store, Error> {
+    let topology = |e: String| Error::Topology {
+        what: "key-value bucket",
+        name: bucket.to_owned(),
+        message: e,
+    };
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.create_or_update_stream(config)
+        .await
+        .map_err(|e| topology(e.to_string()))?;
+    js.get_key_value(bucket)
         .await
         .map_err(|e| topology(e.to_string()))
 }

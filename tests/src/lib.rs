@@ -3,6 +3,7 @@
 //! `127.0.0.1:0`, the three services in-process, and the helpers to drive them. Every wait has a
 //! deadline.
 
+pub mod fake_ecwid;
 pub mod procs;
 
 use std::collections::HashMap;

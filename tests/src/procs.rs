@@ -30,6 +30,7 @@ pub enum Service {
     Ingest,
     Normalizer,
     Deliverer,
+    Poller,
 }
 
 impl Service {
@@ -38,6 +39,7 @@ impl Service {
             Service::Ingest => "ingest",
             Service::Normalizer => "normalizer",
             Service::Deliverer => "deliverer",
+            Service::Poller => "poller",
         }
     }
 }

@@ -93,6 +93,17 @@ fn bad_settings_exit_64_naming_the_variable() {
             "DELIVER_ALLOW_NETWORKS",
         ),
         ("deliverer", &[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+        (
+            "poller",
+            &[("OPS_LISTEN", &listen), ("ECWID_API_URL", "ftp://ecwid")],
+            "ECWID_API_URL",
+        ),
+        ("poller", &[("POLLER_RATE_LIMIT", "1")], "POLLER_RATE_LIMIT"),
+        (
+            "poller",
+            &[("POLLER_LEASE_TTL_MS", "soon")],
+            "POLLER_LEASE_TTL_MS",
+        ),
     ];
     for (service, env, var) in cases {
         let (code, stderr) = run(service, env);

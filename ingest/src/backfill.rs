@@ -1,0 +1,246 @@
+//! The poller's part of the admin API: `POST /instances/{id}/backfill` polls a past window once
+//! (asked of a poller replica over NATS request/reply, see the poller's `backfill` module: only
+//! the poller talks to Ecwid), and `GET /instances/{id}/poller` shows the store's last poll
+//! (`pollerStatus`, `lastPollError`) and its cursors.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared::ecwid::PollEntity;
+use shared::instance::{keys, Instance};
+
+use crate::error::{ApiError, ApiPath};
+use crate::state::AppState;
+
+/// How long a backfill may take before the answer is 504 (the poller finishes it anyway; asking
+/// again stores nothing twice).
+pub const BACKFILL_TIMEOUT: Duration = Duration::from_secs(300);
+const KV_TIMEOUT: Duration = Duration::from_secs(5);
+/// The objectTypes the poller can read (the normalizer's names of [`PollEntity`]).
+pub const POLLED_OBJECTS: [&str; 6] = [
+    "orders",
+    "abandonedCarts",
+    "products",
+    "customers",
+    "discountCoupons",
+    "reviews",
+];
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/instances/{id}/backfill", post(backfill))
+        .route("/instances/{id}/poller", get(poller_status))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillBody {
+    since: String,
+    until: String,
+    #[serde(default)]
+    objects: Option<Objects>,
+}
+
+/// `objects` as a list or a comma-separated string, like `event.objects`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Objects {
+    List(Vec<String>),
+    Csv(String),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "Backfill or poller status failed.");
+    ApiError::Unavailable(e.to_string())
+}
+
+async fn load(state: &AppState, id: &str) -> Result<Instance, ApiError> {
+    let not_found = || ApiError::NotFound {
+        code: "not_found",
+        message: format!("no instance {}", id.chars().take(128).collect::<String>()),
+    };
+    if id.is_empty()
+        || id.len() > 128
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(not_found());
+    }
+    let entry = tokio::time::timeout(KV_TIMEOUT, state.inner.ctx.kv.entry(id))
+        .await
+        .map_err(|_| unavailable("the instances bucket did not answer in time"))?
+        .map_err(unavailable)?;
+    let entry = entry
+        .filter(|e| e.operation == kv::Operation::Put)
+        .ok_or_else(not_found)?;
+    let mut instance: Instance = serde_json::from_slice(&entry.value).map_err(unavailable)?;
+    instance.id = id.to_owned();
+    Ok(instance)
+}
+
+fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
+    shared::time_fmt::rfc3339_to_unix_ms(value)
+        .map(|ms| ms.div_euclid(1000))
+        .ok_or_else(|| {
+            ApiError::unprocessable(
+                field,
+                "must be an RFC 3339 time such as 2026-01-31T00:00:00Z",
+            )
+        })
+}
+
+async fn backfill(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: BackfillBody = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::unprocessable("body", e.to_string())
+        } else {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        }
+    })?;
+    let instance = load(&state, &id).await?;
+    if instance.api_token().is_none() {
+        return Err(ApiError::unprocessable(
+            format!("configuration.{}", keys::API_TOKEN),
+            "is required to backfill: the poller reads Ecwid's REST API with it",
+        ));
+    }
+    let since = time_field("since", &body.since)?;
+    let until = time_field("until", &body.until)?;
+    let now = shared::time_fmt::now_unix_ms() / 1000;
+    if since >= until {
+        return Err(ApiError::unprocessable("until", "must be later than since"));
+    }
+    if until > now {
+        return Err(ApiError::unprocessable(
+            "until",
+            "must not be in the future",
+        ));
+    }
+    let objects = match body.objects {
+        None => None,
+        Some(o) => {
+            let list: Vec<String> = match o {
+                Objects::List(l) => l,
+                Objects::Csv(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+            };
+            if let Some(bad) = list.iter().find(|o| !POLLED_OBJECTS.contains(&o.as_str())) {
+                return Err(ApiError::unprocessable(
+                    "objects",
+                    format!("`{bad}` is not polled; use {}", POLLED_OBJECTS.join(", ")),
+                ));
+            }
+            Some(list)
+        }
+    };
+    let request = json!({"instanceId": id, "since": since, "until": until, "objects": objects});
+    let ask = async_nats::Request::new()
+        .payload(request.to_string().into())
+        .timeout(Some(BACKFILL_TIMEOUT));
+    let answer = state
+        .inner
+        .ctx
+        .client
+        .send_request(shared::nats::BACKFILL_SUBJECT, ask)
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::client::RequestErrorKind::TimedOut => ApiError::Timeout(
+                "the backfill did not finish in time; it goes on, and asking again stores nothing twice"
+                    .into(),
+            ),
+            async_nats::client::RequestErrorKind::NoResponders => {
+                ApiError::Unavailable("no poller is running".into())
+            }
+            _ => unavailable(e),
+        })?;
+    let reply: Value = serde_json::from_slice(&answer.payload).map_err(unavailable)?;
+    match reply["kind"].as_str() {
+        None => Ok(Json(json!({
+            "instanceId": id,
+            "since": body.since,
+            "until": body.until,
+            "stored": reply["counts"]["stored"],
+            "duplicates": reply["counts"]["duplicates"],
+            "skipped": reply["counts"]["skipped"],
+            "seen": reply["counts"]["seen"],
+        }))),
+        Some("refused") => Err(ApiError::unprocessable(
+            format!("configuration.{}", keys::API_TOKEN),
+            reply["error"]
+                .as_str()
+                .unwrap_or("Ecwid refused the token")
+                .to_owned(),
+        )),
+        Some("invalid") => Err(ApiError::unprocessable(
+            "instance",
+            reply["error"]
+                .as_str()
+                .unwrap_or("cannot be backfilled")
+                .to_owned(),
+        )),
+        Some(_) => Err(unavailable(
+            reply["error"].as_str().unwrap_or("backfill failed"),
+        )),
+    }
+}
+
+async fn poller_status(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let instance = load(&state, &id).await?;
+    let store = instance.store_id().unwrap_or_default().to_owned();
+    let bucket = tokio::time::timeout(
+        KV_TIMEOUT,
+        state
+            .inner
+            .ctx
+            .js
+            .get_key_value(shared::nats::POLL_STATE_BUCKET),
+    )
+    .await
+    .map_err(|_| unavailable("the poller bucket did not answer in time"))?
+    .map_err(unavailable)?;
+    let get = |key: String| {
+        let bucket = bucket.clone();
+        async move {
+            tokio::time::timeout(KV_TIMEOUT, bucket.get(key))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        }
+    };
+    let status: Value = get(format!("status.{store}"))
+        .await
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let mut cursors = serde_json::Map::new();
+    for entity in PollEntity::ALL {
+        if let Some(v) = get(format!("cursor.{store}.{}", entity.path())).await {
+            let at = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .and_then(shared::time_fmt::unix_secs_to_rfc3339);
+            cursors.insert(entity.path().to_owned(), json!(at));
+        }
+    }
+    Ok(Json(json!({
+        "instanceId": id,
+        "storeId": store,
+        "polling": instance.polls(),
+        "pollerStatus": status["state"],
+        "lastPollAt": status["lastPollAt"],
+        "lastPollError": status["lastPollError"],
+        "retryAt": status["retryAt"],
+        "cursors": cursors,
+    })))
+}

@@ -1,0 +1,174 @@
+//! The Ecwid REST API client: `GET {ECWID_API_URL}/{storeId}/{path}` with the store's token as
+//! `Authorization: Bearer`, one shared budget token per request ([`crate::budget`]). A 429 waits
+//! its `Retry-After` (and pauses the token for every replica); 5xx, timeouts and connection
+//! errors are retried three times with a jittered, doubling wait; 401/402/403/404 stop at once
+//! as [`PollError::Refused`].
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::budget::Budget;
+use crate::error::PollError;
+use crate::metrics::Metrics;
+
+/// 429s in a row after which a request is given up for this cycle.
+const MAX_RATE_LIMITED: u32 = 10;
+/// The longest `Retry-After` honoured as given; a longer one is capped (the cycle ends and the
+/// budget stays paused for the rest).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct EcwidApi {
+    http: reqwest::Client,
+    base: String,
+    budget: Budget,
+    metrics: Metrics,
+    retry_min: Duration,
+}
+
+impl EcwidApi {
+    pub fn new(
+        base: String,
+        user_agent: String,
+        timeout: Duration,
+        retry_min: Duration,
+        budget: Budget,
+        metrics: Metrics,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .user_agent(user_agent)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            budget,
+            metrics,
+            retry_min,
+        })
+    }
+
+    /// `GET {base}/{store_id}/{path_and_query}`, the body of a 200.
+    pub async fn get(
+        &self,
+        store_id: &str,
+        path_and_query: &str,
+        token: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Bytes, PollError> {
+        let url = format!("{}/{store_id}/{path_and_query}", self.base);
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry_min)
+            .with_max_delay(self.retry_min * 16)
+            .with_max_times(3)
+            .with_jitter()
+            .build();
+        let mut rate_limited = 0;
+        loop {
+            self.budget.acquire(token, cancel).await?;
+            let sent = tokio::select! {
+                r = self.http.get(&url).bearer_auth(token).send() => r,
+                () = cancel.cancelled() => return Err(PollError::Cancelled),
+            };
+            let failure = match sent {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match status {
+                        200..=299 => match resp.bytes().await {
+                            Ok(body) => {
+                                self.count("ok");
+                                return Ok(body);
+                            }
+                            Err(e) => {
+                                self.count("error");
+                                format!("reading the answer failed: {e}")
+                            }
+                        },
+                        429 => {
+                            self.count("rate_limited");
+                            rate_limited += 1;
+                            let wait = retry_after(resp.headers()).min(MAX_RETRY_AFTER);
+                            self.budget.pause(token, wait).await;
+                            if rate_limited >= MAX_RATE_LIMITED {
+                                return Err(PollError::Transient(format!(
+                                    "rate limited {rate_limited} times in a row"
+                                )));
+                            }
+                            tracing::info!(store_id, retry_in = ?wait, "Ecwid answered 429; waiting.");
+                            tokio::select! {
+                                () = tokio::time::sleep(wait) => {}
+                                () = cancel.cancelled() => return Err(PollError::Cancelled),
+                            }
+                            continue;
+                        }
+                        401..=404 => {
+                            self.count("refused");
+                            let text = resp.text().await.unwrap_or_default();
+                            return Err(PollError::Refused {
+                                status,
+                                message: ecwid_message(&text),
+                            });
+                        }
+                        500..=599 => {
+                            self.count("server_error");
+                            format!("Ecwid answered {status}")
+                        }
+                        _ => {
+                            self.count("error");
+                            format!("Ecwid answered {status}")
+                        }
+                    }
+                }
+                Err(e) if e.is_timeout() => {
+                    self.count("timeout");
+                    "the request timed out".to_owned()
+                }
+                Err(e) => {
+                    self.count("error");
+                    format!("the request failed: {e}")
+                }
+            };
+            let Some(wait) = backoff.next() else {
+                return Err(PollError::Transient(failure));
+            };
+            tracing::debug!(store_id, error = failure, retry_in = ?wait, "Ecwid request failed; retrying.");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = cancel.cancelled() => return Err(PollError::Cancelled),
+            }
+        }
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics.requests.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// `Retry-After` in seconds (Ecwid sends seconds); 60 s when absent or unreadable.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(60))
+}
+
+/// Ecwid's `errorMessage`, or the start of the body; bounded, one line.
+fn ecwid_message(text: &str) -> String {
+    let message = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v["errorMessage"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| text.to_owned());
+    message
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
+}

@@ -1,0 +1,563 @@
+//! Polling one store: `latest-stats` first, then, for every entity type whose last update is not
+//! older than its cursor, the closed window `[cursor, now − POLLER_WINDOW_DELAY_MS]` page by page
+//! (`updatedFrom`/`updatedTo`, `offset`/`limit` 100) and its deletions (`/deleted?from_date=&
+//! to_date=`). Every entity becomes one `poll` message in `ECWID_RAW` with a dedupe id per
+//! version; a cursor moves to the window's end only after every message of the window is
+//! acknowledged. The store's outcome is kept in `status.<storeId>` for the admin API.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_nats::HeaderMap;
+use serde::{Deserialize, Serialize};
+use shared::ecwid::{self, PollAction, PollEntity};
+use shared::instance::Instance;
+use shared::nats::headers;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::EcwidApi;
+use crate::budget::token_hash;
+use crate::error::PollError;
+use crate::metrics::Metrics;
+
+/// Page size of every list request (Ecwid's maximum).
+pub const PAGE_LIMIT: usize = 100;
+
+/// What polling a store needs, gathered from its instances.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreJob {
+    pub store_id: String,
+    pub token: String,
+    pub entities: BTreeSet<PollEntity>,
+    pub interval: Duration,
+    /// Whether entities a webhook already brought are skipped (every polling instance of the
+    /// store also takes webhooks: see the README's dedupe rule).
+    pub skip_seen: bool,
+}
+
+/// The stores to poll, from the instances: those with `event.vendor.type` naming polling, events
+/// enabled and a token. A store polled for several instances uses the token of the first by id,
+/// the shortest interval, and the union of their `event.objects`.
+pub fn jobs(instances: &[Arc<Instance>]) -> BTreeMap<String, StoreJob> {
+    let mut sorted: Vec<&Arc<Instance>> = instances
+        .iter()
+        .filter(|i| i.polls() && i.events_enabled())
+        .collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut jobs: BTreeMap<String, StoreJob> = BTreeMap::new();
+    for i in sorted {
+        let (Some(store), Some(token)) = (i.store_id(), i.api_token()) else {
+            continue;
+        };
+        let entities: BTreeSet<PollEntity> = PollEntity::ALL
+            .into_iter()
+            .filter(|e| i.accepts_object(&normalizer::normalize::poll_object_type(*e)))
+            .collect();
+        let job = jobs.entry(store.to_owned()).or_insert_with(|| StoreJob {
+            store_id: store.to_owned(),
+            token: token.to_owned(),
+            entities: BTreeSet::new(),
+            interval: i.poll_interval(),
+            skip_seen: true,
+        });
+        job.entities.extend(entities);
+        job.interval = job.interval.min(i.poll_interval());
+        job.skip_seen &= i.takes_webhooks();
+    }
+    jobs
+}
+
+/// What one window (or a backfill) did.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    /// Entities read.
+    pub seen: u64,
+    /// New messages stored in `ECWID_RAW`.
+    pub stored: u64,
+    /// Already stored before (the same version of the same entity).
+    pub duplicates: u64,
+    /// Not stored because a webhook brought that version already.
+    pub skipped: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Self) {
+        self.seen += o.seen;
+        self.stored += o.stored;
+        self.duplicates += o.duplicates;
+        self.skipped += o.skipped;
+    }
+}
+
+/// The last poll's outcome of a store, as `GET /instances/{id}/poller` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// `ok`, `error` (Ecwid refused: backing off until `retryAt`) or `retrying` (a transient
+    /// failure; the next cycle tries again).
+    pub state: String,
+    pub last_poll_at: Option<String>,
+    pub last_poll_error: Option<LastError>,
+    pub retry_at: Option<String>,
+    /// Refusals in a row.
+    pub failures: u32,
+    /// Unix ms of `retry_at`, for the poller.
+    #[serde(default)]
+    pub retry_at_ms: i64,
+    /// Which token was refused (a hash): a new token is tried at once.
+    #[serde(default)]
+    pub token_hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastError {
+    pub status: Option<u16>,
+    pub message: String,
+    pub at: String,
+}
+
+pub fn status_key(store_id: &str) -> String {
+    format!("status.{store_id}")
+}
+
+pub fn cursor_key(store_id: &str, entity: PollEntity) -> String {
+    format!("cursor.{store_id}.{}", entity.path())
+}
+
+/// The parts every poll uses.
+#[derive(Debug, Clone)]
+pub struct Poller {
+    pub api: EcwidApi,
+    pub js: jetstream::Context,
+    pub state: kv::Store,
+    pub seen: kv::Store,
+    pub metrics: Metrics,
+    pub publish_timeout: Duration,
+    pub window_delay: Duration,
+    pub error_backoff: Duration,
+    pub error_backoff_max: Duration,
+}
+
+fn now_secs() -> i64 {
+    shared::time_fmt::now_unix_ms() / 1000
+}
+
+fn now_rfc3339() -> String {
+    shared::time_fmt::unix_ms_to_rfc3339(shared::time_fmt::now_unix_ms())
+}
+
+fn transient(what: &str, e: impl std::fmt::Display) -> PollError {
+    PollError::Transient(format!("{what}: {e}"))
+}
+
+impl Poller {
+    pub async fn status(&self, store_id: &str) -> Option<Status> {
+        let bytes = self.state.get(status_key(store_id)).await.ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    async fn put_status(&self, store_id: &str, status: &Status) {
+        if let Ok(v) = serde_json::to_vec(status) {
+            if let Err(error) = self.state.put(status_key(store_id), v.into()).await {
+                tracing::warn!(%error, store_id, "Could not record the poll status.");
+            }
+        }
+    }
+
+    /// One cycle of a store this replica holds. `still_held` is asked before a cursor moves.
+    /// Returns the oldest cursor of the store (for the lag gauge).
+    pub async fn cycle(
+        &self,
+        job: &StoreJob,
+        still_held: impl Fn() -> bool,
+        cancel: &CancellationToken,
+    ) -> Option<i64> {
+        let store = job.store_id.as_str();
+        let previous = self.status(store).await.unwrap_or_default();
+        let hash = token_hash(&job.token);
+        if previous.state == "error"
+            && previous.token_hash == hash
+            && previous.retry_at_ms > shared::time_fmt::now_unix_ms()
+        {
+            self.metrics
+                .cycles
+                .with_label_values(&["backing_off"])
+                .inc();
+            return None;
+        }
+        let result = self.poll_store(job, &still_held, cancel).await;
+        let mut status = Status {
+            last_poll_at: Some(now_rfc3339()),
+            token_hash: hash,
+            ..Status::default()
+        };
+        let oldest = match result {
+            Ok((oldest, changed)) => {
+                status.state = "ok".into();
+                let outcome = if changed { "ok" } else { "unchanged" };
+                self.metrics.cycles.with_label_values(&[outcome]).inc();
+                oldest
+            }
+            Err(PollError::Cancelled) => return None,
+            Err(PollError::Refused {
+                status: code,
+                message,
+            }) => {
+                let failures =
+                    if previous.state == "error" && previous.token_hash == status.token_hash {
+                        previous.failures + 1
+                    } else {
+                        1
+                    };
+                let wait = self
+                    .error_backoff
+                    .saturating_mul(1u32 << (failures - 1).min(16))
+                    .min(self.error_backoff_max);
+                let retry_ms = shared::time_fmt::now_unix_ms() + wait.as_millis() as i64;
+                tracing::warn!(store_id = store, status = code, message, retry_in = ?wait, "Ecwid refused the store's token; backing off.");
+                status.state = "error".into();
+                status.failures = failures;
+                status.retry_at_ms = retry_ms;
+                status.retry_at = Some(shared::time_fmt::unix_ms_to_rfc3339(retry_ms));
+                status.last_poll_error = Some(LastError {
+                    status: Some(code),
+                    message,
+                    at: now_rfc3339(),
+                });
+                self.metrics.cycles.with_label_values(&["refused"]).inc();
+                None
+            }
+            Err(PollError::Transient(message)) => {
+                tracing::warn!(
+                    store_id = store,
+                    error = message,
+                    "Poll failed; the next cycle tries again."
+                );
+                status.state = "retrying".into();
+                status.last_poll_error = Some(LastError {
+                    status: None,
+                    message,
+                    at: now_rfc3339(),
+                });
+                self.metrics.cycles.with_label_values(&["failed"]).inc();
+                None
+            }
+        };
+        self.put_status(store, &status).await;
+        oldest
+    }
+
+    /// Returns (the oldest cursor after the cycle, whether any window was read).
+    async fn poll_store(
+        &self,
+        job: &StoreJob,
+        still_held: &impl Fn() -> bool,
+        cancel: &CancellationToken,
+    ) -> Result<(Option<i64>, bool), PollError> {
+        let store = job.store_id.as_str();
+        let to = now_secs() - self.window_delay.as_secs() as i64;
+        let stats_body = self
+            .api
+            .get(store, "latest-stats", &job.token, cancel)
+            .await?;
+        let stats = ecwid::parse_latest_stats(&stats_body).unwrap_or_default();
+        let mut oldest: Option<i64> = None;
+        let mut changed = false;
+        for entity in &job.entities {
+            let key = cursor_key(store, *entity);
+            let entry = self
+                .state
+                .entry(&key)
+                .await
+                .map_err(|e| transient("cursor", e))?;
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| {
+                    std::str::from_utf8(&e.value)
+                        .ok()?
+                        .parse::<i64>()
+                        .ok()
+                        .map(|c| (c, e.revision))
+                });
+            let Some((from, revision)) = current else {
+                // A store seen for the first time starts now; the past is a backfill's.
+                self.state
+                    .put(&key, to.to_string().into())
+                    .await
+                    .map_err(|e| transient("cursor", e))?;
+                oldest = Some(oldest.map_or(to, |o| o.min(to)));
+                continue;
+            };
+            if from >= to {
+                oldest = Some(oldest.map_or(from, |o| o.min(from)));
+                continue;
+            }
+            // latest-stats says nothing of this type changed since the cursor: no request.
+            let unchanged = stats.get(entity).is_some_and(|t| *t < from);
+            if !unchanged {
+                changed = true;
+                self.poll_window(
+                    store,
+                    &job.token,
+                    *entity,
+                    from,
+                    to,
+                    job.skip_seen,
+                    None,
+                    cancel,
+                )
+                .await?;
+            }
+            if !still_held() {
+                return Err(PollError::Transient(
+                    "the lease was lost during the cycle".into(),
+                ));
+            }
+            self.state
+                .update(&key, to.to_string().into(), revision)
+                .await
+                .map_err(|e| transient("cursor", e))?;
+            oldest = Some(oldest.map_or(to, |o| o.min(to)));
+        }
+        Ok((oldest, changed))
+    }
+
+    /// Reads `entity` changed in `[from, to]` (and deleted, where Ecwid lists deletions) and
+    /// stores every version not stored before. `named`: the instance a backfill is for (its
+    /// messages carry `Ecwid-Instance-Id` and their own dedupe ids).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn poll_window(
+        &self,
+        store: &str,
+        token: &str,
+        entity: PollEntity,
+        from: i64,
+        to: i64,
+        skip_seen: bool,
+        named: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<Counts, PollError> {
+        let mut counts = Counts::default();
+        let lists = [(false, "updatedFrom", "updatedTo", entity.path().to_owned())]
+            .into_iter()
+            .chain(entity.has_deleted().then(|| {
+                (
+                    true,
+                    "from_date",
+                    "to_date",
+                    format!("{}/deleted", entity.path()),
+                )
+            }));
+        for (deleted, from_name, to_name, path) in lists {
+            let mut offset = 0usize;
+            loop {
+                let query = format!(
+                    "{path}?{from_name}={from}&{to_name}={to}&offset={offset}&limit={PAGE_LIMIT}"
+                );
+                let body = self.api.get(store, &query, token, cancel).await?;
+                let page = ecwid::parse_page(&body)
+                    .map_err(|e| transient("Ecwid's answer is not a page", e))?;
+                let n = page.items.len();
+                counts += self
+                    .store_items(store, entity, deleted, &page.items, skip_seen, named)
+                    .await?;
+                offset += n;
+                let total = page.total.map(|t| t as usize);
+                if n == 0 || n < PAGE_LIMIT && total.is_none() || total.is_some_and(|t| offset >= t)
+                {
+                    break;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn store_items(
+        &self,
+        store: &str,
+        entity: PollEntity,
+        deleted: bool,
+        items: &[Box<serde_json::value::RawValue>],
+        skip_seen: bool,
+        named: Option<&str>,
+    ) -> Result<Counts, PollError> {
+        let object_type = normalizer::normalize::poll_object_type(entity);
+        let mut counts = Counts::default();
+        let mut publishes = Vec::new();
+        for item in items {
+            counts.seen += 1;
+            self.metrics
+                .entities
+                .with_label_values(&[&object_type])
+                .inc();
+            let body = match ecwid::poll_body(entity, store, deleted, item) {
+                Ok(b) => b,
+                Err(error) => {
+                    tracing::warn!(%error, store_id = store, entity = entity.path(), "An entity Ecwid returned cannot be read; skipped.");
+                    self.metrics
+                        .skipped
+                        .with_label_values(&["unreadable"])
+                        .inc();
+                    continue;
+                }
+            };
+            let (msg_id, action, object_id, changed_at) = match ecwid::parse_poll(&body) {
+                Ok(e) => (e.msg_id(), e.action, e.object_id, e.changed_at),
+                Err(_) => continue,
+            };
+            if skip_seen
+                && self
+                    .seen_since(store, &object_type, &object_id, changed_at)
+                    .await
+            {
+                counts.skipped += 1;
+                self.metrics
+                    .skipped
+                    .with_label_values(&["webhook_seen"])
+                    .inc();
+                continue;
+            }
+            let mut h = HeaderMap::new();
+            // A backfill's message is its own (the regular poll may have stored this version
+            // for other instances); its envelope still has the regular eventId.
+            let msg_id = match named {
+                Some(instance) => format!("{msg_id}@{instance}"),
+                None => msg_id,
+            };
+            h.insert(headers::MSG_ID, msg_id.as_str());
+            h.insert(headers::FORMAT, ecwid::Format::Poll.as_str());
+            // Read from the REST API with the store's own token.
+            h.insert(headers::VERIFIED, "true");
+            h.insert(headers::STORE_ID, store);
+            h.insert(
+                headers::RECEIVED_AT,
+                shared::time_fmt::now_unix_ms().to_string().as_str(),
+            );
+            if let Some(instance) = named {
+                h.insert(headers::INSTANCE_ID, instance);
+            }
+            let event_type = match action {
+                PollAction::Created => "CREATED",
+                PollAction::Updated => "UPDATED",
+                PollAction::Deleted => "DELETED",
+            };
+            let js = &self.js;
+            let timeout = self.publish_timeout;
+            publishes.push(async move {
+                let ack = shared::nats::publish(
+                    js,
+                    shared::nats::raw_subject(store),
+                    h,
+                    body.into(),
+                    timeout,
+                )
+                .await;
+                (ack, event_type)
+            });
+        }
+        for (ack, event_type) in futures::future::join_all(publishes).await {
+            match ack {
+                Ok(ack) if ack.duplicate => {
+                    counts.duplicates += 1;
+                    self.metrics.skipped.with_label_values(&["duplicate"]).inc();
+                }
+                Ok(_) => {
+                    counts.stored += 1;
+                    self.metrics.events.with_label_values(&[event_type]).inc();
+                }
+                Err(e) => return Err(transient("publish", e)),
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Whether a webhook about this entity, at least as new as `changed_at`, was seen.
+    async fn seen_since(
+        &self,
+        store: &str,
+        object_type: &str,
+        object_id: &str,
+        changed_at: i64,
+    ) -> bool {
+        let key = ecwid::sighting_key(store, object_type, object_id);
+        match self.seen.get(&key).await {
+            Ok(Some(v)) => std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .is_some_and(|at| at >= changed_at),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, store: &str, config: &[(&str, &str)]) -> Arc<Instance> {
+        let mut i: Instance =
+            serde_json::from_str(r#"{"configuration":{"event.notification.enabled":"true"}}"#)
+                .unwrap();
+        i.id = id.into();
+        i.configuration
+            .insert("ecwid.store.id".into(), store.into());
+        for (k, v) in config {
+            i.configuration.insert((*k).into(), (*v).into());
+        }
+        Arc::new(i)
+    }
+
+    #[test]
+    fn jobs_come_from_polling_instances() {
+        let all = vec![
+            instance("a", "1", &[]),
+            instance(
+                "b",
+                "2",
+                &[
+                    ("event.vendor.type", "polling"),
+                    ("ecwid.api.token", "secret_b"),
+                    ("event.objects", "orders"),
+                ],
+            ),
+            instance(
+                "c",
+                "2",
+                &[
+                    ("event.vendor.type", "webhooks,polling"),
+                    ("ecwid.api.token", "secret_c"),
+                    ("event.objects", "products"),
+                    ("event.poller.refresh_interval", "0.05"),
+                ],
+            ),
+            instance(
+                "d",
+                "3",
+                &[
+                    ("event.vendor.type", "webhooks,polling"),
+                    ("ecwid.api.token", "secret_d"),
+                ],
+            ),
+        ];
+        let jobs = jobs(&all);
+        assert_eq!(jobs.keys().collect::<Vec<_>>(), ["2", "3"]);
+        let two = &jobs["2"];
+        assert_eq!(two.token, "secret_b");
+        assert_eq!(
+            two.entities,
+            [PollEntity::Orders, PollEntity::Products].into()
+        );
+        assert_eq!(two.interval, Duration::from_secs(3));
+        assert!(
+            !two.skip_seen,
+            "b polls only: a webhook must not hide a change from it"
+        );
+        assert!(jobs["3"].skip_seen);
+        assert_eq!(jobs["3"].entities.len(), 6);
+    }
+}

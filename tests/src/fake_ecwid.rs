@@ -1,0 +1,342 @@
+//! A fake Ecwid REST API v3 on `127.0.0.1:0`, from the documented shapes: per store a token,
+//! entities by type (`orders`, `carts`, `products`, `customers`, `discount_coupons`, `reviews`)
+//! searched by `updatedFrom`/`updatedTo` and paged by `offset`/`limit`, deletions under
+//! `/{type}/deleted?from_date=&to_date=`, and `latest-stats`. A wrong token is 403; scripted
+//! answers (429 with `Retry-After`, 5xx) come first when queued. Every request is recorded.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// One request the fake got.
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    pub at: Instant,
+    pub at_ms: i64,
+    pub store: String,
+    /// `orders`, `orders/deleted`, `latest-stats` …
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub token: String,
+    pub user_agent: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Default)]
+struct StoreData {
+    token: String,
+    /// type → id → item
+    items: HashMap<String, BTreeMap<String, Value>>,
+    /// type → deleted `{"id","date"}`
+    deleted: HashMap<String, Vec<Value>>,
+    /// Report every type as changed now in latest-stats (so every cycle reads every list).
+    always_changed: bool,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    stores: HashMap<String, StoreData>,
+    requests: Vec<ApiRequest>,
+    /// Answers to give before the real ones: (status, Retry-After seconds).
+    scripted: VecDeque<(u16, Option<u64>)>,
+}
+
+#[derive(Debug)]
+pub struct FakeEcwid {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<FakeState>>,
+    cancel: CancellationToken,
+}
+
+pub fn now_secs() -> i64 {
+    shared::time_fmt::now_unix_ms() / 1000
+}
+
+impl FakeEcwid {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake Ecwid");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let app = Router::new()
+            .route("/api/v3/{store}/latest-stats", get(stats))
+            .route("/api/v3/{store}/{entity}", get(list))
+            .route("/api/v3/{store}/{entity}/deleted", get(deleted))
+            .with_state(Arc::clone(&state));
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        Self {
+            addr,
+            state,
+            cancel,
+        }
+    }
+
+    /// `ECWID_API_URL` for the poller.
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v3", self.addr)
+    }
+
+    pub fn add_store(&self, store: &str, token: &str) {
+        let mut s = self.state.lock().expect("lock");
+        let data = s.stores.entry(store.to_owned()).or_default();
+        data.token = token.to_owned();
+    }
+
+    pub fn set_always_changed(&self, store: &str) {
+        let mut s = self.state.lock().expect("lock");
+        s.stores.entry(store.to_owned()).or_default().always_changed = true;
+    }
+
+    /// Creates or replaces an item of `entity` (its `id`, or `cartId` for carts, must be set);
+    /// `createTimestamp`/`updateTimestamp` are the caller's.
+    pub fn upsert(&self, store: &str, entity: &str, item: Value) {
+        let id = item
+            .get("cartId")
+            .or_else(|| item.get("id"))
+            .map(|v| v.to_string().trim_matches('"').to_owned())
+            .expect("an id");
+        let mut s = self.state.lock().expect("lock");
+        let data = s.stores.entry(store.to_owned()).or_default();
+        data.items
+            .entry(entity.to_owned())
+            .or_default()
+            .insert(id, item);
+    }
+
+    pub fn delete(&self, store: &str, entity: &str, id: &str, date: i64) {
+        let mut s = self.state.lock().expect("lock");
+        let data = s.stores.entry(store.to_owned()).or_default();
+        if let Some(items) = data.items.get_mut(entity) {
+            items.remove(id);
+        }
+        data.deleted
+            .entry(entity.to_owned())
+            .or_default()
+            .push(json!({"id": id, "date": date}));
+    }
+
+    /// The next request (whatever it is) answers `status`, with `Retry-After` when given.
+    pub fn script(&self, status: u16, retry_after: Option<u64>) {
+        self.state
+            .lock()
+            .expect("lock")
+            .scripted
+            .push_back((status, retry_after));
+    }
+
+    pub fn requests(&self) -> Vec<ApiRequest> {
+        self.state.lock().expect("lock").requests.clone()
+    }
+
+    pub fn requests_for(&self, store: &str) -> Vec<ApiRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.store == store)
+            .collect()
+    }
+}
+
+impl Drop for FakeEcwid {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+type Shared = Arc<Mutex<FakeState>>;
+
+fn iso(t: i64) -> String {
+    let s = shared::time_fmt::unix_secs_to_rfc3339(t).unwrap_or_default();
+    // latest-stats writes +0000, not Z.
+    s.trim_end_matches('Z').to_owned() + "+0000"
+}
+
+fn num(q: &HashMap<String, String>, name: &str) -> Option<i64> {
+    q.get(name).and_then(|v| v.parse().ok())
+}
+
+fn updated(item: &Value) -> i64 {
+    item["updateTimestamp"]
+        .as_i64()
+        .or_else(|| item["createTimestamp"].as_i64())
+        .unwrap_or(0)
+}
+
+/// Records the request and decides whether it gets a scripted or refused answer.
+fn admit(
+    state: &Shared,
+    store: &str,
+    path: &str,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<(), Box<Response>> {
+    let mut s = state.lock().expect("lock");
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let user_agent = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let (status, retry_after) = match s.scripted.pop_front() {
+        Some(x) => x,
+        None => match s.stores.get(store) {
+            None => (404, None),
+            Some(d) if d.token != token => (403, None),
+            Some(_) => (200, None),
+        },
+    };
+    s.requests.push(ApiRequest {
+        at: Instant::now(),
+        at_ms: shared::time_fmt::now_unix_ms(),
+        store: store.to_owned(),
+        path: path.to_owned(),
+        query: query.clone(),
+        token,
+        user_agent,
+        status,
+    });
+    if status == 200 {
+        return Ok(());
+    }
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = Json(
+        json!({"errorMessage": format!("fake Ecwid answers {status}"), "errorCode": status.to_string()}),
+    );
+    Err(Box::new(match retry_after {
+        Some(secs) => (code, [("retry-after", secs.to_string())], body).into_response(),
+        None => (code, body).into_response(),
+    }))
+}
+
+async fn stats(
+    State(state): State<Shared>,
+    Path(store): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = admit(&state, &store, "latest-stats", &headers, &q) {
+        return *r;
+    }
+    let s = state.lock().expect("lock");
+    let Some(data) = s.stores.get(&store) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let field = |entity: &str| match entity {
+        "orders" => "ordersUpdated",
+        "carts" => "abandonedSalesUpdated",
+        "products" => "productsUpdated",
+        "customers" => "customersUpdated",
+        "discount_coupons" => "discountCouponsUpdated",
+        _ => "reviewsUpdated",
+    };
+    let mut out = serde_json::Map::new();
+    for entity in [
+        "orders",
+        "carts",
+        "products",
+        "customers",
+        "discount_coupons",
+        "reviews",
+    ] {
+        let newest = data
+            .items
+            .get(entity)
+            .into_iter()
+            .flat_map(|m| m.values().map(updated))
+            .chain(
+                data.deleted
+                    .get(entity)
+                    .into_iter()
+                    .flat_map(|d| d.iter().filter_map(|x| x["date"].as_i64())),
+            )
+            .max()
+            .unwrap_or(0);
+        let newest = if data.always_changed {
+            now_secs()
+        } else {
+            newest
+        };
+        out.insert(field(entity).to_owned(), json!(iso(newest)));
+    }
+    Json(Value::Object(out)).into_response()
+}
+
+fn page(items: Vec<Value>, q: &HashMap<String, String>) -> Value {
+    let offset = num(q, "offset").unwrap_or(0).max(0) as usize;
+    let limit = num(q, "limit").unwrap_or(100).clamp(1, 100) as usize;
+    let total = items.len();
+    let slice: Vec<Value> = items.into_iter().skip(offset).take(limit).collect();
+    json!({"total": total, "count": slice.len(), "offset": offset, "limit": limit, "items": slice})
+}
+
+async fn list(
+    State(state): State<Shared>,
+    Path((store, entity)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = admit(&state, &store, &entity, &headers, &q) {
+        return *r;
+    }
+    let from = num(&q, "updatedFrom").unwrap_or(i64::MIN);
+    let to = num(&q, "updatedTo").unwrap_or(i64::MAX);
+    let s = state.lock().expect("lock");
+    let items: Vec<Value> = s
+        .stores
+        .get(&store)
+        .and_then(|d| d.items.get(&entity))
+        .map(|m| {
+            m.values()
+                .filter(|i| (from..=to).contains(&updated(i)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(page(items, &q)).into_response()
+}
+
+async fn deleted(
+    State(state): State<Shared>,
+    Path((store, entity)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = admit(&state, &store, &format!("{entity}/deleted"), &headers, &q) {
+        return *r;
+    }
+    let from = num(&q, "from_date").unwrap_or(i64::MIN);
+    let to = num(&q, "to_date").unwrap_or(i64::MAX);
+    let s = state.lock().expect("lock");
+    let items: Vec<Value> = s
+        .stores
+        .get(&store)
+        .and_then(|d| d.deleted.get(&entity))
+        .map(|d| {
+            d.iter()
+                .filter(|x| x["date"].as_i64().is_some_and(|t| (from..=to).contains(&t)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(page(items, &q)).into_response()
+}

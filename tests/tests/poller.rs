@@ -1,0 +1,489 @@
+//! The poller against a fake Ecwid REST API (tests/src/fake_ecwid.rs), a real nats-server, the
+//! pipeline in-process and real receivers. Short intervals come from config: a refresh of 0.05
+//! minutes, windows that end now (`POLLER_WINDOW_DELAY_MS=0`), short leases.
+
+use std::time::Duration;
+
+use integration_tests::fake_ecwid::{now_secs, FakeEcwid};
+use integration_tests::procs::{process_env, Service, ServiceProc};
+use integration_tests::{
+    connect, metric, test_vars, wait_until, Behavior, NatsServer, Pipeline, Receiver,
+};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "secret_good_token";
+
+fn poll_settings(api: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ECWID_API_URL", api.to_owned()),
+        ("POLLER_WINDOW_DELAY_MS", "0".into()),
+        ("POLLER_LEASE_TTL_MS", "1500".into()),
+        ("POLLER_RETRY_MIN_MS", "50".into()),
+        ("POLLER_ERROR_BACKOFF_MS", "60000".into()),
+    ]
+}
+
+struct InProcPoller {
+    cancel: CancellationToken,
+    ops: std::net::SocketAddr,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+async fn start_poller(nats_url: &str, api: &str, extra: &[(&str, &str)]) -> InProcPoller {
+    let settings = poll_settings(api);
+    let mut all: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    let config = poller::Config::from_vars(&test_vars(nats_url, &all)).expect("poller config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let ops = listener.local_addr().expect("addr");
+    let cancel = CancellationToken::new();
+    let (c, k) = (connect(nats_url).await, cancel.clone());
+    let handle = tokio::spawn(async move {
+        poller::run(config, listener, c, k)
+            .await
+            .expect("poller runs");
+    });
+    InProcPoller {
+        cancel,
+        ops,
+        handle,
+    }
+}
+
+impl InProcPoller {
+    async fn metrics(&self, http: &reqwest::Client) -> String {
+        http.get(format!("http://{}/metrics", self.ops))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
+    }
+}
+
+fn polling(vendor: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("event.vendor.type", vendor),
+        ("event.poller.refresh_interval", "0.05"),
+        ("ecwid.api.token", TOKEN),
+    ]
+}
+
+fn order(id: &str, created: i64, updated: i64) -> Value {
+    json!({"id": id, "internalId": 22222, "total": 10.5,
+           "createDate": "", "createTimestamp": created, "updateTimestamp": updated})
+}
+
+fn events_of(received: &[integration_tests::Received]) -> Vec<(String, String)> {
+    received
+        .iter()
+        .map(|r| {
+            let e = &r.json()["message"]["events"][0];
+            (
+                e["eventType"].as_str().unwrap_or_default().to_owned(),
+                e["objectId"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_order_created_updated_and_deleted_arrives_by_polling_alone() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7001", TOKEN);
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(&nats.url(), &fake.url(), &[]).await;
+    let id = pipeline
+        .create_instance("7001", &receiver.url(), &polling("polling"))
+        .await;
+    // The first cycle sets the cursors: wait for it before changing anything.
+    wait_until(Duration::from_secs(20), "the first poll", || async {
+        fake.requests_for("7001")
+            .iter()
+            .any(|r| r.path == "latest-stats")
+    })
+    .await;
+    let t = now_secs();
+    fake.upsert("7001", "orders", order("XJ12H", t, t));
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    let t2 = now_secs().max(t + 1);
+    fake.upsert("7001", "orders", order("XJ12H", t, t2));
+    receiver.wait_for(2, Duration::from_secs(20)).await;
+    fake.delete("7001", "orders", "XJ12H", now_secs().max(t2 + 1));
+    let got = receiver.wait_for(3, Duration::from_secs(20)).await;
+    assert_eq!(
+        events_of(&got),
+        [
+            ("CREATED", "XJ12H"),
+            ("UPDATED", "XJ12H"),
+            ("DELETED", "XJ12H")
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    let first = got[0].json();
+    assert_eq!(first["message"]["instanceId"], id.as_str());
+    assert_eq!(first["message"]["events"][0]["objectType"], "orders");
+    assert_eq!(first["message"]["raw"]["id"], "XJ12H");
+    assert_eq!(first["message"]["raw"]["total"], 10.5);
+    // Every request carried the store's token.
+    assert!(fake.requests().iter().all(|r| r.token == TOKEN));
+    let (status, shown) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{id}/poller"), None)
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["pollerStatus"], "ok", "{shown}");
+    assert!(shown["cursors"]["orders"].is_string(), "{shown}");
+    let (_, inst) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{id}"), None)
+        .await;
+    assert_eq!(inst["configuration"]["ecwid.api.token"], "********");
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_seen_by_webhook_and_poll_is_delivered_once() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7002", TOKEN);
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(&nats.url(), &fake.url(), &[]).await;
+    pipeline
+        .create_instance("7002", &receiver.url(), &polling("webhooks,polling"))
+        .await;
+    wait_until(Duration::from_secs(20), "the first poll", || async {
+        fake.requests_for("7002")
+            .iter()
+            .any(|r| r.path == "latest-stats")
+    })
+    .await;
+    let t = now_secs();
+    let webhook = json!({"eventId": "wh-1", "eventCreated": t, "storeId": 7002, "entityId": 22222,
+                         "eventType": "order.updated", "data": {"orderId": "XJ12H"}});
+    let (status, _) = pipeline.post_json(&webhook, None).await;
+    assert_eq!(status, 200);
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    fake.upsert("7002", "orders", order("XJ12H", t - 100, t));
+    let http = reqwest::Client::new();
+    wait_until(
+        Duration::from_secs(20),
+        "the poller to skip what the webhook brought",
+        || async {
+            let text = poller.metrics(&http).await;
+            metric(
+                &text,
+                "ecwid_poller_events_skipped_total{reason=\"webhook_seen\"}",
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    // A newer change the webhook did not bring still comes through the poll.
+    fake.upsert("7002", "orders", order("XJ12H", t - 100, t + 5));
+    let got = receiver.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        events_of(&got)[1],
+        ("UPDATED".to_owned(), "XJ12H".to_owned())
+    );
+    assert_eq!(got[0].json()["message"]["raw"]["eventId"], "wh-1");
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn more_than_a_page_of_changes_is_read_page_by_page() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7003", TOKEN);
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(&nats.url(), &fake.url(), &[]).await;
+    pipeline
+        .create_instance("7003", &receiver.url(), &polling("polling"))
+        .await;
+    wait_until(Duration::from_secs(20), "the first poll", || async {
+        fake.requests_for("7003")
+            .iter()
+            .any(|r| r.path == "latest-stats")
+    })
+    .await;
+    let t = now_secs();
+    for n in 0..250 {
+        fake.upsert(
+            "7003",
+            "products",
+            json!({"id": 1000 + n, "createTimestamp": t, "updateTimestamp": t}),
+        );
+    }
+    let got = receiver.wait_for(250, Duration::from_secs(60)).await;
+    let mut ids: Vec<String> = events_of(&got).into_iter().map(|(_, id)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 250);
+    let offsets: Vec<String> = fake
+        .requests_for("7003")
+        .iter()
+        .filter(|r| {
+            r.path == "products"
+                && r.query
+                    .get("updatedFrom")
+                    .is_some_and(|f| f.parse::<i64>().unwrap() <= t)
+        })
+        .filter_map(|r| r.query.get("offset").cloned())
+        .collect();
+    for o in ["0", "100", "200"] {
+        assert!(
+            offsets.iter().any(|x| x == o),
+            "offset {o} requested: {offsets:?}"
+        );
+    }
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_is_waited_out_and_a_refused_token_is_shown_without_a_tight_loop() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7004", TOKEN);
+    fake.add_store("7005", "secret_the_real_one");
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(&nats.url(), &fake.url(), &[]).await;
+    // 429 on the very first request, with Retry-After: 2.
+    fake.script(429, Some(2));
+    pipeline
+        .create_instance("7004", &receiver.url(), &polling("polling"))
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "a request after the 429",
+        || async { fake.requests().len() >= 2 },
+    )
+    .await;
+    let r = fake.requests();
+    assert_eq!(r[0].status, 429);
+    let gap = r[1].at.duration_since(r[0].at);
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "Retry-After honoured: {gap:?}"
+    );
+
+    let bad = pipeline
+        .create_instance("7005", &receiver.url(), &polling("polling"))
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the refusal on the instance",
+        || async {
+            let (_, s) = pipeline
+                .admin_request(Method::GET, &format!("/instances/{bad}/poller"), None)
+                .await;
+            s["pollerStatus"] == "error"
+        },
+    )
+    .await;
+    let (_, shown) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{bad}/poller"), None)
+        .await;
+    assert_eq!(shown["lastPollError"]["status"], 403, "{shown}");
+    assert!(shown["retryAt"].is_string(), "{shown}");
+    // Several refresh intervals (3 s each) later, still the one refused request.
+    let refused = || fake.requests_for("7005").len();
+    let before = refused();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(refused(), before, "no request during the backoff");
+    assert!(before <= 2, "{before} requests for a refused token");
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_backfill_stores_a_past_window_once() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7006", TOKEN);
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(&nats.url(), &fake.url(), &[]).await;
+    // Changes from before the instance existed: the poller starts at now and never reads them.
+    let past = now_secs() - 3600;
+    for n in 0..3 {
+        fake.upsert("7006", "orders", order(&format!("OLD{n}"), past, past + n));
+    }
+    fake.upsert(
+        "7006",
+        "customers",
+        json!({"id": 9, "createTimestamp": past, "updateTimestamp": past}),
+    );
+    let id = pipeline
+        .create_instance("7006", &receiver.url(), &polling("polling"))
+        .await;
+    // The poller answers backfills once it runs (a 503 "no poller is running" before).
+    wait_until(Duration::from_secs(20), "the first poll", || async {
+        fake.requests_for("7006")
+            .iter()
+            .any(|r| r.path == "latest-stats")
+    })
+    .await;
+    let since = shared::time_fmt::unix_secs_to_rfc3339(past - 60).unwrap();
+    let until = shared::time_fmt::unix_secs_to_rfc3339(past + 60).unwrap();
+    let body = json!({"since": since, "until": until, "objects": ["orders"]});
+    let path = format!("/instances/{id}/backfill");
+    let (status, first) = pipeline
+        .admin_request(Method::POST, &path, Some(body.clone()))
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["stored"], 3, "{first}");
+    let got = receiver.wait_for(3, Duration::from_secs(20)).await;
+    let (status, again) = pipeline
+        .admin_request(Method::POST, &path, Some(body))
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["stored"], 0, "{again}");
+    assert_eq!(again["duplicates"], 3, "{again}");
+    let (status, bad) = pipeline
+        .admin_request(
+            Method::POST,
+            &path,
+            Some(json!({"since": "yesterday", "until": until})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(bad["field"], "since", "{bad}");
+    // Nothing more arrives: the events of the first backfill only.
+    assert_eq!(got.len(), 3);
+    assert_eq!(receiver.count(), 3);
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn many_stores_on_one_token_stay_within_its_rate_limit() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let (limit, window_ms) = (10usize, 2000i64);
+    // Two replicas share one budget.
+    let a = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_RATE_LIMIT", "10"),
+            ("POLLER_RATE_WINDOW_MS", "2000"),
+        ],
+    )
+    .await;
+    let b = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_RATE_LIMIT", "10"),
+            ("POLLER_RATE_WINDOW_MS", "2000"),
+        ],
+    )
+    .await;
+    for n in 0..8 {
+        let store = format!("{}", 7100 + n);
+        fake.add_store(&store, TOKEN);
+        fake.set_always_changed(&store);
+        pipeline
+            .create_instance(&store, &receiver.url(), &polling("polling"))
+            .await;
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the budget to be used for a while",
+        || async { fake.requests().len() >= 40 },
+    )
+    .await;
+    let times: Vec<i64> = fake.requests().iter().map(|r| r.at_ms).collect();
+    for (i, start) in times.iter().enumerate() {
+        let within = times[i..]
+            .iter()
+            .take_while(|t| **t < start + window_ms)
+            .count();
+        assert!(
+            within <= limit,
+            "{within} requests within {window_ms} ms from {start}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn replicas_share_stores_and_take_over_from_a_killed_one() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let settings = poll_settings(&fake.url());
+    let mut env: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("POLLER_REPLICA_ID", "replica-a"));
+    let mut a = ServiceProc::start(Service::Poller, process_env(&nats.url(), &env)).await;
+    env.pop();
+    env.push(("POLLER_REPLICA_ID", "replica-b"));
+    let _b = ServiceProc::start(Service::Poller, process_env(&nats.url(), &env)).await;
+    let stores: Vec<String> = (0..8).map(|n| format!("{}", 7200 + n)).collect();
+    for store in &stores {
+        fake.add_store(store, TOKEN);
+        pipeline
+            .create_instance(store, &receiver.url(), &polling("polling"))
+            .await;
+    }
+    let replica = |r: &integration_tests::fake_ecwid::ApiRequest| {
+        if r.user_agent.contains("replica-a") {
+            "a"
+        } else {
+            "b"
+        }
+    };
+    wait_until(Duration::from_secs(30), "both replicas to poll", || async {
+        let r = fake.requests();
+        r.iter().any(|x| replica(x) == "a") && r.iter().any(|x| replica(x) == "b")
+    })
+    .await;
+    a.kill().await;
+    let killed_at = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(30),
+        "every store polled by b after the kill",
+        || async {
+            let r = fake.requests();
+            stores.iter().all(|s| {
+                r.iter()
+                    .any(|x| &x.store == s && x.at > killed_at && replica(x) == "b")
+            })
+        },
+    )
+    .await;
+    // One replica at a time per store: a store's requests change hands at most twice
+    // (a hand-over to its preferred replica after start, the take-over after the kill), never
+    // back and forth.
+    for store in &stores {
+        let owners: Vec<&str> = fake.requests_for(store).iter().map(replica).collect();
+        let mut runs = owners.clone();
+        runs.dedup();
+        assert!(runs.len() <= 3, "store {store} went {runs:?}");
+        assert_eq!(runs.last(), Some(&"b"));
+    }
+    pipeline.stop().await;
+}
