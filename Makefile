@@ -2,21 +2,35 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
+# From-scratch builds (CI's fresh clone) are faster without incremental state, and the target
+# directory stays several GB smaller.
+CARGO_INCREMENTAL ?= 0
+export CARGO_INCREMENTAL
 
-.PHONY: run test tools lint deny fmt bench clean
+.PHONY: run test test-nats-min tools lint deny fmt bench bench-cpu clean
 
 run:
 	scripts/run-local.sh
 
 # Installs what the tests need (nats-server, cargo-deny; the deploy checks install their own
-# tools), then lints, vets the dependencies and runs every test.
+# tools), then lints, vets the dependencies, and runs every test on the pinned nats-server
+# (scripts/nats-versions.env), the tests that start a nats-server again on the oldest supported
+# release, and the deploy checks.
 test: tools lint deny
 	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked --all-targets
+	$(MAKE) --no-print-directory test-nats-min
 	bash deploy/check.sh
 
+# Every test that starts a nats-server (the integration-tests package), on the oldest supported
+# release (NATS_MIN_VERSION: Debian's package, installed when missing).
+test-nats-min:
+	@bin="$$(scripts/ensure-nats-server.sh --min)" && echo "nats-server (minimum supported): $$($$bin --version)" && \
+	  NATS_SERVER_BIN="$$bin" $(CARGO) test --locked -p integration-tests --tests
+
 tools:
-	@echo "nats-server: $$(scripts/ensure-nats-server.sh)"
+	@echo "nats-server (pinned): $$(scripts/ensure-nats-server.sh)"
+	@echo "nats-server (minimum supported): $$(scripts/ensure-nats-server.sh --min)"
 	@echo "cargo-deny: $$(scripts/ensure-cargo-deny.sh)"
 	bash deploy/check.sh --install-only
 
@@ -47,6 +61,12 @@ fmt:
 bench:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench $(BENCH_ARGS)
+
+# Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
+# `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.
+bench-cpu:
+	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
+	scripts/bench-cpu.sh $(BENCH_CPU_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -46,7 +46,8 @@ ensure_venv
 ensure_promtool
 ensure_compose
 KUBECTL=$(command -v kubectl || true)
-NATS_SERVER=$(command -v nats-server || true)
+# The pinned release (scripts/nats-versions.env), the one the manifests run.
+NATS_SERVER=$(scripts/ensure-nats-server.sh || true)
 printf '   python     %s (%s)\n' "$VENV_PY" "$("$VENV_PY" -c 'import kubernetes_validate.version as v, yaml; print("kubernetes-validate", v.__version__, "PyYAML", yaml.__version__)')"
 printf '   promtool   %s (%s)\n' "$PROMTOOL" "$("$PROMTOOL" --version 2>&1 | head -1)"
 printf '   kubectl    %s\n' "${KUBECTL:-not found}"
@@ -97,7 +98,10 @@ run "promtool check rules (dashboard queries)" "$PROMTOOL" check rules "$WORK/da
 step "metric names and label values are the contract's"
 run_py metric-names metric-names deploy/prometheus/alerts.yml deploy/grafana/ecwid-events.json
 
-step "NATS configuration (nats-server -t)"
+step "NATS versions: the manifests run the release scripts/nats-versions.env pins"
+run "NATS versions" scripts/check-nats-versions.sh
+
+step "NATS configuration (nats-server -t, the pinned release)"
 if [ -n "$NATS_SERVER" ]; then
     for conf in deploy/k8s/base/config/nats.conf deploy/k8s/overlays/dev/nats.conf; do
         if POD_NAME=nats-0 "$NATS_SERVER" -t -c "$conf" >"$WORK/nats.out" 2>&1; then
@@ -108,7 +112,7 @@ if [ -n "$NATS_SERVER" ]; then
         fi
     done
 else
-    echo "   FAIL nats-server not on PATH (Debian package nats-server)"
+    echo "   FAIL no nats-server: scripts/ensure-nats-server.sh could not install the pinned release"
     FAILED+=("nats-server")
 fi
 

@@ -167,10 +167,18 @@ LABEL_VALUES = {
     "to": None,
 }
 
+
+def pinned_nats_tag() -> str:
+    """`<NATS_VERSION>-alpine`: the release scripts/nats-versions.env pins (one source of truth)."""
+    env = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "nats-versions.env"
+    found = re.search(r"^NATS_VERSION=(\S+)$", env.read_text(encoding="utf-8"), re.M)
+    return f"{found.group(1) if found else 'missing-from-scripts/nats-versions.env'}-alpine"
+
+
 # Images each deployment may use (repository -> allowed tags, None = any tag).
 COMPOSE_IMAGES = {
     "ecwid-events": {"latest"},
-    "nats": {"2.10-alpine"},
+    "nats": {pinned_nats_tag()},
     "prom/prometheus": None,
     "natsio/prometheus-nats-exporter": None,
 }

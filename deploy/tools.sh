@@ -12,7 +12,8 @@
 #                              `docker-compose config` when no `docker compose`
 #                              plugin exists. Optional.
 #
-# kubectl (for `kubectl kustomize`) and nats-server are taken from PATH.
+# kubectl (for `kubectl kustomize`) is taken from PATH; nats-server is the pinned release
+# scripts/ensure-nats-server.sh installs (scripts/nats-versions.env).
 
 # shellcheck shell=bash disable=SC2034  # the variables set here are read by the callers
 

@@ -43,21 +43,35 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The `nats-server` binary: `NATS_SERVER_BIN`, the project-local install, Debian's, or PATH.
+/// The `nats-server` binary every test, `make run` and the bench start: `NATS_SERVER_BIN` when
+/// set, else the release pinned in `scripts/nats-versions.env`, which
+/// `scripts/ensure-nats-server.sh` installs into `.tools/` on first use (so a bare `cargo test`
+/// runs on the same server as `make test`). `make test` runs the NATS-facing tests a second time
+/// with `NATS_SERVER_BIN` set to the oldest supported release.
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return p.into();
     }
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
-    if local.exists() {
-        return local;
-    }
-    // Debian installs it to /usr/sbin, which is not on every user's PATH.
-    let debian = PathBuf::from("/usr/sbin/nats-server");
-    if debian.exists() {
-        return debian;
-    }
-    "nats-server".into()
+    static PINNED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PINNED
+        .get_or_init(|| {
+            let script =
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-nats-server.sh");
+            let out = Command::new(&script)
+                .stdin(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            assert!(
+                out.status.success() && !path.is_empty(),
+                "{} found no nats-server ({}); set NATS_SERVER_BIN to one",
+                script.display(),
+                out.status
+            );
+            PathBuf::from(path)
+        })
+        .clone()
 }
 
 /// A real nats-server with JetStream, for one test.

@@ -9,11 +9,14 @@
 //! - [`track`]: per-phase ledgers: sent, answered, delivered, end-to-end latency.
 //! - [`floors`]: the floors (a), (b), (c), each in a process of its own.
 //! - [`procinfo`]: CPU seconds and peak RSS from `/proc`.
+//! - [`cpu`]: `bench cpu`, instructions per event of each service under callgrind.
 //!
 //! Usage: `bench [--quick] [--max-secs S] [--fixed-secs S] [--rates 500,2000] [--floor-secs S]
 //! [--floor-fixed-secs S] [--connections N] [--stores N] [--consume-msgs N] [--perf FILE]`;
 //! each flag also reads `BENCH_<FLAG>` (for example `BENCH_FIXED_SECS=5`).
+//! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N]`: see [`cpu`].
 
+mod cpu;
 mod floors;
 mod load;
 mod procinfo;
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
             )
             .await
         }),
+        "cpu" => cpu::CpuOpts::parse(&args[2..]).and_then(|opts| runtime.block_on(cpu::run(opts))),
         _ => Opts::parse().and_then(|opts| runtime.block_on(bench(opts))),
     };
     match result {
