@@ -17,6 +17,7 @@
 //! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N]`: see [`cpu`].
 
 mod cpu;
+mod eventlog;
 mod floors;
 mod load;
 mod procinfo;
@@ -51,6 +52,10 @@ struct Opts {
     stores: usize,
     consume_msgs: u64,
     perf: Option<String>,
+    /// Records the event log is filled with before its lookups are timed.
+    log_records: u64,
+    /// Lookups of each kind timed.
+    log_samples: u64,
 }
 
 impl Opts {
@@ -116,6 +121,8 @@ impl Opts {
             "stores",
             "consume-msgs",
             "perf",
+            "log-records",
+            "log-samples",
         ];
         if let Some(unknown) = flags.keys().find(|k| !known.contains(&k.as_str())) {
             bail!("unknown flag --{unknown} (known: {})", known.join(", --"));
@@ -130,6 +137,8 @@ impl Opts {
             stores: num("stores", 4.0)?.max(1.0) as usize,
             consume_msgs: num("consume-msgs", if quick { 20_000.0 } else { 100_000.0 })? as u64,
             perf: flags.get("perf").cloned(),
+            log_records: num("log-records", if quick { 100_000.0 } else { 1_000_000.0 })? as u64,
+            log_samples: num("log-samples", if quick { 100.0 } else { 500.0 })? as u64,
         })
     }
 }
@@ -546,9 +555,131 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     phases.extend(max_load(&opts, &pipeline).await);
     phases.extend(paced_runs(&opts, &pipeline.ctx).await);
     let usage = pipeline.ctx.pids.read();
+    let lookups = event_log_lookups(&opts, &setup, &pipeline).await?;
+    let mut pipeline = pipeline;
+    phases.extend(log_off_phases(&opts, &setup, &mut pipeline).await?);
     report(&opts, &floors, &phases, &usage, &pipeline.anomalies);
+    report_event_log(&phases, &lookups);
     drop(pipeline);
     Ok(())
+}
+
+/// The settings the benchmark's services run with: production defaults, only what a local
+/// deployment must set.
+const PRODUCTION: &[(&str, &str)] = &[
+    ("DELIVER_RETRY_SCHEDULE", ""),
+    ("DELIVER_TIMEOUT_MS", ""),
+    ("DELIVER_CONNECT_TIMEOUT_MS", ""),
+    ("DELIVER_BREAKER_COOLDOWN_MS", ""),
+    ("SHUTDOWN_GRACE_MS", ""),
+    ("INGEST_PUBLISH_TIMEOUT_MS", ""),
+    ("NORMALIZER_PUBLISH_TIMEOUT_MS", ""),
+    ("RUST_LOG", "info"),
+];
+
+/// The event log at size: `--log-records` records, then `--log-samples` lookups by id and
+/// searches by objectId through the admin API.
+async fn event_log_lookups(
+    opts: &Opts,
+    setup: &Setup,
+    pipeline: &Pipeline,
+) -> anyhow::Result<eventlog::Lookups> {
+    println!("\n## Event log lookups ({} records)", opts.log_records);
+    let lookups = eventlog::measure(
+        &setup.nats_url,
+        pipeline.cluster.ingest.ops,
+        integration_tests::ADMIN_TOKEN,
+        opts.log_records,
+        opts.log_samples,
+    )
+    .await?;
+    println!(
+        "filled in {:.1} s; GET /events/{{id}} p50 {} p99 {} ms; GET /events?objectId= p50 {} p99 {} ms ({} each)",
+        lookups.fill_secs,
+        ms(quantile_ms(&lookups.by_id_us, 0.5)),
+        ms(quantile_ms(&lookups.by_id_us, 0.99)),
+        ms(quantile_ms(&lookups.by_object_us, 0.5)),
+        ms(quantile_ms(&lookups.by_object_us, 0.99)),
+        lookups.by_id_us.len()
+    );
+    Ok(lookups)
+}
+
+/// The same pipeline again with `EVENT_LOG=off` (new processes, the same instances and
+/// receivers): a warm-up, then end to end at max load, to set against the same phase with the
+/// log on.
+async fn log_off_phases(
+    opts: &Opts,
+    setup: &Setup,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<Vec<Phase>> {
+    println!("\n## Pipeline with EVENT_LOG=off");
+    let cluster = &mut pipeline.cluster;
+    cluster.ingest.kill().await;
+    for p in cluster
+        .normalizers
+        .iter_mut()
+        .chain(cluster.deliverers.iter_mut())
+    {
+        p.kill().await;
+    }
+    let settings: Vec<(&str, &str)> = PRODUCTION
+        .iter()
+        .copied()
+        .chain([("EVENT_LOG", "off")])
+        .collect();
+    let cluster = Cluster::start(&setup.nats_url, &settings, 1).await;
+    cluster.wait_instances_seen().await;
+    pipeline.ctx.ingest = cluster.ingest.webhook.context("ingest webhook address")?;
+    pipeline.ctx.pids = Pids(vec![
+        ("ingest".into(), cluster.ingest.pid().unwrap_or(0)),
+        (
+            "normalizer".into(),
+            cluster.normalizers[0].pid().unwrap_or(0),
+        ),
+        ("deliverer".into(), cluster.deliverers[0].pid().unwrap_or(0)),
+        ("nats-server".into(), setup.nats.pid()),
+        ("bench".into(), std::process::id()),
+    ]);
+    pipeline.cluster = cluster;
+    let base = 3 + opts.rates.len();
+    let ctx = &pipeline.ctx;
+    let warm = pipeline_phase(ctx, base, Pace::Rate(1000.0), 2.0, &[], None).await;
+    let off = pipeline_phase(ctx, base + 1, Pace::Max, opts.max_secs, &[], None).await;
+    Ok(vec![warm, off])
+}
+
+/// The event log's figures: its cost (end to end at max load, log on against off, same run)
+/// and its lookups at size; the second BENCH line.
+fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) {
+    let on = phases.get(2).map(|p| p.e2e_eps).unwrap_or(f64::NAN);
+    let off = phases.last().map(|p| p.e2e_eps).unwrap_or(f64::NAN);
+    let cost = on / off;
+    let lookup = quantile_ms(&lookups.by_id_us, 0.99);
+    let search = quantile_ms(&lookups.by_object_us, 0.99);
+    println!("\n## Event log");
+    println!("| figure | result | target |");
+    println!("|---|---|---|");
+    println!(
+        "| end to end ev/s at max load, log on / off | {on:.0} / {off:.0} = {cost:.2} | {} |",
+        target(cost >= 0.9, "≥ 0.9".into())
+    );
+    println!(
+        "| GET /events/{{id}} p99, {} records | {} ms | {} |",
+        lookups.records,
+        ms(lookup),
+        target(lookup < 20.0, "< 20 ms".into())
+    );
+    println!(
+        "| GET /events?objectId= p99, {} records | {} ms | {} |",
+        lookups.records,
+        ms(search),
+        target(search < 50.0, "< 50 ms".into())
+    );
+    println!(
+        "\nBENCH log_cost={cost:.2} lookup_p99_ms={lookup:.1} search_p99_ms={search:.1} log_records={}",
+        lookups.records
+    );
 }
 
 /// Prints what runs where, starts nats-server and prepares the webhooks.
@@ -777,6 +908,11 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
         names.push(format!("fixed {r}/s"));
         caps.push(r * opts.fixed_secs + 16.0);
     }
+    // Last, the pipeline again with the event log off (`log_off_phases`).
+    names.push("warm-up (EVENT_LOG=off)".to_owned());
+    caps.push(2_000.0 + 16.0);
+    names.push("end to end (max, EVENT_LOG=off)".to_owned());
+    caps.push(MAX_RATE_CAP * opts.max_secs);
     let trackers: Arc<Vec<Arc<Tracker>>> = Arc::new(
         names
             .iter()
@@ -786,21 +922,7 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
     );
     let anomalies = Arc::new(receive::Anomalies::default());
     // Production settings: only what a local deployment must set.
-    let cluster = Cluster::start(
-        &setup.nats_url,
-        &[
-            ("DELIVER_RETRY_SCHEDULE", ""),
-            ("DELIVER_TIMEOUT_MS", ""),
-            ("DELIVER_CONNECT_TIMEOUT_MS", ""),
-            ("DELIVER_BREAKER_COOLDOWN_MS", ""),
-            ("SHUTDOWN_GRACE_MS", ""),
-            ("INGEST_PUBLISH_TIMEOUT_MS", ""),
-            ("NORMALIZER_PUBLISH_TIMEOUT_MS", ""),
-            ("RUST_LOG", "info"),
-        ],
-        1,
-    )
-    .await;
+    let cluster = Cluster::start(&setup.nats_url, PRODUCTION, 1).await;
     for (i, store) in setup.stores.iter().enumerate() {
         let key = format!("bench-signature-key-{i}");
         let addr = receive::start(&key, trackers.clone(), anomalies.clone()).await?;

@@ -1,0 +1,153 @@
+//! The event log's read side at size: fills `ECWID_LOG` and `ECWID_LOG_INDEX` with `n` records
+//! shaped like the deliverer's (one attempt each, five records per objectId), straight into
+//! JetStream (the write path's cost is measured by the pipeline phases with the log on and off),
+//! then times `GET /events/{id}` and `GET /events?objectId=` through the real admin API.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use shared::eventlog::{self, Attempt, Record, Status};
+
+/// Acks in flight while filling.
+const WINDOW: usize = 4096;
+
+/// What the lookups measured.
+pub(crate) struct Lookups {
+    pub(crate) records: u64,
+    pub(crate) fill_secs: f64,
+    pub(crate) by_id_us: Vec<u32>,
+    pub(crate) by_object_us: Vec<u32>,
+}
+
+fn id_of(i: u64) -> String {
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        i >> 32,
+        i & 0xffff_ffff_ffff
+    )
+}
+
+fn object_of(i: u64, objects: u64) -> String {
+    format!("LOG{}", i % objects)
+}
+
+fn record(i: u64, objects: u64, now_ms: i64) -> Record {
+    let at = shared::time_fmt::unix_ms_to_rfc3339(now_ms);
+    let mut r = Record {
+        id: id_of(i),
+        instance_id: Some("bench-log-instance".to_owned()),
+        store_id: "9999".to_owned(),
+        object_type: "orders".to_owned(),
+        object_id: object_of(i, objects),
+        event_type: "UPDATED".to_owned(),
+        ecwid_event_id: format!("bench-log-{i}"),
+        format: "v3".to_owned(),
+        verified: true,
+        request_id: format!("{i:032x}"),
+        received_at: at.clone(),
+        status: Status::Delivered,
+        attempts: 0,
+        last_status: None,
+        last_error: None,
+        last_attempt_at: None,
+        next_attempt_at: None,
+        delivered_at: Some(at.clone()),
+        envelope_seq: Some(i + 1),
+        attempt_log: Vec::new(),
+    };
+    r.push_attempt(Attempt {
+        number: 1,
+        started_at: at,
+        duration_ms: 3,
+        status: Some(200),
+        error_class: None,
+        error: None,
+        response: "{\"ok\":true}".to_owned(),
+    });
+    r
+}
+
+/// Publishes `n` records and their index entries, `WINDOW` acks in flight.
+async fn fill(js: &jetstream::Context, n: u64, objects: u64) -> anyhow::Result<()> {
+    let now_ms = shared::time_fmt::now_unix_ms();
+    let mut acks = FuturesUnordered::new();
+    for i in 0..n {
+        let r = record(i, objects, now_ms);
+        let entry = serde_json::to_vec(&r.index_entry())?;
+        let body = serde_json::to_vec(&r)?;
+        for (subject, payload) in [
+            (r.index_subject(), entry),
+            (eventlog::record_subject(&r.id), body),
+        ] {
+            let ack = js.publish(subject, payload.into()).await?;
+            acks.push(async move { ack.await });
+            while acks.len() >= WINDOW {
+                acks.next().await.context("ack")??;
+            }
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    Ok(())
+}
+
+async fn timed_get(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<u32> {
+    let started = Instant::now();
+    let resp = http.get(url).bearer_auth(token).send().await?;
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{url}: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+}
+
+/// Fills the log with `n` records, then times `samples` lookups of each kind against `admin`.
+pub(crate) async fn measure(
+    nats_url: &str,
+    admin: SocketAddr,
+    token: &str,
+    n: u64,
+    samples: u64,
+) -> anyhow::Result<Lookups> {
+    let js = jetstream::new(integration_tests::connect(nats_url).await);
+    let objects = (n / 5).max(1);
+    let started = Instant::now();
+    fill(&js, n, objects).await?;
+    let fill_secs = started.elapsed().as_secs_f64();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    // Spread over the whole log, oldest to newest, by a fixed stride (repeatable).
+    let stride = (n / samples.max(1)).max(1) | 1;
+    let mut by_id = Vec::new();
+    let mut by_object = Vec::new();
+    for k in 0..samples {
+        let i = (k * stride * 7919) % n;
+        by_id.push(timed_get(&http, &format!("http://{admin}/events/{}", id_of(i)), token).await?);
+        let object = object_of(i, objects);
+        by_object.push(
+            timed_get(
+                &http,
+                &format!("http://{admin}/events?objectId={object}"),
+                token,
+            )
+            .await?,
+        );
+    }
+    by_id.sort_unstable();
+    by_object.sort_unstable();
+    Ok(Lookups {
+        records: n,
+        fill_secs,
+        by_id_us: by_id,
+        by_object_us: by_object,
+    })
+}
