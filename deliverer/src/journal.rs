@@ -73,15 +73,8 @@ fn base_record(message: &jetstream::Message) -> Option<Record> {
             .and_then(|v| v.parse::<i64>().ok())
             .map(unix_ms_to_rfc3339)
             .unwrap_or_default(),
-        status: Status::Pending,
-        attempts: 0,
-        last_status: None,
-        last_error: None,
-        last_attempt_at: None,
-        next_attempt_at: None,
-        delivered_at: None,
         envelope_seq: message.info().ok().map(|i| i.stream_sequence),
-        attempt_log: Vec::new(),
+        ..Record::default()
     })
 }
 

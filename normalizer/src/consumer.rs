@@ -373,13 +373,6 @@ fn log_record(
             .to_owned(),
         received_at,
         status,
-        attempts: 0,
-        last_status: None,
-        last_error: None,
-        last_attempt_at: None,
-        next_attempt_at: None,
-        delivered_at: None,
-        envelope_seq: None,
-        attempt_log: Vec::new(),
+        ..Record::default()
     }
 }

@@ -67,10 +67,11 @@ pub fn object_hash(object_id: &str) -> String {
 }
 
 /// Where an envelope (or an Ecwid event) stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Stored, not attempted yet (or redelivery requested).
+    #[default]
     Pending,
     /// An attempt failed; the next one is scheduled (`nextAttemptAt`).
     Retrying,
@@ -127,7 +128,8 @@ pub struct Attempt {
 }
 
 /// A record: one envelope (Ecwid event × instance), or one Ecwid event's raw-stage outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Default` is a pending record with no attempts: writers fill in what they know.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Record {
     /// `message.eventId` of the envelope = `Elements-Webhook-Id`.
@@ -456,15 +458,7 @@ mod tests {
             verified: true,
             request_id: "r".into(),
             received_at: "2026-11-22T10:15:00Z".into(),
-            status: Status::Pending,
-            attempts: 0,
-            last_status: None,
-            last_error: None,
-            last_attempt_at: None,
-            next_attempt_at: None,
-            delivered_at: None,
-            envelope_seq: None,
-            attempt_log: Vec::new(),
+            ..Record::default()
         }
     }
 

@@ -308,77 +308,72 @@ pub async fn setup_topology(
                 message: e.to_string(),
             })?;
     }
-    // The bucket's backing stream is created directly (the same settings a KV client uses):
-    // the client's own bucket creation first asks for account details in a shape that
-    // nats-server 2.9 does not send.
-    let bucket_stream = stream::Config {
-        name: format!("KV_{INSTANCES_BUCKET}"),
-        description: Some("ecwid-events connector instances".to_owned()),
-        subjects: vec![format!("$KV.{INSTANCES_BUCKET}.>")],
-        max_messages_per_subject: 5,
-        storage: stream::StorageType::File,
-        num_replicas: cfg.replicas,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    };
-    let topology = |e: String| Error::Topology {
-        what: "key-value bucket",
-        name: INSTANCES_BUCKET.to_owned(),
-        message: e,
-    };
-    js.create_or_update_stream(bucket_stream)
-        .await
-        .map_err(|e| topology(e.to_string()))?;
-    let instances = js
-        .get_key_value(INSTANCES_BUCKET)
-        .await
-        .map_err(|e| topology(e.to_string()))?;
-    for (bucket, description, max_age) in [
-        (
-            POLL_LEASES_BUCKET,
-            "ecwid-events poller leases",
-            Duration::ZERO,
-        ),
-        (
-            POLL_STATE_BUCKET,
-            "ecwid-events poller cursors, status, budgets",
-            Duration::ZERO,
-        ),
-        (
-            POLL_SEEN_BUCKET,
-            "ecwid-events webhook sightings",
-            POLL_SEEN_MAX_AGE,
-        ),
+    let instances = ensure_bucket(
+        js,
+        Bucket {
+            name: INSTANCES_BUCKET,
+            description: "ecwid-events connector instances",
+            history: 5,
+            max_age: Duration::ZERO,
+        },
+        cfg.replicas,
+    )
+    .await?;
+    for bucket in [
+        Bucket {
+            name: POLL_LEASES_BUCKET,
+            description: "ecwid-events poller leases",
+            history: 1,
+            max_age: Duration::ZERO,
+        },
+        Bucket {
+            name: POLL_STATE_BUCKET,
+            description: "ecwid-events poller cursors, status, budgets",
+            history: 1,
+            max_age: Duration::ZERO,
+        },
+        Bucket {
+            name: POLL_SEEN_BUCKET,
+            description: "ecwid-events webhook sightings",
+            history: 1,
+            max_age: POLL_SEEN_MAX_AGE,
+        },
     ] {
-        ensure_bucket(js, bucket, description, cfg.replicas, max_age).await?;
+        ensure_bucket(js, bucket, cfg.replicas).await?;
     }
     Ok(instances)
 }
 
-/// Creates or updates a key-value bucket that keeps one value per key, the way
-/// [`setup_topology`] creates the instances bucket (directly, for nats-server 2.9).
+/// A key-value bucket's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Values kept per key.
+    pub history: i64,
+    /// How long a value lives; zero: forever.
+    pub max_age: Duration,
+}
+
+/// Creates or updates a key-value bucket. Its backing stream is created directly, with the
+/// settings a KV client uses: the client's own bucket creation first asks for account details
+/// in a shape that nats-server 2.9 does not send.
 pub async fn ensure_bucket(
     js: &jetstream::Context,
-    bucket: &str,
-    description: &str,
+    bucket: Bucket,
     replicas: usize,
-    max_age: Duration,
 ) -> Result<kv::Store, Error> {
     let topology = |e: String| Error::Topology {
         what: "key-value bucket",
-        name: bucket.to_owned(),
+        name: bucket.name.to_owned(),
         message: e,
     };
     let config = stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some(description.to_owned()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age,
+        name: format!("KV_{}", bucket.name),
+        description: Some(bucket.description.to_owned()),
+        subjects: vec![format!("$KV.{}.>", bucket.name)],
+        max_messages_per_subject: bucket.history,
+        max_age: bucket.max_age,
         storage: stream::StorageType::File,
         num_replicas: replicas,
         allow_rollup: true,
@@ -391,7 +386,7 @@ pub async fn ensure_bucket(
     js.create_or_update_stream(config)
         .await
         .map_err(|e| topology(e.to_string()))?;
-    js.get_key_value(bucket)
+    js.get_key_value(bucket.name)
         .await
         .map_err(|e| topology(e.to_string()))
 }

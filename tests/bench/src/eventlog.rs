@@ -50,14 +50,9 @@ fn record(i: u64, objects: u64, now_ms: i64) -> Record {
         request_id: format!("{i:032x}"),
         received_at: at.clone(),
         status: Status::Delivered,
-        attempts: 0,
-        last_status: None,
-        last_error: None,
-        last_attempt_at: None,
-        next_attempt_at: None,
         delivered_at: Some(at.clone()),
         envelope_seq: Some(i + 1),
-        attempt_log: Vec::new(),
+        ..Record::default()
     };
     r.push_attempt(Attempt {
         number: 1,
