@@ -167,6 +167,11 @@ COUNTERS = {
     "ecwid_deliver_retries_total",
     "ecwid_deliver_deferred_total",
     "ecwid_deliver_breaker_transitions_total",
+    "ecwid_poller_requests_total",
+    "ecwid_poller_entities_seen_total",
+    "ecwid_poller_events_emitted_total",
+    "ecwid_poller_events_skipped_total",
+    "ecwid_poller_cycles_total",
 }
 GAUGES = {
     "ecwid_build_info",
@@ -177,6 +182,8 @@ GAUGES = {
     "ecwid_consumer_ack_pending_messages",
     "ecwid_deliver_in_flight",
     "ecwid_deliver_breakers_open",
+    "ecwid_poller_lag_seconds",
+    "ecwid_poller_leases_held",
 }
 HISTOGRAMS = {
     "ecwid_ingest_request_duration_seconds",
@@ -193,6 +200,8 @@ LABEL_VALUES = {
         "unsupported_media_type", "unavailable",  # ingest
         "normalized", "filtered", "dead_lettered", "retried",  # normalizer
         "success", "failure",  # deliverer
+        "ok", "rate_limited", "refused", "server_error", "timeout", "error",  # poller requests
+        "unchanged", "backing_off", "failed",  # poller cycles (also ok, refused)
     },
     "format": {"v3", "ion", "unknown"},
     "stage": {"normalize", "deliver"},
@@ -831,6 +840,9 @@ def cmd_dashboard(path: str, out_rules: str) -> int:
         ("ecwid_dead_letters_total", "dead letters"),
         ("ecwid_consumer_pending_messages", "consumer lag"),
         ("ecwid_deliver_breakers_open", "breaker states"),
+        ("ecwid_poller_requests_total", "poller requests by outcome"),
+        ("ecwid_poller_events_emitted_total", "poll events emitted"),
+        ("ecwid_poller_lag_seconds", "poll lag"),
     ):
         rep.check(metric in text, f"{path}: shows {what} ({metric})")
     for q in ("0.5", "0.9", "0.99"):
