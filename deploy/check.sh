@@ -65,6 +65,9 @@ trap 'rm -rf "$WORK"' EXIT
 step "Dockerfile"
 run_py dockerfile dockerfile deploy/Dockerfile
 
+step "the contract's environment variables against what the services read"
+run_py config-source config-source .
+
 step "compose file: parses, images and environment variables from the contract"
 run_py compose compose deploy/compose.yaml
 run_py prometheus-config prometheus-config deploy/prometheus/prometheus.yml
@@ -147,7 +150,7 @@ done < <(cat "$WORK/counts" 2>/dev/null || true)
 # Failures outside check_deploy.py (promtool, kustomize, ...) count one each.
 for name in "${FAILED[@]}"; do
     case "$name" in
-        dockerfile | compose | prometheus-config | "rules sync" | dashboard | metric-names | k8s-files | "rendered "*) ;;
+        dockerfile | config-source | compose | prometheus-config | "rules sync" | dashboard | metric-names | k8s-files | "rendered "*) ;;
         *) FAILS=$((FAILS + 1)) ;;
     esac
 done

@@ -13,6 +13,7 @@ it here too.
     check_deploy.py metric-names FILE...           every ecwid_* name is in the contract
     check_deploy.py dashboard FILE OUT_RULES       also writes its queries as a rules file for promtool
     check_deploy.py dockerfile FILE
+    check_deploy.py config-source ROOT             SERVICE_ENV against the services' config.rs
 """
 
 from __future__ import annotations
@@ -56,18 +57,42 @@ SERVICE_ENV = {
         "DELIVER_BREAKER_COOLDOWN_MS",
         "DELIVER_ALLOW_NETWORKS",
     },
+    # Checked against what poller/src/config.rs reads (poller-source check).
+    "poller": COMMON_ENV
+    | {
+        "OPS_LISTEN",
+        "ECWID_API_URL",
+        "POLLER_REPLICA_ID",
+        "POLLER_LEASE_TTL_MS",
+        "POLLER_RATE_LIMIT",
+        "POLLER_RATE_WINDOW_MS",
+        "POLLER_REQUEST_TIMEOUT_MS",
+        "POLLER_WINDOW_DELAY_MS",
+        "POLLER_ERROR_BACKOFF_MS",
+        "POLLER_ERROR_BACKOFF_MAX_MS",
+        "POLLER_RETRY_MIN_MS",
+        "POLLER_PUBLISH_TIMEOUT_MS",
+        "POLLER_CONCURRENCY",
+    },
 }
+# Each service's config source: every variable it reads must be in SERVICE_ENV (so a
+# manifest may set it) and every variable listed there must still be read.
+CONFIG_SOURCE = {"poller": "poller/src/config.rs"}
 # Containers that are not ours, and the variables their manifests may set.
 OTHER_ENV = {"nats": {"POD_NAME", "GOMEMLIMIT"}, "exporter": set()}
 
 # Where each service serves /metrics, /healthz, /readyz.
-OPS_PORT = {"ingest": 8081, "normalizer": 9101, "deliverer": 9102}
+OPS_PORT = {"ingest": 8081, "normalizer": 9101, "deliverer": 9102, "poller": 9103}
 LISTEN_VALUE = {
     ("ingest", "INGEST_LISTEN"): "0.0.0.0:8080",
     ("ingest", "ADMIN_LISTEN"): "0.0.0.0:8081",
     ("normalizer", "OPS_LISTEN"): "0.0.0.0:9101",
     ("deliverer", "OPS_LISTEN"): "0.0.0.0:9102",
+    ("poller", "OPS_LISTEN"): "0.0.0.0:9103",
 }
+# Settings a manifest must set for a service, beyond its listen addresses: the
+# poller's API URL, so where it sends store tokens is written down, not defaulted.
+REQUIRED_ENV = {"poller": {"ECWID_API_URL"}}
 NUMERIC_ENV = {
     "STREAM_REPLICAS",
     "SHUTDOWN_GRACE_MS",
@@ -83,6 +108,16 @@ NUMERIC_ENV = {
     "DELIVER_MAX_IN_FLIGHT_PER_HOST",
     "DELIVER_BREAKER_FAILURES",
     "DELIVER_BREAKER_COOLDOWN_MS",
+    "POLLER_LEASE_TTL_MS",
+    "POLLER_RATE_LIMIT",
+    "POLLER_RATE_WINDOW_MS",
+    "POLLER_REQUEST_TIMEOUT_MS",
+    "POLLER_WINDOW_DELAY_MS",
+    "POLLER_ERROR_BACKOFF_MS",
+    "POLLER_ERROR_BACKOFF_MAX_MS",
+    "POLLER_RETRY_MIN_MS",
+    "POLLER_PUBLISH_TIMEOUT_MS",
+    "POLLER_CONCURRENCY",
 }
 ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
 
@@ -132,6 +167,11 @@ COUNTERS = {
     "ecwid_deliver_retries_total",
     "ecwid_deliver_deferred_total",
     "ecwid_deliver_breaker_transitions_total",
+    "ecwid_poller_requests_total",
+    "ecwid_poller_entities_seen_total",
+    "ecwid_poller_events_emitted_total",
+    "ecwid_poller_events_skipped_total",
+    "ecwid_poller_cycles_total",
 }
 GAUGES = {
     "ecwid_build_info",
@@ -142,6 +182,8 @@ GAUGES = {
     "ecwid_consumer_ack_pending_messages",
     "ecwid_deliver_in_flight",
     "ecwid_deliver_breakers_open",
+    "ecwid_poller_lag_seconds",
+    "ecwid_poller_leases_held",
 }
 HISTOGRAMS = {
     "ecwid_ingest_request_duration_seconds",
@@ -158,6 +200,8 @@ LABEL_VALUES = {
         "unsupported_media_type", "unavailable",  # ingest
         "normalized", "filtered", "dead_lettered", "retried",  # normalizer
         "success", "failure",  # deliverer
+        "ok", "rate_limited", "refused", "server_error", "timeout", "error",  # poller requests
+        "unchanged", "backing_off", "failed",  # poller cycles (also ok, refused)
     },
     "format": {"v3", "ion", "unknown"},
     "stage": {"normalize", "deliver"},
@@ -393,6 +437,23 @@ def probe_port(probe: dict, ports: dict) -> int | None:
     return ports.get(port, port) if isinstance(port, str) else port
 
 
+def policy_allows(policies: Iterable[dict], direction: str, labels: dict, port: int, peer_ok) -> bool:
+    """Whether a NetworkPolicy selecting pods with `labels` lets traffic through in
+    `direction` ("ingress" or "egress") on TCP `port` to or from a peer `peer_ok` accepts."""
+    peers_key = "from" if direction == "ingress" else "to"
+    for pol in policies:
+        if not selector_matches(dig(pol, "spec", "podSelector", default={}), labels):
+            continue
+        for rule in dig(pol, "spec", direction, default=[]) or []:
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") in (port, None) and p.get("protocol", "TCP") == "TCP" for p in ports):
+                continue
+            peers = rule.get(peers_key)
+            if not peers or any(peer_ok(peer) for peer in peers):
+                return True
+    return False
+
+
 def cmd_k8s_rendered(name: str, path: str) -> int:
     rep = Report()
     docs = load_docs(pathlib.Path(path))
@@ -415,6 +476,7 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
     configmaps = by_kind.get("ConfigMap", {})
     secrets = set(by_kind.get("Secret", {})) | EXTERNAL_SECRETS
     services_seen = set()
+    service_labels: dict[str, dict] = {}
     common = None
     for cm_name, cm in configmaps.items():
         if cm_name.startswith("ecwid-common"):
@@ -472,6 +534,7 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
             if svc is None:
                 continue
             services_seen.add(svc)
+            service_labels[svc] = dig(tmpl, "metadata", "labels", default={})
             for var, value in env_names.items():
                 if value is None:
                     continue
@@ -487,6 +550,8 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
                     "ADMIN_TOKEN" not in {k for ref in c.get("envFrom") or [] for k in (configmaps.get(dig(ref, "configMapRef", "name"), {}).get("data") or {})},
                     f"{cwho}: ADMIN_TOKEN is not in a ConfigMap",
                 )
+            for var in sorted({v for (s, v) in LISTEN_VALUE if s == svc} | REQUIRED_ENV.get(svc, set())):
+                rep.check(env_names.get(var) is not None, f"{cwho}: sets {var}", "missing from its ConfigMaps and env")
             rep.check(env_names.get("LOG_FORMAT") == "json", f"{cwho}: LOG_FORMAT=json")
             ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
             ops = OPS_PORT[svc]
@@ -509,7 +574,37 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
                 nats_url is not None and nats_url_ok(nats_url),
                 f"{cwho}: NATS_URL={nats_url} is nats://host:port (comma-separated for a cluster)",
             )
-    rep.check(services_seen == set(OPS_PORT), f"{name}: runs ingest, normalizer and deliverer", f"found {sorted(services_seen)}")
+    rep.check(services_seen == set(OPS_PORT), f"{name}: runs {', '.join(sorted(OPS_PORT))}", f"found {sorted(services_seen)}")
+
+    # NetworkPolicies: each service reaches NATS and NATS admits it; Prometheus reaches
+    # its ops port; the poller reaches HTTPS (Ecwid's API). A service added without
+    # its rules would otherwise start, fail to connect and only show as unready.
+    policies = list(by_kind.get("NetworkPolicy", {}).values())
+    if policies:
+        nats_labels = {"app.kubernetes.io/name": "nats"}
+        for svc, labels in sorted(service_labels.items()):
+            rep.check(
+                policy_allows(policies, "egress", labels, 4222,
+                              lambda peer: "podSelector" in peer and selector_matches(peer["podSelector"], nats_labels)),
+                f"{name}: NetworkPolicy lets {svc} out to NATS 4222",
+            )
+            rep.check(
+                policy_allows(policies, "ingress", nats_labels, 4222,
+                              lambda peer, l=labels: "podSelector" in peer and "namespaceSelector" not in peer
+                              and selector_matches(peer["podSelector"], l)),
+                f"{name}: NetworkPolicy lets NATS admit {svc} on 4222",
+            )
+            rep.check(
+                policy_allows(policies, "ingress", labels, OPS_PORT[svc],
+                              lambda peer: dig(peer, "namespaceSelector", "matchLabels", "kubernetes.io/metadata.name") == "monitoring"),
+                f"{name}: NetworkPolicy lets monitoring scrape {svc} on {OPS_PORT[svc]}",
+            )
+        if "poller" in service_labels:
+            rep.check(
+                policy_allows(policies, "egress", service_labels["poller"], 443,
+                              lambda peer: dig(peer, "ipBlock", "cidr") in ("0.0.0.0/0", "::/0")),
+                f"{name}: NetworkPolicy lets the poller out to HTTPS 443 (Ecwid's API has no fixed addresses)",
+            )
 
     # NATS: replicas vs STREAM_REPLICAS, a headless Service for the routes.
     nats = by_kind.get("StatefulSet", {}).get("nats")
@@ -580,6 +675,21 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
             bool(svcs) and all(e["port"] in ports for e in dig(obj, "spec", "endpoints", default=[])),
             f"{name}: ServiceMonitor {obj_name} selects a Service with its port",
         )
+    # With the monitoring component, every service is scraped: by a PodMonitor selecting
+    # its pods on its ops port, or through a Service a ServiceMonitor selects.
+    if by_kind.get("PodMonitor") or by_kind.get("ServiceMonitor"):
+        for svc, labels in sorted(service_labels.items()):
+            by_pod = any(
+                selector_matches(dig(m, "spec", "selector", default={}), labels)
+                for m in by_kind.get("PodMonitor", {}).values()
+            )
+            by_service = any(
+                selector_matches(dig(m, "spec", "selector", default={}), dig(s, "metadata", "labels", default={}))
+                and selector_matches({"matchLabels": dig(s, "spec", "selector", default={})}, labels)
+                for m in by_kind.get("ServiceMonitor", {}).values()
+                for s in by_kind.get("Service", {}).values()
+            )
+            rep.check(by_pod or by_service, f"{name}: a PodMonitor or ServiceMonitor scrapes {svc}")
     for so_name, so in by_kind.get("ScaledObject", {}).items():
         for t in dig(so, "spec", "triggers", default=[]):
             host = t["metadata"]["natsServerMonitoringEndpoint"].split(":")[0]
@@ -612,8 +722,8 @@ def cmd_compose(path: str) -> int:
     rep.ok(f"{path}: parses")
     services = doc.get("services") or {}
     rep.check(
-        {"nats", "ingest", "normalizer", "deliverer", "prometheus"} <= set(services),
-        f"{path}: has nats, ingest, normalizer, deliverer, prometheus",
+        {"nats", "ingest", "normalizer", "deliverer", "poller", "prometheus"} <= set(services),
+        f"{path}: has nats, ingest, normalizer, deliverer, poller, prometheus",
     )
     for name, svc in services.items():
         image = svc.get("image")
@@ -648,6 +758,8 @@ def cmd_compose(path: str) -> int:
             )
             hc = dig(svc, "healthcheck", "test", default=[])
             rep.check(hc == ["CMD", f"/usr/local/bin/{binary}", "healthcheck"], f"{path}: {name}: health check is `{binary} healthcheck`")
+            for var in sorted(REQUIRED_ENV.get(binary, set())):
+                rep.check(bool(env.get(var)), f"{path}: {name}: sets {var}")
             if binary == "ingest":
                 rep.check("ADMIN_TOKEN" in env, f"{path}: ingest gets ADMIN_TOKEN")
         else:
@@ -667,7 +779,7 @@ def cmd_prometheus_config(path: str) -> int:
     targets = {
         t for sc in doc.get("scrape_configs") or [] for st in sc.get("static_configs") or [] for t in st.get("targets") or []
     }
-    for want in ("ingest:8081", "normalizer:9101", "deliverer:9102", "nats-exporter:7777"):
+    for want in ("ingest:8081", "normalizer:9101", "deliverer:9102", "poller:9103", "nats-exporter:7777"):
         rep.check(want in targets, f"{path}: scrapes {want}")
     rep.check(not any(t.endswith(":8222") for t in targets), f"{path}: does not scrape NATS' JSON port 8222 directly")
     return rep.exit()
@@ -736,6 +848,9 @@ def cmd_dashboard(path: str, out_rules: str) -> int:
         ("ecwid_dead_letters_total", "dead letters"),
         ("ecwid_consumer_pending_messages", "consumer lag"),
         ("ecwid_deliver_breakers_open", "breaker states"),
+        ("ecwid_poller_requests_total", "poller requests by outcome"),
+        ("ecwid_poller_events_emitted_total", "poll events emitted"),
+        ("ecwid_poller_lag_seconds", "poll lag"),
     ):
         rep.check(metric in text, f"{path}: shows {what} ({metric})")
     for q in ("0.5", "0.9", "0.99"):
@@ -750,6 +865,25 @@ def cmd_dashboard(path: str, out_rules: str) -> int:
         rules["groups"][0]["rules"].append({"record": f"dashboard:query_{i}", "expr": e})
     pathlib.Path(out_rules).write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
     rep.ok(f"{path}: {len(exprs)} queries written to {out_rules} for promtool")
+    return rep.exit()
+
+
+ENV_READ_RE = re.compile(r"vars\s*\.\s*[a-z_]+\(\s*\"([A-Z][A-Z0-9_]*)\"")
+
+
+def cmd_config_source(root: str) -> int:
+    """What each service's config.rs reads against SERVICE_ENV: a setting added to the
+    code but not here would be refused in every manifest; one removed from the code
+    would be set without effect."""
+    rep = Report()
+    for svc, rel in sorted(CONFIG_SOURCE.items()):
+        path = pathlib.Path(root) / rel
+        if not rep.check(path.is_file(), f"{rel} exists"):
+            continue
+        read = set(ENV_READ_RE.findall(path.read_text(encoding="utf-8")))
+        listed = SERVICE_ENV[svc] - COMMON_ENV
+        rep.check(bool(read) and not (read - listed), f"{rel}: every variable {svc} reads is in the contract", f"not listed {sorted(read - listed)}")
+        rep.check(not (listed - read), f"{rel}: every {svc} variable of the contract is read", f"not read {sorted(listed - read)}")
     return rep.exit()
 
 
@@ -776,8 +910,15 @@ def cmd_dockerfile(path: str) -> int:
     )
     build = [l for l in joined if "cargo build" in l]
     rep.check(
-        bool(build) and all(s in build[0] for s in ("--release", "--locked", "-p ingest", "-p normalizer", "-p deliverer")),
-        f"{path}: cargo build --release --locked -p ingest -p normalizer -p deliverer",
+        bool(build) and all(s in build[0] for s in ("--release", "--locked", *(f"-p {b}" for b in OPS_PORT))),
+        f"{path}: cargo build --release --locked {' '.join(f'-p {b}' for b in OPS_PORT)}",
+    )
+    for b in OPS_PORT:
+        rep.check(bool(build) and f"target/release/{b}" in build[0], f"{path}: copies target/release/{b} out of the cache mount")
+    expose = [l for l in joined if l.upper().startswith("EXPOSE ")]
+    rep.check(
+        bool(expose) and {str(p) for p in OPS_PORT.values()} <= set(expose[-1].split()[1:]),
+        f"{path}: EXPOSE lists every ops port {sorted(OPS_PORT.values())}",
     )
     last = joined[joined.index(froms[-1]):] if froms else []
     user = [l for l in last if l.upper().startswith("USER ")]
@@ -810,6 +951,8 @@ def main(argv: list[str]) -> int:
         return cmd_dashboard(*args)
     if cmd == "dockerfile":
         return cmd_dockerfile(*args)
+    if cmd == "config-source":
+        return cmd_config_source(*args)
     print(f"unknown subcommand {cmd}\n{__doc__}")
     return 2
 

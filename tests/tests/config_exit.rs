@@ -116,43 +116,51 @@ fn bad_settings_exit_64_naming_the_variable() {
     drop(held);
 }
 
+/// Every binary's `healthcheck` subcommand (the image's and compose's health check) with the
+/// variable naming its ops address: the ingest serves /healthz on its admin port.
+const HEALTHCHECKS: &[(&str, &str)] = &[
+    ("ingest", "ADMIN_LISTEN"),
+    ("normalizer", "OPS_LISTEN"),
+    ("deliverer", "OPS_LISTEN"),
+    ("poller", "OPS_LISTEN"),
+];
+
 #[test]
 fn healthcheck_answers_for_the_ops_port() {
-    // Nothing listens: exit 1.
-    let free = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let (code, _) = run_with(
-        "deliverer",
-        &["healthcheck"],
-        &[("OPS_LISTEN", &free.to_string())],
-    );
-    assert_eq!(code, Some(1));
+    for (service, ops_var) in HEALTHCHECKS {
+        // Nothing listens: exit 1.
+        let free = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (code, stderr) = run_with(service, &["healthcheck"], &[(ops_var, &free.to_string())]);
+        assert_eq!(code, Some(1), "{service} with nothing on {free}: {stderr}");
 
-    // Something answers 200 on /healthz: exit 0; anything else: exit 1.
-    for (reply, expected) in [
-        ("HTTP/1.1 200 OK", 0),
-        ("HTTP/1.1 503 Service Unavailable", 1),
-    ] {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            use std::io::{Read, Write};
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let n = conn.read(&mut buf).unwrap();
-            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
-            conn.write_all(format!("{reply}\r\ncontent-length: 0\r\n\r\n").as_bytes())
-                .unwrap();
-            request
-        });
-        let (code, _) = run_with(
-            "normalizer",
-            &["healthcheck"],
-            &[("OPS_LISTEN", &addr.to_string())],
-        );
-        assert_eq!(code, Some(expected), "{reply}");
-        assert!(server.join().unwrap().starts_with("GET /healthz "));
+        // Something answers 200 on /healthz: exit 0; anything else: exit 1.
+        for (reply, expected) in [
+            ("HTTP/1.1 200 OK", 0),
+            ("HTTP/1.1 503 Service Unavailable", 1),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (sent, request) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let n = conn.read(&mut buf).unwrap();
+                let _ = sent.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                conn.write_all(format!("{reply}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .unwrap();
+            });
+            let (code, stderr) =
+                run_with(service, &["healthcheck"], &[(ops_var, &addr.to_string())]);
+            assert_eq!(code, Some(expected), "{service} answered {reply}: {stderr}");
+            // The thread is left blocked in accept() if the binary never connected: wait bounded.
+            let request = request
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("{service} healthcheck never reached {addr}"));
+            assert!(request.starts_with("GET /healthz "), "{service}: {request}");
+        }
     }
 }
