@@ -246,3 +246,84 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(body))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::DefaultBodyLimit;
+    use axum::routing::{get, post};
+    use axum::Router;
+    use tower::ServiceExt as _;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Page {
+        #[allow(dead_code)]
+        after: u64,
+    }
+
+    fn router() -> Router {
+        Router::new()
+            .route(
+                "/items/{seq}",
+                get(|ApiPath(seq): ApiPath<u64>| async move { seq.to_string() }),
+            )
+            .route("/items", get(|ApiQuery(_p): ApiQuery<Page>| async { "ok" }))
+            .route(
+                "/upload",
+                post(|_body: axum::body::Bytes| async { "stored" }),
+            )
+            .layer(DefaultBodyLimit::max(16))
+            .layer(axum::middleware::from_fn(json_errors))
+    }
+
+    async fn answer(request: Request) -> (StatusCode, serde_json::Value) {
+        let response = router().oneshot(request).await.unwrap();
+        let status = response.status();
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/json",
+            "{status}"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn get_req(uri: &str) -> Request {
+        Request::builder().uri(uri).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_client_mistake_is_answered_as_json() {
+        let (status, body) = answer(get_req("/items/abc")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_path"))
+        );
+        let (status, body) = answer(get_req("/items?after=x")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_query"))
+        );
+        let too_big = Request::builder()
+            .method("POST")
+            .uri("/upload")
+            .body(Body::from(vec![b'x'; 64]))
+            .unwrap();
+        let (status, body) = answer(too_big).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large"))
+        );
+        assert!(!body["message"].as_str().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_5xx_body_says_nothing_internal() {
+        let e = ApiError::Unavailable("JetStream error: bad request (code 400)".into());
+        assert!(!e.public_message().contains("JetStream"));
+        let e = ApiError::unprocessable("seq", "sequences start at 1");
+        assert_eq!(e.public_message(), "seq: sequences start at 1");
+    }
+}
