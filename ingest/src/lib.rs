@@ -11,9 +11,11 @@
 //! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
 //! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
+//! - [`console`]: the operators' console (`/ui/`) and the OpenAPI document, embedded.
 
 pub mod admin;
 pub mod config;
+pub mod console;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
