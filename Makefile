@@ -3,14 +3,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: run test tools lint deny fmt bench clean
+.PHONY: run test tools lint deny openapi screenshots fmt bench clean
 
 run:
 	scripts/run-local.sh
 
-# Installs what the tests need (nats-server, cargo-deny; the deploy checks install their own
-# tools), then lints, vets the dependencies and runs every test.
-test: tools lint deny
+# Installs what the tests need (nats-server, cargo-deny, Chromium + playwright-core for the
+# console's browser test, the OpenAPI validator; the deploy checks install their own tools),
+# then lints, vets the dependencies, validates the OpenAPI document and runs every test.
+test: tools lint deny openapi
 	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked --all-targets
 	bash deploy/check.sh
@@ -18,6 +19,8 @@ test: tools lint deny
 tools:
 	@echo "nats-server: $$(scripts/ensure-nats-server.sh)"
 	@echo "cargo-deny: $$(scripts/ensure-cargo-deny.sh)"
+	@echo "chromium: $$(scripts/ensure-browser.sh)"
+	@echo "openapi-spec-validator: $$(scripts/ensure-openapi-validator.sh)"
 	bash deploy/check.sh --install-only
 
 lint:
@@ -37,6 +40,17 @@ deny:
 	else \
 	  echo "cargo deny: advisories NOT checked: the RustSec advisory database (a git repository on GitHub) could not be fetched from this machine." >&2; \
 	fi
+
+# The admin API's OpenAPI document, checked by an independent validator (PyPI's
+# openapi-spec-validator, pinned in scripts/openapi-validator.txt). That the document matches
+# the routes is tests/tests/openapi.rs, part of `cargo test`.
+openapi:
+	"$$(scripts/ensure-openapi-validator.sh)" ingest/openapi.json
+
+# Refreshes the console's screenshots in docs/ (the browser test writes them there).
+screenshots:
+	@scripts/ensure-browser.sh >/dev/null
+	CONSOLE_SCREENSHOTS=$(CURDIR)/docs $(CARGO) test -p integration-tests --locked --test console
 
 fmt:
 	$(CARGO) fmt --all
