@@ -251,3 +251,26 @@ async fn the_admin_listener_serves_what_the_document_says_and_the_read_token_onl
     }
     p.stop().await;
 }
+
+/// A read token too short, or the same as the admin token, stops the ingest at start-up with
+/// status 64 and a message naming `ADMIN_READ_TOKEN`, before it binds a port.
+#[test]
+fn a_bad_read_token_exits_64_naming_it() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = held.local_addr().expect("addr").to_string();
+    for read in ["too-short", ADMIN_TOKEN] {
+        let out = std::process::Command::new(integration_tests::procs::binary("ingest"))
+            .env_clear()
+            .envs([
+                ("ADMIN_TOKEN", ADMIN_TOKEN),
+                ("ADMIN_READ_TOKEN", read),
+                ("INGEST_LISTEN", listen.as_str()),
+            ])
+            .output()
+            .expect("the ingest runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{read}: {stderr}");
+        assert!(stderr.contains("ADMIN_READ_TOKEN"), "{stderr}");
+    }
+    drop(held);
+}
