@@ -347,11 +347,11 @@ async function deadLettersView(params) {
   const rows = body.deadLetters.map((d) => [
     h('a', { href: `#/dead-letters/${d.seq}` }, `#${d.seq}`), dash(d.deadAt), dash(d.stage), mono(d.id),
     dash(d.reason), dash(d.lastStatus), dash(d.attempts),
-    isAdmin() ? h('div', { class: 'actions' }, replayButton(d.seq, result), deleteButton(d.seq, result)) : '',
-  ]);
+    isAdmin() && h('div', { class: 'actions' }, replayButton(d.seq, result), deleteButton(d.seq, result)),
+  ].filter((c) => c !== false));
   const next = body.next ? (() => { const q = new URLSearchParams(params); q.set('after', body.next); return h('a', { href: `#/dead-letters?${q}` }, 'Newer dead letters →'); })() : null;
   render(h('h1', {}, 'Dead letters'), form, result,
-    table('Dead letters, oldest first', ['Seq', 'Dead at', 'Stage', 'Instance / store', 'Reason', 'Last answer', 'Attempts', isAdmin() ? 'Actions' : ''], rows, 'No dead letters match.'),
+    table('Dead letters, oldest first', ['Seq', 'Dead at', 'Stage', 'Instance / store', 'Reason', 'Last answer', 'Attempts', isAdmin() && 'Actions'].filter(Boolean), rows, 'No dead letters match.'),
     h('p', {}, next));
 }
 
@@ -424,6 +424,8 @@ async function route() {
     if (a.dataset.section === section) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
   }
   setStatus('Loading…');
+  const view = $('view');
+  view.setAttribute('aria-busy', 'true');
   try {
     if (section === 'events' && parts[1]) await eventView(parts[1]);
     else if (section === 'events') await eventsView(params);
@@ -437,6 +439,10 @@ async function route() {
     if (!(e instanceof ApiError)) throw e;
     if (e.status !== 401) render(h('h1', {}, 'Could not load this page'), answer('The server refused', false, [e.message], e.body));
   }
+  // Which address the view now shows: lets a person's assistive tools (aria-busy) and the
+  // browser test tell a finished page from the one before it.
+  view.removeAttribute('aria-busy');
+  view.dataset.shown = location.hash;
   setStatus('');
 }
 

@@ -43,6 +43,14 @@ async function confirm(page, label) {
   await dialog.getByRole('button', { name: label }).click();
 }
 
+// Waits until the view shows the page of the current address (not the one before it).
+async function shown(page) {
+  await page.waitForFunction(() => {
+    const view = document.getElementById('view');
+    return !view.hasAttribute('aria-busy') && view.dataset.shown === location.hash;
+  });
+}
+
 async function signIn(page, token) {
   await page.goto(`${ADMIN_URL}/ui/`);
   await page.getByLabel('Token').fill(token);
@@ -63,7 +71,7 @@ try {
   const page = context.pages()[0] || await context.newPage();
   const problems = [];
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
-  page.on('console', (m) => { if (m.type() === 'error' && !/status of (401|403|404|504)/.test(m.text())) problems.push(`console: ${m.text()}`); });
+  page.on('console', (m) => { if (m.type() === 'error' && !/status of (401|403|404|422|504)/.test(m.text())) problems.push(`console: ${m.text()}`); });
   // Nothing outside the admin listener is ever fetched.
   page.on('request', (r) => { if (!r.url().startsWith(ADMIN_URL)) problems.push(`request elsewhere: ${r.url()}`); });
 
@@ -77,6 +85,7 @@ try {
   await signIn(page, ADMIN_TOKEN);
   await page.getByText('Signed in: admin').waitFor();
   await page.getByRole('heading', { name: 'Instances' }).waitFor();
+  await shown(page);
   await page.getByRole('cell', { name: /store 7001/ }).waitFor();
   assert.equal(await page.evaluate(() => document.cookie), '', 'no cookie');
   assert.ok(!page.url().includes(ADMIN_TOKEN), 'the token is not in the URL');
@@ -124,12 +133,56 @@ try {
   await confirm(page, 'Save');
   await page.getByText(/Saved instance/).waitFor();
 
+  step('create an instance with the form');
+  await page.getByRole('link', { name: 'Instances' }).first().click();
+  await page.getByRole('link', { name: 'New instance' }).click();
+  await page.getByRole('heading', { name: 'New instance' }).waitFor();
+  await page.getByLabel('Name', { exact: true }).fill('store 7003');
+  await page.getByLabel('Store id').fill('7003');
+  await page.getByLabel('Callback URL').fill(env('CALLBACK_URL'));
+  await page.getByLabel('Signature key (secret)').fill('a-signature-key');
+  await page.getByRole('button', { name: 'Create…' }).click();
+  await confirm(page, 'Create');
+  await page.getByText(/Created instance/).waitFor();
+  // A refusal reads as the API's message: a store id that is not digits.
+  await page.getByLabel('Store id').fill('not-a-store');
+  await page.getByRole('button', { name: 'Create…' }).click();
+  await confirm(page, 'Create');
+  await page.getByTestId('result').getByText(/422 invalid_field: configuration\.ecwid\.store\.id/).waitFor();
+
+  step('replay a window of an instance');
+  await page.getByRole('link', { name: 'Instances' }).first().click();
+  await page.getByRole('row', { name: /store 7001/ }).getByRole('button', { name: 'Replay window…' }).click();
+  await page.getByRole('heading', { name: /Replay a window/ }).waitFor();
+  await page.locator('form.edit').getByRole('button', { name: 'Replay window…' }).click();
+  await confirm(page, 'Replay');
+  await page.getByTestId('result').getByText('3 event(s) sent again.').waitFor();
+
+  step('events received in the last hour, by instance and time');
+  const live = await api('GET', '/instances?storeId=7001', ADMIN_TOKEN);
+  await page.getByRole('link', { name: 'Events' }).first().click();
+  await page.getByRole('heading', { name: 'Events' }).waitFor();
+  await shown(page);
+  await page.getByLabel('Instance id').fill(live.body.instances[0].id);
+  const hourAgo = new Date(Date.now() - 3600e3);
+  const p2 = (n) => String(n).padStart(2, '0');
+  await page.getByLabel('Received from').fill(`${hourAgo.getFullYear()}-${p2(hourAgo.getMonth() + 1)}-${p2(hourAgo.getDate())}T${p2(hourAgo.getHours())}:${p2(hourAgo.getMinutes())}`);
+  await page.getByRole('button', { name: 'Search' }).click();
+  await page.waitForURL(/since=/);
+  await shown(page);
+  assert.equal(await page.locator('tbody tr').count(), 3);
+
   step('find the event by objectId');
   await page.getByRole('link', { name: 'Events' }).first().click();
   await page.getByRole('heading', { name: 'Events' }).waitFor();
+  await shown(page);
+  await page.getByRole('link', { name: 'Events' }).first().click();
+  await page.getByRole('heading', { name: 'Events' }).waitFor();
+  await shown(page);
   await page.getByLabel('Object id').fill(OBJECT_ID);
   await page.getByRole('button', { name: 'Search' }).click();
   await page.waitForURL(/objectId=/);
+  await shown(page);
   const eventRows = page.locator('tbody tr');
   await eventRows.first().waitFor();
   assert.equal(await eventRows.count(), 1, 'one event has this objectId');
@@ -157,9 +210,11 @@ try {
   step('dead letters: list, open, replay');
   await page.getByRole('link', { name: 'Dead letters' }).first().click();
   await page.getByRole('heading', { name: 'Dead letters' }).waitFor();
+  await shown(page);
   await page.getByLabel('Instance id').fill(DEAD_INSTANCE);
   await page.getByRole('button', { name: 'Search' }).click();
   await page.waitForURL(/instance=/);
+  await shown(page);
   const deadRow = page.locator('tbody tr').first();
   await deadRow.waitFor();
   await shot(page, 'console-dead-letters');
@@ -180,6 +235,7 @@ try {
   await page.goto(`${ADMIN_URL}/ui/#/instances`);
   await page.reload();
   await page.getByRole('heading', { name: 'Instances' }).waitFor();
+  await shown(page);
   const focused = () => page.evaluate(() => document.activeElement.textContent.trim() || document.activeElement.id);
   await page.keyboard.press('Tab');
   assert.equal(await focused(), 'Skip to content');
@@ -188,14 +244,17 @@ try {
   assert.equal(await focused(), 'Events');
   await page.keyboard.press('Enter');
   await page.getByRole('heading', { name: 'Events' }).waitFor();
+  await shown(page);
   // After a section opens, focus is on the content, so the next Tab is in the new page.
   await page.waitForFunction(() => document.activeElement.id === 'main');
   await page.goto(`${ADMIN_URL}/ui/#/instances`);
   await page.getByRole('heading', { name: 'Instances' }).waitFor();
+  await shown(page);
 
   step('a narrow window: nothing wider than the screen but the tables, which scroll');
   await page.setViewportSize({ width: 390, height: 800 });
   await page.getByRole('heading', { name: 'Instances' }).waitFor();
+  await shown(page);
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 1, `the page is ${overflow}px wider than the window`);
   await shot(page, 'console-narrow');
@@ -218,6 +277,7 @@ try {
   assert.equal(await page.getByRole('button', { name: 'Redeliver…' }).count(), 0);
   await page.goto(`${ADMIN_URL}/ui/#/dead-letters`);
   await page.getByRole('heading', { name: 'Dead letters' }).waitFor();
+  await shown(page);
   assert.equal(await page.getByRole('button', { name: /Replay|Delete/ }).count(), 0);
   const tried = await page.evaluate(async ([path, token]) => {
     const r = await fetch(path, { method: 'POST', headers: { Authorization: `Bearer ${token}` } });
