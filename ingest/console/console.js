@@ -60,7 +60,8 @@ function setStatus(text) { $('status').textContent = text; }
 
 function render(...nodes) {
   const view = $('view');
-  view.replaceChildren(...nodes);
+  // Sections left out (`isAdmin() && …` for a reader) are false: not shown, not as text.
+  view.replaceChildren(...nodes.flat().filter((n) => n !== false && n !== null && n !== undefined));
 }
 
 // ---------- the API ----------

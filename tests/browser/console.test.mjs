@@ -32,6 +32,18 @@ async function api(method, path, token) {
 }
 
 async function shot(page, name) {
+  // Every screen shot is also checked for a value that leaked as text.
+  const text = await page.evaluate(() => {
+    const body = document.body.cloneNode(true);
+    for (const raw of body.querySelectorAll('pre, details, dialog')) raw.remove(); // JSON as JSON
+    // Text node by text node: concatenated, "false" + "Name" would hide the word.
+    const walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT);
+    const parts = [];
+    while (walker.nextNode()) parts.push(walker.currentNode.data);
+    return parts.join('\n');
+  });
+  const junk = text.match(/\b(false|true|undefined|null|NaN)\b|\[object Object\]/);
+  assert.equal(junk, null, `${name} shows "${junk && junk[0]}"`);
   if (!SHOTS) return;
   mkdirSync(SHOTS, { recursive: true });
   await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
