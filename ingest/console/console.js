@@ -305,6 +305,12 @@ async function eventsView(params) {
     h('p', {}, next || (params.get('after') ? 'No older events.' : '')));
 }
 
+// An attempt's outcome: the HTTP status (green when 2xx) or the error class.
+function attemptBadge(a) {
+  const ok = a.status >= 200 && a.status < 300;
+  return h('span', { class: `badge ${ok ? 's-delivered' : 's-dead'}` }, a.status ? String(a.status) : a.errorClass || 'error');
+}
+
 async function eventView(id) {
   const { body } = await api('GET', `/events/${encodeURIComponent(id)}`);
   const e = body.event;
@@ -326,7 +332,7 @@ async function eventView(id) {
     result,
     h('h2', {}, `Attempts (${attempts.length})`),
     attempts.length ? h('ol', { class: 'timeline', 'aria-label': 'Attempts, oldest first' }, attempts.map((a) => h('li', {},
-      h('p', {}, h('strong', {}, `#${a.number}`), ` ${a.startedAt} — `, a.status ? badge(String(a.status)) : badge(a.errorClass || 'error'), ` in ${a.durationMs} ms`),
+      h('p', {}, h('strong', {}, `#${a.number}`), ` ${a.startedAt} — `, attemptBadge(a), ` in ${a.durationMs} ms`),
       a.error ? h('p', { class: 'error' }, a.error) : null,
       a.response ? h('pre', {}, a.response) : h('p', { class: 'empty' }, 'No response body.'))))
       : h('p', { class: 'empty' }, 'No attempts recorded yet.'),

@@ -219,6 +219,30 @@ try {
   await page.getByRole('heading', { name: `Attempts (${after.body.attempts.length})` }).waitFor();
   console.log(`redelivered: ${id}`);
 
+  step('the attempts timeline (stubbed record: see below)');
+  // On this branch the deliverer writes no attempts to the event log yet, so no real record has
+  // any. To check how attempts read, one record is answered here in the documented shape.
+  const stubId = 'stub-with-attempts';
+  await page.route(`**/events/${stubId}`, (r) => r.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify({
+    event: { ...before.body.event, id: stubId, status: 'delivered', attempts: 3, lastStatus: '200', deliveredAt: '2026-11-30T10:00:03Z' },
+    attempts: [
+      { number: 1, startedAt: '2026-11-30T10:00:00Z', durationMs: 2000, errorClass: 'timeout', error: 'no answer within 2000 ms' },
+      { number: 2, startedAt: '2026-11-30T10:00:01Z', durationMs: 35, status: 503, response: '{"error":"maintenance"}' },
+      { number: 3, startedAt: '2026-11-30T10:00:03Z', durationMs: 12, status: 200, response: 'ok' },
+    ],
+    envelope: before.body.envelope,
+  }) }));
+  await page.goto(`${ADMIN_URL}/ui/#/events/${stubId}`);
+  await shown(page);
+  await page.getByRole('heading', { name: 'Attempts (3)' }).waitFor();
+  const steps = page.getByRole('list', { name: 'Attempts, oldest first' }).getByRole('listitem');
+  assert.equal(await steps.count(), 3);
+  assert.match(await steps.nth(0).innerText(), /#1 2026-11-30T10:00:00Z — timeout in 2000 ms\s+no answer within 2000 ms/);
+  assert.match(await steps.nth(1).innerText(), /#2 .* 503 in 35 ms\s+\{"error":"maintenance"\}/);
+  assert.match(await steps.nth(2).innerText(), /#3 .* 200 in 12 ms\s+ok/);
+  await shot(page, 'console-event-attempts');
+  await page.unroute(`**/events/${stubId}`);
+
   step('dead letters: list, open, replay');
   await page.getByRole('link', { name: 'Dead letters' }).first().click();
   await page.getByRole('heading', { name: 'Dead letters' }).waitFor();
