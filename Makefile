@@ -7,16 +7,17 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 CARGO_INCREMENTAL ?= 0
 export CARGO_INCREMENTAL
 
-.PHONY: run test test-nats-min tools lint deny fmt bench bench-cpu clean
+.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu clean
 
 run:
 	scripts/run-local.sh
 
-# Installs what the tests need (nats-server, cargo-deny; the deploy checks install their own
-# tools), then lints, vets the dependencies, and runs every test on the pinned nats-server
-# (scripts/nats-versions.env), the tests that start a nats-server again on the oldest supported
-# release, and the deploy checks.
-test: tools lint deny
+# Installs what the tests need (nats-server, cargo-deny, Chromium + playwright-core for the
+# console's browser test, the OpenAPI validator; the deploy checks install their own tools),
+# then lints, vets the dependencies, validates the OpenAPI document, and runs every test on the
+# pinned nats-server (scripts/nats-versions.env), the tests that start a nats-server again on the
+# oldest supported release, and the deploy checks.
+test: tools lint deny openapi
 	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked --all-targets
 	$(MAKE) --no-print-directory test-nats-min
@@ -32,6 +33,8 @@ tools:
 	@echo "nats-server (pinned): $$(scripts/ensure-nats-server.sh)"
 	@echo "nats-server (minimum supported): $$(scripts/ensure-nats-server.sh --min)"
 	@echo "cargo-deny: $$(scripts/ensure-cargo-deny.sh)"
+	@echo "chromium: $$(scripts/ensure-browser.sh)"
+	@echo "openapi-spec-validator: $$(scripts/ensure-openapi-validator.sh)"
 	bash deploy/check.sh --install-only
 
 lint:
@@ -51,6 +54,17 @@ deny:
 	else \
 	  echo "cargo deny: advisories NOT checked: the RustSec advisory database (a git repository on GitHub) could not be fetched from this machine." >&2; \
 	fi
+
+# The admin API's OpenAPI document, checked by an independent validator (PyPI's
+# openapi-spec-validator, pinned in scripts/openapi-validator.txt). That the document matches
+# the routes is tests/tests/openapi.rs, part of `cargo test`.
+openapi:
+	"$$(scripts/ensure-openapi-validator.sh)" ingest/openapi.json
+
+# Refreshes the console's screenshots in docs/ (the browser test writes them there).
+screenshots:
+	@scripts/ensure-browser.sh >/dev/null
+	CONSOLE_SCREENSHOTS=$(CURDIR)/docs $(CARGO) test -p integration-tests --locked --test console
 
 fmt:
 	$(CARGO) fmt --all

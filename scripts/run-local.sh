@@ -44,6 +44,7 @@ cat <<MSG
 ecwid-events is running:
   webhooks   http://127.0.0.1:8080/events/ecwid   (alias /elements/api-v2/events/ecwid)
   admin API  http://127.0.0.1:8081                (Authorization: Bearer $ADMIN_TOKEN; also /metrics /healthz /readyz)
+  console    http://127.0.0.1:8081/ui/            (sign in with $ADMIN_TOKEN; API described at /openapi.json)
   normalizer http://127.0.0.1:9101/metrics
   deliverer  http://127.0.0.1:9102/metrics
   poller     http://127.0.0.1:9103/metrics

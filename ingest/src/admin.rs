@@ -1,19 +1,21 @@
-//! The instance API on the admin listener, behind `Authorization: Bearer $ADMIN_TOKEN`.
-//! Instances live in the `ECWID_INSTANCES` bucket; reads here go to the bucket (not the watched
-//! copy) so a client reads its own writes. Secret values never leave in full.
+//! The instance API on the admin listener, behind `Authorization: Bearer $ADMIN_TOKEN` (or
+//! `$ADMIN_READ_TOKEN`, which may only read). Instances live in the `ECWID_INSTANCES` bucket;
+//! reads here go to the bucket (not the watched copy) so a client reads its own writes. Secret
+//! values never leave in full. The console's files and the OpenAPI document ([`crate::console`])
+//! are mounted here too, outside the token check: they hold no data.
 
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::instance::{new_instance_id, Instance, InstancePatch};
 use subtle::ConstantTimeEq;
@@ -34,6 +36,7 @@ const MAX_ID_LEN: usize = 128;
 pub fn router(state: AppState) -> Router {
     let panics = state.inner.ctx.common.http_panics.clone();
     let router = Router::new()
+        .route("/whoami", get(whoami))
         .route("/instances", get(list).post(create))
         .route("/instances/{id}", get(show).patch(update).delete(remove))
         .merge(crate::dead_letters::routes())
@@ -43,25 +46,88 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // Added after the token layer, so not behind it: static files and the API's description.
+        .merge(crate::console::routes())
         .layer(middleware::from_fn(error::json_errors))
         .with_state(state);
     shared::ops::catch_panics(router, panics)
 }
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Who a bearer token makes the caller; `GET /whoami` tells the console which actions to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `ADMIN_TOKEN`: everything.
+    Admin,
+    /// `ADMIN_READ_TOKEN`: every `GET`, nothing else.
+    Read,
+}
+
+impl Role {
+    /// Whether this role may make a request with `method`.
+    pub fn may(self, method: &Method) -> bool {
+        self == Role::Admin || method == Method::GET || method == Method::HEAD
+    }
+}
+
+fn token_matches(given: &str, expected: &str) -> bool {
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let expected = state.inner.config.admin_token.expose().as_bytes();
-    match given {
-        Some(token) if bool::from(token.as_bytes().ct_eq(expected)) => next.run(request).await,
-        Some(_) => ApiError::Unauthorized("the bearer token is wrong".into()).into_response(),
-        None => ApiError::Unauthorized("send Authorization: Bearer <ADMIN_TOKEN>".into())
-            .into_response(),
+    let Some(given) = given else {
+        return ApiError::Unauthorized("send Authorization: Bearer <ADMIN_TOKEN>".into())
+            .into_response();
+    };
+    let config = &state.inner.config;
+    // Both comparisons always run, so the time taken does not say which token was close.
+    let admin = token_matches(given, config.admin_token.expose());
+    let read = config
+        .admin_read_token
+        .as_ref()
+        .is_some_and(|t| token_matches(given, t.expose()));
+    let role = match (admin, read) {
+        (true, _) => Role::Admin,
+        (false, true) => Role::Read,
+        (false, false) => {
+            return ApiError::Unauthorized("the bearer token is wrong".into()).into_response()
+        }
+    };
+    if !role.may(request.method()) {
+        return forbidden(request.method());
     }
+    request.extensions_mut().insert(role);
+    next.run(request).await
+}
+
+/// 403 for the read-only token asking to change something. Built here rather than as an
+/// [`ApiError`] variant: it is the only place that refuses a known caller.
+fn forbidden(method: &Method) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({
+            "error": "forbidden",
+            "message": format!(
+                "the read-only token (ADMIN_READ_TOKEN) may only GET; {method} needs ADMIN_TOKEN"
+            ),
+        })),
+    )
+        .into_response()
+}
+
+/// `GET /whoami`: `{"role": "admin" | "read"}`.
+async fn whoami(axum::Extension(role): axum::Extension<Role>) -> Json<serde_json::Value> {
+    Json(json!({ "role": role }))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {

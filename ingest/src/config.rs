@@ -19,6 +19,9 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// `ADMIN_TOKEN` (required): the bearer token of the admin API.
     pub admin_token: Secret,
+    /// `ADMIN_READ_TOKEN` (optional): a second bearer token that may call every `GET` of the
+    /// admin API and nothing else (the console signed in with it shows no actions).
+    pub admin_read_token: Option<Secret>,
     /// `INGEST_MAX_BODY_BYTES`, default 256 KiB.
     pub max_body_bytes: usize,
     /// `INGEST_PUBLISH_TIMEOUT_MS`, default 2000: how long to wait for JetStream's ack before 503.
@@ -48,6 +51,22 @@ impl Config {
                 "must be at least 16 characters",
             ));
         }
+        let read_token = vars.get("ADMIN_READ_TOKEN").filter(|t| !t.is_empty());
+        if let Some(read) = read_token {
+            if read.len() < 16 {
+                return Err(ConfigError::new(
+                    "ADMIN_READ_TOKEN",
+                    "must be at least 16 characters",
+                ));
+            }
+            if read == token {
+                return Err(ConfigError::new(
+                    "ADMIN_READ_TOKEN",
+                    "must differ from ADMIN_TOKEN",
+                ));
+            }
+        }
+        let admin_read_token = read_token.map(Secret::new);
         let max_body_bytes: usize = vars.parse_or("INGEST_MAX_BODY_BYTES", 256 * 1024)?;
         if !(1024..=64 * 1024 * 1024).contains(&max_body_bytes) {
             return Err(ConfigError::new(
@@ -78,6 +97,7 @@ impl Config {
             listen: vars.addr_or("INGEST_LISTEN", DEFAULT_LISTEN)?,
             admin_listen: vars.addr_or("ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN)?,
             admin_token: Secret::new(token),
+            admin_read_token,
             max_body_bytes,
             publish_timeout,
             require_signature: vars.bool_or("INGEST_REQUIRE_SIGNATURE", false)?,
@@ -114,6 +134,23 @@ mod tests {
         assert_eq!(c.server_limits.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.body_timeout, Duration::from_secs(10));
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        assert!(c.admin_read_token.is_none());
+    }
+
+    #[test]
+    fn read_token_is_optional_long_and_distinct() {
+        let read = ("ADMIN_READ_TOKEN", "read-only-token-0123");
+        let c = Config::from_vars(&Vars::from_pairs([TOKEN, read])).unwrap();
+        assert_eq!(
+            c.admin_read_token.as_ref().map(|s| s.expose()),
+            Some("read-only-token-0123")
+        );
+        assert!(!format!("{c:?}").contains("read-only-token-0123"));
+        for bad in ["short", "0123456789abcdef"] {
+            let err = Config::from_vars(&Vars::from_pairs([TOKEN, ("ADMIN_READ_TOKEN", bad)]))
+                .unwrap_err();
+            assert_eq!(err.var, "ADMIN_READ_TOKEN", "{bad}");
+        }
     }
 
     #[test]

@@ -12,10 +12,12 @@
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
 //! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
 //! - [`backfill`]: the poller's routes: backfill a window, show a store's last poll.
+//! - [`console`]: the operators' console (`/ui/`) and the OpenAPI document, embedded.
 
 pub mod admin;
 pub mod backfill;
 pub mod config;
+pub mod console;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
