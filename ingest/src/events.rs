@@ -201,7 +201,7 @@ async fn stream(state: &AppState, name: &str) -> Result<Stream, ApiError> {
 
 /// The index entries matching `subject` with sequences in `[lo, hi)`, oldest first.
 async fn read_window(
-    stream: &Stream,
+    stream: &Stream<()>,
     subject: &str,
     lo: u64,
     hi: u64,
@@ -266,25 +266,32 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
     if let Some(found) = by_ecwid_event_id(state, q).await? {
         return Ok((found, false));
     }
-    let stream = stream(state, INDEX_STREAM).await?;
-    let first = stream.cached_info().state.first_sequence.max(1);
-    let last = stream.cached_info().state.last_sequence;
-    let mut hi = q
-        .after
-        .unwrap_or(last.saturating_add(1))
-        .min(last.saturating_add(1));
+    // An objectId names few entries: one pass from the start finds them all, and needs no
+    // stream info. Otherwise, windows that grow as they go back, so a recent page reads little.
     let subject = q.subject();
-    // An objectId names few entries: one pass finds them all. Otherwise, windows that grow as
-    // they go back, so a recent page reads little.
-    let mut window = if q.object_id.is_some() {
-        u64::MAX
+    let reader = state
+        .inner
+        .ctx
+        .js
+        .get_stream_no_info(INDEX_STREAM)
+        .await
+        .map_err(unavailable)?;
+    let (first, mut hi, mut window) = if q.object_id.is_some() {
+        (1, q.after.unwrap_or(u64::MAX), u64::MAX)
     } else {
-        (q.limit as u64 * 4).max(256)
+        let info = stream(state, INDEX_STREAM).await?;
+        let first = info.cached_info().state.first_sequence.max(1);
+        let last = info.cached_info().state.last_sequence;
+        let hi = q
+            .after
+            .unwrap_or(last.saturating_add(1))
+            .min(last.saturating_add(1));
+        (first, hi, (q.limit as u64 * 4).max(256))
     };
     let mut hits: Vec<(u64, Record)> = Vec::new();
     while hi > first {
         let lo = hi.saturating_sub(window).max(first);
-        let entries = read_window(&stream, &subject, lo, hi).await?;
+        let entries = read_window(&reader, &subject, lo, hi).await?;
         let older_than_since = q
             .since_ms
             .is_some_and(|s| entries.first().is_some_and(|(_, e)| e.received_at_ms < s));
