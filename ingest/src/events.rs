@@ -240,6 +240,51 @@ async fn read_window(
     Ok(found)
 }
 
+/// Entries an objectId search reads one direct get at a time before it takes a consumer instead.
+const DIRECT_READS: usize = 256;
+
+/// The index entries matching `subject` with sequences in `[lo, hi)`, oldest first, read one
+/// direct get at a time (`next_by_subj`): for an objectId's few entries this costs a round trip
+/// each and no consumer. `None` when there are more than [`DIRECT_READS`], or the server cannot
+/// answer such a get (then a consumer reads them).
+async fn read_direct(
+    stream: &Stream<()>,
+    subject: &str,
+    lo: u64,
+    hi: u64,
+) -> Result<Option<Vec<(u64, IndexEntry)>>, ApiError> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let mut found = Vec::new();
+    let mut seq = lo;
+    while seq < hi {
+        let next = tokio::time::timeout(
+            JS_TIMEOUT,
+            stream.direct_get_next_for_subject(subject, Some(seq)),
+        )
+        .await
+        .map_err(|_| unavailable("reading the event index timed out"))?;
+        let message = match next {
+            Ok(m) => m,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "Direct get of the index refused; reading with a consumer.");
+                return Ok(None);
+            }
+        };
+        if message.sequence >= hi {
+            break;
+        }
+        if found.len() == DIRECT_READS {
+            return Ok(None);
+        }
+        if let Ok(entry) = serde_json::from_slice::<IndexEntry>(&message.payload) {
+            found.push((message.sequence, entry));
+        }
+        seq = message.sequence + 1;
+    }
+    Ok(Some(found))
+}
+
 /// Reads the records of `entries` (newest first), concurrently; drops those gone.
 async fn records_of(
     state: &AppState,
@@ -291,7 +336,14 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
     let mut hits: Vec<(u64, Record)> = Vec::new();
     while hi > first {
         let lo = hi.saturating_sub(window).max(first);
-        let entries = read_window(&reader, &subject, lo, hi).await?;
+        let direct = match q.object_id {
+            Some(_) => read_direct(&reader, &subject, lo, hi).await?,
+            None => None,
+        };
+        let entries = match direct {
+            Some(entries) => entries,
+            None => read_window(&reader, &subject, lo, hi).await?,
+        };
         let older_than_since = q
             .since_ms
             .is_some_and(|s| entries.first().is_some_and(|(_, e)| e.received_at_ms < s));
@@ -410,7 +462,14 @@ async fn envelope_of(
     let Some(seq) = record.envelope_seq else {
         return Ok(None);
     };
-    let stream = stream(state, EVENTS_STREAM).await?;
+    // A direct get needs no stream info: one round trip.
+    let stream = state
+        .inner
+        .ctx
+        .js
+        .get_stream_no_info(EVENTS_STREAM)
+        .await
+        .map_err(unavailable)?;
     match tokio::time::timeout(JS_TIMEOUT, stream.direct_get(seq)).await {
         Err(_) => Err(unavailable("JetStream did not answer")),
         Ok(Err(e)) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
@@ -464,25 +523,11 @@ async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiErro
                 record.id
             ),
         })?;
-    let mut h = HeaderMap::new();
-    headers::carry(&original, &mut h);
-    h.insert(
-        headers::MSG_ID,
-        format!("redeliver:{}:{}", record.id, uuid::Uuid::new_v4().simple()),
-    );
-    h.insert(headers::ATTEMPT_OFFSET, record.attempts.to_string());
-    shared::nats::publish(
-        &state.inner.ctx.js,
-        events_subject(instance_id),
-        h,
-        body,
-        JS_TIMEOUT,
-    )
-    .await
-    .map_err(|e| ApiError::Unavailable(crate::routes::error_chain(&e)))?;
+    // The record says `pending` before the envelope goes, not after: the deliverer may take it
+    // at once, and its snapshot must be the last word, not be undone by this one.
     let log = &state.inner.ctx.log;
     let fallback = record.clone();
-    let updated = log
+    let pending = log
         .update(&record.id, |current| {
             let mut r = current.unwrap_or_else(|| fallback.clone());
             r.status = Status::Pending;
@@ -490,14 +535,44 @@ async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiErro
             r
         })
         .await;
-    match updated {
-        Ok(r) => Ok(r),
+    let pending = match pending {
+        Ok(r) => r,
         Err(error) => {
-            // The envelope is on its way; the deliverer's next snapshot says where it stands.
+            // Not marked; the deliverer's next snapshot says where it stands.
             log.failed(&error);
-            Ok(record.clone())
+            record.clone()
         }
+    };
+    let mut h = HeaderMap::new();
+    headers::carry(&original, &mut h);
+    h.insert(
+        headers::MSG_ID,
+        format!("redeliver:{}:{}", record.id, uuid::Uuid::new_v4().simple()),
+    );
+    h.insert(headers::ATTEMPT_OFFSET, pending.attempts.to_string());
+    let published = shared::nats::publish(
+        &state.inner.ctx.js,
+        events_subject(instance_id),
+        h,
+        body,
+        JS_TIMEOUT,
+    )
+    .await;
+    if let Err(e) = published {
+        // Nothing was sent: put the status back (best effort) and say so.
+        let previous = record.status;
+        let _ = log
+            .update(&record.id, |current| {
+                let mut r = current.unwrap_or_else(|| record.clone());
+                if r.status == Status::Pending {
+                    r.status = previous;
+                }
+                r
+            })
+            .await;
+        return Err(ApiError::Unavailable(crate::routes::error_chain(&e)));
     }
+    Ok(pending)
 }
 
 async fn redeliver(

@@ -729,6 +729,11 @@ impl Pipeline {
                 .await
                 .expect("ingest runs");
         }));
+        // The ingest first, as a deployment's rollout would: its start-up creates the streams
+        // and buckets the workers then only find. Three services creating them at once on one
+        // server make nats-server 2.9 time requests out for many seconds.
+        let probe = reqwest::Client::new();
+        wait_ready(&probe, addrs.1).await;
         let normalizer_config = normalizer::Config::from_vars(&vars).expect("normalizer config");
         let (c, k) = (connect(nats_url).await, cancel.clone());
         handles.push(tokio::spawn(async move {

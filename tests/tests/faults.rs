@@ -115,24 +115,37 @@ async fn two_replicas_of_each_worker_share_the_work_and_lose_nothing() {
     })
     .await;
 
-    let mut normalized = Vec::new();
-    for p in &cluster.normalizers {
-        let text = p.metrics().await;
-        normalized.push(sample_sum(
-            &text,
-            "ecwid_normalizer_messages_total",
-            &[("outcome", "normalized")],
-        ));
-    }
-    let mut delivered = Vec::new();
-    for p in &cluster.deliverers {
-        let text = p.metrics().await;
-        delivered.push(sample_sum(
-            &text,
-            "ecwid_deliver_attempts_total",
-            &[("outcome", "success"), ("status_class", "2xx")],
-        ));
-    }
+    // The receiver counts a request when it arrives, a deliverer when the answer is back: wait
+    // until the deliverers' counters have caught up with what the receiver saw.
+    let counts = |procs: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let (list, name, labels): (&Vec<ServiceProc>, &str, &[(&str, &str)]) = match procs {
+                "normalizer" => (
+                    &cluster.normalizers,
+                    "ecwid_normalizer_messages_total",
+                    &[("outcome", "normalized")],
+                ),
+                _ => (
+                    &cluster.deliverers,
+                    "ecwid_deliver_attempts_total",
+                    &[("outcome", "success"), ("status_class", "2xx")],
+                ),
+            };
+            let mut out = Vec::new();
+            for p in list {
+                out.push(sample_sum(&p.metrics().await, name, labels));
+            }
+            out
+        }
+    };
+    wait_until(WAIT, "the workers' counters to reach 200", || async {
+        counts("normalizer").await.iter().sum::<f64>() >= 200.0
+            && counts("deliverer").await.iter().sum::<f64>() >= 200.0
+    })
+    .await;
+    let normalized = counts("normalizer").await;
+    let delivered = counts("deliverer").await;
     eprintln!(
         "two replicas: {done}; normalized per replica {normalized:?}, delivered {delivered:?}"
     );
