@@ -13,17 +13,6 @@ use serde_json::{Map, Value};
 use shared::ecwid::{self, Format};
 use shared::strategies::{any_json, webhook_like};
 
-const ION_NAMES: &[&str] = &[
-    "owner_id",
-    "event_type",
-    "date",
-    "order_id",
-    "payment_status",
-    "fulfillment_status",
-    "old_payment_status",
-    "old_fulfillment_status",
-];
-
 /// A value: digits, a known event type, anything printable, or anything at all.
 fn form_value() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -38,7 +27,7 @@ fn form_value() -> impl Strategy<Value = String> {
 /// Form bodies: known and unknown names (repeated at times), encoded as a browser would.
 fn form_like() -> impl Strategy<Value = String> {
     let name = prop_oneof![
-        4 => prop::sample::select(ION_NAMES).prop_map(str::to_owned),
+        4 => prop::sample::select(&ecwid::ION_FIELDS[..]).prop_map(str::to_owned),
         1 => ".{0,8}",
     ];
     prop::collection::vec((name, form_value()), 0..10)

@@ -303,7 +303,7 @@ pub fn parse_v3(body: &[u8]) -> Result<V3Event<'_>, ParseError> {
 }
 
 /// The ION fields the pipeline reads; every one may appear once.
-const ION_FIELDS: [&str; 8] = [
+pub const ION_FIELDS: [&str; 8] = [
     "owner_id",
     "event_type",
     "date",
