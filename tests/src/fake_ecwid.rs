@@ -74,12 +74,7 @@ impl FakeEcwid {
             .route("/api/v3/{store}/{entity}/deleted", get(deleted))
             .with_state(Arc::clone(&state));
         let cancel = CancellationToken::new();
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
+        crate::serve_until(listener, app, &cancel);
         Self {
             addr,
             state,

@@ -565,12 +565,7 @@ impl Receiver {
         let app = Router::new()
             .fallback(receive)
             .with_state(Arc::clone(&state));
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
+        serve_until(listener, app, &cancel);
         Self {
             addr,
             state,
@@ -602,6 +597,17 @@ impl Receiver {
         .await;
         self.received()
     }
+}
+
+/// Serves `app` on `listener` in the background until `cancel` fires (test servers: receivers,
+/// the fake Ecwid API).
+pub fn serve_until(listener: TcpListener, app: Router, cancel: &CancellationToken) {
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    });
 }
 
 async fn receive(
