@@ -9,6 +9,7 @@ use shared::retry::{parse_schedule, MAX_ATTEMPT_TIMEOUT};
 
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9102";
 pub const DEFAULT_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,9h";
+pub const DEFAULT_DISABLE_AFTER: &str = "72h";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,6 +32,9 @@ pub struct Config {
     pub breaker_cooldown: Duration,
     /// `DELIVER_ALLOW_NETWORKS`: networks callbacks may reach despite the SSRF guard.
     pub allow_networks: AllowList,
+    /// `DELIVER_DISABLE_AFTER`, default `72h`, `0` = never: how long an instance's callback may
+    /// fail without a success before the instance is disabled.
+    pub disable_after: Option<Duration>,
 }
 
 impl Config {
@@ -66,6 +70,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let disable_after = vars.string_or("DELIVER_DISABLE_AFTER", DEFAULT_DISABLE_AFTER);
+        let disable_after = Some(
+            shared::config::parse_duration(&disable_after)
+                .map_err(|e| ConfigError::new("DELIVER_DISABLE_AFTER", e))?,
+        )
+        .filter(|d| !d.is_zero());
         let common = CommonConfig::from_vars(vars)?;
         // A record must outlive the retries it describes, or a retrying event would vanish from
         // the log while still being delivered.
@@ -91,6 +101,7 @@ impl Config {
             breaker_cooldown: vars.millis_or("DELIVER_BREAKER_COOLDOWN_MS", 30_000, 10)?,
             allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
                 .map_err(|e| ConfigError::new("DELIVER_ALLOW_NETWORKS", e))?,
+            disable_after,
         })
     }
 
@@ -116,6 +127,9 @@ mod tests {
             (Duration::from_secs(5), Duration::from_secs(15))
         );
         assert!(c.ack_wait() > c.timeout);
+        assert_eq!(c.disable_after, Some(Duration::from_secs(72 * 3600)));
+        let never = Config::from_vars(&Vars::from_pairs([("DELIVER_DISABLE_AFTER", "0")])).unwrap();
+        assert_eq!(never.disable_after, None);
     }
 
     #[test]
@@ -145,6 +159,7 @@ mod tests {
             ("DELIVER_MAX_IN_FLIGHT_PER_HOST", "100000"),
             ("DELIVER_BREAKER_FAILURES", "0"),
             ("DELIVER_ALLOW_NETWORKS", "everything"),
+            ("DELIVER_DISABLE_AFTER", "3 days"),
             ("OPS_LISTEN", "9102"),
             // Shorter than the default schedule's 24 h 43 min.
             ("EVENT_LOG_RETENTION", "24h"),

@@ -23,9 +23,10 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
+use shared::control::{InstanceState, State};
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
-use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::nats::{headers, subject_tail, CALLBACKS_BUCKET, DELIVERER_CONSUMER, EVENTS_STREAM};
 use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
@@ -34,9 +35,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dispatch::{self, Attempt, Dispatcher};
+use crate::health::Callbacks;
+use crate::hold::Hold;
 use crate::journal::{self, Sent};
 use crate::metrics::Metrics;
-use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
+use crate::policy::{jitter, next_wait, HostLimits};
 
 /// How long a dead letter's publish may wait for JetStream's ack before the envelope is put
 /// back to try again.
@@ -64,7 +67,8 @@ struct Worker {
     ctx: ServiceContext,
     metrics: Metrics,
     dispatcher: Dispatcher,
-    breakers: Breakers,
+    callbacks: Arc<Callbacks>,
+    hold: Hold,
     hosts: HostLimits,
     /// Stream sequence → times this replica put the message back without an attempt.
     deferrals: Mutex<HashMap<u64, u64>>,
@@ -105,13 +109,29 @@ pub async fn run(
     .map_err(crate::error::Error::Http)?;
     let concurrency = config.max_in_flight;
     let grace = config.common.shutdown_grace;
+    let callbacks_kv =
+        ctx.js
+            .get_key_value(CALLBACKS_BUCKET)
+            .await
+            .map_err(|e| shared::Error::Topology {
+                what: "key-value bucket",
+                name: CALLBACKS_BUCKET.to_owned(),
+                message: e.to_string(),
+            })?;
+    let callbacks = Arc::new(Callbacks::new(
+        callbacks_kv,
+        config.breaker_failures,
+        config.breaker_cooldown,
+        config.ack_wait(),
+        metrics.breakers_open.clone(),
+        metrics.breaker_transitions.clone(),
+    ));
+    callbacks.spawn(cancel.child_token());
+    let hold = Hold::new(ctx.clone(), metrics.clone());
+    hold.spawn_keeper(cancel.child_token());
     let worker = Arc::new(Worker {
-        breakers: Breakers::new(
-            config.breaker_failures,
-            config.breaker_cooldown,
-            metrics.breakers_open.clone(),
-            metrics.breaker_transitions.clone(),
-        ),
+        callbacks,
+        hold,
         hosts: HostLimits::new(config.max_in_flight_per_host),
         deferrals: Mutex::new(HashMap::new()),
         config,
@@ -202,8 +222,6 @@ impl Worker {
         let seq = info.stream_sequence;
         let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
         let queued_at = info.published.unix_timestamp_nanos() / 1_000_000;
-        let deferred = self.deferrals_of(seq);
-        let attempt = delivered.saturating_sub(deferred).max(1);
         let instance_id = subject_tail(message.subject.as_str()).to_owned();
         let h = message.headers.as_ref();
         if let Some(reply_to) = header(h, headers::TEST_REPLY_TO).map(str::to_owned) {
@@ -213,6 +231,16 @@ impl Worker {
         let offset = header(h, headers::ATTEMPT_OFFSET)
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+        let attempt = self.attempt_number(&message, seq, delivered, offset).await;
+        if self.ctx.state_of(&instance_id).holds() {
+            // Attempts made so far go with it; this take is not one.
+            let made = offset + attempt - 1;
+            if self.hold.take(&message, &instance_id, seq, made).await {
+                self.forget(seq);
+                self.unmark_retrying(&instance_id, seq, attempt).await;
+            }
+            return;
+        }
         let (outcome, sent) = self.attempt(&message, &instance_id, attempt).await;
         journal::record(
             &self.ctx.log,
@@ -233,6 +261,35 @@ impl Worker {
             outcome,
         )
         .await;
+    }
+
+    /// This message's attempt number: the attempts its event log record counts (less those made
+    /// before it was redelivered or held), plus one. The record is written after every attempt
+    /// and never for a deferral, so a deferral spends nothing, also when another replica or a
+    /// restarted one made it. Without the log (`EVENT_LOG=off`), or before a redelivery, the
+    /// server's delivery count less this replica's own deferrals.
+    async fn attempt_number(
+        &self,
+        message: &jetstream::Message,
+        seq: u64,
+        delivered: u64,
+        offset: u64,
+    ) -> u64 {
+        let local = delivered.saturating_sub(self.deferrals_of(seq)).max(1);
+        if delivered <= 1 || !self.ctx.log.enabled() {
+            return local;
+        }
+        let Ok(head) = serde_json::from_slice::<EnvelopeHead>(&message.payload) else {
+            return local;
+        };
+        match self.ctx.log.get(&head.message.event_id).await {
+            Ok(Some((record, _))) if record.attempts >= offset => record.attempts - offset + 1,
+            Ok(_) => local,
+            Err(error) => {
+                tracing::debug!(seq, %error, "Event log unreadable; counting attempts from deliveries.");
+                local
+            }
+        }
     }
 
     fn deferrals_of(&self, seq: u64) -> u64 {
@@ -399,8 +456,7 @@ impl Worker {
     /// free slot. Otherwise the deferral that puts the envelope back without spending an
     /// attempt.
     async fn admit(&self, url: &reqwest::Url) -> Result<OwnedSemaphorePermit, Outcome> {
-        let key = url.as_str();
-        if let Admit::Wait(wait) = self.breakers.admit(key) {
+        if let Err(wait) = self.callbacks.admit(url.as_str()).await {
             self.metrics
                 .deferred
                 .with_label_values(&["breaker_open"])
@@ -420,7 +476,7 @@ impl Worker {
                 .deferred
                 .with_label_values(&["host_busy"])
                 .inc();
-            self.breakers.not_sent(url.as_str());
+            self.callbacks.not_sent(url.as_str()).await;
             return Err(Outcome::Retry {
                 delay: jitter(HOST_BUSY_WAIT),
                 spends_attempt: false,
@@ -450,12 +506,85 @@ impl Worker {
             .attempts
             .with_label_values(&[if success { "success" } else { "failure" }, result.class()])
             .inc();
-        match result {
+        match &result {
             // Refused before a request went: says nothing about the receiver.
-            Attempt::Refused(_) => self.breakers.not_sent(target.url.as_str()),
-            _ => self.breakers.record(target.url.as_str(), success),
+            Attempt::Refused(_) => self.callbacks.not_sent(target.url.as_str()).await,
+            Attempt::Delivered(_) => {
+                self.callbacks.record(target.url.as_str(), Ok(())).await;
+            }
+            Attempt::Gone(_) | Attempt::Failed { .. } => {
+                let error = match &result {
+                    Attempt::Failed { error, .. } => error.as_str(),
+                    _ => "the callback answered 410 Gone",
+                };
+                if let Some(health) = self.callbacks.record(target.url.as_str(), Err(error)).await {
+                    self.disable_if_failing(&target.instance.id, &health).await;
+                }
+            }
         }
         result
+    }
+
+    /// Moves the instance to `disabled` when its callback has failed without a success for
+    /// `DELIVER_DISABLE_AFTER` (unless an operator paused or disabled it already).
+    async fn disable_if_failing(
+        &self,
+        instance_id: &str,
+        health: &shared::control::CallbackHealth,
+    ) {
+        let Some(after) = self.config.disable_after else {
+            return;
+        };
+        let now = now_unix_ms();
+        if health
+            .failing_for(now)
+            .is_none_or(|failing| failing < after)
+        {
+            return;
+        }
+        if self.ctx.state_of(instance_id) != State::Active {
+            return;
+        }
+        let reason = format!(
+            "deliveries failed for {} s without a success; last error: {}",
+            health.failing_for(now).unwrap_or_default().as_secs(),
+            health.last_error.as_deref().unwrap_or("unknown")
+        );
+        let next = InstanceState::new(State::Disabled, now, Some(reason));
+        let written = match shared::control::read_state(&self.ctx.states_kv, instance_id).await {
+            Ok((current, _)) if current.as_ref().is_some_and(|s| s.state != State::Active) => {
+                return;
+            }
+            Ok((_, revision)) => {
+                shared::control::write_state(&self.ctx.states_kv, instance_id, &next, revision)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => {
+                self.metrics
+                    .instance_transitions
+                    .with_label_values(&["disabled"])
+                    .inc();
+                tracing::error!(instance_id, "Instance disabled: its deliveries kept failing. Its events are held; resume it when the receiver is back.");
+            }
+            // Another replica disabled it (or an operator acted) at the same moment.
+            Err(shared::control::ControlError::Conflict) => {}
+            Err(error) => {
+                tracing::warn!(instance_id, %error, "Could not disable the instance; will try again at its next failure.");
+            }
+        }
+    }
+
+    /// Removes envelope `seq`'s retry marker, which only an envelope that failed before has.
+    async fn unmark_retrying(&self, instance_id: &str, seq: u64, attempt: u64) {
+        if attempt <= 1 {
+            return;
+        }
+        if let Err(error) = shared::control::unmark_retrying(&self.ctx.js, instance_id, seq).await {
+            tracing::warn!(instance_id, seq, %error, "Could not remove a retry marker; the instance's health overcounts it.");
+        }
     }
 
     async fn settle(
@@ -470,6 +599,7 @@ impl Worker {
         match outcome {
             Outcome::Ack => {
                 self.forget(seq);
+                self.unmark_retrying(instance_id, seq, attempt).await;
                 if let Err(error) = message.ack().await {
                     tracing::warn!(instance_id, seq, %error, "Ack failed; the event may be delivered again.");
                 }
@@ -480,6 +610,15 @@ impl Worker {
             } => {
                 if !spends_attempt {
                     self.note_deferral(seq);
+                } else if let Err(error) = shared::control::mark_retrying(
+                    &self.ctx.js,
+                    instance_id,
+                    seq,
+                    DEAD_LETTER_ACK_WAIT,
+                )
+                .await
+                {
+                    tracing::warn!(instance_id, seq, %error, "Could not mark an envelope as retrying; the instance's health undercounts it.");
                 }
                 if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(instance_id, seq, %error, "NAK failed; the server redelivers after ack_wait.");
@@ -526,6 +665,7 @@ impl Worker {
                     return;
                 }
                 self.forget(seq);
+                self.unmark_retrying(instance_id, seq, attempt).await;
                 tracing::warn!(instance_id, seq, attempt, reason, %error, "Envelope dead-lettered.");
                 self.ctx
                     .common

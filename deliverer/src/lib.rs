@@ -7,8 +7,9 @@
 //! - [`metrics`]: attempts, latencies, retries, dead letters, breakers, in-flight requests.
 //! - [`dispatch`]: signing (Open Connectors and Standard Webhooks) and the HTTP POST, with the
 //!   SSRF guard at connect time.
-//! - [`policy`]: the retry schedule, jitter and `Retry-After`, the per-URL circuit breaker and
-//!   the per-host limits.
+//! - [`policy`]: the retry schedule, jitter and `Retry-After`, and the per-host limits.
+//! - [`health`]: the callback health every replica shares (breaker, failures, success counts).
+//! - [`hold`]: envelopes of paused and disabled instances moved aside, and released on resume.
 //! - [`journal`]: the event log snapshot written after every attempt.
 //! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
 
@@ -16,6 +17,8 @@ pub mod config;
 pub mod consumer;
 pub mod dispatch;
 pub mod error;
+pub mod health;
+pub mod hold;
 pub mod journal;
 pub mod metrics;
 pub mod policy;

@@ -11,6 +11,8 @@ pub const DEFERRED_TOTAL: &str = "ecwid_deliver_deferred_total";
 pub const IN_FLIGHT: &str = "ecwid_deliver_in_flight";
 pub const BREAKERS_OPEN: &str = "ecwid_deliver_breakers_open";
 pub const BREAKER_TRANSITIONS: &str = "ecwid_deliver_breaker_transitions_total";
+pub const HELD_TOTAL: &str = "ecwid_deliver_held_total";
+pub const RELEASED_TOTAL: &str = "ecwid_deliver_released_total";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -26,6 +28,12 @@ pub struct Metrics {
     pub breakers_open: IntGauge,
     /// to: open, half_open, closed.
     pub breaker_transitions: IntCounterVec,
+    /// Envelopes of paused or disabled instances moved into the hold.
+    pub held: IntCounter,
+    /// Held envelopes moved back for delivery.
+    pub released: IntCounter,
+    /// to: disabled (the deliverer's auto-disable; pause and resume count at the admin API).
+    pub instance_transitions: IntCounterVec,
 }
 
 impl Metrics {
@@ -64,6 +72,22 @@ impl Metrics {
                 reg,
                 BREAKER_TRANSITIONS,
                 "Circuit breaker state changes, by new state.",
+                &["to"],
+            ),
+            held: counter(
+                reg,
+                HELD_TOTAL,
+                "Envelopes of paused or disabled instances moved into the hold (ECWID_HELD).",
+            ),
+            released: counter(
+                reg,
+                RELEASED_TOTAL,
+                "Held envelopes moved back for delivery after a resume.",
+            ),
+            instance_transitions: counter_vec(
+                reg,
+                shared::metrics::INSTANCE_TRANSITIONS_TOTAL,
+                "Instance state changes, by new state.",
                 &["to"],
             ),
         }

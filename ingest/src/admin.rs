@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/instances/{id}", get(show).patch(update).delete(remove))
         .merge(crate::dead_letters::routes())
         .merge(crate::events::routes())
+        .merge(crate::control::routes())
         .merge(crate::backfill::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
@@ -136,7 +137,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(e.to_string())
 }
 
-fn not_found(id: &str) -> ApiError {
+pub(crate) fn not_found(id: &str) -> ApiError {
     let shown: String = id.chars().take(MAX_ID_LEN).collect();
     ApiError::NotFound {
         code: "not_found",
@@ -215,15 +216,19 @@ async fn list(
                 .as_deref()
                 .is_none_or(|s| instance.store_id() == Some(s))
             {
-                instances.push(instance.redacted());
+                instances.push(instance);
             }
         }
     }
     instances.sort_by(|a, b| a.created_date.cmp(&b.created_date).then(a.id.cmp(&b.id)));
-    Ok(Json(json!({"instances": instances})))
+    let mut shown = Vec::with_capacity(instances.len());
+    for instance in instances {
+        shown.push(with_state(&state, &instance).await?);
+    }
+    Ok(Json(json!({"instances": shown})))
 }
 
-async fn load(store: &kv::Store, id: &str) -> Result<Option<(Instance, u64)>, ApiError> {
+pub(crate) async fn load(store: &kv::Store, id: &str) -> Result<Option<(Instance, u64)>, ApiError> {
     if !is_valid_key(id) {
         return Ok(None);
     }
@@ -250,14 +255,24 @@ fn is_valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
 }
 
+/// The instance as the API shows it: redacted, with its `state` (active, paused, disabled).
+async fn with_state(state: &AppState, instance: &Instance) -> Result<serde_json::Value, ApiError> {
+    let (current, _) = crate::control::state_of(state, instance).await?;
+    let mut shown = serde_json::to_value(instance.redacted()).map_err(unavailable)?;
+    if let Some(map) = shown.as_object_mut() {
+        map.insert("state".to_owned(), json!(current.state));
+    }
+    Ok(shown)
+}
+
 async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Instance>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let (instance, _) = load(&state.inner.ctx.kv, &id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(instance.redacted()))
+    Ok(Json(with_state(&state, &instance).await?))
 }
 
 async fn update(
@@ -296,6 +311,11 @@ async fn remove(
     let store = &state.inner.ctx.kv;
     load(store, &id).await?.ok_or_else(|| not_found(&id))?;
     within(store.delete(&id)).await?;
+    // Its state goes with it: an instance created again under this id starts active. Its held
+    // envelopes are released by the deliverers and dead-lettered there (no instance).
+    if let Err(error) = state.inner.ctx.states_kv.purge(&id).await {
+        tracing::warn!(instance_id = %id, %error, "Could not remove the state of a deleted instance.");
+    }
     tracing::info!(instance_id = %id, "Instance deleted.");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -9,6 +9,7 @@
 //!   bodies is [`shared::ecwid`]'s, shared with the normalizer.
 //! - [`routes`]: the webhook endpoints and the publish to `ECWID_RAW`.
 //! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
+//! - [`control`]: an instance's health, pause and resume.
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
 //! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
 //! - [`backfill`]: the poller's routes: backfill a window, show a store's last poll.
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod backfill;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod dead_letters;
 pub mod error;
 pub mod events;

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub publish_duration: Histogram,
     pub unverified: IntCounterVec,
+    /// to: paused, active (the admin API's pause and resume).
+    pub instance_transitions: IntCounterVec,
 }
 
 impl Metrics {
@@ -43,6 +45,12 @@ impl Metrics {
                 UNVERIFIED_TOTAL,
                 "Accepted events whose signature could not be checked (no client secret, or ION).",
                 &["format"],
+            ),
+            instance_transitions: counter_vec(
+                reg,
+                shared::metrics::INSTANCE_TRANSITIONS_TOTAL,
+                "Instance state changes, by new state.",
+                &["to"],
             ),
         }
     }

@@ -58,7 +58,7 @@ pub struct Directory {
     /// value when it subscribes and is woken by the change, so no wake-up is lost between a check
     /// and the wait.
     loaded: Arc<watch::Sender<bool>>,
-    gauges: Option<(IntGauge, IntGauge)>,
+    revision_gauge: Option<IntGauge>,
 }
 
 impl Default for Directory {
@@ -66,17 +66,17 @@ impl Default for Directory {
         Self {
             inner: Arc::default(),
             loaded: Arc::new(watch::Sender::new(false)),
-            gauges: None,
+            revision_gauge: None,
         }
     }
 }
 
 impl Directory {
-    /// A directory that reports its size (`ecwid_instances`) and the newest bucket revision it
+    /// A directory that reports the newest bucket revision it
     /// applied (`ecwid_instances_revision`).
-    pub fn with_gauges(size: IntGauge, revision: IntGauge) -> Self {
+    pub fn with_revision_gauge(revision: IntGauge) -> Self {
         Self {
-            gauges: Some((size, revision)),
+            revision_gauge: Some(revision),
             ..Self::default()
         }
     }
@@ -149,8 +149,7 @@ impl Directory {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut guard);
-        if let Some((size, rev)) = &self.gauges {
-            size.set(guard.by_id.len() as i64);
+        if let Some(rev) = &self.revision_gauge {
             rev.set(rev.get().max(i64::try_from(revision).unwrap_or(i64::MAX)));
         }
     }

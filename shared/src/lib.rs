@@ -5,7 +5,10 @@
 //! - [`ecwid`]: Ecwid's inbound formats (v3 webhooks, ION forms) parsed once, and their dedupe ids.
 //! - [`eventlog`]: the event log: every envelope's journey and attempts, its streams and index.
 //! - [`instance`]: the connector instance (the seed's instance JSON), validation and redaction.
+//! - [`control`]: instance states (pause, disable), callback health shared by the deliverers,
+//!   and the hold where a held instance's envelopes wait.
 //! - [`directory`]: the live in-memory view of the instances bucket (store id → instances).
+//! - [`kvwatch`]: a live in-memory copy of a small JSON KV bucket (states, callback health).
 //! - [`envelope`]: the Open Connectors envelope the callbacks receive.
 //! - [`dead`]: publishing to the dead-letter stream, with headers saying why.
 //! - [`netguard`]: which callback addresses are refused (SSRF guard) and the operator's allow-list.
@@ -21,6 +24,7 @@
 //! - [`error`]: this crate's error type.
 
 pub mod config;
+pub mod control;
 pub mod dead;
 pub mod directory;
 pub mod ecwid;
@@ -28,6 +32,7 @@ pub mod envelope;
 pub mod error;
 pub mod eventlog;
 pub mod instance;
+pub mod kvwatch;
 pub mod metrics;
 pub mod nats;
 pub mod netguard;

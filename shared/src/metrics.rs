@@ -15,6 +15,9 @@ pub const DEAD_LETTERS_TOTAL: &str = "ecwid_dead_letters_total";
 pub const CONSUMER_PENDING: &str = "ecwid_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING: &str = "ecwid_consumer_ack_pending_messages";
 pub const HTTP_PANICS_TOTAL: &str = "ecwid_http_panics_total";
+/// Instance state changes by new state: pause and resume at the ingest (admin API), auto-disable
+/// at the deliverer.
+pub const INSTANCE_TRANSITIONS_TOTAL: &str = "ecwid_instance_transitions_total";
 
 /// Latency buckets from 1 ms to 60 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -74,7 +77,8 @@ pub fn histogram_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) ->
 #[derive(Debug, Clone)]
 pub struct CommonMetrics {
     pub nats_connected: IntGauge,
-    pub instances: IntGauge,
+    /// state: active, paused, disabled.
+    pub instances: IntGaugeVec,
     pub instances_revision: IntGauge,
     pub dead_letters: IntCounterVec,
     pub consumer_pending: IntGaugeVec,
@@ -94,7 +98,12 @@ impl CommonMetrics {
         build.with_label_values(&[service, crate::VERSION]).set(1);
         Self {
             nats_connected: gauge(reg, NATS_CONNECTED, "1 while the NATS connection is up."),
-            instances: gauge(reg, INSTANCES, "Connector instances known to this process."),
+            instances: gauge_vec(
+                reg,
+                INSTANCES,
+                "Connector instances known to this process, by state (active, paused, disabled).",
+                &["state"],
+            ),
             instances_revision: gauge(
                 reg,
                 INSTANCES_REVISION,

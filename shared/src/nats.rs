@@ -38,6 +38,17 @@ pub const POLL_SEEN_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const BACKFILL_SUBJECT: &str = "ecwid.poller.backfill";
 pub const POLLER_QUEUE: &str = "poller";
 
+/// Envelopes of paused and disabled instances, held until resumed ([`crate::control`]).
+pub const HELD_STREAM: &str = "ECWID_HELD";
+/// One marker per envelope that failed and waits for its retry (`ecwid.retrying.<instanceId>.<seq>`),
+/// so an instance's health counts them exactly ([`crate::control`]).
+pub const RETRYING_STREAM: &str = "ECWID_RETRYING";
+/// Instance states (`active`, `paused`, `disabled`), keyed by instance id; no key = active.
+pub const STATE_BUCKET: &str = "ECWID_INSTANCE_STATE";
+/// Callback health shared by the deliverer replicas (breaker, failures, success counts), keyed
+/// by a hash of the callback URL ([`crate::control::callback_key`]).
+pub const CALLBACKS_BUCKET: &str = "ECWID_CALLBACKS";
+
 /// Durable pull consumer of the normalizer replicas on [`RAW_STREAM`].
 pub const NORMALIZER_CONSUMER: &str = "normalizer";
 /// Durable pull consumer of the deliverer replicas on [`EVENTS_STREAM`].
@@ -52,6 +63,8 @@ pub const WORK_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const RAW_PREFIX: &str = "ecwid.raw";
 pub const EVENTS_PREFIX: &str = "ecwid.events";
 pub const DEAD_PREFIX: &str = "ecwid.dead";
+pub const HELD_PREFIX: &str = "ecwid.held";
+pub const RETRYING_PREFIX: &str = "ecwid.retrying";
 
 /// `ecwid.raw.<storeId>`
 pub fn raw_subject(store_id: &str) -> String {
@@ -167,6 +180,8 @@ pub mod headers {
     /// On a test envelope: where the deliverer answers the one attempt's result (core NATS).
     /// A test envelope is tried once, never retried or dead-lettered.
     pub const TEST_REPLY_TO: &str = "Ecwid-Test-Reply-To";
+    /// On a held envelope: its `ECWID_EVENTS` sequence; on a released one: `ECWID_HELD:<seq>`.
+    pub const HELD_FROM: &str = "Ecwid-Held-From";
 
     /// What travels with an event from stage to stage, into a dead letter and back on replay.
     pub const CARRIED: [&str; 9] = [
@@ -298,7 +313,9 @@ pub async fn setup_topology(
         },
     ];
     let [log, index] = crate::eventlog::stream_configs(cfg.replicas, cfg.log_retention);
-    for config in streams.into_iter().chain([log, index]) {
+    let held = crate::control::held_stream_config(cfg.replicas, cfg.duplicate_window);
+    let retrying = crate::control::retrying_stream_config(cfg.replicas);
+    for config in streams.into_iter().chain([log, index, held, retrying]) {
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
@@ -329,6 +346,18 @@ pub async fn setup_topology(
         Bucket {
             name: POLL_STATE_BUCKET,
             description: "ecwid-events poller cursors, status, budgets",
+            history: 1,
+            max_age: Duration::ZERO,
+        },
+        Bucket {
+            name: STATE_BUCKET,
+            description: "ecwid-events instance states (paused, disabled)",
+            history: 5,
+            max_age: Duration::ZERO,
+        },
+        Bucket {
+            name: CALLBACKS_BUCKET,
+            description: "ecwid-events callback health shared by the deliverers",
             history: 1,
             max_age: Duration::ZERO,
         },

@@ -9,10 +9,12 @@ use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CommonConfig;
+use crate::control::{InstanceState, State};
 use crate::directory::Directory;
 use crate::eventlog::{EventLog, LogMetrics};
+use crate::kvwatch::KvView;
 use crate::metrics::CommonMetrics;
-use crate::nats::{setup_topology, TopologyConfig};
+use crate::nats::{setup_topology, TopologyConfig, STATE_BUCKET};
 use crate::ops::OpsState;
 use crate::Error;
 
@@ -31,6 +33,11 @@ pub struct ServiceContext {
     pub common: CommonMetrics,
     /// The event log (writes do nothing with `EVENT_LOG=off`).
     pub log: EventLog,
+    /// `ECWID_INSTANCE_STATE` and its live copy: which instances are paused or disabled.
+    pub states_kv: kv::Store,
+    pub states: KvView<InstanceState>,
+    /// Bumped on every change of `states`: wait on it to act on a pause or resume at once.
+    pub state_changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl ServiceContext {
@@ -53,9 +60,25 @@ impl ServiceContext {
         };
         let registry = Registry::new();
         let common = CommonMetrics::register(&registry, service);
-        let directory =
-            Directory::with_gauges(common.instances.clone(), common.instances_revision.clone());
+        let directory = Directory::with_revision_gauge(common.instances_revision.clone());
         directory.spawn_watch(kv.clone(), cancel.child_token());
+        let states_kv = js
+            .get_key_value(STATE_BUCKET)
+            .await
+            .map_err(|e| Error::Topology {
+                what: "key-value bucket",
+                name: STATE_BUCKET.to_owned(),
+                message: e.to_string(),
+            })?;
+        let (changed, state_changes) = tokio::sync::watch::channel(0u64);
+        let states = KvView::with_hook(move |_, _, _| changed.send_modify(|n| *n += 1));
+        states.spawn_follow(states_kv.clone(), cancel.child_token());
+        spawn_state_gauges(
+            directory.clone(),
+            states.clone(),
+            common.instances.clone(),
+            cancel.child_token(),
+        );
         let log = EventLog::new(
             js.clone(),
             config.event_log,
@@ -69,7 +92,17 @@ impl ServiceContext {
             registry,
             common,
             log,
+            states_kv,
+            states,
+            state_changes,
         })
+    }
+
+    /// The state of `instance_id` as this replica knows it (active when none is stored).
+    pub fn state_of(&self, instance_id: &str) -> State {
+        self.states
+            .get(instance_id)
+            .map_or(State::Active, |(s, _)| s.state)
     }
 
     pub fn ops_state(&self) -> OpsState {
@@ -80,6 +113,38 @@ impl ServiceContext {
             directory: self.directory.clone(),
         }
     }
+}
+
+/// How often `ecwid_instances{state}` is counted again.
+const STATE_GAUGE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps `ecwid_instances{state}` current: the instances of the directory, by their state.
+fn spawn_state_gauges(
+    directory: Directory,
+    states: KvView<InstanceState>,
+    gauge: prometheus::IntGaugeVec,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STATE_GAUGE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let mut counts = [0i64; 3];
+            for instance in directory.all() {
+                let state = states
+                    .get(&instance.id)
+                    .map_or(State::Active, |(s, _)| s.state);
+                counts[state as usize] += 1;
+            }
+            for (state, count) in State::ALL.into_iter().zip(counts) {
+                gauge.with_label_values(&[state.as_str()]).set(count);
+            }
+        }
+    });
 }
 
 /// The whole of a service's `main`: the `healthcheck` subcommand (GET `/healthz` on the address

@@ -1,0 +1,214 @@
+//! Instance control on the admin listener: `GET /instances/{id}/health`, `POST
+//! /instances/{id}/pause` and `POST /instances/{id}/resume` ([`shared::control`]).
+//!
+//! Pause and resume write the instance's state with compare-and-set; every deliverer replica
+//! follows it. Paused (and disabled) instances' envelopes are moved into `ECWID_HELD` by the
+//! deliverer as they come; after a resume the deliverers move them back. The health is read
+//! fresh from JetStream on each call: the state, the callback's shared health, and four counts
+//! read as throwaway consumers' pending counts (a handful of requests, however large the
+//! streams).
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use shared::control::{self, CallbackHealth, InstanceState, State as Mode};
+use shared::instance::Instance;
+use shared::nats::{
+    dead_subject, events_subject, CALLBACKS_BUCKET, DEAD_STREAM, DELIVERER_CONSUMER, EVENTS_STREAM,
+};
+use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
+
+use crate::admin::{load, not_found};
+use crate::error::{ApiError, ApiPath};
+use crate::state::AppState;
+
+const JS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Compare-and-set tries before a pause or resume answers 409.
+const TRIES: usize = 5;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/instances/{id}/health", get(health))
+        .route("/instances/{id}/pause", post(pause))
+        .route("/instances/{id}/resume", post(resume))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "Instance control: JetStream did not answer.");
+    ApiError::Unavailable(e.to_string())
+}
+
+async fn within<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(JS_TIMEOUT, f).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(unavailable("JetStream did not answer in time")),
+    }
+}
+
+async fn instance(state: &AppState, id: &str) -> Result<Instance, ApiError> {
+    load(&state.inner.ctx.kv, id)
+        .await?
+        .map(|(i, _)| i)
+        .ok_or_else(|| not_found(id))
+}
+
+/// The stored state of `id`: active since its creation when nothing is stored.
+pub async fn state_of(
+    state: &AppState,
+    instance: &Instance,
+) -> Result<(InstanceState, u64), ApiError> {
+    let (stored, revision) = within(control::read_state(
+        &state.inner.ctx.states_kv,
+        &instance.id,
+    ))
+    .await?;
+    Ok((
+        stored.unwrap_or_else(|| InstanceState {
+            state: Mode::Active,
+            since: instance.created_date.clone().unwrap_or_default(),
+            reason: None,
+        }),
+        revision,
+    ))
+}
+
+/// Moves `id` to `to` (from any other state), answering the new state and what is held.
+async fn set(state: &AppState, id: &str, to: Mode) -> Result<Json<Value>, ApiError> {
+    let instance = instance(state, id).await?;
+    let store = &state.inner.ctx.states_kv;
+    for _ in 0..TRIES {
+        let (current, revision) = state_of(state, &instance).await?;
+        let next = if current.state == to {
+            current
+        } else {
+            let next = InstanceState::new(to, now_unix_ms(), None);
+            match within(async {
+                match control::write_state(store, id, &next, revision).await {
+                    Err(control::ControlError::Conflict) => Ok(false),
+                    other => other.map(|()| true),
+                }
+            })
+            .await?
+            {
+                true => {
+                    state
+                        .inner
+                        .metrics
+                        .instance_transitions
+                        .with_label_values(&[to.as_str()])
+                        .inc();
+                    tracing::info!(instance_id = %id, state = to.as_str(), from = current.state.as_str(), "Instance state changed.");
+                    next
+                }
+                false => continue,
+            }
+        };
+        let held = within(control::held_count(&state.inner.ctx.js, id)).await?;
+        return Ok(Json(json!({
+            "id": id,
+            "state": next.state,
+            "since": next.since,
+            "reason": next.reason,
+            "held": held,
+        })));
+    }
+    Err(ApiError::Conflict(format!(
+        "the state of instance {id} kept changing; try again"
+    )))
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    set(&state, &id, Mode::Paused).await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    set(&state, &id, Mode::Active).await
+}
+
+async fn callback_health(state: &AppState, url: &str) -> Result<CallbackHealth, ApiError> {
+    let store: kv::Store = within(state.inner.ctx.js.get_key_value(CALLBACKS_BUCKET)).await?;
+    let entry = within(store.entry(control::callback_key(url))).await?;
+    Ok(entry
+        .filter(|e| e.operation == kv::Operation::Put)
+        .and_then(|e| serde_json::from_slice(&e.value).ok())
+        .unwrap_or_default())
+}
+
+/// Envelopes of `id` no deliverer has taken yet: those past the deliverer consumer's delivered
+/// sequence.
+async fn waiting(state: &AppState, id: &str) -> Result<u64, ApiError> {
+    let js = &state.inner.ctx.js;
+    let delivered = match within(
+        js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            DELIVERER_CONSUMER,
+            EVENTS_STREAM,
+        ),
+    )
+    .await
+    {
+        Ok(mut consumer) => within(consumer.info()).await?.delivered.stream_sequence,
+        // No deliverer has started yet: nothing was taken.
+        Err(_) => 0,
+    };
+    within(control::count_subject_from(
+        js,
+        EVENTS_STREAM,
+        &events_subject(id),
+        Some(delivered + 1),
+    ))
+    .await
+}
+
+fn time(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, |ms| Value::String(unix_ms_to_rfc3339(ms)))
+}
+
+async fn health(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let instance = instance(&state, &id).await?;
+    let (current, _) = state_of(&state, &instance).await?;
+    let callback = match instance.callback_url() {
+        Some(url) => callback_health(&state, url).await?,
+        None => CallbackHealth::default(),
+    };
+    let js = &state.inner.ctx.js;
+    let dead_letters = dead_subject("deliver", &id);
+    let (held, retrying, dead, waiting) = tokio::try_join!(
+        within(control::held_count(js, &id)),
+        within(control::retrying_count(js, &id)),
+        within(control::count_subject(js, DEAD_STREAM, &dead_letters)),
+        waiting(&state, &id),
+    )?;
+    let now = now_unix_ms();
+    Ok(Json(json!({
+        "id": id,
+        "state": current.state,
+        "since": current.since,
+        "reason": current.reason,
+        "lastSuccessAt": time(callback.last_success_at_ms),
+        "lastFailureAt": time(callback.last_failure_at_ms),
+        "consecutiveFailures": callback.consecutive_failures,
+        "failingSince": time(callback.failing_since_ms),
+        "successRate1h": callback.success_rate(now),
+        "backlog": waiting + held,
+        "held": held,
+        "retrying": retrying,
+        "dead": dead,
+        "breaker": callback.breaker,
+        "lastError": callback.last_error,
+    })))
+}
