@@ -150,20 +150,74 @@ async function instancesView() {
     mono((i.configuration || {})['ecwid.store.id']),
     mono(callbackOf(i)),
     enabledOf(i) ? badge('on') : badge('off'),
+    badge(i.state || 'active'),
     dash((i.tags || []).filter(Boolean).join(', ')),
     h('div', { class: 'actions' },
+      h('a', { href: `#/instances/${encodeURIComponent(i.id)}/health` }, 'Health'),
       h('a', { href: `#/events?instance=${encodeURIComponent(i.id)}` }, 'Events'),
       h('a', { href: `#/dead-letters?instance=${encodeURIComponent(i.id)}` }, 'Dead letters'),
       isAdmin() && h('a', { href: `#/instances/${encodeURIComponent(i.id)}/edit` }, 'Edit'),
       isAdmin() && h('button', { type: 'button', class: 'secondary', onclick: () => testInstance(i, out) }, 'Send test event'),
-      isAdmin() && h('button', { type: 'button', class: 'secondary', onclick: () => replayForm(i, out) }, 'Replay window…')),
+      isAdmin() && h('button', { type: 'button', class: 'secondary', onclick: () => replayForm(i, out) }, 'Replay window…'),
+      isAdmin() && pauseResumeButton(i, out)),
   ]);
   render(
     h('h1', {}, 'Instances'),
-    h('p', { class: 'muted' }, 'Pause/resume and per-instance health are not in the admin API yet, so they are not shown here. "Notifications" is the instance\'s event.notification.enabled setting.'),
+    h('p', { class: 'muted' }, '"Notifications" is the instance\'s event.notification.enabled setting. "State" is where its events go: active (delivered), paused (held by an operator), disabled (held after its callback failed for DELIVER_DISABLE_AFTER). Held events spend no attempt and are delivered, in order, after Resume.'),
     isAdmin() && h('div', { class: 'actions' }, h('a', { href: '#/instances/new' }, h('span', {}, 'New instance'))),
     out,
-    table('Instances', ['Name', 'Store', 'Callback', 'Notifications', 'Tags', 'Actions'], rows, 'No instances yet.'),
+    table('Instances', ['Name', 'Store', 'Callback', 'Notifications', 'State', 'Tags', 'Actions'], rows, 'No instances yet.'),
+  );
+}
+
+// Pause for an active instance, Resume for a paused or disabled one.
+function pauseResumeButton(i, out, after) {
+  const held = (i.state || 'active') !== 'active';
+  return h('button', { type: 'button', class: 'secondary', onclick: () => act({
+    target: out,
+    confirm: held
+      ? `Resume instance "${dash(i.name)}"? Its held events are delivered to ${dash(callbackOf(i))}, oldest first, then new ones as they come.`
+      : `Pause instance "${dash(i.name)}"? Its events are held (no attempt spent, nothing dropped) until you resume it.`,
+    okLabel: held ? 'Resume' : 'Pause',
+    run: () => api('POST', `/instances/${encodeURIComponent(i.id)}/${held ? 'resume' : 'pause'}`),
+    describe: (b) => {
+      i.state = b.state;
+      if (after) after();
+      return [
+        b.state === 'active' ? `Resumed: instance ${b.id} is active since ${b.since}.` : `Paused: instance ${b.id} is paused since ${b.since}.`,
+        b.state === 'active' ? `${b.held} held event(s) are being released for delivery.` : `${b.held} event(s) held so far.`,
+        h('a', { href: '#/instances', onclick: () => route() }, 'Back to instances (refreshed)'),
+      ];
+    },
+  }) }, held ? 'Resume…' : 'Pause…');
+}
+
+function percent(rate) { return rate === null || rate === undefined ? 'no attempts in the last hour' : `${Math.round(rate * 1000) / 10} %`; }
+
+async function healthView(id) {
+  const [{ body: i }, { body: hl }] = await Promise.all([
+    api('GET', `/instances/${encodeURIComponent(id)}`),
+    api('GET', `/instances/${encodeURIComponent(id)}/health`),
+  ]);
+  const out = h('div');
+  render(
+    h('h1', {}, `Health of "${dash(i.name)}"`),
+    facts([
+      ['State', badge(hl.state)], ['Since', hl.since], ['Reason', hl.reason],
+      ['Callback', mono(callbackOf(i))], ['Breaker', badge(hl.breaker)],
+      ['Last success', hl.lastSuccessAt], ['Last failure', hl.lastFailureAt],
+      ['Consecutive failures', String(hl.consecutiveFailures)], ['Failing since', hl.failingSince],
+      ['Success rate (1 h)', percent(hl.successRate1h)], ['Last error', hl.lastError],
+      ['Backlog (not yet taken, or held)', String(hl.backlog)], ['Held', String(hl.held)],
+      ['Retrying', String(hl.retrying)], ['Dead letters', String(hl.dead)],
+    ]),
+    h('p', { class: 'muted' }, 'Breaker, failures, last success and success rate belong to the callback URL, shared by every deliverer replica (and every instance with that URL).'),
+    h('div', { class: 'actions' },
+      h('a', { href: `#/events?instance=${encodeURIComponent(id)}` }, 'Events'),
+      h('a', { href: `#/dead-letters?instance=${encodeURIComponent(id)}` }, 'Dead letters'),
+      isAdmin() && pauseResumeButton(i, out),
+      isAdmin() && h('button', { type: 'button', class: 'secondary', onclick: () => testInstance(i, out) }, 'Send test event')),
+    out,
   );
 }
 
@@ -440,6 +494,7 @@ async function route() {
     else if (section === 'dead-letters') await deadLettersView(params);
     else if (section === 'instances' && parts[1] === 'new') await instanceEditView(null);
     else if (section === 'instances' && parts[2] === 'edit') await instanceEditView(parts[1]);
+    else if (section === 'instances' && parts[2] === 'health') await healthView(parts[1]);
     else await instancesView();
     document.title = `${document.querySelector('#view h1')?.textContent || 'Console'} — ecwid-events`;
   } catch (e) {

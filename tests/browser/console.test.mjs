@@ -125,6 +125,26 @@ try {
   await confirm(page, 'Cancel');
   assert.equal(testCalls.length, 1);
 
+  step('pause and resume an instance, and read its health');
+  const INSTANCE_7001 = (await api('GET', '/instances', ADMIN_TOKEN)).body.instances
+    .find((i) => i.configuration['ecwid.store.id'] === '7001').id;
+  await row7001.getByRole('button', { name: 'Pause…' }).click();
+  await confirm(page, 'Pause');
+  await page.getByTestId('result').getByText(/Paused: instance .* is paused since/).waitFor();
+  assert.equal((await api('GET', `/instances/${encodeURIComponent(INSTANCE_7001)}/health`, ADMIN_TOKEN)).body.state, 'paused');
+  await page.getByRole('link', { name: /Back to instances/ }).click();
+  await page.getByRole('row', { name: /store 7001/ }).getByText('paused', { exact: true }).waitFor();
+  await page.getByRole('row', { name: /store 7001/ }).getByRole('link', { name: 'Health' }).click();
+  await page.getByRole('heading', { name: /Health of "store 7001"/ }).waitFor();
+  await shot(page, 'console-health');
+  await page.getByRole('button', { name: 'Resume…' }).click();
+  await confirm(page, 'Resume');
+  await page.getByTestId('result').getByText(/Resumed: instance .* is active since/).waitFor();
+  assert.equal((await api('GET', `/instances/${encodeURIComponent(INSTANCE_7001)}/health`, ADMIN_TOKEN)).body.state, 'active');
+  await page.getByRole('link', { name: 'Instances' }).first().click();
+  await page.getByRole('heading', { name: 'Instances' }).waitFor();
+  await shown(page);
+
   step('edit an instance: secrets stay masked and are kept');
   await row7001.getByRole('link', { name: 'Edit' }).click();
   await page.getByRole('heading', { name: /Edit instance/ }).waitFor();
@@ -281,7 +301,7 @@ try {
   await signIn(page, READ_TOKEN);
   await page.getByText('Signed in: read-only').waitFor();
   await page.getByRole('cell', { name: /store 7001/ }).waitFor();
-  for (const name of ['Send test event', 'Replay window…']) {
+  for (const name of ['Send test event', 'Replay window…', 'Pause…', 'Resume…']) {
     assert.equal(await page.getByRole('button', { name }).count(), 0, `${name} is hidden`);
   }
   assert.equal(await page.getByRole('link', { name: 'Edit' }).count(), 0);
