@@ -47,6 +47,10 @@ pub enum ApiError {
     /// 503: JetStream could not take it now; retry later.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    /// 503: the stream is at the limit the operator set (`STREAM_MAX_BYTES`,
+    /// `STREAM_MAX_MSGS`); nothing was stored; retry later.
+    #[error("{0} is at its configured limit")]
+    StreamFull(&'static str),
 }
 
 impl ApiError {
@@ -76,7 +80,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StreamFull(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -93,6 +97,7 @@ impl ApiError {
             ApiError::Unprocessable { .. } => "invalid_field",
             ApiError::Timeout(_) => "timeout",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::StreamFull(_) => "stream_full",
         }
     }
 
@@ -103,6 +108,10 @@ impl ApiError {
             ApiError::Unavailable(_) => {
                 "temporarily unavailable; nothing was changed or stored; retry later".to_owned()
             }
+            ApiError::StreamFull(stream) => format!(
+                "{stream} is at the limit its operator set (STREAM_MAX_BYTES / STREAM_MAX_MSGS); \
+                 nothing was stored; retry later"
+            ),
             ApiError::Unprocessable { field, message } => format!("{field}: {message}"),
             other => other.to_string(),
         }
@@ -119,6 +128,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => "too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::StreamFull(_) => "stream_full",
             _ => "invalid",
         }
     }

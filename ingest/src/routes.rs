@@ -17,7 +17,7 @@ use serde_json::json;
 use shared::directory::Directory;
 use shared::ecwid::{self, Format};
 use shared::instance::Instance;
-use shared::nats::{headers, raw_subject};
+use shared::nats::{headers, raw_subject, RAW_STREAM};
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -91,6 +91,13 @@ async fn receive_traced(
         }
         Err(err) => {
             match &err {
+                ApiError::StreamFull(stream) => {
+                    tracing::error!(
+                        format,
+                        stream,
+                        "Webhook refused with 503: the stream is at its configured limit. Raise STREAM_MAX_BYTES / STREAM_MAX_MSGS or let the workers catch up."
+                    );
+                }
                 ApiError::Unavailable(cause) => {
                     tracing::warn!(
                         format,
@@ -313,7 +320,14 @@ async fn publish(
         state.inner.config.publish_timeout,
     )
     .await
-    .map_err(|e| ApiError::Unavailable(error_chain(&e)))?;
+    .map_err(|e| {
+        let chain = error_chain(&e);
+        if shared::nats::is_stream_full(&chain) {
+            ApiError::StreamFull(RAW_STREAM)
+        } else {
+            ApiError::Unavailable(chain)
+        }
+    })?;
     state
         .inner
         .metrics

@@ -253,6 +253,101 @@ pub struct CommonConfig {
     /// `EVENT_LOG_RETENTION`, default `7d`: how long records (and the envelopes they point to)
     /// are kept.
     pub event_log_retention: Duration,
+    /// `STREAM_MAX_BYTES` and `STREAM_MAX_MSGS`: limits per stream (none by default).
+    pub stream_limits: StreamLimits,
+}
+
+/// Byte and message limits per stream, from `STREAM_MAX_BYTES` and `STREAM_MAX_MSGS`
+/// (`ECWID_RAW=4GiB,ECWID_EVENTS=8GiB`; a stream not named has no limit but its age).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_bytes: std::collections::BTreeMap<String, i64>,
+    pub max_msgs: std::collections::BTreeMap<String, i64>,
+}
+
+/// The streams whose limits can be set.
+pub const LIMITED_STREAMS: [&str; 7] = [
+    "ECWID_RAW",
+    "ECWID_EVENTS",
+    "ECWID_DEAD",
+    "ECWID_HELD",
+    "ECWID_RETRYING",
+    "ECWID_LOG",
+    "ECWID_LOG_INDEX",
+];
+
+impl StreamLimits {
+    pub fn parse(max_bytes: &str, max_msgs: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            max_bytes: parse_limits("STREAM_MAX_BYTES", max_bytes, parse_size)?,
+            max_msgs: parse_limits("STREAM_MAX_MSGS", max_msgs, |v| {
+                v.trim()
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("`{v}` is not a positive number of messages"))
+            })?,
+        })
+    }
+
+    /// The limits of `stream` (-1: none), as JetStream takes them.
+    pub fn of(&self, stream: &str) -> (i64, i64) {
+        (
+            self.max_bytes.get(stream).copied().unwrap_or(-1),
+            self.max_msgs.get(stream).copied().unwrap_or(-1),
+        )
+    }
+}
+
+fn parse_limits(
+    var: &str,
+    raw: &str,
+    value: impl Fn(&str) -> Result<i64, String>,
+) -> Result<std::collections::BTreeMap<String, i64>, ConfigError> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, v) = item.split_once('=').ok_or_else(|| {
+            ConfigError::new(var, format!("`{item}` is not STREAM=LIMIT"))
+        })?;
+        let name = name.trim();
+        if !LIMITED_STREAMS.contains(&name) {
+            return Err(ConfigError::new(
+                var,
+                format!("unknown stream `{name}` (one of {})", LIMITED_STREAMS.join(", ")),
+            ));
+        }
+        let v = value(v).map_err(|e| ConfigError::new(var, format!("{name}: {e}")))?;
+        if out.insert(name.to_owned(), v).is_some() {
+            return Err(ConfigError::new(var, format!("`{name}` is named twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a size: a number with an optional unit `B`, `KB`, `MB`, `GB`, `TB` (powers of 1000)
+/// or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024).
+pub fn parse_size(raw: &str) -> Result<i64, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: i64 = number
+        .parse()
+        .map_err(|_| format!("`{raw}` is not a size such as 512MiB or 4GB"))?;
+    let factor: i64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => return Err(format!("unknown unit `{other}` in `{raw}`")),
+    };
+    n.checked_mul(factor)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("`{raw}` must be above zero and below 8 EiB"))
 }
 
 impl CommonConfig {
@@ -309,7 +404,12 @@ impl CommonConfig {
                 "must be at least 1h",
             ));
         }
+        let stream_limits = StreamLimits::parse(
+            &vars.string_or("STREAM_MAX_BYTES", ""),
+            &vars.string_or("STREAM_MAX_MSGS", ""),
+        )?;
         Ok(Self {
+            stream_limits,
             nats_url,
             stream_replicas,
             duplicate_window: Duration::from_secs(window_secs),

@@ -100,6 +100,12 @@ pub enum PublishError {
     Timeout(Duration),
 }
 
+/// Whether a publish failed because the stream is at its byte or message limit (JetStream's
+/// `maximum bytes exceeded`, `maximum messages exceeded`).
+pub fn is_stream_full(error: &str) -> bool {
+    error.contains("maximum bytes exceeded") || error.contains("maximum messages exceeded")
+}
+
 /// Publishes `payload` with `headers` to `subject` and waits up to `timeout` for JetStream's ack:
 /// nothing counts as stored before the ack. The ack says whether the message id was a duplicate.
 pub async fn publish(
@@ -213,6 +219,8 @@ pub struct TopologyConfig {
     pub duplicate_window: Duration,
     /// `EVENT_LOG_RETENTION`.
     pub log_retention: Duration,
+    /// `STREAM_MAX_BYTES`, `STREAM_MAX_MSGS`.
+    pub limits: crate::config::StreamLimits,
 }
 
 impl From<&crate::config::CommonConfig> for TopologyConfig {
@@ -221,6 +229,7 @@ impl From<&crate::config::CommonConfig> for TopologyConfig {
             replicas: c.stream_replicas,
             duplicate_window: c.duplicate_window,
             log_retention: c.event_log_retention,
+            limits: c.stream_limits.clone(),
         }
     }
 }
@@ -279,6 +288,23 @@ fn work_stream(
     }
 }
 
+/// Applies the operator's limits to a stream. At a limit, a work stream (whose messages are work
+/// not done yet) refuses new messages, so the writer fails and retries (the ingest answers 503)
+/// and nothing stored is dropped; the event log's streams drop their oldest entries, as a log
+/// does.
+pub fn limit(config: &mut stream::Config, limits: &crate::config::StreamLimits) {
+    let (bytes, msgs) = limits.of(&config.name);
+    config.max_bytes = bytes;
+    config.max_messages = msgs;
+    let is_log = config.name.starts_with(crate::eventlog::LOG_STREAM)
+        || config.name == RETRYING_STREAM;
+    config.discard = if is_log {
+        stream::DiscardPolicy::Old
+    } else {
+        stream::DiscardPolicy::New
+    };
+}
+
 /// Creates or updates the three streams and the instances bucket. Safe to run from every replica
 /// at every start.
 pub async fn setup_topology(
@@ -315,7 +341,8 @@ pub async fn setup_topology(
     let [log, index] = crate::eventlog::stream_configs(cfg.replicas, cfg.log_retention);
     let held = crate::control::held_stream_config(cfg.replicas, cfg.duplicate_window);
     let retrying = crate::control::retrying_stream_config(cfg.replicas);
-    for config in streams.into_iter().chain([log, index, held, retrying]) {
+    for mut config in streams.into_iter().chain([log, index, held, retrying]) {
+        limit(&mut config, &cfg.limits);
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
