@@ -14,6 +14,7 @@ it here too.
     check_deploy.py dashboard FILE OUT_RULES       also writes its queries as a rules file for promtool
     check_deploy.py dockerfile FILE
     check_deploy.py config-source ROOT             SERVICE_ENV against the services' config.rs
+    check_deploy.py metric-source ROOT             the metric names against the services' code
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ SERVICE_ENV = {
         "DELIVER_BREAKER_FAILURES",
         "DELIVER_BREAKER_COOLDOWN_MS",
         "DELIVER_ALLOW_NETWORKS",
+        "DELIVER_DISABLE_AFTER",
     },
     # Checked against what poller/src/config.rs reads (poller-source check).
     "poller": COMMON_ENV
@@ -90,7 +92,7 @@ SERVICE_ENV = {
 }
 # Each service's config source: every variable it reads must be in SERVICE_ENV (so a
 # manifest may set it) and every variable listed there must still be read.
-CONFIG_SOURCE = {"poller": "poller/src/config.rs"}
+CONFIG_SOURCE = {"poller": "poller/src/config.rs", "deliverer": "deliverer/src/config.rs"}
 # Containers that are not ours, and the variables their manifests may set.
 OTHER_ENV = {"nats": {"POD_NAME", "GOMEMLIMIT"}, "exporter": set()}
 
@@ -137,6 +139,10 @@ NUMERIC_ENV = {
     "POLLER_CONCURRENCY",
 }
 ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
+# Durations as shared::config::parse_duration reads them: a number and a unit (ms, s, m, h, d;
+# none = seconds). DELIVER_DISABLE_AFTER=0 means never.
+DURATION_ENV = {"DELIVER_DISABLE_AFTER", "EVENT_LOG_RETENTION"}
+DURATION_RE = re.compile(r"^\d+\s*(ms|s|m|h|d)?$")
 
 # SHUTDOWN_GRACE_MS is the whole shutdown of a service, from SIGTERM to exit (the
 # work in hand, then the NATS drain; shared/src/shutdown.rs). What an orchestrator
@@ -184,6 +190,12 @@ COUNTERS = {
     "ecwid_deliver_retries_total",
     "ecwid_deliver_deferred_total",
     "ecwid_deliver_breaker_transitions_total",
+    "ecwid_deliver_held_total",
+    "ecwid_deliver_released_total",
+    "ecwid_instance_transitions_total",
+    "ecwid_event_log_writes_total",
+    "ecwid_event_log_write_failures_total",
+    "ecwid_http_panics_total",
     "ecwid_poller_requests_total",
     "ecwid_poller_entities_seen_total",
     "ecwid_poller_events_emitted_total",
@@ -225,7 +237,9 @@ LABEL_VALUES = {
     "status_class": {"2xx", "3xx", "4xx", "5xx", "timeout", "connect_error", "refused"},
     "reason": None,  # free (bounded by the code)
     "consumer": {"normalizer", "deliverer"},
-    "to": None,
+    "state": {"active", "paused", "disabled"},  # ecwid_instances
+    # ecwid_deliver_breaker_transitions_total; ecwid_instance_transitions_total
+    "to": {"open", "half_open", "closed", "paused", "active", "disabled"},
 }
 
 
@@ -559,6 +573,8 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
                     rep.fail(f"{cwho}: {var}={value!r} is not a number")
                 if var in ENUM_ENV and value not in ENUM_ENV[var]:
                     rep.fail(f"{cwho}: {var}={value!r} not in {sorted(ENUM_ENV[var])}")
+                if var in DURATION_ENV and not DURATION_RE.match(str(value).strip()):
+                    rep.fail(f"{cwho}: {var}={value!r} is not a duration such as 30m, 72h or 7d")
                 if (svc, var) in LISTEN_VALUE:
                     rep.check(value == LISTEN_VALUE[(svc, var)], f"{cwho}: {var}={value}", f"want {LISTEN_VALUE[(svc, var)]}")
             if svc == "ingest":
@@ -865,6 +881,10 @@ def cmd_dashboard(path: str, out_rules: str) -> int:
         ("ecwid_dead_letters_total", "dead letters"),
         ("ecwid_consumer_pending_messages", "consumer lag"),
         ("ecwid_deliver_breakers_open", "breaker states"),
+        ("ecwid_instances", "instances by state"),
+        ("ecwid_instance_transitions_total", "instance state changes"),
+        ("ecwid_deliver_held_total", "envelopes held"),
+        ("ecwid_deliver_released_total", "envelopes released"),
         ("ecwid_poller_requests_total", "poller requests by outcome"),
         ("ecwid_poller_events_emitted_total", "poll events emitted"),
         ("ecwid_poller_lag_seconds", "poll lag"),
@@ -901,6 +921,26 @@ def cmd_config_source(root: str) -> int:
         listed = SERVICE_ENV[svc] - COMMON_ENV
         rep.check(bool(read) and not (read - listed), f"{rel}: every variable {svc} reads is in the contract", f"not listed {sorted(read - listed)}")
         rep.check(not (listed - read), f"{rel}: every {svc} variable of the contract is read", f"not read {sorted(listed - read)}")
+    return rep.exit()
+
+
+METRIC_CONST_RE = re.compile(r'"(ecwid_[a-z0-9_]+)"')
+# Where the services name their metrics (constants; shared::metrics and each crate's metrics.rs).
+METRIC_SOURCES = ("shared/src", "ingest/src", "normalizer/src", "deliverer/src", "poller/src")
+
+
+def cmd_metric_source(root: str) -> int:
+    """The contract's metric names against the string literals `"ecwid_..."` in the services'
+    code: a name the code dropped or renamed would leave an alert or a panel without data; a
+    name the code added and the contract lacks could not be used in an alert or panel."""
+    rep = Report()
+    in_code: set[str] = set()
+    for d in METRIC_SOURCES:
+        for f in sorted((pathlib.Path(root) / d).rglob("*.rs")):
+            in_code |= set(METRIC_CONST_RE.findall(f.read_text(encoding="utf-8")))
+    contract = COUNTERS | GAUGES | HISTOGRAMS
+    rep.check(not (contract - in_code), f"every metric of the contract ({len(contract)}) is named in the code", f"not in the code {sorted(contract - in_code)}")
+    rep.check(not (in_code - contract), f"every metric the code names ({len(in_code)}) is in the contract", f"not in the contract {sorted(in_code - contract)}")
     return rep.exit()
 
 
@@ -970,6 +1010,8 @@ def main(argv: list[str]) -> int:
         return cmd_dockerfile(*args)
     if cmd == "config-source":
         return cmd_config_source(*args)
+    if cmd == "metric-source":
+        return cmd_metric_source(*args)
     print(f"unknown subcommand {cmd}\n{__doc__}")
     return 2
 
