@@ -41,6 +41,8 @@ COMMON_ENV = {
     "RAW_DUPLICATE_WINDOW_SECS",
     "EVENT_LOG",
     "EVENT_LOG_RETENTION",
+    "STREAM_MAX_BYTES",
+    "STREAM_MAX_MSGS",
 }
 SERVICE_ENV = {
     "ingest": COMMON_ENV
@@ -213,6 +215,7 @@ GAUGES = {
     "ecwid_deliver_breakers_open",
     "ecwid_poller_lag_seconds",
     "ecwid_poller_leases_held",
+    "ecwid_stream_usage_ratio",
 }
 HISTOGRAMS = {
     "ecwid_ingest_request_duration_seconds",
@@ -226,7 +229,7 @@ METRIC_NAMES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket
 LABEL_VALUES = {
     "outcome": {
         "accepted", "duplicate", "unauthorized", "invalid", "unknown_store", "too_large",
-        "unsupported_media_type", "unavailable",  # ingest
+        "unsupported_media_type", "unavailable", "stream_full",  # ingest
         "normalized", "filtered", "dead_lettered", "retried",  # normalizer
         "success", "failure",  # deliverer
         "ok", "rate_limited", "refused", "server_error", "timeout", "error",  # poller requests
@@ -238,6 +241,10 @@ LABEL_VALUES = {
     "reason": None,  # free (bounded by the code)
     "consumer": {"normalizer", "deliverer"},
     "state": {"active", "paused", "disabled"},  # ecwid_instances
+    "stream": {  # ecwid_stream_usage_ratio: the streams STREAM_MAX_BYTES / STREAM_MAX_MSGS name
+        "ECWID_RAW", "ECWID_EVENTS", "ECWID_DEAD", "ECWID_HELD", "ECWID_RETRYING", "ECWID_LOG",
+        "ECWID_LOG_INDEX",
+    },
     # ecwid_deliver_breaker_transitions_total; ecwid_instance_transitions_total
     "to": {"open", "half_open", "closed", "paused", "active", "disabled"},
 }

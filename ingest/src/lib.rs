@@ -53,6 +53,12 @@ pub async fn run(
 ) -> Result<(), shared::Error> {
     let ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
     let metrics = metrics::Metrics::register(&ctx.registry);
+    metrics::spawn_stream_usage(
+        ctx.js.clone(),
+        config.common.stream_limits.clone(),
+        metrics.stream_usage.clone(),
+        cancel.child_token(),
+    );
     let grace = config.common.shutdown_grace;
     let limits = config.server_limits;
     let state = AppState::new(config, ctx, metrics);

@@ -306,14 +306,17 @@ fn parse_limits(
 ) -> Result<std::collections::BTreeMap<String, i64>, ConfigError> {
     let mut out = std::collections::BTreeMap::new();
     for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (name, v) = item.split_once('=').ok_or_else(|| {
-            ConfigError::new(var, format!("`{item}` is not STREAM=LIMIT"))
-        })?;
+        let (name, v) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::new(var, format!("`{item}` is not STREAM=LIMIT")))?;
         let name = name.trim();
         if !LIMITED_STREAMS.contains(&name) {
             return Err(ConfigError::new(
                 var,
-                format!("unknown stream `{name}` (one of {})", LIMITED_STREAMS.join(", ")),
+                format!(
+                    "unknown stream `{name}` (one of {})",
+                    LIMITED_STREAMS.join(", ")
+                ),
             ));
         }
         let v = value(v).map_err(|e| ConfigError::new(var, format!("{name}: {e}")))?;
@@ -554,6 +557,40 @@ mod tests {
             assert_eq!(err.var, "NATS_URL", "{raw}");
             assert!(err.message.contains(names), "{raw}: {err}");
             assert!(!err.message.contains("hunter2"), "{raw}: {err}");
+        }
+    }
+
+    #[test]
+    fn stream_limits_name_known_streams_with_sizes() {
+        let l = StreamLimits::parse(
+            "ECWID_RAW=1500MB, ECWID_EVENTS=2GiB,ECWID_LOG=1",
+            "ECWID_DEAD=1000",
+        )
+        .unwrap();
+        assert_eq!(l.of("ECWID_RAW"), (1_500_000_000, -1));
+        assert_eq!(l.of("ECWID_EVENTS"), (2 << 30, -1));
+        assert_eq!(l.of("ECWID_DEAD"), (-1, 1000));
+        assert_eq!(l.of("ECWID_HELD"), (-1, -1));
+        assert_eq!(
+            StreamLimits::parse("", "").unwrap(),
+            StreamLimits::default()
+        );
+        for (bytes, msgs) in [
+            ("ECWID_NOPE=1GB", ""),
+            ("ECWID_RAW", ""),
+            ("ECWID_RAW=1XB", ""),
+            ("ECWID_RAW=0", ""),
+            ("ECWID_RAW=1GB,ECWID_RAW=2GB", ""),
+            ("", "ECWID_RAW=-5"),
+            ("ECWID_RAW=9999999TiB", ""),
+        ] {
+            let err = StreamLimits::parse(bytes, msgs).unwrap_err();
+            let var = if bytes.is_empty() {
+                "STREAM_MAX_MSGS"
+            } else {
+                "STREAM_MAX_BYTES"
+            };
+            assert_eq!(err.var, var, "{bytes} {msgs}");
         }
     }
 

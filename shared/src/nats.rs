@@ -296,8 +296,8 @@ pub fn limit(config: &mut stream::Config, limits: &crate::config::StreamLimits) 
     let (bytes, msgs) = limits.of(&config.name);
     config.max_bytes = bytes;
     config.max_messages = msgs;
-    let is_log = config.name.starts_with(crate::eventlog::LOG_STREAM)
-        || config.name == RETRYING_STREAM;
+    let is_log =
+        config.name.starts_with(crate::eventlog::LOG_STREAM) || config.name == RETRYING_STREAM;
     config.discard = if is_log {
         stream::DiscardPolicy::Old
     } else {

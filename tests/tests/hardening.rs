@@ -497,3 +497,54 @@ async fn future_events_are_refused_when_a_maximum_age_is_set() {
     assert_eq!(raw_count(&nats).await, 1);
     pipeline.stop().await;
 }
+
+/// A work stream at its configured limit refuses what it cannot store: the ingest answers 503
+/// `stream_full` (Ecwid retries), what was accepted before is all delivered, and the usage
+/// gauge shows the stream full.
+#[tokio::test]
+async fn a_stream_at_its_limit_answers_503_and_loses_nothing() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[("STREAM_MAX_MSGS", "ECWID_RAW=5")]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("7401", &receiver.url(), &[]).await;
+    for n in 0..5 {
+        let (status, body) = pipeline
+            .post_json(&order_created(7401, &format!("full-{n}")), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = pipeline
+        .post_json(&order_created(7401, "full-5"), None)
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "stream_full", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ECWID_RAW") && m.contains("STREAM_MAX_MSGS")),
+        "{body}"
+    );
+    receiver.wait_for(5, Duration::from_secs(20)).await;
+    wait_settled(&nats.url(), Duration::from_secs(20)).await;
+    assert_eq!(receiver.count(), 5, "the five accepted events, once each");
+    assert_eq!(
+        raw_count(&nats).await,
+        5,
+        "nothing stored past the limit, nothing dropped"
+    );
+    let p = &pipeline;
+    wait_until(
+        Duration::from_secs(15),
+        "the usage gauge to show the stream full",
+        || async move {
+            let text = p.metrics_text(p.admin).await;
+            metric(&text, "ecwid_stream_usage_ratio{stream=\"ECWID_RAW\"}") == Some(1.0)
+                && metric(
+                    &text,
+                    "ecwid_ingest_requests_total{format=\"v3\",outcome=\"stream_full\"}",
+                ) == Some(1.0)
+        },
+    )
+    .await;
+    pipeline.stop().await;
+}
