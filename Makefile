@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 CARGO_INCREMENTAL ?= 0
 export CARGO_INCREMENTAL
 
-.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu clean
+.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held clean
 
 run:
 	scripts/run-local.sh
@@ -75,6 +75,13 @@ fmt:
 bench:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench $(BENCH_ARGS)
+
+# What a paused instance's 10,000 held events cost (CPU of nats-server and the services against
+# idle) and how fast they are released; ~2 min. Not part of `make bench` (which has its own idle
+# figure): run it when the hold changes.
+bench-held:
+	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
+	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench held
 
 # Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
 # `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.

@@ -19,6 +19,7 @@
 mod cpu;
 mod eventlog;
 mod floors;
+mod held;
 mod load;
 mod procinfo;
 mod receive;
@@ -170,6 +171,7 @@ fn main() -> ExitCode {
             .await
         }),
         "cpu" => cpu::CpuOpts::parse(&args[2..]).and_then(|opts| runtime.block_on(cpu::run(opts))),
+        "held" => runtime.block_on(held::run()),
         _ => Opts::parse().and_then(|opts| runtime.block_on(bench(opts))),
     };
     match result {
