@@ -58,6 +58,9 @@ pub struct Directory {
     /// value when it subscribes and is woken by the change, so no wake-up is lost between a check
     /// and the wait.
     loaded: Arc<watch::Sender<bool>>,
+    /// Counts the changes applied, so a task that follows the instances (the deliverer's
+    /// ordered lanes) wakes on a change instead of polling.
+    changes: Arc<watch::Sender<u64>>,
     gauges: Option<(IntGauge, IntGauge)>,
 }
 
@@ -66,6 +69,7 @@ impl Default for Directory {
         Self {
             inner: Arc::default(),
             loaded: Arc::new(watch::Sender::new(false)),
+            changes: Arc::new(watch::Sender::new(0)),
             gauges: None,
         }
     }
@@ -101,6 +105,11 @@ impl Directory {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A receiver that is marked changed whenever the instances change (the first load included).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether the first load from the bucket has completed.
@@ -153,6 +162,8 @@ impl Directory {
             size.set(guard.by_id.len() as i64);
             rev.set(rev.get().max(i64::try_from(revision).unwrap_or(i64::MAX)));
         }
+        drop(guard);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Applies one bucket entry (put, delete or purge).

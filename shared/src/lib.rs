@@ -8,6 +8,7 @@
 //! - [`directory`]: the live in-memory view of the instances bucket (store id → instances).
 //! - [`envelope`]: the Open Connectors envelope the callbacks receive.
 //! - [`dead`]: publishing to the dead-letter stream, with headers saying why.
+//! - [`ordered`]: ordered delivery's lanes (one consumer per ordered instance) and what blocks one.
 //! - [`netguard`]: which callback addresses are refused (SSRF guard) and the operator's allow-list.
 //! - [`retry`]: how long a stage waits before trying again; the start-up backoff; the bounds of
 //!   a delivery retry schedule.
@@ -31,6 +32,7 @@ pub mod instance;
 pub mod metrics;
 pub mod nats;
 pub mod netguard;
+pub mod ordered;
 pub mod ops;
 pub mod retry;
 pub mod service;
