@@ -25,7 +25,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
-use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_PREFIX, EVENTS_STREAM};
 use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
@@ -59,7 +59,8 @@ pub enum Outcome {
     },
 }
 
-struct Worker {
+/// What every attempt needs; shared by the pull loop and the ordered lanes ([`crate::ordered`]).
+pub(crate) struct Worker {
     config: Config,
     ctx: ServiceContext,
     metrics: Metrics,
@@ -82,6 +83,8 @@ pub async fn run(
         pull::Config {
             durable_name: Some(DELIVERER_CONSUMER.to_owned()),
             description: Some("ecwid-events deliverer replicas".to_owned()),
+            // Not the ordered lanes' envelopes (`ecwid.ordered.>`): each has its own consumer.
+            filter_subject: format!("{EVENTS_PREFIX}.>"),
             ack_policy: AckPolicy::Explicit,
             ack_wait: config.ack_wait(),
             max_deliver: -1,
@@ -124,11 +127,17 @@ pub async fn run(
         return Ok(());
     }
     tracing::info!(concurrency, "Deliverer consuming.");
+    let lanes = crate::ordered::spawn(
+        Arc::clone(&worker),
+        crate::ordered::never_held(),
+        cancel.clone(),
+    );
     shared::worker::run_pull_loop(consumer, concurrency, cancel, grace, move |message| {
         let worker = Arc::clone(&worker);
         async move { worker.handle(message).await }
     })
     .await;
+    let _ = lanes.await;
     Ok(())
 }
 
@@ -194,7 +203,21 @@ pub fn decide(result: &Attempt, schedule: &[Duration], attempt: u64) -> Outcome 
 }
 
 impl Worker {
-    async fn handle(&self, message: jetstream::Message) {
+    pub(crate) fn ctx(&self) -> &ServiceContext {
+        &self.ctx
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// One message, whichever consumer it came from: its attempt, the event log snapshot, and
+    /// its settlement (ack, NAK with the retry wait, or dead letter then ack).
+    pub(crate) async fn handle(&self, message: jetstream::Message) {
         let Ok(info) = message.info() else {
             tracing::warn!("A message without JetStream metadata; leaving it to redelivery.");
             return;

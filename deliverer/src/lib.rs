@@ -11,6 +11,7 @@
 //!   the per-host limits.
 //! - [`journal`]: the event log snapshot written after every attempt.
 //! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
+//! - [`ordered`]: the lanes of instances with ordered delivery, one envelope in flight each.
 
 pub mod config;
 pub mod consumer;
@@ -18,6 +19,7 @@ pub mod dispatch;
 pub mod error;
 pub mod journal;
 pub mod metrics;
+pub mod ordered;
 pub mod policy;
 
 use shared::service::ServiceContext;

@@ -11,6 +11,7 @@ pub const DEFERRED_TOTAL: &str = "ecwid_deliver_deferred_total";
 pub const IN_FLIGHT: &str = "ecwid_deliver_in_flight";
 pub const BREAKERS_OPEN: &str = "ecwid_deliver_breakers_open";
 pub const BREAKER_TRANSITIONS: &str = "ecwid_deliver_breaker_transitions_total";
+pub const ORDERED_LANES: &str = "ecwid_deliver_ordered_lanes";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -26,6 +27,8 @@ pub struct Metrics {
     pub breakers_open: IntGauge,
     /// to: open, half_open, closed.
     pub breaker_transitions: IntCounterVec,
+    /// Ordered lanes this replica pulls from (one per ordered instance, and those draining).
+    pub ordered_lanes: IntGauge,
 }
 
 impl Metrics {
@@ -65,6 +68,11 @@ impl Metrics {
                 BREAKER_TRANSITIONS,
                 "Circuit breaker state changes, by new state.",
                 &["to"],
+            ),
+            ordered_lanes: gauge(
+                reg,
+                ORDERED_LANES,
+                "Ordered-delivery lanes this replica pulls from.",
             ),
         }
     }
