@@ -1,0 +1,213 @@
+//! Ordered delivery (`event.notification.ordered=true`) with real processes: 3 normalizer and 3
+//! deliverer replicas, a real nats-server and real receivers. An ordered instance gets its events
+//! one at a time in the order the ingest accepted them (their `ECWID_RAW` sequence), even when
+//! the webhooks arrive concurrently and several normalizers handle them; a head event that keeps
+//! failing holds the ones after it (and shows as the blocked head) while an unordered instance of
+//! the same store gets everything at once; a SIGKILL of the replica delivering the head gives it
+//! to another replica after `ack_wait`, still first. Build the binaries first
+//! (`cargo build --workspace --bins`).
+//!
+//! `cargo test -p integration-tests --test ordered -- --nocapture` prints the timings.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use integration_tests::procs::*;
+use integration_tests::*;
+use shared::ordered::blocked_head;
+
+/// Generous bound for anything that takes no retry or redelivery.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Ecwid event id → its `ECWID_RAW` sequence: the order the ingest accepted the events in.
+async fn acceptance_order(js: &jetstream::Context) -> HashMap<String, u64> {
+    let mut stream = js
+        .get_stream(shared::nats::RAW_STREAM)
+        .await
+        .expect("raw stream");
+    let state = stream.info().await.expect("raw stream info").state.clone();
+    let mut order = HashMap::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let message = stream.get_raw_message(seq).await.expect("a raw message");
+        let body: serde_json::Value =
+            serde_json::from_slice(&message.payload).expect("a v3 webhook body");
+        if let Some(id) = body["eventId"].as_str() {
+            order.insert(id.to_owned(), seq);
+        }
+    }
+    order
+}
+
+/// The Ecwid event ids of what `receiver` got, in arrival order (every request, retries too).
+fn arrivals(receiver: &Receiver) -> Vec<String> {
+    receiver
+        .received()
+        .iter()
+        .map(|r| {
+            r.json()["message"]["raw"]["eventId"]
+                .as_str()
+                .expect("the raw payload's eventId")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Panics unless `arrived` (ids, arrival order) never goes back in acceptance order: an event
+/// may arrive again (a retry, a redelivery) only before the next one.
+fn assert_in_acceptance_order(arrived: &[String], order: &HashMap<String, u64>) {
+    let seqs: Vec<u64> = arrived
+        .iter()
+        .map(|id| *order.get(id).unwrap_or_else(|| panic!("{id} was never accepted")))
+        .collect();
+    for (i, pair) in seqs.windows(2).enumerate() {
+        assert!(
+            pair[0] <= pair[1],
+            "arrival {} ({}, raw seq {}) came after {} (raw seq {}): out of order\n{arrived:?}",
+            i + 1,
+            arrived[i + 1],
+            pair[1],
+            arrived[i],
+            pair[0]
+        );
+    }
+}
+
+/// The one among `ids` the ingest accepted first.
+fn first_accepted<'a>(ids: &'a [String], order: &HashMap<String, u64>) -> &'a str {
+    ids.iter()
+        .min_by_key(|id| order[*id])
+        .expect("at least one id")
+}
+
+fn ids(webhooks: &[Webhook]) -> Vec<String> {
+    webhooks.iter().map(|w| w.event_id.clone()).collect()
+}
+
+#[tokio::test]
+async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigkill() {
+    let nats = NatsServer::start().await;
+    // ack_wait = 2 s host slot + 5 s request + 15 s: how long a killed replica's head waits.
+    let mut cluster = Cluster::start(&nats.url(), &[("DELIVER_TIMEOUT_MS", "5000")], 3).await;
+    let js = jetstream::new(connect(&nats.url()).await);
+
+    // The ordered receiver fails its first three requests; the unordered one takes everything.
+    let ordered_rx = Receiver::start(Behavior::Sequence(vec![503, 503, 503])).await;
+    let unordered_rx = Receiver::start(Behavior::Status(200)).await;
+    let ordered = cluster
+        .create_instance(
+            "5001",
+            &ordered_rx.url(),
+            &[
+                ("event.notification.ordered", "true"),
+                // Four attempts 2 s apart: the head is retried three times, then delivered.
+                ("event.notification.retry.schedule", "2s,2s,2s"),
+            ],
+        )
+        .await;
+    cluster
+        .create_instance("5001", &unordered_rx.url(), &[])
+        .await;
+
+    // 1. Thirty webhooks sent 8 at a time: the ingest accepts them in some order, three
+    //    normalizers work on them at once, and the ordered instance must get that order.
+    let first = order_webhooks(5001, "ordered-a", 30);
+    let first_ids = ids(&first);
+    let sent = send_all(&cluster.http, &cluster.webhook_url(), first, 8).await;
+    assert_eq!(sent.acked.len(), 30, "the ingest took every webhook: {sent:?}");
+
+    // The unordered instance is not held by the ordered one's failing head.
+    let started = Instant::now();
+    wait_delivered(&[&unordered_rx], &first_ids, WAIT, || cluster.logs()).await;
+    // The head is blocked, visibly: failed at least once, the other 29 waiting behind it.
+    let deadline = Instant::now() + WAIT;
+    let blocked = loop {
+        let head = blocked_head(&js, &ordered).await.expect("blocked_head reads");
+        match head {
+            Some(b) if b.waiting == 29 => break b,
+            _ if Instant::now() > deadline => {
+                panic!("no blocked head with 29 waiting within {WAIT:?}: {head:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert!(blocked.attempts >= 1, "{blocked:?}");
+    let so_far = arrivals(&ordered_rx);
+    assert!(
+        so_far.iter().all(|id| *id == so_far[0]),
+        "only the head may reach the ordered receiver while it fails: {so_far:?}"
+    );
+    eprintln!(
+        "unordered instance had all 30 and the ordered head showed blocked ({blocked:?}) after {:?}",
+        started.elapsed()
+    );
+
+    let done = wait_delivered(&[&ordered_rx], &first_ids, WAIT, || cluster.logs()).await;
+    eprintln!("ordered instance: {done} after {:?}", started.elapsed());
+    let order = acceptance_order(&js).await;
+    let arrived = arrivals(&ordered_rx);
+    assert_in_acceptance_order(&arrived, &order);
+    let head = first_accepted(&first_ids, &order);
+    assert_eq!(
+        &arrived[..4],
+        [head, head, head, head],
+        "the first accepted event is tried four times before any other goes"
+    );
+    assert_eq!(arrived.len(), 33, "each event once, the head four times");
+    assert_eq!(
+        ordered_rx.received()[0].json()["message"]["eventId"],
+        blocked.event_id.as_str(),
+        "the blocked head named the event that was failing"
+    );
+    wait_until(WAIT, "the blocked head to clear", || {
+        let (js, ordered) = (js.clone(), ordered.clone());
+        async move {
+            blocked_head(&js, &ordered)
+                .await
+                .expect("blocked_head reads")
+                .is_none()
+        }
+    })
+    .await;
+
+    // 2. The replica delivering the head is SIGKILLed mid-request: after ack_wait another
+    //    replica delivers it, still first, and the rest follow in order.
+    ordered_rx.set_behavior(Behavior::Hang);
+    let before = ordered_rx.count();
+    let second = order_webhooks(5001, "ordered-b", 10);
+    let second_ids = ids(&second);
+    let sent = send_all(&cluster.http, &cluster.webhook_url(), second, 8).await;
+    assert_eq!(sent.acked.len(), 10, "the ingest took every webhook: {sent:?}");
+    wait_delivered(&[&unordered_rx], &second_ids, WAIT, || cluster.logs()).await;
+    ordered_rx.wait_for(before + 1, WAIT).await;
+    let mut holder = None;
+    for (i, deliverer) in cluster.deliverers.iter().enumerate() {
+        if sample_sum(&deliverer.metrics().await, "ecwid_deliver_in_flight", &[]) >= 1.0 {
+            assert!(holder.is_none(), "one request in flight, in one replica");
+            holder = Some(i);
+        }
+    }
+    let holder = holder.expect("the replica whose request hangs shows it in flight");
+    let killed_at = Instant::now();
+    cluster.deliverers[holder].kill().await;
+    ordered_rx.set_behavior(Behavior::Status(200));
+
+    let done = wait_delivered(&[&ordered_rx], &second_ids, Duration::from_secs(60), || {
+        cluster.logs()
+    })
+    .await;
+    eprintln!(
+        "after the SIGKILL of deliverer {holder}: {done} within {:?}",
+        killed_at.elapsed()
+    );
+    let order = acceptance_order(&js).await;
+    let arrived = arrivals(&ordered_rx);
+    assert_in_acceptance_order(&arrived, &order);
+    let head = first_accepted(&second_ids, &order);
+    assert_eq!(
+        &arrived[before..before + 2],
+        [head, head],
+        "the head that hung is delivered again before any later event"
+    );
+    assert_eq!(arrived.len(), before + 11, "each event once, the head twice");
+}
