@@ -6,7 +6,7 @@
 //! dead-lettered). A failing envelope is NAKed with its retry wait and stays the only one in
 //! flight: it holds the ones after it.
 //!
-//! [`blocked_head`] says cheaply (two direct reads and a consumer info) which event holds an
+//! [`blocked_head`] says cheaply (a consumer info and two direct reads) which event holds an
 //! instance's lane, for the health an operator reads.
 
 use std::time::Duration;
@@ -15,7 +15,7 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use serde::{Deserialize, Serialize};
 
-use crate::eventlog::{EventLog, Status};
+use crate::eventlog::{record_subject, Record, Status, LOG_STREAM};
 use crate::nats::{ordered_subject, EVENTS_STREAM, ORDERED_CONSUMER_PREFIX};
 use crate::Error;
 
@@ -86,7 +86,6 @@ struct HeadMessage {
 /// server redelivered the head.
 pub async fn blocked_head(
     js: &jetstream::Context,
-    log: &EventLog,
     instance_id: &str,
 ) -> Result<Option<BlockedHead>, Error> {
     let stream = js
@@ -119,11 +118,7 @@ pub async fn blocked_head(
         return Ok(None);
     };
     let event_id = head.message.event_id;
-    let record = log
-        .get(&event_id)
-        .await
-        .map_err(Error::jetstream)?
-        .map(|(r, _)| r);
+    let record = log_record(js, &event_id).await?;
     let (attempts, last_status, next_attempt_at) = match record {
         Some(r) if r.status == Status::Retrying && r.attempts > 0 => {
             (r.attempts, r.last_status, r.next_attempt_at)
@@ -140,6 +135,25 @@ pub async fn blocked_head(
         next_attempt_at,
         waiting: info.num_pending,
     }))
+}
+
+/// The event log's latest record of `event_id`, if the log has one.
+async fn log_record(js: &jetstream::Context, event_id: &str) -> Result<Option<Record>, Error> {
+    if !crate::nats::is_subject_token(event_id) {
+        return Ok(None);
+    }
+    let stream = js
+        .get_stream_no_info(LOG_STREAM)
+        .await
+        .map_err(Error::jetstream)?;
+    match stream
+        .direct_get_last_for_subject(record_subject(event_id))
+        .await
+    {
+        Ok(m) => Ok(serde_json::from_slice(&m.payload).ok()),
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::jetstream(e)),
+    }
 }
 
 #[cfg(test)]
