@@ -64,13 +64,14 @@ async fn manage(worker: Arc<Worker>, held: Held, cancel: CancellationToken) {
             .filter(|i| i.ordered())
             .map(|i| i.id.clone());
         for id in ordered.chain(draining.drain(..)) {
-            if !lanes.contains_key(&id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = lanes.entry(id) {
+                let id = slot.key().clone();
                 let stop = cancel.child_token();
                 let task = tokio::spawn(
                     lane(Arc::clone(&worker), id.clone(), held.clone(), stop.clone())
                         .instrument(tracing::info_span!("lane", instance_id = %id)),
                 );
-                lanes.insert(id, (stop, task));
+                slot.insert((stop, task));
             }
         }
         worker.metrics().ordered_lanes.set(lanes.len() as i64);
@@ -168,7 +169,9 @@ async fn lane(worker: Arc<Worker>, instance_id: String, held: Held, stop: Cancel
                 let span = shared::nats::message_span(message.headers.as_ref());
                 worker.handle(message).instrument(span).await;
             }
-            Some(Err(error)) => tracing::debug!(%error, "The ordered lane's pull reported an error."),
+            Some(Err(error)) => {
+                tracing::debug!(%error, "The ordered lane's pull reported an error.")
+            }
             None => {}
         }
     }

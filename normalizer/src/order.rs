@@ -24,9 +24,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How long one message waits for its turn before it is put back (NAK with
-/// [`ORDER_RETRY_WAIT`]); bounded so that waiters never hold every work slot while the message
-/// they wait for sits in this replica's buffer.
+/// How long one message waits for its turn while the floor does not move before it is put back
+/// (NAK with [`ORDER_RETRY_WAIT`]); bounded so that waiters never hold every work slot while the
+/// message they wait for sits in this replica's buffer or waits for a retry.
 pub const ORDER_WAIT: Duration = Duration::from_secs(1);
 /// The wait of a message put back because its turn had not come.
 pub const ORDER_RETRY_WAIT: Duration = Duration::from_millis(200);
@@ -105,8 +105,11 @@ impl Gate {
     }
 
     async fn wait(&self, raw_subject: &str, seq: u64) -> bool {
-        let deadline = Instant::now() + ORDER_WAIT;
         let mut floor = self.floor.subscribe();
+        let mut seen = *floor.borrow();
+        // Given up only when the floor stands still that long: a long backlog of one store
+        // moves it one message at a time, and each of those steps is progress.
+        let mut deadline = Instant::now() + ORDER_WAIT;
         loop {
             // The floor alone, for a moment: in a steady flow it passes `seq - 1` quickly.
             let check_at = (Instant::now() + STORE_CHECK_AFTER).min(deadline);
@@ -116,11 +119,24 @@ impl Gate {
             if passed {
                 return true;
             }
+            let now_floor = *floor.borrow();
+            if now_floor > seen {
+                seen = now_floor;
+                deadline = Instant::now() + ORDER_WAIT;
+            }
             // The floor lags: is it this store that has something pending before `seq`?
-            let from = *floor.borrow() + 1;
-            match self.next_of_store(raw_subject, from).await {
+            let next = self.next_of_store(raw_subject, now_floor + 1).await;
+            match next {
                 Some(next) if next >= seq => return true,
-                _ if Instant::now() >= deadline => return false,
+                _ if Instant::now() >= deadline => {
+                    tracing::debug!(
+                        seq,
+                        floor = now_floor,
+                        ?next,
+                        "Not this message's turn yet."
+                    );
+                    return false;
+                }
                 _ => {}
             }
         }
@@ -135,9 +151,7 @@ impl Gate {
             .await
         {
             Ok(message) => Some(message.sequence),
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
-                Some(u64::MAX)
-            }
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Some(u64::MAX),
             Err(error) => {
                 tracing::debug!(%error, "Cannot read the store's next raw message.");
                 None

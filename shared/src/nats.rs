@@ -438,7 +438,11 @@ pub async fn ensure_pull_consumer(
         .get_or_create_consumer(&name, config.clone())
         .await
         .map_err(|e| topology(e.to_string()))?;
-    let mut info = consumer.info().await.map_err(|e| topology(e.to_string()))?.clone();
+    let mut info = consumer
+        .info()
+        .await
+        .map_err(|e| topology(e.to_string()))?
+        .clone();
     if info.config.filter_subject != wanted_filter {
         // A consumer created before its filter existed (the deliverer's, before ordered lanes)
         // would also hand out what another consumer owns: narrow it, or refuse to start.
@@ -450,7 +454,11 @@ pub async fn ensure_pull_consumer(
                 info.config.filter_subject
             ))
         })?;
-        info = consumer.info().await.map_err(|e| topology(e.to_string()))?.clone();
+        info = consumer
+            .info()
+            .await
+            .map_err(|e| topology(e.to_string()))?
+            .clone();
     }
     if info.config.ack_wait < wanted_ack_wait {
         return Err(topology(format!(

@@ -58,7 +58,11 @@ fn arrivals(receiver: &Receiver) -> Vec<String> {
 fn assert_in_acceptance_order(arrived: &[String], order: &HashMap<String, u64>) {
     let seqs: Vec<u64> = arrived
         .iter()
-        .map(|id| *order.get(id).unwrap_or_else(|| panic!("{id} was never accepted")))
+        .map(|id| {
+            *order
+                .get(id)
+                .unwrap_or_else(|| panic!("{id} was never accepted"))
+        })
         .collect();
     for (i, pair) in seqs.windows(2).enumerate() {
         assert!(
@@ -114,7 +118,11 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
     let first = order_webhooks(5001, "ordered-a", 30);
     let first_ids = ids(&first);
     let sent = send_all(&cluster.http, &cluster.webhook_url(), first, 8).await;
-    assert_eq!(sent.acked.len(), 30, "the ingest took every webhook: {sent:?}");
+    assert_eq!(
+        sent.acked.len(),
+        30,
+        "the ingest took every webhook: {sent:?}"
+    );
 
     // The unordered instance is not held by the ordered one's failing head.
     let started = Instant::now();
@@ -122,7 +130,9 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
     // The head is blocked, visibly: failed at least once, the other 29 waiting behind it.
     let deadline = Instant::now() + WAIT;
     let blocked = loop {
-        let head = blocked_head(&js, &ordered).await.expect("blocked_head reads");
+        let head = blocked_head(&js, &ordered)
+            .await
+            .expect("blocked_head reads");
         match head {
             Some(b) if b.waiting == 29 => break b,
             _ if Instant::now() > deadline => {
@@ -177,7 +187,11 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
     let second = order_webhooks(5001, "ordered-b", 10);
     let second_ids = ids(&second);
     let sent = send_all(&cluster.http, &cluster.webhook_url(), second, 8).await;
-    assert_eq!(sent.acked.len(), 10, "the ingest took every webhook: {sent:?}");
+    assert_eq!(
+        sent.acked.len(),
+        10,
+        "the ingest took every webhook: {sent:?}"
+    );
     wait_delivered(&[&unordered_rx], &second_ids, WAIT, || cluster.logs()).await;
     ordered_rx.wait_for(before + 1, WAIT).await;
     let mut holder = None;
@@ -209,5 +223,72 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
         [head, head],
         "the head that hung is delivered again before any later event"
     );
-    assert_eq!(arrived.len(), before + 11, "each event once, the head twice");
+    assert_eq!(
+        arrived.len(),
+        before + 11,
+        "each event once, the head twice"
+    );
+
+    // 3. What ordering costs, with the killed replica back: 200 events sent 8 at a time. The
+    //    head fails twice (~4 s), long enough for the normalizers to store the other 199 in the
+    //    lane (timed with blocked_head); then the lane drains at its own pace (timed at the
+    //    receiver). The unordered instance is timed from the first send to its last delivery.
+    cluster.deliverers[holder].spawn();
+    cluster.deliverers[holder].wait_ready().await;
+    ordered_rx.set_behavior(Behavior::Sequence(vec![503, 503]));
+    let before = ordered_rx.count();
+    let third = order_webhooks(5001, "ordered-c", 200);
+    let third_ids = ids(&third);
+    let started = Instant::now();
+    let sent = send_all(&cluster.http, &cluster.webhook_url(), third, 8).await;
+    assert_eq!(
+        sent.acked.len(),
+        200,
+        "the ingest took every webhook: {sent:?}"
+    );
+    let ingest_took = started.elapsed();
+    wait_delivered(&[&unordered_rx], &third_ids, WAIT, || cluster.logs()).await;
+    let unordered_took = started.elapsed();
+    let mut all_in_lane = None;
+    while all_in_lane.is_none() && ordered_rx.count() < before + 3 {
+        let head = blocked_head(&js, &ordered)
+            .await
+            .expect("blocked_head reads");
+        if head.is_some_and(|b| b.waiting == 199) {
+            all_in_lane = Some(started.elapsed());
+        }
+        assert!(started.elapsed() < WAIT, "the lane never held all 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_in_lane = all_in_lane.expect("all 200 stored in the lane while the head failed");
+    wait_delivered(&[&ordered_rx], &third_ids, Duration::from_secs(60), || {
+        cluster.logs()
+    })
+    .await;
+    let order = acceptance_order(&js).await;
+    let arrived = arrivals(&ordered_rx);
+    assert_in_acceptance_order(&arrived, &order);
+    assert_eq!(
+        arrived.len(),
+        before + 202,
+        "each event once, the head three times"
+    );
+    let received = ordered_rx.received();
+    let drain = received[received.len() - 1].at - received[before + 2].at;
+    let mut order_waits = 0.0;
+    for normalizer in &cluster.normalizers {
+        order_waits += sample_sum(
+            &normalizer.metrics().await,
+            "ecwid_normalizer_messages_total",
+            &[("outcome", "order_wait")],
+        );
+    }
+    eprintln!(
+        "200 events: ingest took {ingest_took:?}; the unordered instance had all after \
+         {unordered_took:?}; the ordered lane held all after {all_in_lane:?} ({:.0} events/s \
+         through the normalizers' ordering) and delivered the 199 behind the head in {drain:?} \
+         ({:.0} events/s); raw messages put back to wait for their turn: {order_waits}",
+        200.0 / all_in_lane.as_secs_f64(),
+        199.0 / drain.as_secs_f64(),
+    );
 }
