@@ -28,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 /// (NAK with [`ORDER_RETRY_WAIT`]); bounded so that waiters never hold every work slot while the
 /// message they wait for sits in this replica's buffer or waits for a retry.
 pub const ORDER_WAIT: Duration = Duration::from_secs(1);
+/// The longest one message waits for its turn at all, well within the consumer's `ack_wait`
+/// (at least 20 s), so the server never hands it to another replica while it waits here.
+pub const MAX_TURN_WAIT: Duration = Duration::from_secs(10);
 /// The wait of a message put back because its turn had not come.
 pub const ORDER_RETRY_WAIT: Duration = Duration::from_millis(200);
 /// How often the floor is read while somebody waits.
@@ -90,18 +93,15 @@ impl Gate {
     }
 
     /// Waits until raw message `seq` of `raw_subject` (its store's subject) may publish its
-    /// ordered envelopes: every earlier raw message of that store is done. `false` when that did
-    /// not happen within [`ORDER_WAIT`]: the message is to be put back.
+    /// ordered envelopes: every earlier raw message of that store is done. `false` when the floor
+    /// stood still for [`ORDER_WAIT`], or [`MAX_TURN_WAIT`] passed: the message is to be put back.
     pub async fn wait_turn(&self, raw_subject: &str, seq: u64) -> bool {
         let before = seq.saturating_sub(1);
         if *self.floor.borrow() >= before {
             return true;
         }
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        self.wake.notify_one();
-        let turn = self.wait(raw_subject, seq).await;
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
-        turn
+        let _waiting = Waiting::new(self);
+        self.wait(raw_subject, seq).await
     }
 
     async fn wait(&self, raw_subject: &str, seq: u64) -> bool {
@@ -109,6 +109,7 @@ impl Gate {
         let mut seen = *floor.borrow();
         // Given up only when the floor stands still that long: a long backlog of one store
         // moves it one message at a time, and each of those steps is progress.
+        let give_up = Instant::now() + MAX_TURN_WAIT;
         let mut deadline = Instant::now() + ORDER_WAIT;
         loop {
             // The floor alone, for a moment: in a steady flow it passes `seq - 1` quickly.
@@ -121,10 +122,14 @@ impl Gate {
             }
             let now_floor = *floor.borrow();
             if now_floor > seen {
+                // Moving: our turn is coming, and nothing is read meanwhile (in a burst of one
+                // store every waiter would otherwise read at every step).
                 seen = now_floor;
-                deadline = Instant::now() + ORDER_WAIT;
+                deadline = (Instant::now() + ORDER_WAIT).min(give_up);
+                continue;
             }
-            // The floor lags: is it this store that has something pending before `seq`?
+            // The floor stands still: is it this store that has something pending before `seq`,
+            // or another store's message that holds the floor back?
             let next = self.next_of_store(raw_subject, now_floor + 1).await;
             match next {
                 Some(next) if next >= seq => return true,
@@ -142,8 +147,8 @@ impl Gate {
         }
     }
 
-    /// The sequence of the first raw message on `raw_subject` at or after `from` (`None` when
-    /// there is none, or it could not be read: then the floor decides).
+    /// The sequence of the first raw message on `raw_subject` at or after `from` (`u64::MAX`
+    /// when there is none; `None` when it could not be read: then the floor decides).
     async fn next_of_store(&self, raw_subject: &str, from: u64) -> Option<u64> {
         let stream = self.js.get_stream_no_info(RAW_STREAM).await.ok()?;
         match stream
@@ -157,5 +162,23 @@ impl Gate {
                 None
             }
         }
+    }
+}
+
+/// Counts one waiter while it lives (the refresher reads the floor while there are any), also
+/// when its message's work is aborted at shutdown.
+struct Waiting<'a>(&'a Gate);
+
+impl<'a> Waiting<'a> {
+    fn new(gate: &'a Gate) -> Self {
+        gate.waiters.fetch_add(1, Ordering::SeqCst);
+        gate.wake.notify_one();
+        Self(gate)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
