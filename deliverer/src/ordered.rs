@@ -74,7 +74,6 @@ async fn manage(worker: Arc<Worker>, held: Held, cancel: CancellationToken) {
                 slot.insert((stop, task));
             }
         }
-        worker.metrics().ordered_lanes.set(lanes.len() as i64);
         tokio::select! {
             () = cancel.cancelled() => break,
             changed = changes.changed() => if changed.is_err() { break },
@@ -126,6 +125,7 @@ async fn lane(worker: Arc<Worker>, instance_id: String, held: Held, stop: Cancel
         }
     };
     tracing::debug!("Ordered lane running.");
+    let _counted = Counted::new(&worker.metrics().ordered_lanes);
     loop {
         if stop.is_cancelled() {
             return;
@@ -192,5 +192,21 @@ async fn forget(worker: &Worker, instance_id: &str) {
     };
     if let Err(error) = stream.delete_consumer(&consumer_name(instance_id)).await {
         tracing::debug!(%error, "Could not remove the lane of a deleted instance.");
+    }
+}
+
+/// Counts a running lane in `ecwid_deliver_ordered_lanes` for as long as it lives.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -194,14 +194,30 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
     );
     wait_delivered(&[&unordered_rx], &second_ids, WAIT, || cluster.logs()).await;
     ordered_rx.wait_for(before + 1, WAIT).await;
-    let mut holder = None;
-    for (i, deliverer) in cluster.deliverers.iter().enumerate() {
-        if sample_sum(&deliverer.metrics().await, "ecwid_deliver_in_flight", &[]) >= 1.0 {
-            assert!(holder.is_none(), "one request in flight, in one replica");
-            holder = Some(i);
+    // The replica whose request hangs: the only one with a request in flight, once the
+    // unordered deliveries' gauges (decremented after their answers) have settled.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let holder = loop {
+        let mut in_flight = Vec::new();
+        for deliverer in &cluster.deliverers {
+            in_flight.push(sample_sum(
+                &deliverer.metrics().await,
+                "ecwid_deliver_in_flight",
+                &[],
+            ));
         }
-    }
-    let holder = holder.expect("the replica whose request hangs shows it in flight");
+        if in_flight.iter().sum::<f64>() == 1.0 {
+            break in_flight
+                .iter()
+                .position(|n| *n == 1.0)
+                .expect("one replica");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not one request in flight in one replica: {in_flight:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let killed_at = Instant::now();
     cluster.deliverers[holder].kill().await;
     ordered_rx.set_behavior(Behavior::Status(200));
@@ -230,12 +246,12 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
     );
 
     // 3. What ordering costs, with the killed replica back: 200 events sent 8 at a time. The
-    //    head fails twice (~4 s), long enough for the normalizers to store the other 199 in the
+    //    head fails three times (~6 s), long enough for the normalizers to store the other 199 in the
     //    lane (timed with blocked_head); then the lane drains at its own pace (timed at the
     //    receiver). The unordered instance is timed from the first send to its last delivery.
     cluster.deliverers[holder].spawn();
     cluster.deliverers[holder].wait_ready().await;
-    ordered_rx.set_behavior(Behavior::Sequence(vec![503, 503]));
+    ordered_rx.set_behavior(Behavior::Sequence(vec![503, 503, 503]));
     let before = ordered_rx.count();
     let third = order_webhooks(5001, "ordered-c", 200);
     let third_ids = ids(&third);
@@ -250,7 +266,7 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
     wait_delivered(&[&unordered_rx], &third_ids, WAIT, || cluster.logs()).await;
     let unordered_took = started.elapsed();
     let mut all_in_lane = None;
-    while all_in_lane.is_none() && ordered_rx.count() < before + 3 {
+    while all_in_lane.is_none() && ordered_rx.count() < before + 4 {
         let head = blocked_head(&js, &ordered)
             .await
             .expect("blocked_head reads");
@@ -270,11 +286,11 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
     assert_in_acceptance_order(&arrived, &order);
     assert_eq!(
         arrived.len(),
-        before + 202,
-        "each event once, the head three times"
+        before + 203,
+        "each event once, the head four times"
     );
     let received = ordered_rx.received();
-    let drain = received[received.len() - 1].at - received[before + 2].at;
+    let drain = received[received.len() - 1].at - received[before + 3].at;
     let mut order_waits = 0.0;
     for normalizer in &cluster.normalizers {
         order_waits += sample_sum(
@@ -291,4 +307,82 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
         200.0 / all_in_lane.as_secs_f64(),
         199.0 / drain.as_secs_f64(),
     );
+
+    // 4. Ordered delivery turned off while the lane is blocked: what the lane holds is still
+    //    delivered in order once the head goes through; new events go unordered at once.
+    let d = order_webhooks(5001, "ordered-d", 5);
+    let d_ids = ids(&d);
+    ordered_rx.set_behavior(Behavior::FailEvent {
+        event_id: d_ids[0].clone(),
+        status: 503,
+    });
+    let before = ordered_rx.count();
+    // One at a time: the ingest accepts them in this order, the first is the head.
+    let sent = send_all(&cluster.http, &cluster.webhook_url(), d, 1).await;
+    assert_eq!(
+        sent.acked.len(),
+        5,
+        "the ingest took every webhook: {sent:?}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while !blocked_head(&js, &ordered)
+        .await
+        .expect("blocked_head reads")
+        .is_some_and(|b| b.waiting == 4)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the d events never queued behind their head"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = cluster
+        .admin_request(
+            reqwest::Method::PATCH,
+            &format!("/instances/{ordered}"),
+            Some(serde_json::json!({"configuration": {
+                "event.notification.ordered": "false",
+                // Room for the head to wait out this phase without being dead-lettered.
+                "event.notification.retry.schedule": "5s,5s,5s,5s",
+            }})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    cluster.wait_instances_seen().await;
+    let e = order_webhooks(5001, "ordered-e", 5);
+    let e_ids = ids(&e);
+    let sent = send_all(&cluster.http, &cluster.webhook_url(), e, 5).await;
+    assert_eq!(
+        sent.acked.len(),
+        5,
+        "the ingest took every webhook: {sent:?}"
+    );
+    wait_delivered(&[&ordered_rx], &e_ids, WAIT, || cluster.logs()).await;
+    let held = tally(&[&ordered_rx], &d_ids[1..]);
+    assert_eq!(
+        held.delivered, 0,
+        "the lane still holds the d events: {held}"
+    );
+    ordered_rx.set_behavior(Behavior::Status(200));
+    wait_delivered(&[&ordered_rx], &d_ids, WAIT, || cluster.logs()).await;
+    let arrived: Vec<String> = arrivals(&ordered_rx)[before..]
+        .iter()
+        .filter(|id| id.starts_with("ordered-d"))
+        .cloned()
+        .collect();
+    let order = acceptance_order(&js).await;
+    assert_in_acceptance_order(&arrived, &order);
+    // The lane, drained and no longer wanted, stops on every replica.
+    wait_until(WAIT, "the drained lane to stop", || async {
+        let mut lanes = 0.0;
+        for deliverer in &cluster.deliverers {
+            lanes += sample_sum(
+                &deliverer.metrics().await,
+                "ecwid_deliver_ordered_lanes",
+                &[],
+            );
+        }
+        lanes == 0.0
+    })
+    .await;
 }
