@@ -325,10 +325,10 @@ async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigk
         "the ingest took every webhook: {sent:?}"
     );
     let deadline = Instant::now() + WAIT;
-    while !blocked_head(&js, &ordered)
+    while blocked_head(&js, &ordered)
         .await
         .expect("blocked_head reads")
-        .is_some_and(|b| b.waiting == 4)
+        .is_none_or(|b| b.waiting != 4)
     {
         assert!(
             Instant::now() < deadline,
