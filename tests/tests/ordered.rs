@@ -4,7 +4,8 @@
 //! the webhooks arrive concurrently and several normalizers handle them; a head event that keeps
 //! failing holds the ones after it (and shows as the blocked head) while an unordered instance of
 //! the same store gets everything at once; a SIGKILL of the replica delivering the head gives it
-//! to another replica after `ack_wait`, still first. Build the binaries first
+//! to another replica after `ack_wait`, still first; turned off while blocked, the lane still
+//! delivers what it holds in order while new events go unordered. Build the binaries first
 //! (`cargo build --workspace --bins`).
 //!
 //! `cargo test -p integration-tests --test ordered -- --nocapture` prints the timings.
@@ -88,8 +89,51 @@ fn ids(webhooks: &[Webhook]) -> Vec<String> {
     webhooks.iter().map(|w| w.event_id.clone()).collect()
 }
 
+/// A `deliverer` consumer created before the ordered lanes existed has no filter and would also
+/// hand out the lanes' envelopes: start-up narrows it to `ecwid.events.>`.
 #[tokio::test]
-async fn ordered_instances_get_acceptance_order_across_a_failing_head_and_a_sigkill() {
+async fn an_unfiltered_deliverer_consumer_is_narrowed_at_start_up() {
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(connect(&nats.url()).await);
+    let topology = shared::nats::TopologyConfig {
+        replicas: 1,
+        duplicate_window: Duration::from_secs(60),
+        log_retention: Duration::from_secs(3600),
+    };
+    shared::nats::setup_topology(&js, &topology)
+        .await
+        .expect("topology");
+    let config = |filter: &str| jetstream::consumer::pull::Config {
+        durable_name: Some(shared::nats::DELIVERER_CONSUMER.to_owned()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        filter_subject: filter.to_owned(),
+        ..Default::default()
+    };
+    let old = shared::nats::ensure_pull_consumer(&js, shared::nats::EVENTS_STREAM, config(""))
+        .await
+        .expect("the old, unfiltered consumer");
+    assert_eq!(old.cached_info().config.filter_subject, "");
+    let mut new = shared::nats::ensure_pull_consumer(
+        &js,
+        shared::nats::EVENTS_STREAM,
+        config("ecwid.events.>"),
+    )
+    .await
+    .expect("the consumer narrowed");
+    assert_eq!(
+        new.info()
+            .await
+            .expect("consumer info")
+            .config
+            .filter_subject,
+        "ecwid.events.>"
+    );
+}
+
+#[tokio::test]
+async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill_and_a_switch_off()
+{
     let nats = NatsServer::start().await;
     // ack_wait = 2 s host slot + 5 s request + 15 s: how long a killed replica's head waits.
     let mut cluster = Cluster::start(&nats.url(), &[("DELIVER_TIMEOUT_MS", "5000")], 3).await;
