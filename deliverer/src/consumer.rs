@@ -26,7 +26,10 @@ use serde::Deserialize;
 use shared::control::{InstanceState, State};
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
-use shared::nats::{headers, subject_tail, CALLBACKS_BUCKET, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::nats::{
+    headers, subject_tail, CALLBACKS_BUCKET, DELIVERER_CONSUMER, EVENTS_PREFIX, EVENTS_STREAM,
+    ORDERED_PREFIX,
+};
 use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
@@ -62,7 +65,8 @@ pub enum Outcome {
     },
 }
 
-struct Worker {
+/// What every attempt needs; shared by the pull loop and the ordered lanes ([`crate::ordered`]).
+pub(crate) struct Worker {
     config: Config,
     ctx: ServiceContext,
     metrics: Metrics,
@@ -86,6 +90,8 @@ pub async fn run(
         pull::Config {
             durable_name: Some(DELIVERER_CONSUMER.to_owned()),
             description: Some("ecwid-events deliverer replicas".to_owned()),
+            // Not the ordered lanes' envelopes (`ecwid.ordered.>`): each has its own consumer.
+            filter_subject: format!("{EVENTS_PREFIX}.>"),
             ack_policy: AckPolicy::Explicit,
             ack_wait: config.ack_wait(),
             max_deliver: -1,
@@ -144,11 +150,17 @@ pub async fn run(
         return Ok(());
     }
     tracing::info!(concurrency, "Deliverer consuming.");
+    let held: crate::ordered::Held = {
+        let ctx = worker.ctx.clone();
+        Arc::new(move |id: &str| ctx.state_of(id).holds())
+    };
+    let lanes = crate::ordered::spawn(Arc::clone(&worker), held, cancel.clone());
     shared::worker::run_pull_loop(consumer, concurrency, cancel, grace, move |message| {
         let worker = Arc::clone(&worker);
         async move { worker.handle(message).await }
     })
     .await;
+    let _ = lanes.await;
     Ok(())
 }
 
@@ -214,7 +226,21 @@ pub fn decide(result: &Attempt, schedule: &[Duration], attempt: u64) -> Outcome 
 }
 
 impl Worker {
-    async fn handle(&self, message: jetstream::Message) {
+    pub(crate) fn ctx(&self) -> &ServiceContext {
+        &self.ctx
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// One message, whichever consumer it came from: its attempt, the event log snapshot, and
+    /// its settlement (ack, NAK with the retry wait, or dead letter then ack).
+    pub(crate) async fn handle(&self, message: jetstream::Message) {
         let Ok(info) = message.info() else {
             tracing::warn!("A message without JetStream metadata; leaving it to redelivery.");
             return;
@@ -232,6 +258,20 @@ impl Worker {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         let attempt = self.attempt_number(&message, seq, delivered, offset).await;
+        let in_lane = message
+            .subject
+            .as_str()
+            .starts_with(&format!("{ORDERED_PREFIX}."));
+        if in_lane && self.ctx.state_of(&instance_id).holds() {
+            // An ordered lane holds its instance by not pulling: moving its head aside would let
+            // the next event overtake it. This one was pulled just before the pause; it goes
+            // back, first in line, without an attempt.
+            self.note_deferral(seq);
+            let _ = message
+                .ack_with(AckKind::Nak(Some(crate::ordered::HELD_RECHECK)))
+                .await;
+            return;
+        }
         if self.ctx.state_of(&instance_id).holds() {
             // Attempts made so far go with it; this take is not one.
             let made = offset + attempt - 1;

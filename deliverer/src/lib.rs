@@ -12,6 +12,7 @@
 //! - [`hold`]: envelopes of paused and disabled instances moved aside, and released on resume.
 //! - [`journal`]: the event log snapshot written after every attempt.
 //! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
+//! - [`ordered`]: the lanes of instances with ordered delivery, one envelope in flight each.
 
 pub mod config;
 pub mod consumer;
@@ -21,6 +22,7 @@ pub mod health;
 pub mod hold;
 pub mod journal;
 pub mod metrics;
+pub mod ordered;
 pub mod policy;
 
 use shared::service::ServiceContext;

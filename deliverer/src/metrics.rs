@@ -13,6 +13,7 @@ pub const BREAKERS_OPEN: &str = "ecwid_deliver_breakers_open";
 pub const BREAKER_TRANSITIONS: &str = "ecwid_deliver_breaker_transitions_total";
 pub const HELD_TOTAL: &str = "ecwid_deliver_held_total";
 pub const RELEASED_TOTAL: &str = "ecwid_deliver_released_total";
+pub const ORDERED_LANES: &str = "ecwid_deliver_ordered_lanes";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -34,6 +35,8 @@ pub struct Metrics {
     pub released: IntCounter,
     /// to: disabled (the deliverer's auto-disable; pause and resume count at the admin API).
     pub instance_transitions: IntCounterVec,
+    /// Ordered lanes this replica pulls from (one per ordered instance, and those draining).
+    pub ordered_lanes: IntGauge,
 }
 
 impl Metrics {
@@ -89,6 +92,11 @@ impl Metrics {
                 shared::metrics::INSTANCE_TRANSITIONS_TOTAL,
                 "Instance state changes, by new state.",
                 &["to"],
+            ),
+            ordered_lanes: gauge(
+                reg,
+                ORDERED_LANES,
+                "Ordered-delivery lanes this replica pulls from.",
             ),
         }
     }

@@ -147,9 +147,26 @@ async fn callback_health(state: &AppState, url: &str) -> Result<CallbackHealth, 
 }
 
 /// Envelopes of `id` no deliverer has taken yet: those past the deliverer consumer's delivered
-/// sequence.
-async fn waiting(state: &AppState, id: &str) -> Result<u64, ApiError> {
+/// sequence, or, for an ordered instance, those its lane has not handed out.
+async fn waiting(state: &AppState, instance: &Instance) -> Result<u64, ApiError> {
+    let id = instance.id.as_str();
     let js = &state.inner.ctx.js;
+    if instance.ordered() {
+        let stream = within(js.get_stream_no_info(EVENTS_STREAM)).await?;
+        return Ok(
+            match tokio::time::timeout(
+                JS_TIMEOUT,
+                stream.consumer_info(shared::ordered::consumer_name(id)),
+            )
+            .await
+            {
+                Ok(Ok(info)) => info.num_pending,
+                // No lane yet: no deliverer has seen the instance as ordered.
+                Ok(Err(_)) => 0,
+                Err(_) => return Err(unavailable("JetStream did not answer in time")),
+            },
+        );
+    }
     let delivered = match within(
         js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
             DELIVERER_CONSUMER,
@@ -191,8 +208,13 @@ async fn health(
         within(control::held_count(js, &id)),
         within(control::retrying_count(js, &id)),
         within(control::count_subject(js, DEAD_STREAM, &dead_letters)),
-        waiting(&state, &id),
+        waiting(&state, &instance),
     )?;
+    let blocked = if instance.ordered() {
+        within(shared::ordered::blocked_head(js, &id)).await?
+    } else {
+        None
+    };
     let now = now_unix_ms();
     Ok(Json(json!({
         "id": id,
@@ -210,5 +232,7 @@ async fn health(
         "dead": dead,
         "breaker": callback.breaker,
         "lastError": callback.last_error,
+        "ordered": instance.ordered(),
+        "blockedEvent": blocked,
     })))
 }

@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use shared::envelope::{notification_id, Envelope, Event, EventType, Message, ELEMENT_KEY};
 use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
-use shared::nats::{events_subject, headers, EVENTS_STREAM};
+use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 
 use crate::error::{ApiError, ApiPath, ApiQuery};
@@ -550,9 +550,16 @@ async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiErro
         format!("redeliver:{}:{}", record.id, uuid::Uuid::new_v4().simple()),
     );
     h.insert(headers::ATTEMPT_OFFSET, pending.attempts.to_string());
+    // An ordered instance's redelivery joins the end of its lane, so the order still holds.
+    let ordered = state
+        .inner
+        .ctx
+        .directory
+        .get(instance_id)
+        .is_some_and(|i| i.ordered());
     let published = shared::nats::publish(
         &state.inner.ctx.js,
-        events_subject(instance_id),
+        envelope_subject(instance_id, ordered),
         h,
         body,
         JS_TIMEOUT,
@@ -696,6 +703,7 @@ async fn test(
     h.insert(headers::TEST_REPLY_TO, inbox.as_str());
     h.insert(headers::INSTANCE_ID, instance.id.as_str());
     h.insert(headers::RECEIVED_AT, now.to_string());
+    // Never on an ordered lane: a test checks the receiver now, not behind a blocked event.
     shared::nats::publish(
         &ctx.js,
         events_subject(&instance.id),

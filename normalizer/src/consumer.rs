@@ -12,13 +12,14 @@ use shared::dead::{self, DeadLetter, Stage};
 use shared::ecwid::{Format, ParseError};
 use shared::eventlog::{Record, Status};
 use shared::instance::Instance;
-use shared::nats::{events_subject, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM};
+use shared::nats::{envelope_subject, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM};
 use shared::service::ServiceContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::normalize::{self, Normalized};
+use crate::order::{Gate, ORDER_RETRY_WAIT};
 
 /// What becomes of one raw message. `records` are the event log records to create before the
 /// message is acked: one per envelope, or the raw-stage outcome.
@@ -31,6 +32,9 @@ pub enum Outcome {
     },
     /// A transient failure: NAK with this delay; the server redelivers.
     Retry { delay: Duration, error: String },
+    /// An ordered instance's envelope must wait for an earlier event of the store that is not
+    /// normalized yet ([`crate::order`]): NAK with this delay, no error.
+    OrderWait { delay: Duration },
     /// Can never succeed: dead-letter, then ack.
     Dead {
         reason: &'static str,
@@ -45,6 +49,8 @@ struct Worker {
     metrics: Metrics,
     /// `ECWID_POLL_SEEN`: webhook sightings the poller reads (see [`Worker::record_sighting`]).
     seen: async_nats::jetstream::kv::Store,
+    /// Acceptance order for the envelopes of ordered instances.
+    order: Arc<Gate>,
 }
 
 pub async fn run(
@@ -84,11 +90,13 @@ pub async fn run(
             name: shared::nats::POLL_SEEN_BUCKET.to_owned(),
             message: e.to_string(),
         })?;
+    let order = Gate::start(ctx.js.clone(), consumer.clone(), cancel.child_token());
     let worker = Arc::new(Worker {
         config,
         ctx,
         metrics,
         seen,
+        order,
     });
     // Not one message before the instances are known: its store would look unknown.
     if !worker.ctx.directory.loaded(&cancel).await {
@@ -168,7 +176,7 @@ impl Worker {
             };
         }
         let timeout = self.config.publish_timeout;
-        let publishes = targets.iter().map(|instance| {
+        let publish = |instance: &Instance| {
             let envelope = normalize::envelope(&normalized, &instance.id, verified);
             let mut out = HeaderMap::new();
             out.insert(headers::MSG_ID, envelope.message.event_id.as_str());
@@ -186,7 +194,7 @@ impl Worker {
                     out.insert(name, v);
                 }
             }
-            let subject = events_subject(&instance.id);
+            let subject = envelope_subject(&instance.id, instance.ordered());
             shared::nats::publish(
                 &self.ctx.js,
                 subject,
@@ -194,8 +202,22 @@ impl Worker {
                 envelope.to_json().into(),
                 timeout,
             )
-        });
-        let results = futures::future::join_all(publishes).await;
+        };
+        // Unordered instances first and at once; ordered ones when the store's earlier events
+        // are all stored, so that their lanes hold the envelopes in acceptance order.
+        let (ordered, unordered): (Vec<&Arc<Instance>>, Vec<&Arc<Instance>>) =
+            targets.iter().copied().partition(|i| i.ordered());
+        let mut results = futures::future::join_all(unordered.iter().map(|i| publish(i))).await;
+        if !ordered.is_empty() {
+            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            if !self.order.wait_turn(message.subject.as_str(), seq).await {
+                return Outcome::OrderWait {
+                    delay: ORDER_RETRY_WAIT,
+                };
+            }
+            results.extend(futures::future::join_all(ordered.iter().map(|i| publish(i))).await);
+        }
+        let targets: Vec<&Arc<Instance>> = unordered.into_iter().chain(ordered).collect();
         let mut records = Vec::with_capacity(targets.len());
         for (instance, result) in targets.iter().zip(results) {
             match result {
@@ -273,6 +295,15 @@ impl Worker {
                 }
                 tracing::debug!(store_id, outcome, "Raw event handled.");
                 outcome
+            }
+            Outcome::OrderWait { delay } => {
+                tracing::debug!(store_id, retry_in = ?delay, "An earlier event of the store is not normalized yet; ordered envelopes wait.");
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                self.metrics
+                    .messages
+                    .with_label_values(&["order_wait"])
+                    .inc();
+                return;
             }
             Outcome::Retry { delay, error } => {
                 tracing::warn!(store_id, %error, retry_in = ?delay, "Envelopes not stored; will retry.");

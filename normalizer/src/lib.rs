@@ -7,12 +7,14 @@
 //! - [`metrics`]: messages by outcome, envelopes by event type.
 //! - [`normalize`]: the mapping table and the pure payload → envelope functions.
 //! - [`consumer`]: the durable pull consumer, fan-out and publishing, outcomes.
+//! - [`order`]: ordered instances' envelopes stored in the order the ingest accepted them.
 
 pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod metrics;
 pub mod normalize;
+pub mod order;
 
 use shared::service::ServiceContext;
 use tokio::net::TcpListener;

@@ -9,7 +9,7 @@ pub const DURATION: &str = "ecwid_normalizer_duration_seconds";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// outcome: normalized, filtered, dead_lettered, retried.
+    /// outcome: normalized, filtered, dead_lettered, retried, order_wait.
     pub messages: IntCounterVec,
     /// event_type: CREATED, UPDATED, DELETED, UNKNOWN.
     pub envelopes: IntCounterVec,

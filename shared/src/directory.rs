@@ -59,6 +59,9 @@ pub struct Directory {
     /// and the wait.
     loaded: Arc<watch::Sender<bool>>,
     revision_gauge: Option<IntGauge>,
+    /// Counts the changes applied, so a task that follows the instances (the deliverer's
+    /// ordered lanes) wakes on a change instead of polling.
+    changes: Arc<watch::Sender<u64>>,
 }
 
 impl Default for Directory {
@@ -67,6 +70,7 @@ impl Default for Directory {
             inner: Arc::default(),
             loaded: Arc::new(watch::Sender::new(false)),
             revision_gauge: None,
+            changes: Arc::new(watch::Sender::new(0)),
         }
     }
 }
@@ -101,6 +105,11 @@ impl Directory {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A receiver that is marked changed whenever the instances change (the first load included).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether the first load from the bucket has completed.
@@ -152,6 +161,8 @@ impl Directory {
         if let Some(rev) = &self.revision_gauge {
             rev.set(rev.get().max(i64::try_from(revision).unwrap_or(i64::MAX)));
         }
+        drop(guard);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Applies one bucket entry (put, delete or purge).

@@ -47,6 +47,9 @@ pub mod keys {
     pub const POLL_INTERVAL: &str = "event.poller.refresh_interval";
     /// The store's REST API token (`secret_…`), which the poller reads with. A secret.
     pub const API_TOKEN: &str = "ecwid.api.token";
+    /// `"true"`: this instance's events are delivered one at a time, in the order the ingest
+    /// accepted them (`ECWID_RAW` sequence); a failing event holds the ones after it.
+    pub const ORDERED: &str = "event.notification.ordered";
 }
 
 /// The shortest `event.poller.refresh_interval`, in minutes (3 s).
@@ -232,6 +235,12 @@ impl Instance {
         std::time::Duration::from_secs_f64(minutes * 60.0)
     }
 
+    /// Whether this instance opted in to ordered delivery ([`keys::ORDERED`]).
+    pub fn ordered(&self) -> bool {
+        self.config(keys::ORDERED)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
     /// `ecwid.api.token`, the REST token the poller reads with.
     pub fn api_token(&self) -> Option<&str> {
         self.config(keys::API_TOKEN)
@@ -314,7 +323,7 @@ impl Instance {
         if self.events_enabled() || self.callback_url().is_some() {
             validate_callback_url(self.callback_url(), self.events_enabled(), allow)?;
         }
-        for key in [keys::ENABLED, keys::ION_UNSIGNED_ALLOWED] {
+        for key in [keys::ENABLED, keys::ION_UNSIGNED_ALLOWED, keys::ORDERED] {
             if let Some(v) = self.config(key) {
                 if !v.eq_ignore_ascii_case("true") && !v.eq_ignore_ascii_case("false") {
                     return Err(FieldError::new(
@@ -702,6 +711,21 @@ mod tests {
         assert_eq!(
             i.validate(&allow).unwrap_err().field,
             "configuration.x.note"
+        );
+    }
+
+    #[test]
+    fn ordered_delivery_is_an_opt_in_boolean() {
+        let mut i = seed_with("1003", "https://a.example/");
+        assert!(!i.ordered(), "unordered unless asked for");
+        i.configuration.insert(keys::ORDERED.into(), "TRUE".into());
+        assert!(i.ordered());
+        assert_eq!(i.validate(&AllowList::default()), Ok(()));
+        i.configuration.insert(keys::ORDERED.into(), "yes".into());
+        assert!(!i.ordered());
+        assert_eq!(
+            i.validate(&AllowList::default()).unwrap_err().field,
+            "configuration.event.notification.ordered"
         );
     }
 

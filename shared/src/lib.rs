@@ -11,6 +11,7 @@
 //! - [`kvwatch`]: a live in-memory copy of a small JSON KV bucket (states, callback health).
 //! - [`envelope`]: the Open Connectors envelope the callbacks receive.
 //! - [`dead`]: publishing to the dead-letter stream, with headers saying why.
+//! - [`ordered`]: ordered delivery's lanes (one consumer per ordered instance) and what blocks one.
 //! - [`netguard`]: which callback addresses are refused (SSRF guard) and the operator's allow-list.
 //! - [`retry`]: how long a stage waits before trying again; the start-up backoff; the bounds of
 //!   a delivery retry schedule.
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod nats;
 pub mod netguard;
 pub mod ops;
+pub mod ordered;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

@@ -51,8 +51,12 @@ pub const CALLBACKS_BUCKET: &str = "ECWID_CALLBACKS";
 
 /// Durable pull consumer of the normalizer replicas on [`RAW_STREAM`].
 pub const NORMALIZER_CONSUMER: &str = "normalizer";
-/// Durable pull consumer of the deliverer replicas on [`EVENTS_STREAM`].
+/// Durable pull consumer of the deliverer replicas on [`EVENTS_STREAM`]: every envelope of the
+/// unordered instances (`ecwid.events.>`), never those of ordered ones.
 pub const DELIVERER_CONSUMER: &str = "deliverer";
+/// Durable pull consumers of ordered instances, one each: `<prefix>-<instanceId>`, filtered to
+/// [`ordered_subject`] (see [`crate::ordered`]).
+pub const ORDERED_CONSUMER_PREFIX: &str = "ordered";
 
 /// How long raw messages and envelopes are kept at least: longer than any retry schedule may
 /// last. Envelopes are kept as long as the event log's records too (a record points to its
@@ -62,6 +66,8 @@ pub const WORK_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Subject prefixes: `<prefix>.<token>`; a stream's subjects are `<prefix>.>`.
 pub const RAW_PREFIX: &str = "ecwid.raw";
 pub const EVENTS_PREFIX: &str = "ecwid.events";
+/// Envelopes of instances with ordered delivery, in `ECWID_EVENTS` too.
+pub const ORDERED_PREFIX: &str = "ecwid.ordered";
 pub const DEAD_PREFIX: &str = "ecwid.dead";
 pub const HELD_PREFIX: &str = "ecwid.held";
 pub const RETRYING_PREFIX: &str = "ecwid.retrying";
@@ -76,14 +82,30 @@ pub fn events_subject(instance_id: &str) -> String {
     format!("{EVENTS_PREFIX}.{instance_id}")
 }
 
+/// `ecwid.ordered.<instanceId>`: the envelopes of an instance with ordered delivery, stored in
+/// the order the ingest accepted their events.
+pub fn ordered_subject(instance_id: &str) -> String {
+    format!("{ORDERED_PREFIX}.{instance_id}")
+}
+
+/// Where the envelopes of `instance_id` go: its ordered lane or the shared subject.
+pub fn envelope_subject(instance_id: &str, ordered: bool) -> String {
+    if ordered {
+        ordered_subject(instance_id)
+    } else {
+        events_subject(instance_id)
+    }
+}
+
 /// `ecwid.dead.<stage>.<id>`
 pub fn dead_subject(stage: &str, id: &str) -> String {
     format!("{DEAD_PREFIX}.{stage}.{id}")
 }
 
-/// Whether `subject` is one a dead letter may be replayed to: a raw event or an envelope.
+/// Whether `subject` is one a dead letter may be replayed to: a raw event or an envelope (an
+/// ordered one goes back to the end of its lane).
 pub fn is_work_subject(subject: &str) -> bool {
-    [RAW_PREFIX, EVENTS_PREFIX].iter().any(|p| {
+    [RAW_PREFIX, EVENTS_PREFIX, ORDERED_PREFIX].iter().any(|p| {
         subject
             .strip_prefix(p)
             .and_then(|rest| rest.strip_prefix('.'))
@@ -320,6 +342,7 @@ pub async fn setup_topology(
         ),
         stream::Config {
             max_age: WORK_STREAM_MAX_AGE.max(cfg.log_retention),
+            subjects: vec![format!("{EVENTS_PREFIX}.>"), format!("{ORDERED_PREFIX}.>")],
             ..work_stream(
                 EVENTS_STREAM,
                 &format!("{EVENTS_PREFIX}.>"),
@@ -466,11 +489,33 @@ pub async fn ensure_pull_consumer(
         .await
         .map_err(|e| topology(e.to_string()))?;
     let wanted_ack_wait = config.ack_wait;
+    let wanted_filter = config.filter_subject.clone();
     let mut consumer = stream
-        .get_or_create_consumer(&name, config)
+        .get_or_create_consumer(&name, config.clone())
         .await
         .map_err(|e| topology(e.to_string()))?;
-    let info = consumer.info().await.map_err(|e| topology(e.to_string()))?;
+    let mut info = consumer
+        .info()
+        .await
+        .map_err(|e| topology(e.to_string()))?
+        .clone();
+    if info.config.filter_subject != wanted_filter {
+        // A consumer created before its filter existed (the deliverer's, before ordered lanes)
+        // would also hand out what another consumer owns: narrow it, or refuse to start.
+        consumer = stream.update_consumer(config).await.map_err(|e| {
+            topology(format!(
+                "existing consumer filters {:?}, this version needs {wanted_filter:?} and the \
+                 server would not change it ({e}); delete the consumer (nats consumer rm) so it \
+                 is created again",
+                info.config.filter_subject
+            ))
+        })?;
+        info = consumer
+            .info()
+            .await
+            .map_err(|e| topology(e.to_string()))?
+            .clone();
+    }
     if info.config.ack_wait < wanted_ack_wait {
         return Err(topology(format!(
             "existing consumer has ack_wait {:?}, shorter than the {:?} this configuration needs; \
@@ -493,6 +538,9 @@ mod tests {
         assert_eq!(subject_tail("ecwid.raw.42"), "42");
         assert!(is_work_subject("ecwid.raw.42"));
         assert!(is_work_subject("ecwid.events.ab-1"));
+        assert!(is_work_subject("ecwid.ordered.ab-1"));
+        assert_eq!(envelope_subject("ab-1", true), "ecwid.ordered.ab-1");
+        assert_eq!(envelope_subject("ab-1", false), "ecwid.events.ab-1");
         assert!(!is_work_subject("ecwid.dead.deliver.ab-1"));
         assert!(!is_work_subject("ecwid.raw.4.2"));
         assert!(!is_work_subject("ecwid.rawx.42"));

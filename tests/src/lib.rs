@@ -530,6 +530,9 @@ pub enum Behavior {
     Slow(Duration),
     /// Never answer (hold the connection).
     Hang,
+    /// This status for envelopes of the Ecwid event `event_id` (`message.raw.eventId`), 200 for
+    /// every other request: one event that keeps failing.
+    FailEvent { event_id: String, status: u16 },
 }
 
 #[derive(Debug)]
@@ -617,6 +620,10 @@ async fn receive(
 ) -> impl IntoResponse {
     let behavior = {
         let mut s = state.lock().expect("lock");
+        let of_event = matches!(s.behavior, Behavior::FailEvent { .. })
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten()
+            .and_then(|v| v["message"]["raw"]["eventId"].as_str().map(str::to_owned));
         s.received.push(Received {
             at: Instant::now(),
             headers,
@@ -625,6 +632,13 @@ async fn receive(
         match &mut s.behavior {
             Behavior::Sequence(list) if !list.is_empty() => Behavior::Status(list.remove(0)),
             Behavior::Sequence(_) => Behavior::Status(200),
+            Behavior::FailEvent { event_id, status } => {
+                Behavior::Status(if of_event.as_deref() == Some(event_id.as_str()) {
+                    *status
+                } else {
+                    200
+                })
+            }
             other => other.clone(),
         }
     };
@@ -638,7 +652,7 @@ async fn receive(
             std::future::pending::<()>().await;
             StatusCode::OK
         }
-        Behavior::Sequence(_) => StatusCode::OK,
+        Behavior::Sequence(_) | Behavior::FailEvent { .. } => StatusCode::OK,
     }
 }
 
