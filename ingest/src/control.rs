@@ -160,7 +160,8 @@ async fn waiting(state: &AppState, instance: &Instance) -> Result<u64, ApiError>
             )
             .await
             {
-                Ok(Ok(info)) => info.num_pending,
+                // Waiting, and the one handed out (in flight, or back in line after a pause).
+                Ok(Ok(info)) => info.num_pending + info.num_ack_pending as u64,
                 // No lane yet: no deliverer has seen the instance as ordered.
                 Ok(Err(_)) => 0,
                 Err(_) => return Err(unavailable("JetStream did not answer in time")),

@@ -28,11 +28,14 @@ async fn wait_health(
     check: impl Fn(&Value) -> bool,
 ) -> Value {
     let check = &check;
-    wait_until(
-        WAIT,
-        what,
-        || async move { check(&health(pipeline, id).await) },
-    )
+    wait_until(WAIT, what, || async move {
+        let h = health(pipeline, id).await;
+        let ok = check(&h);
+        if !ok {
+            tracing::debug!(%h, "The health does not say it yet.");
+        }
+        ok
+    })
     .await;
     health(pipeline, id).await
 }
@@ -320,5 +323,60 @@ async fn an_instance_failing_for_too_long_is_disabled_and_resumed() {
         (Some("active"), Some(0)),
         "{h}"
     );
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_paused_ordered_instance_keeps_its_lane_in_order_and_resumes_it() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let id = pipeline
+        .create_instance(
+            "7304",
+            &receiver.url(),
+            &[("event.notification.ordered", "true")],
+        )
+        .await;
+    let (status, _) = pipeline
+        .admin_request(Method::POST, &format!("/instances/{id}/pause"), None)
+        .await;
+    assert_eq!(status, 200);
+    // Sent one after another: the ingest accepts them in this order.
+    let sent: Vec<String> = (0..10).map(|n| format!("lane-{n}")).collect();
+    for event_id in &sent {
+        send(&pipeline, 7304, event_id).await;
+    }
+    let h = wait_health(&pipeline, &id, "all 10 waiting in the lane", |h| {
+        h["backlog"] == 10
+    })
+    .await;
+    assert_eq!(
+        (
+            h["ordered"].as_bool(),
+            h["held"].as_u64(),
+            &h["blockedEvent"]
+        ),
+        (Some(true), Some(0), &Value::Null),
+        "a lane is held by not pulling, not moved aside: {h}"
+    );
+    assert_eq!(receiver.count(), 0, "a paused instance gets nothing");
+
+    let (status, _) = pipeline
+        .admin_request(Method::POST, &format!("/instances/{id}/resume"), None)
+        .await;
+    assert_eq!(status, 200);
+    let got: Vec<String> = receiver
+        .wait_for(10, WAIT)
+        .await
+        .iter()
+        .map(|r| {
+            r.json()["message"]["raw"]["eventId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(got, sent, "delivered after the resume, in acceptance order");
     pipeline.stop().await;
 }
