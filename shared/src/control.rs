@@ -524,11 +524,15 @@ pub struct Released {
     pub moved: u64,
 }
 
+/// Held envelopes moved per round: published back to back (JetStream stores them in the order
+/// sent), their acks awaited together, then removed from the hold with one purge.
+const RELEASE_BATCH: usize = 256;
+
 /// Moves every held envelope of `instance_id` back to `ECWID_EVENTS`, oldest first, while
 /// `still_active` says the instance is active. Each is published with a message id from its
-/// hold sequence (two replicas releasing at once publish it once), then deleted from the hold.
-/// Safe to run again after a crash: what was not deleted is moved again, and JetStream drops
-/// the duplicate within its window.
+/// hold sequence (two replicas releasing at once publish it once), then the hold is purged up
+/// to the last one moved. Safe to run again after a crash: what was not purged is moved again,
+/// and JetStream drops the duplicate within its window.
 pub async fn release(
     js: &jetstream::Context,
     instance_id: &str,
@@ -541,31 +545,48 @@ pub async fn release(
     let mut from = 1;
     let mut released = Released::default();
     while still_active() {
-        let message = match stream
-            .direct_get_next_for_subject(&subject, Some(from))
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-            Err(e) => return Err(nats(e)),
-        };
-        let seq = message.sequence;
-        let headers = carried(
-            Some(&message.headers),
-            &format!("released-{seq}"),
-            &[(headers::HELD_FROM, &format!("{HELD_STREAM}:{seq}"))],
-        );
-        crate::nats::publish(js, target.clone(), headers, message.payload, timeout)
+        let mut acks = Vec::with_capacity(RELEASE_BATCH);
+        let mut last = None;
+        while acks.len() < RELEASE_BATCH {
+            let message = match stream
+                .direct_get_next_for_subject(&subject, Some(from))
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(nats(e)),
+            };
+            let seq = message.sequence;
+            let headers = carried(
+                Some(&message.headers),
+                &format!("released-{seq}"),
+                &[(headers::HELD_FROM, &format!("{HELD_STREAM}:{seq}"))],
+            );
+            let ack = js
+                .publish_with_headers(target.clone(), headers, message.payload)
+                .await
+                .map_err(nats)?;
+            acks.push(ack);
+            last = Some(seq);
+            from = seq + 1;
+        }
+        let Some(last) = last else { break };
+        let stored = tokio::time::timeout(
+            timeout,
+            futures::future::try_join_all(
+                acks.into_iter().map(std::future::IntoFuture::into_future),
+            ),
+        )
+        .await
+        .map_err(|_| ControlError::Nats(format!("no ack within {timeout:?}")))?
+        .map_err(nats)?;
+        stream
+            .purge()
+            .filter(subject.clone())
+            .sequence(last + 1)
             .await
             .map_err(nats)?;
-        match stream.delete_message(seq).await {
-            Ok(_) => {}
-            // Another replica released it first.
-            Err(e) if e.to_string().contains("no message found") => {}
-            Err(e) => return Err(nats(e)),
-        }
-        released.moved += 1;
-        from = seq + 1;
+        released.moved += stored.len() as u64;
     }
     Ok(released)
 }
