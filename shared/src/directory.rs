@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
 use prometheus::IntGauge;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -189,70 +188,31 @@ impl Directory {
         store: kv::Store,
         cancel: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let directory = self.clone();
-        tokio::spawn(async move {
-            let mut wait = Duration::from_millis(100);
-            loop {
-                match directory.load_and_follow(&store, &cancel).await {
-                    Ok(()) => return,
-                    Err(error) => {
-                        tracing::warn!(%error, retry_in = ?wait, "Watching the instances bucket failed; reloading.");
-                    }
-                }
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        })
+        crate::kvwatch::spawn_follow(self.clone(), store, cancel)
     }
+}
 
-    async fn load_and_follow(
-        &self,
-        store: &kv::Store,
-        cancel: &CancellationToken,
-    ) -> Result<(), String> {
-        let keys: Vec<String> = store
-            .keys()
-            .await
-            .map_err(|e| e.to_string())?
-            .filter_map(|k| async move { k.ok() })
-            .collect()
-            .await;
+impl crate::kvwatch::Follow for Directory {
+    fn load(&self, entries: Vec<kv::Entry>) {
         let mut snapshot = Snapshot::default();
         let mut last_revision = 0;
-        for key in keys {
-            if let Some(entry) = store.entry(&key).await.map_err(|e| e.to_string())? {
-                last_revision = last_revision.max(entry.revision);
-                if entry.operation == kv::Operation::Put {
-                    if let Ok(mut instance) = serde_json::from_slice::<Instance>(&entry.value) {
-                        instance.id = key;
-                        snapshot.put(instance);
-                    }
+        for entry in entries {
+            last_revision = last_revision.max(entry.revision);
+            if entry.operation == kv::Operation::Put {
+                if let Ok(mut instance) = serde_json::from_slice::<Instance>(&entry.value) {
+                    instance.id = entry.key;
+                    snapshot.put(instance);
                 }
             }
         }
-        // Changes made while we listed are replayed by the watch, which starts after the newest
-        // revision we saw.
-        let mut watch = store
-            .watch_all_from_revision(last_revision + 1)
-            .await
-            .map_err(|e| e.to_string())?;
         self.write(last_revision, |s| *s = snapshot);
         // `send_replace`, not `send`: it stores the value even when nobody is waiting yet.
         self.loaded.send_replace(true);
         tracing::debug!(instances = self.len(), "Instances loaded.");
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                next = watch.next() => match next {
-                    None => return Err("the watch ended".into()),
-                    Some(Err(e)) => return Err(e.to_string()),
-                    Some(Ok(entry)) => self.apply(&entry),
-                },
-            }
-        }
+    }
+
+    fn apply(&self, entry: &kv::Entry) {
+        Directory::apply(self, entry);
     }
 }
 

@@ -108,45 +108,15 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> KvView<T> {
         store: kv::Store,
         cancel: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let view = self.clone();
-        tokio::spawn(async move {
-            let mut wait = Duration::from_millis(100);
-            loop {
-                match view.load_and_follow(&store, &cancel).await {
-                    Ok(()) => return,
-                    Err(error) => {
-                        tracing::warn!(%error, retry_in = ?wait, "Watching a bucket failed; reloading.");
-                    }
-                }
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        })
+        spawn_follow(self.clone(), store, cancel)
     }
+}
 
-    async fn load_and_follow(
-        &self,
-        store: &kv::Store,
-        cancel: &CancellationToken,
-    ) -> Result<(), String> {
-        let keys: Vec<String> = store
-            .keys()
-            .await
-            .map_err(|e| e.to_string())?
-            .filter_map(|k| async move { k.ok() })
-            .collect()
-            .await;
-        let mut last_revision = 0;
-        let mut seen = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Some(entry) = store.entry(&key).await.map_err(|e| e.to_string())? {
-                last_revision = last_revision.max(entry.revision);
-                self.apply(&entry);
-                seen.push(key);
-            }
+impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Follow for KvView<T> {
+    fn load(&self, entries: Vec<kv::Entry>) {
+        let seen: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
+        for entry in &entries {
+            self.apply(entry);
         }
         // Keys deleted while the watch was down.
         let gone: Vec<String> =
@@ -154,21 +124,82 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> KvView<T> {
         for key in gone {
             self.note(&key, None, u64::MAX);
         }
-        // Changes made while we listed are replayed by the watch, which starts after the newest
-        // revision we saw.
-        let mut watch = store
-            .watch_all_from_revision(last_revision + 1)
-            .await
-            .map_err(|e| e.to_string())?;
+    }
+
+    fn apply(&self, entry: &kv::Entry) {
+        KvView::apply(self, entry);
+    }
+}
+
+/// What follows a bucket: given everything it holds, then each change.
+pub trait Follow: Clone + Send + Sync + 'static {
+    /// Every key's current entry (deletions included), replacing what was known.
+    fn load(&self, entries: Vec<kv::Entry>);
+    /// One change, in revision order.
+    fn apply(&self, entry: &kv::Entry);
+}
+
+/// Loads `store` into `follower`, then follows it with a watch until `cancel` fires; loads it
+/// again after any watch failure (NATS restarted), waiting 100 ms doubling to 5 s between tries.
+pub fn spawn_follow<F: Follow>(
+    follower: F,
+    store: kv::Store,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(100);
         loop {
-            tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                next = watch.next() => match next {
-                    None => return Err("the watch ended".into()),
-                    Some(Err(e)) => return Err(e.to_string()),
-                    Some(Ok(entry)) => self.apply(&entry),
-                },
+            match load_and_follow(&follower, &store, &cancel).await {
+                Ok(()) => return,
+                Err(error) => {
+                    let bucket = store.name.as_str();
+                    tracing::warn!(%error, bucket, retry_in = ?wait, "Watching a bucket failed; reloading.");
+                }
             }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+async fn load_and_follow<F: Follow>(
+    follower: &F,
+    store: &kv::Store,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| e.to_string())?
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    let mut last_revision = 0;
+    let mut entries = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(entry) = store.entry(&key).await.map_err(|e| e.to_string())? {
+            last_revision = last_revision.max(entry.revision);
+            entries.push(entry);
+        }
+    }
+    // Changes made while we listed are replayed by the watch, which starts after the newest
+    // revision we saw.
+    let mut watch = store
+        .watch_all_from_revision(last_revision + 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    follower.load(entries);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            next = watch.next() => match next {
+                None => return Err("the watch ended".into()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(entry)) => follower.apply(&entry),
+            },
         }
     }
 }
