@@ -6,16 +6,16 @@
 //! (breaker, host slot), dispatch it, and decide its [`Outcome`] ([`decide`]); `settle` then
 //! acks, NAKs or dead-letters.
 //!
-//! The attempt number is the message's delivery count less the times this replica put it back
-//! without trying (breaker open, host busy), so a restart loses no retry and repeats no wait. A
+//! The attempt number is the message's delivery count less the times the replicas put it back
+//! without trying (breaker open, host busy, instance at its limit: [`crate::deferrals`]), so a
+//! restart loses no retry and repeats no wait. A
 //! redelivered envelope (`Ecwid-Attempt-Offset`) gets a fresh budget; its attempts are numbered
 //! on in the event log, which gets a snapshot after every attempt ([`crate::journal`]).
 //!
 //! A test envelope (`Ecwid-Test-Reply-To`, from `POST /instances/{id}/test`) is tried once, its
 //! result answered on that subject; it is never retried, dead-lettered or logged.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy};
@@ -25,7 +25,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
-use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::nats::{headers, subject_tail, DELIVERERS_BUCKET, DELIVERER_CONSUMER, EVENTS_STREAM};
 use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
@@ -33,8 +33,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::deferrals::Deferrals;
 use crate::dispatch::{self, Attempt, Dispatcher};
 use crate::journal::{self, Sent};
+use crate::limits::{InstanceLimits, InstanceSlot, Membership};
 use crate::metrics::Metrics;
 use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
 
@@ -66,8 +68,10 @@ struct Worker {
     dispatcher: Dispatcher,
     breakers: Breakers,
     hosts: HostLimits,
-    /// Stream sequence → times this replica put the message back without an attempt.
-    deferrals: Mutex<HashMap<u64, u64>>,
+    /// Each instance's `max.in.flight` and `rate.limit`, this replica's share.
+    limits: InstanceLimits,
+    /// Times each message was put back without an attempt, by any replica.
+    deferrals: Arc<Deferrals>,
 }
 
 pub async fn run(
@@ -105,6 +109,32 @@ pub async fn run(
     .map_err(crate::error::Error::Http)?;
     let concurrency = config.max_in_flight;
     let grace = config.common.shutdown_grace;
+    let coordination = |what, name: &str, e: String| {
+        crate::error::Error::Shared(shared::Error::Topology {
+            what,
+            name: name.to_owned(),
+            message: e,
+        })
+    };
+    let replica = crate::limits::replica_id();
+    let deferrals = Deferrals::start(replica.clone(), ctx.client.clone(), cancel.clone())
+        .await
+        .map_err(|e| {
+            coordination(
+                "subscription",
+                shared::nats::DEFERRALS_SUBJECT,
+                e.to_string(),
+            )
+        })?;
+    let replicas_kv = ctx
+        .js
+        .get_key_value(DELIVERERS_BUCKET)
+        .await
+        .map_err(|e| coordination("key-value bucket", DELIVERERS_BUCKET, e.to_string()))?;
+    // Not one message before the other replicas count this one: its share of each instance's
+    // limits comes from the count.
+    let membership =
+        Membership::join(replicas_kv, replica, metrics.replicas.clone(), &cancel).await;
     let worker = Arc::new(Worker {
         breakers: Breakers::new(
             config.breaker_failures,
@@ -113,7 +143,8 @@ pub async fn run(
             metrics.breaker_transitions.clone(),
         ),
         hosts: HostLimits::new(config.max_in_flight_per_host),
-        deferrals: Mutex::new(HashMap::new()),
+        limits: InstanceLimits::new(membership.view()),
+        deferrals,
         config,
         ctx,
         metrics,
@@ -129,6 +160,7 @@ pub async fn run(
         async move { worker.handle(message).await }
     })
     .await;
+    membership.leave().await;
     Ok(())
 }
 
@@ -202,7 +234,7 @@ impl Worker {
         let seq = info.stream_sequence;
         let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
         let queued_at = info.published.unix_timestamp_nanos() / 1_000_000;
-        let deferred = self.deferrals_of(seq);
+        let deferred = self.deferrals.of(seq);
         let attempt = delivered.saturating_sub(deferred).max(1);
         let instance_id = subject_tail(message.subject.as_str()).to_owned();
         let h = message.headers.as_ref();
@@ -213,7 +245,9 @@ impl Worker {
         let offset = header(h, headers::ATTEMPT_OFFSET)
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        let (outcome, sent) = self.attempt(&message, &instance_id, attempt).await;
+        let (outcome, sent) = self
+            .attempt(&message, &instance_id, attempt, deferred)
+            .await;
         journal::record(
             &self.ctx.log,
             &message,
@@ -235,40 +269,21 @@ impl Worker {
         .await;
     }
 
-    fn deferrals_of(&self, seq: u64) -> u64 {
-        let map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&seq).copied().unwrap_or(0)
-    }
-
-    fn note_deferral(&self, seq: u64) {
-        let mut map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 200_000 {
-            // Bound the memory; the cost is that those messages may spend an attempt each.
-            map.clear();
-        }
-        *map.entry(seq).or_insert(0) += 1;
-    }
-
-    fn forget(&self, seq: u64) {
-        self.deferrals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&seq);
-    }
-
     /// Attempt number `attempt` for `message`: resolve where it goes, wait to be admitted,
     /// send it, and decide what becomes of it. Also what was sent, when something was.
+    /// `deferred`: how often the message was put back without an attempt before.
     async fn attempt(
         &self,
         message: &jetstream::Message,
         instance_id: &str,
         attempt: u64,
+        deferred: u64,
     ) -> (Outcome, Option<Sent>) {
         let target = match self.resolve(message, instance_id, attempt) {
             Ok(target) => target,
             Err(dead) => return (dead, None),
         };
-        let _slot = match self.admit(&target.url).await {
+        let _slots = match self.admit(instance_id, &target, deferred).await {
             Ok(slot) => slot,
             Err(deferral) => return (deferral, None),
         };
@@ -395,10 +410,16 @@ impl Worker {
         })
     }
 
-    /// A slot to send to `url` now: its breaker lets the request through and its host has a
-    /// free slot. Otherwise the deferral that puts the envelope back without spending an
-    /// attempt.
-    async fn admit(&self, url: &reqwest::Url) -> Result<OwnedSemaphorePermit, Outcome> {
+    /// Slots to send to `target` now: its breaker lets the request through, its instance is
+    /// within its limits ([`crate::limits`]) and its host has a free slot. Otherwise the
+    /// deferral that puts the envelope back without spending an attempt.
+    async fn admit(
+        &self,
+        instance_id: &str,
+        target: &Target,
+        deferred: u64,
+    ) -> Result<(InstanceSlot, OwnedSemaphorePermit), Outcome> {
+        let url = &target.url;
         let key = url.as_str();
         if let Admit::Wait(wait) = self.breakers.admit(key) {
             self.metrics
@@ -410,6 +431,21 @@ impl Worker {
                 spends_attempt: false,
             });
         }
+        // Not waited for: a delivery of a busy instance must not hold a consumer slot.
+        let instance_slot = match self.limits.admit(instance_id, &target.instance, deferred) {
+            Ok(slot) => slot,
+            Err((busy, delay)) => {
+                self.metrics
+                    .deferred
+                    .with_label_values(&[busy.label()])
+                    .inc();
+                self.breakers.not_sent(key);
+                return Err(Outcome::Retry {
+                    delay,
+                    spends_attempt: false,
+                });
+            }
+        };
         let host = format!(
             "{}:{}",
             url.host_str().unwrap_or(""),
@@ -426,7 +462,7 @@ impl Worker {
                 spends_attempt: false,
             });
         };
-        Ok(slot)
+        Ok((instance_slot, slot))
     }
 
     /// Signs and POSTs the envelope; counts the attempt and tells the breaker how it went.
@@ -469,7 +505,7 @@ impl Worker {
     ) {
         match outcome {
             Outcome::Ack => {
-                self.forget(seq);
+                self.deferrals.forget(seq).await;
                 if let Err(error) = message.ack().await {
                     tracing::warn!(instance_id, seq, %error, "Ack failed; the event may be delivered again.");
                 }
@@ -479,7 +515,7 @@ impl Worker {
                 spends_attempt,
             } => {
                 if !spends_attempt {
-                    self.note_deferral(seq);
+                    self.deferrals.note(seq).await;
                 }
                 if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(instance_id, seq, %error, "NAK failed; the server redelivers after ack_wait.");
@@ -525,7 +561,7 @@ impl Worker {
                     let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
                     return;
                 }
-                self.forget(seq);
+                self.deferrals.forget(seq).await;
                 tracing::warn!(instance_id, seq, attempt, reason, %error, "Envelope dead-lettered.");
                 self.ctx
                     .common

@@ -9,14 +9,19 @@
 //!   SSRF guard at connect time.
 //! - [`policy`]: the retry schedule, jitter and `Retry-After`, the per-URL circuit breaker and
 //!   the per-host limits.
+//! - [`limits`]: per-instance `max.in.flight` and `rate.limit` across replicas (each replica
+//!   enforces its share; replicas count each other in a KV bucket).
+//! - [`deferrals`]: how often each message was put back without an attempt, shared by replicas.
 //! - [`journal`]: the event log snapshot written after every attempt.
 //! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
 
 pub mod config;
 pub mod consumer;
+pub mod deferrals;
 pub mod dispatch;
 pub mod error;
 pub mod journal;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 

@@ -11,6 +11,7 @@ pub const DEFERRED_TOTAL: &str = "ecwid_deliver_deferred_total";
 pub const IN_FLIGHT: &str = "ecwid_deliver_in_flight";
 pub const BREAKERS_OPEN: &str = "ecwid_deliver_breakers_open";
 pub const BREAKER_TRANSITIONS: &str = "ecwid_deliver_breaker_transitions_total";
+pub const REPLICAS: &str = "ecwid_deliver_replicas";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -20,12 +21,14 @@ pub struct Metrics {
     /// From the ingest's receipt of the webhook to the callback's 2xx.
     pub end_to_end: Histogram,
     pub retries: IntCounter,
-    /// reason: breaker_open, host_busy.
+    /// reason: breaker_open, host_busy, instance_in_flight, instance_rate.
     pub deferred: IntCounterVec,
     pub in_flight: IntGauge,
     pub breakers_open: IntGauge,
     /// to: open, half_open, closed.
     pub breaker_transitions: IntCounterVec,
+    /// Live deliverer replicas as this one counts them (the instance limits are split by it).
+    pub replicas: IntGauge,
 }
 
 impl Metrics {
@@ -65,6 +68,11 @@ impl Metrics {
                 BREAKER_TRANSITIONS,
                 "Circuit breaker state changes, by new state.",
                 &["to"],
+            ),
+            replicas: gauge(
+                reg,
+                REPLICAS,
+                "Live deliverer replicas this one counts; instance limits are shared among them.",
             ),
         }
     }
