@@ -4,7 +4,8 @@
 //!
 //! No delivery asks NATS anything. Replicas announce themselves in [`DELIVERERS_BUCKET`] (a put
 //! every [`HEARTBEAT`]; the bucket's `max_age` drops a replica that stopped), each counts the live
-//! ones, R, and enforces its share locally: the in-flight limit split evenly, the remainder going
+//! ones, R (a replica missing from one listing still counts for [`FORGET_AFTER`]), and enforces
+//! its share locally: the in-flight limit split evenly, the remainder going
 //! to some replicas (a different some for each instance), so the shares add up to the limit
 //! exactly and a replica's share may be 0; and a token bucket of `rate / R` per second. A replica
 //! that joins waits until the others have counted it before it takes any message.
@@ -18,7 +19,7 @@
 //! Bounds (the README's "Limits"): the total holds in steady state. After R grows, requests the
 //! old replicas admitted under their larger share may still be in flight (at most the request
 //! timeout); after a replica dies the others keep their smaller share until its entry expires
-//! ([`shared::nats::DELIVERERS_MAX_AGE`] + a heartbeat). Replicas that pull unevenly leave part of
+//! ([`shared::nats::DELIVERERS_MAX_AGE`] + [`FORGET_AFTER`]). Replicas that pull unevenly leave part of
 //! the limit unused. Each token bucket holds up to max(1, rate / R / 10) tokens, so any window of
 //! T seconds sees at most `rate × T` plus that burst per replica.
 
@@ -37,6 +38,10 @@ use tokio_util::sync::CancellationToken;
 
 /// How often a replica announces itself and counts the others.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a replica still counts another after a listing of the bucket last showed it. A
+/// listing can miss an entry that is being put again at that moment; counting one replica too
+/// few would let this one take too large a share, counting one too many only a smaller one.
+pub const FORGET_AFTER: Duration = Duration::from_millis(5_000);
 /// How long a joining replica waits, when others are alive, before it takes its share: long
 /// enough for each of them to count it at its next heartbeat.
 pub const JOIN_WAIT: Duration = Duration::from_millis(3_000);
@@ -79,6 +84,8 @@ pub struct Membership {
     me: String,
     view: Arc<View>,
     gauge: IntGauge,
+    /// Replica id → when a listing last showed it.
+    seen: Mutex<HashMap<String, Instant>>,
 }
 
 impl Membership {
@@ -95,6 +102,7 @@ impl Membership {
             me,
             view: Arc::new(View::new(1, 0)),
             gauge,
+            seen: Mutex::new(HashMap::new()),
         });
         this.beat().await;
         if this.replicas() > 1 {
@@ -136,13 +144,20 @@ impl Membership {
                 return;
             }
         };
-        let Ok(mut ids) = keys else {
+        let Ok(listed) = keys else {
             tracing::warn!("Could not count the deliverer replicas.");
             return;
         };
-        if !ids.contains(&self.me) {
-            ids.push(self.me.clone());
-        }
+        let mut ids = {
+            let now = Instant::now();
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for id in listed {
+                seen.insert(id, now);
+            }
+            seen.insert(self.me.clone(), now);
+            seen.retain(|_, at| now.saturating_duration_since(*at) < FORGET_AFTER);
+            seen.keys().cloned().collect::<Vec<_>>()
+        };
         ids.sort_unstable();
         let rank = ids.iter().position(|id| *id == self.me).unwrap_or(0);
         let replicas = ids.len();

@@ -398,7 +398,11 @@ pub async fn ensure_bucket(
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(120),
+        // JetStream refuses a duplicate window longer than the messages live.
+        duplicate_window: match bucket.max_age {
+            Duration::ZERO => Duration::from_secs(120),
+            max_age => max_age.min(Duration::from_secs(120)),
+        },
         ..Default::default()
     };
     js.create_or_update_stream(config)
