@@ -14,7 +14,7 @@
 //! without spending an attempt and without holding one of the consumer's slots, so a slow or
 //! limited instance costs the others nothing but the put-backs. Under a rate limit the delay is
 //! the time until this replica's next free token, and the put-backs queue up behind each other
-//! (one token time apart), so a backlog does not come back all at once to be put back again.
+//! (1 / rate apart), so a backlog does not come back all at once to be put back again.
 //!
 //! Bounds (the README's "Limits"): the total holds in steady state. After R grows, requests the
 //! old replicas admitted under their larger share may still be in flight (at most the request
@@ -329,7 +329,10 @@ impl InstanceLimits {
             entry.tokens = (entry.tokens + elapsed * per_second).min(capacity);
             entry.refilled = now;
             if entry.tokens < 1.0 {
-                let interval = Duration::from_secs_f64(1.0 / per_second);
+                // Put-backs are spaced at the whole rate, not this replica's share: they come
+                // back to any replica, and one that pulled more than its part (replicas pull
+                // unevenly) would otherwise hold its backlog to its share alone.
+                let interval = Duration::from_secs_f64(1.0 / rate);
                 let token_free = now + Duration::from_secs_f64((1.0 - entry.tokens) / per_second);
                 let ticket = token_free.max(entry.next_ticket);
                 entry.next_ticket = (ticket + interval).min(now + RATE_WAIT_MAX);
@@ -433,13 +436,13 @@ mod tests {
             }
         }
         assert_eq!(admitted, 1, "a burst of one token");
-        // Each put-back comes back one token later than the one before (0.4 s apart), stretched
-        // by at most a fifth of that, never earlier.
+        // The first put-back waits for this replica's next token (0.4 s), each further one
+        // 1 / rate (0.2 s) later, stretched by at most a fifth of that, never earlier.
         for (i, wait) in waits.iter().enumerate() {
-            let due = 0.4 * (i as f64 + 1.0);
+            let due = 0.4 + 0.2 * i as f64;
             let secs = wait.as_secs_f64();
             assert!(
-                secs >= due - 1e-6 && secs <= due + 0.08 + 1e-6,
+                secs >= due - 1e-6 && secs <= due + 0.04 + 1e-6,
                 "{i}: {wait:?}"
             );
         }

@@ -253,9 +253,20 @@ async fn rate_limit_holds_across_replicas() {
     let _one = SERIAL.lock().await;
     const RATE: f64 = 5.0;
     const REPLICAS: usize = 3;
-    const EVENTS: usize = 30;
+    const EVENTS: usize = 45;
     let nats = NatsServer::start().await;
-    let cluster = Cluster::start(&nats.url(), &[], REPLICAS).await;
+    // Small pull batches: every replica gets a part of the events. With the default (256) one
+    // replica may take them all, and the case would not show whether the others hold their
+    // share.
+    let cluster = Cluster::start(
+        &nats.url(),
+        &[
+            ("DELIVER_MAX_IN_FLIGHT", "2"),
+            ("DELIVER_MAX_IN_FLIGHT_PER_HOST", "2"),
+        ],
+        REPLICAS,
+    )
+    .await;
     let fast = Recorder::start(Answer::After(Duration::ZERO)).await;
     let instance = cluster
         .create_instance(
@@ -264,7 +275,28 @@ async fn rate_limit_holds_across_replicas() {
             &[("event.notification.rate.limit", "5")],
         )
         .await;
+    // The events wait in the stream while the deliverers are frozen, then all three start on
+    // them at once, each pulling two at a time: every replica has more than its share to send.
+    // (Sent while the deliverers run, the events come only as fast as this machine's ingest
+    // takes them, which may be under the limit.)
+    for d in &cluster.deliverers {
+        d.pause();
+    }
     let ids = send(&cluster, 5102, "rate", EVENTS).await;
+    let js = async_nats::jetstream::new(connect(&nats.url()).await);
+    wait_until(Duration::from_secs(20), "the envelopes stored", || async {
+        let (pending, in_hand) = consumer_backlog(
+            &js,
+            shared::nats::EVENTS_STREAM,
+            shared::nats::DELIVERER_CONSUMER,
+        )
+        .await;
+        pending + in_hand >= EVENTS as u64
+    })
+    .await;
+    for d in &cluster.deliverers {
+        d.resume();
+    }
     fast.wait_all(&ids, Duration::from_secs(60), &cluster).await;
 
     let mut times: Vec<Instant> = fast.arrivals().into_iter().map(|(t, _)| t).collect();
