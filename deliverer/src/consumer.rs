@@ -25,7 +25,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
-use shared::nats::{headers, subject_tail, DELIVERERS_BUCKET, DELIVERER_CONSUMER, EVENTS_STREAM};
+use shared::nats::{headers, subject_tail, DELIVERER_CONSUMER, EVENTS_STREAM};
 use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
@@ -33,16 +33,18 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::deferrals::Deferrals;
 use crate::dispatch::{self, Attempt, Dispatcher};
 use crate::journal::{self, Sent};
-use crate::limits::{InstanceLimits, InstanceSlot, Membership};
+use crate::limits::{InstanceLimits, InstanceSlot};
 use crate::metrics::Metrics;
 use crate::policy::{jitter, next_wait, Admit, Breakers, HostLimits};
 
 /// How long a dead letter's publish may wait for JetStream's ack before the envelope is put
 /// back to try again.
 const DEAD_LETTER_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a stopping replica tries to remove its entry from the replicas' bucket.
+const LEAVE_WAIT: Duration = Duration::from_millis(500);
 
 /// What becomes of one envelope after an attempt (or instead of one).
 #[derive(Debug, PartialEq)]
@@ -71,7 +73,7 @@ struct Worker {
     /// Each instance's `max.in.flight` and `rate.limit`, this replica's share.
     limits: InstanceLimits,
     /// Times each message was put back without an attempt, by any replica.
-    deferrals: Arc<Deferrals>,
+    deferrals: Arc<crate::deferrals::Deferrals>,
 }
 
 pub async fn run(
@@ -109,32 +111,10 @@ pub async fn run(
     .map_err(crate::error::Error::Http)?;
     let concurrency = config.max_in_flight;
     let grace = config.common.shutdown_grace;
-    let coordination = |what, name: &str, e: String| {
-        crate::error::Error::Shared(shared::Error::Topology {
-            what,
-            name: name.to_owned(),
-            message: e,
-        })
-    };
-    let replica = crate::limits::replica_id();
-    let deferrals = Deferrals::start(replica.clone(), ctx.client.clone(), cancel.clone())
-        .await
-        .map_err(|e| {
-            coordination(
-                "subscription",
-                shared::nats::DEFERRALS_SUBJECT,
-                e.to_string(),
-            )
-        })?;
-    let replicas_kv = ctx
-        .js
-        .get_key_value(DELIVERERS_BUCKET)
-        .await
-        .map_err(|e| coordination("key-value bucket", DELIVERERS_BUCKET, e.to_string()))?;
     // Not one message before the other replicas count this one: its share of each instance's
     // limits comes from the count.
-    let membership =
-        Membership::join(replicas_kv, replica, metrics.replicas.clone(), &cancel).await;
+    let (membership, deferrals) =
+        crate::limits::join(&ctx, metrics.replicas.clone(), &cancel).await?;
     let worker = Arc::new(Worker {
         breakers: Breakers::new(
             config.breaker_failures,
@@ -160,7 +140,9 @@ pub async fn run(
         async move { worker.handle(message).await }
     })
     .await;
-    membership.leave().await;
+    // Bounded: NATS may be what is failing, and the shutdown has a budget. Without the goodbye
+    // the entry expires on its own.
+    let _ = tokio::time::timeout(LEAVE_WAIT, membership.leave()).await;
     Ok(())
 }
 

@@ -33,8 +33,12 @@ use futures::TryStreamExt as _;
 use prometheus::IntGauge;
 use rand::Rng;
 use shared::instance::Instance;
+use shared::nats::{DEFERRALS_SUBJECT, DELIVERERS_BUCKET};
+use shared::service::ServiceContext;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::deferrals::Deferrals;
 
 /// How often a replica announces itself and counts the others.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -51,6 +55,52 @@ pub const BUSY_WAIT_MIN: Duration = Duration::from_millis(200);
 pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(5);
 /// The longest put-back under a rate limit; a longer queue comes back and queues again.
 pub const RATE_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// How often the start-up looks for the replicas' bucket before it gives up.
+const BUCKET_TRIES: u32 = 8;
+
+/// Joins the deliverer replicas: this replica's [`Deferrals`] (listening before any message is
+/// taken) and its [`Membership`] (announced, and counted by the others when this returns).
+pub async fn join(
+    ctx: &ServiceContext,
+    gauge: IntGauge,
+    cancel: &CancellationToken,
+) -> Result<(Arc<Membership>, Arc<Deferrals>), crate::error::Error> {
+    let failed = |what, name: &str, e: String| {
+        crate::error::Error::Shared(shared::Error::Topology {
+            what,
+            name: name.to_owned(),
+            message: e,
+        })
+    };
+    let me = replica_id();
+    let deferrals = Deferrals::start(me.clone(), ctx.client.clone(), cancel.clone())
+        .await
+        .map_err(|e| failed("subscription", DEFERRALS_SUBJECT, e.to_string()))?;
+    // The topology set-up created the bucket, but NATS may be slow to answer right after it
+    // (a server that is just starting, or just came back): ask again for a while.
+    let mut wait = Duration::from_millis(200);
+    let mut tries = 0;
+    let kv = loop {
+        match ctx.js.get_key_value(DELIVERERS_BUCKET).await {
+            Ok(kv) => break kv,
+            Err(e) if tries + 1 >= BUCKET_TRIES => {
+                return Err(failed("key-value bucket", DELIVERERS_BUCKET, e.to_string()))
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?wait, "The deliverer replicas' bucket is not there yet; retrying.");
+            }
+        }
+        tries += 1;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = cancel.cancelled() => return Err(crate::error::Error::Shared(shared::Error::Cancelled)),
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    };
+    let membership = Membership::join(kv, me, gauge, cancel).await;
+    Ok((membership, deferrals))
+}
 
 /// A fresh replica id: a subject token and a KV key.
 pub fn replica_id() -> String {
