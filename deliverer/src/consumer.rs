@@ -115,6 +115,7 @@ pub async fn run(
     // limits comes from the count.
     let (membership, deferrals) =
         crate::limits::join(&ctx, metrics.replicas.clone(), &cancel).await?;
+    ctx.starting.release();
     let worker = Arc::new(Worker {
         breakers: Breakers::new(
             config.breaker_failures,

@@ -41,10 +41,14 @@ pub async fn run(
 ) -> Result<(), error::Error> {
     let common = config.common.clone();
     let stop = cancel.clone();
-    let work = |ctx: ServiceContext| async move {
-        let metrics = metrics::Metrics::register(&ctx.registry);
-        consumer::run(config, ctx, metrics, stop).await?;
-        Ok::<(), error::Error>(())
+    let work = |ctx: ServiceContext| {
+        // Not ready before it joined the other replicas ([`limits::join`]).
+        ctx.starting.hold();
+        async move {
+            let metrics = metrics::Metrics::register(&ctx.registry);
+            consumer::run(config, ctx, metrics, stop).await?;
+            Ok::<(), error::Error>(())
+        }
     };
     shared::service::run_worker(&common, "deliverer", ops_listener, client, cancel, work).await
 }

@@ -392,3 +392,63 @@ async fn a_stalled_instance_does_not_hold_up_a_healthy_one() {
     assert_eq!(stalled.max_open(), 2);
     assert!(deferred(&cluster, "instance_in_flight").await > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_replica_is_ready_only_once_the_others_count_it() {
+    let _one = SERIAL.lock().await;
+    let nats = NatsServer::start().await;
+    let cluster = Cluster::start(&nats.url(), &[], 2).await;
+    let replicas_counted = |text: &str| sample_sum(text, "ecwid_deliver_replicas", &[]);
+    for d in &cluster.deliverers {
+        let text = d.metrics().await;
+        assert_eq!(replicas_counted(&text), 2.0, "{}", d.log_tail(10));
+    }
+
+    let mut joiner = ServiceProc::new(Service::Deliverer, process_env(&nats.url(), &[]));
+    joiner.spawn();
+    let http = reqwest::Client::new();
+    let readyz = format!("http://{}/readyz", joiner.ops);
+    let mut starting_seen = false;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(r) = http.get(&readyz).send().await {
+            if r.status() == 200 {
+                break;
+            }
+            let body: Value = r.json().await.unwrap_or_default();
+            starting_seen |= body["reason"] == "starting";
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the joining deliverer never got ready:\n{}",
+            joiner.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        starting_seen,
+        "the joiner was never seen waiting for the others (503 starting)"
+    );
+    // Ready now: the others have shrunk their shares for it already.
+    for d in &cluster.deliverers {
+        let text = d.metrics().await;
+        assert_eq!(
+            replicas_counted(&text),
+            3.0,
+            "a replica did not count the joiner before it got ready:\n{}",
+            d.log_tail(10)
+        );
+    }
+    // A graceful stop removes its entry: the others count two again once they have not seen it
+    // for 5 s (a listing may miss an entry; see limits::FORGET_AFTER), plus a heartbeat.
+    joiner.terminate();
+    assert!(joiner.wait_exit(Duration::from_secs(10)).await.is_some());
+    for d in &cluster.deliverers {
+        wait_until(
+            Duration::from_secs(10),
+            "two replicas counted again",
+            || async { replicas_counted(&d.metrics().await) == 2.0 },
+        )
+        .await;
+    }
+}
