@@ -5,10 +5,10 @@
 //! No delivery asks NATS anything. Replicas announce themselves in [`DELIVERERS_BUCKET`] (a put
 //! every [`HEARTBEAT`]; the bucket's `max_age` drops a replica that stopped), each counts the live
 //! ones, R (a replica missing from one listing still counts for [`FORGET_AFTER`]), and enforces
-//! its share locally: the in-flight limit split evenly, the remainder going
-//! to some replicas (a different some for each instance), so the shares add up to the limit
-//! exactly and a replica's share may be 0; and a token bucket of `rate / R` per second. A replica
-//! that joins waits until the others have counted it before it takes any message.
+//! its share locally: the in-flight limit split evenly, the remainder going to some replicas (a
+//! different some for each instance), so the shares add up to the limit exactly and a replica's
+//! share may be 0; and a token bucket of `rate / R` per second. A replica that joins waits until
+//! the others have counted it before it takes any message.
 //!
 //! A delivery that finds its instance at the limit is put back (NAK with a delay) at once,
 //! without spending an attempt and without holding one of the consumer's slots, so a slow or
@@ -19,9 +19,9 @@
 //! Bounds (the README's "Limits"): the total holds in steady state. After R grows, requests the
 //! old replicas admitted under their larger share may still be in flight (at most the request
 //! timeout); after a replica dies the others keep their smaller share until its entry expires
-//! ([`shared::nats::DELIVERERS_MAX_AGE`] + [`FORGET_AFTER`]). Replicas that pull unevenly leave part of
-//! the limit unused. Each token bucket holds up to max(1, rate / R / 10) tokens, so any window of
-//! T seconds sees at most `rate × T` plus that burst per replica.
+//! ([`shared::nats::DELIVERERS_MAX_AGE`] + [`FORGET_AFTER`]). Replicas that pull unevenly leave
+//! part of the limit unused. Each token bucket holds up to max(1, rate / R / 10) tokens, so any
+//! window of T seconds sees at most `rate × T` plus that burst per replica.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -154,8 +154,10 @@ impl Membership {
             gauge,
             seen: Mutex::new(HashMap::new()),
         });
-        this.beat().await;
-        if this.replicas() > 1 {
+        // A listing that failed leaves the count at 1, the largest share: wait as if others were
+        // alive, and count again.
+        let counted = this.beat().await;
+        if !counted || this.replicas() > 1 {
             tracing::info!(
                 replicas = this.replicas(),
                 "Other deliverers are alive; waiting for them to count this one."
@@ -174,7 +176,9 @@ impl Membership {
             ticks.tick().await;
             loop {
                 tokio::select! {
-                    _ = ticks.tick() => heart.beat().await,
+                    _ = ticks.tick() => {
+                        heart.beat().await;
+                    }
                     () = cancel.cancelled() => break,
                 }
             }
@@ -182,8 +186,9 @@ impl Membership {
         this
     }
 
-    /// Puts this replica's entry, then counts the entries. On an error the last count stays.
-    async fn beat(&self) {
+    /// Puts this replica's entry, then counts the entries. On an error the last count stays
+    /// (and this says false).
+    async fn beat(&self) -> bool {
         if let Err(error) = self.kv.put(&self.me, self.me.clone().into()).await {
             tracing::warn!(%error, "Could not announce this deliverer replica.");
         }
@@ -191,12 +196,12 @@ impl Membership {
             Ok(keys) => keys.try_collect().await,
             Err(error) => {
                 tracing::warn!(%error, "Could not count the deliverer replicas.");
-                return;
+                return false;
             }
         };
         let Ok(listed) = keys else {
             tracing::warn!("Could not count the deliverer replicas.");
-            return;
+            return false;
         };
         let mut ids = {
             let now = Instant::now();
@@ -216,6 +221,7 @@ impl Membership {
             tracing::info!(replicas, "Deliverer replicas counted.");
         }
         self.gauge.set(i64::try_from(replicas).unwrap_or(i64::MAX));
+        true
     }
 
     /// What this replica counted, for [`InstanceLimits`].
