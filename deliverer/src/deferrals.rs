@@ -5,8 +5,9 @@
 //! by one replica is often redelivered to another, so each put-back is told to all replicas on
 //! [`DEFERRALS_SUBJECT`] (core NATS, fire and forget), and so is the settling of a message that
 //! had any. The note is published before the NAK on the same connection, and the NAK's delay
-//! (100 ms at least) is far longer than the note takes to reach the other replicas, so the
-//! replica that gets the message next already counts it. Nothing is published for a message that
+//! (at least 100 ms for the instance limits, 1 s for a busy host; a breaker's remaining
+//! cool-down can be shorter) is far longer than the note takes to reach the other replicas, so
+//! the replica that gets the message next already counts it. Nothing is published for a message that
 //! was never put back: the hot path pays one map lookup.
 //!
 //! A replica that starts knows nothing of earlier put-backs, so a message put back before may

@@ -55,6 +55,9 @@ pub const BUSY_WAIT_MIN: Duration = Duration::from_millis(200);
 pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(5);
 /// The longest put-back under a rate limit; a longer queue comes back and queues again.
 pub const RATE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// The shortest put-back under a rate limit: long enough for the note that tells the other
+/// replicas about it ([`crate::deferrals`]) to arrive before the message can.
+pub const RATE_WAIT_MIN: Duration = Duration::from_millis(100);
 
 /// How often the start-up looks for the replicas' bucket before it gives up.
 const BUCKET_TRIES: u32 = 8;
@@ -392,7 +395,7 @@ impl InstanceLimits {
                 let token_free = now + Duration::from_secs_f64((1.0 - entry.tokens) / per_second);
                 let ticket = token_free.max(entry.next_ticket);
                 entry.next_ticket = (ticket + interval).min(now + RATE_WAIT_MAX);
-                let wait = (ticket - now).min(RATE_WAIT_MAX);
+                let wait = (ticket - now).clamp(RATE_WAIT_MIN, RATE_WAIT_MAX);
                 // Later, never earlier, than the token: a little spread so the queue does not
                 // arrive in step.
                 let stretch = rand::rng().random_range(0.0..0.2) * interval.as_secs_f64();

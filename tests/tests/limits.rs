@@ -147,6 +147,43 @@ async fn send(cluster: &Cluster, store: u64, prefix: &str, n: usize) -> Vec<Stri
     ids
 }
 
+/// Sends `n` webhooks of `store` one after the other, each once the previous was taken; when
+/// each was sent, by event id.
+async fn send_timed(
+    cluster: &Cluster,
+    store: u64,
+    prefix: &str,
+    n: usize,
+) -> std::collections::HashMap<String, Instant> {
+    let mut sent = std::collections::HashMap::new();
+    for webhook in order_webhooks(store, prefix, n) {
+        let at = Instant::now();
+        let status = post_webhook(&cluster.http, &cluster.webhook_url(), &webhook).await;
+        assert!(
+            matches!(status, Ok(200)),
+            "{}: {status:?}",
+            webhook.event_id
+        );
+        sent.insert(webhook.event_id, at);
+    }
+    sent
+}
+
+/// The 99th percentile of (first arrival at `recorder` − sent) over the events of `sent`.
+fn p99(recorder: &Recorder, sent: &std::collections::HashMap<String, Instant>) -> Duration {
+    let mut first: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    for (at, id) in recorder.arrivals() {
+        first.entry(id).or_insert(at);
+    }
+    let mut latencies: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, sent_at)| Some(*first.get(id)? - *sent_at))
+        .collect();
+    latencies.sort();
+    let index = (latencies.len() * 99).div_ceil(100).saturating_sub(1);
+    latencies.get(index).copied().unwrap_or_default()
+}
+
 /// Every event log record of `instance`, waiting until there are `n` and all are delivered.
 async fn delivered_records(cluster: &Cluster, instance: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -364,6 +401,16 @@ async fn a_stalled_instance_does_not_hold_up_a_healthy_one() {
         )
         .await;
     cluster.create_instance("5104", &healthy.url(), &[]).await;
+    // The healthy instance alone first, for the latency figure printed at the end.
+    let solo = send_timed(&cluster, 5104, "solo", 100).await;
+    healthy
+        .wait_all(
+            &solo.keys().cloned().collect::<Vec<_>>(),
+            Duration::from_secs(20),
+            &cluster,
+        )
+        .await;
+    let solo_p99 = p99(&healthy, &solo);
 
     let stalled_ids = send(&cluster, 5103, "stalled", 40).await;
     wait_until(
@@ -373,16 +420,20 @@ async fn a_stalled_instance_does_not_hold_up_a_healthy_one() {
     )
     .await;
     let started = Instant::now();
-    let healthy_ids = send(&cluster, 5104, "healthy", 100).await;
+    let beside = send_timed(&cluster, 5104, "healthy", 100).await;
+    let healthy_ids: Vec<String> = beside.keys().cloned().collect();
     // Within the 30 s the stalled requests hang: their slots never came free meanwhile.
     healthy
         .wait_all(&healthy_ids, Duration::from_secs(25), &cluster)
         .await;
     let took = started.elapsed();
+    // A figure, not an assertion: the "p99 within 2x of solo" is a performance claim, and
+    // this machine (debug builds, shared cores) is no place to hold one.
     eprintln!(
-        "stalled beside healthy: 100 healthy events delivered in {took:?} while the stalled receiver held {} of {} events",
+        "stalled beside healthy: 100 healthy events delivered in {took:?} while the stalled receiver held {} of {} events; healthy p99 webhook->callback {:?} beside it, {solo_p99:?} alone",
         stalled.open(),
-        stalled_ids.len()
+        stalled_ids.len(),
+        p99(&healthy, &beside),
     );
     assert_eq!(
         stalled.arrivals().len(),
