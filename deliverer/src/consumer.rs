@@ -3,14 +3,14 @@
 //! dead-letter then ack.
 //!
 //! Each attempt goes in four steps: resolve the target (instance, URL, event id), admit it
-//! (breaker, host slot), dispatch it, and decide its [`Outcome`] ([`decide`]); `settle` then
-//! acks, NAKs or dead-letters.
+//! (breaker, instance limits, host slot), dispatch it, and decide its [`Outcome`] ([`decide`]);
+//! `settle` then acks, NAKs or dead-letters.
 //!
 //! The attempt number is the message's delivery count less the times the replicas put it back
 //! without trying (breaker open, host busy, instance at its limit: [`crate::deferrals`]), so a
-//! restart loses no retry and repeats no wait. A
-//! redelivered envelope (`Ecwid-Attempt-Offset`) gets a fresh budget; its attempts are numbered
-//! on in the event log, which gets a snapshot after every attempt ([`crate::journal`]).
+//! restart loses no retry and repeats no wait. A redelivered envelope (`Ecwid-Attempt-Offset`)
+//! gets a fresh budget; its attempts are numbered on in the event log, which gets a snapshot
+//! after every attempt ([`crate::journal`]).
 //!
 //! A test envelope (`Ecwid-Test-Reply-To`, from `POST /instances/{id}/test`) is tried once, its
 //! result answered on that subject; it is never retried, dead-lettered or logged.
