@@ -3,12 +3,13 @@
 //! replicas together.
 //!
 //! No delivery asks NATS anything. Replicas announce themselves in [`DELIVERERS_BUCKET`] (a put
-//! every [`HEARTBEAT`]; the bucket's `max_age` drops a replica that stopped), each counts the live
-//! ones, R (a replica missing from one listing still counts for [`FORGET_AFTER`]), and enforces
-//! its share locally: the in-flight limit split evenly, the remainder going to some replicas (a
+//! every [`HEARTBEAT`], removed on a graceful stop), each follows the bucket with a watch and
+//! counts the replicas whose entry it saw put within [`FORGET_AFTER`], R, and enforces its share
+//! locally: the in-flight limit split evenly, the remainder going to some replicas (a
 //! different some for each instance), so the shares add up to the limit exactly and a replica's
 //! share may be 0; and a token bucket of `rate / R` per second. A replica that joins waits until
-//! the others have counted it before it takes any message.
+//! the others have counted it before it takes any message (they count it as soon as its entry
+//! reaches them; it waits [`JOIN_WAIT`]).
 //!
 //! A delivery that finds its instance at the limit is put back (NAK with a delay) at once,
 //! without spending an attempt and without holding one of the consumer's slots, so a slow or
@@ -18,18 +19,19 @@
 //!
 //! Bounds (the README's "Limits"): the total holds in steady state. After R grows, requests the
 //! old replicas admitted under their larger share may still be in flight (at most the request
-//! timeout); after a replica dies the others keep their smaller share until its entry expires
-//! ([`shared::nats::DELIVERERS_MAX_AGE`] + [`FORGET_AFTER`]). Replicas that pull unevenly leave
-//! part of the limit unused. Each token bucket holds up to max(1, rate / R / 10) tokens, so any
+//! timeout); after a replica dies unannounced the others keep their smaller share until they
+//! forget it ([`FORGET_AFTER`] after its last put). A replica frozen for longer than that is
+//! forgotten and comes back with its old share until it counts again. Replicas that pull
+//! unevenly leave part of the limit unused. Each token bucket holds up to max(1, rate / R / 10) tokens, so any
 //! window of T seconds sees at most `rate × T` plus that burst per replica.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use futures::TryStreamExt as _;
+use futures::StreamExt as _;
 use prometheus::IntGauge;
 use rand::Rng;
 use shared::instance::Instance;
@@ -40,14 +42,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::deferrals::Deferrals;
 
-/// How often a replica announces itself and counts the others.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// How long a replica still counts another after a listing of the bucket last showed it. A
-/// listing can miss an entry that is being put again at that moment; counting one replica too
-/// few would let this one take too large a share, counting one too many only a smaller one.
-pub const FORGET_AFTER: Duration = Duration::from_millis(5_000);
-/// How long a joining replica waits, when others are alive, before it takes its share: long
-/// enough for each of them to count it at its next heartbeat.
+/// How often a replica puts its entry again. Joins and graceful leaves reach the others at
+/// once through their watch; this only bounds how long a replica that died unannounced is
+/// counted ([`FORGET_AFTER`]), during which the others keep smaller shares than they could.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a replica still counts another whose entry was not put again: two heartbeats and
+/// some, so one late put does not make this replica take too large a share.
+pub const FORGET_AFTER: Duration = Duration::from_secs(12);
+/// How long a joining replica waits, when others are alive, before it takes its share. The
+/// others follow the bucket and count it as soon as its entry arrives (milliseconds); this is
+/// the margin for one whose watch is being re-established.
 pub const JOIN_WAIT: Duration = Duration::from_millis(3_000);
 /// The first put-back of a delivery whose instance has no free in-flight slot here; each further
 /// put-back of the same message doubles it, up to [`BUSY_WAIT_MAX`].
@@ -137,8 +141,10 @@ pub struct Membership {
     me: String,
     view: Arc<View>,
     gauge: IntGauge,
-    /// Replica id → when a listing last showed it.
+    /// Replica id → when its entry was last put, as this replica saw it.
     seen: Mutex<HashMap<String, Instant>>,
+    /// Whether the watch on the bucket is up; while it is not, nobody is forgotten.
+    following: AtomicBool,
 }
 
 impl Membership {
@@ -156,10 +162,18 @@ impl Membership {
             view: Arc::new(View::new(1, 0)),
             gauge,
             seen: Mutex::new(HashMap::new()),
+            following: AtomicBool::new(false),
         });
-        // A listing that failed leaves the count at 1, the largest share: wait as if others were
-        // alive, and count again.
-        let counted = this.beat().await;
+        // Follow the bucket before announcing: this replica's own entry coming back through the
+        // watch then says that every earlier entry has been seen.
+        let (caught_up, mut own_entry_seen) = tokio::sync::watch::channel(false);
+        tokio::spawn(Arc::clone(&this).follow(caught_up, cancel.clone()));
+        this.announce().await;
+        let counted = tokio::time::timeout(JOIN_WAIT, own_entry_seen.wait_for(|seen| *seen))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        this.recount();
+        // Not caught up leaves the count at 1, the largest share: wait as if others were alive.
         if !counted || this.replicas() > 1 {
             tracing::info!(
                 replicas = this.replicas(),
@@ -169,7 +183,7 @@ impl Membership {
                 () = tokio::time::sleep(JOIN_WAIT) => {}
                 () = cancel.cancelled() => {}
             }
-            this.beat().await;
+            this.recount();
         }
         let heart = Arc::clone(&this);
         let cancel = cancel.clone();
@@ -180,7 +194,8 @@ impl Membership {
             loop {
                 tokio::select! {
                     _ = ticks.tick() => {
-                        heart.beat().await;
+                        heart.announce().await;
+                        heart.recount();
                     }
                     () = cancel.cancelled() => break,
                 }
@@ -189,31 +204,77 @@ impl Membership {
         this
     }
 
-    /// Puts this replica's entry, then counts the entries. On an error the last count stays
-    /// (and this says false).
-    async fn beat(&self) -> bool {
+    async fn announce(&self) {
         if let Err(error) = self.kv.put(&self.me, self.me.clone().into()).await {
             tracing::warn!(%error, "Could not announce this deliverer replica.");
         }
-        let keys: Result<Vec<String>, _> = match self.kv.keys().await {
-            Ok(keys) => keys.try_collect().await,
-            Err(error) => {
-                tracing::warn!(%error, "Could not count the deliverer replicas.");
-                return false;
+    }
+
+    /// Follows the bucket (each entry as it is put or removed; the current ones first) until
+    /// `cancel`, following it again when the watch fails. Says on `caught_up` when this
+    /// replica's own entry came by.
+    async fn follow(
+        self: Arc<Self>,
+        caught_up: tokio::sync::watch::Sender<bool>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            match self.kv.watch_with_history(">").await {
+                Ok(mut entries) => loop {
+                    let next = tokio::select! {
+                        e = entries.next() => e,
+                        () = cancel.cancelled() => return,
+                    };
+                    match next {
+                        Some(Ok(entry)) => {
+                            self.following.store(true, Ordering::Release);
+                            let now = Instant::now();
+                            {
+                                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                                match entry.operation {
+                                    kv::Operation::Put => {
+                                        seen.insert(entry.key.clone(), now);
+                                    }
+                                    kv::Operation::Delete | kv::Operation::Purge => {
+                                        seen.remove(&entry.key);
+                                    }
+                                }
+                            }
+                            if entry.key == self.me {
+                                caught_up.send_replace(true);
+                            }
+                            self.recount();
+                        }
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "Lost the deliverer replicas' bucket; following it again.");
+                            break;
+                        }
+                        None => break,
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot follow the deliverer replicas' bucket; retrying.");
+                }
             }
-        };
-        let Ok(listed) = keys else {
-            tracing::warn!("Could not count the deliverer replicas.");
-            return false;
-        };
+            // While not following, nobody is forgotten: counting too few is the unsafe side.
+            self.following.store(false, Ordering::Release);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Counts the replicas heard from within [`FORGET_AFTER`] (all known ones while the watch is
+    /// down), this one included, and this one's rank among them.
+    fn recount(&self) {
         let mut ids = {
             let now = Instant::now();
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            for id in listed {
-                seen.insert(id, now);
-            }
             seen.insert(self.me.clone(), now);
-            seen.retain(|_, at| now.saturating_duration_since(*at) < FORGET_AFTER);
+            if self.following.load(Ordering::Acquire) {
+                seen.retain(|_, at| now.saturating_duration_since(*at) < FORGET_AFTER);
+            }
             seen.keys().cloned().collect::<Vec<_>>()
         };
         ids.sort_unstable();
@@ -224,7 +285,6 @@ impl Membership {
             tracing::info!(replicas, "Deliverer replicas counted.");
         }
         self.gauge.set(i64::try_from(replicas).unwrap_or(i64::MAX));
-        true
     }
 
     /// What this replica counted, for [`InstanceLimits`].

@@ -33,13 +33,14 @@ pub const POLL_SEEN_BUCKET: &str = "ECWID_POLL_SEEN";
 /// How long a webhook sighting is kept: longer than any poll window can lag.
 pub const POLL_SEEN_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Live deliverer replicas: key = a replica's id, put again every few seconds. The bucket's
-/// `max_age` ([`DELIVERERS_MAX_AGE`]) makes a replica that stopped putting (SIGKILL) vanish;
-/// nats-server 2.9 has no per-key TTL. Each replica takes its share of every instance's
-/// limits from the count.
+/// Live deliverer replicas: key = a replica's id, put again every few seconds and removed on a
+/// graceful stop. The replicas follow it with a watch and forget one whose entry was not put
+/// again for a while; the bucket's `max_age` ([`DELIVERERS_MAX_AGE`]) keeps a newcomer from
+/// reading long-dead entries (nats-server 2.9 has no per-key TTL). Each replica takes its
+/// share of every instance's limits from the count.
 pub const DELIVERERS_BUCKET: &str = "ECWID_DELIVERERS";
 /// How long a deliverer replica's entry lives without being put again.
-pub const DELIVERERS_MAX_AGE: Duration = Duration::from_secs(10);
+pub const DELIVERERS_MAX_AGE: Duration = Duration::from_secs(15);
 /// Core NATS subject on which deliverer replicas tell each other which messages they put back
 /// without an attempt (and when such a message is settled), so that whichever replica gets it
 /// next does not count those put-backs as attempts. Payload: `<replicaId> +<seq>` | `-<seq>`.

@@ -490,14 +490,29 @@ async fn a_joining_replica_is_ready_only_once_the_others_count_it() {
             d.log_tail(10)
         );
     }
-    // A graceful stop removes its entry: the others count two again once they have not seen it
-    // for 5 s (a listing may miss an entry; see limits::FORGET_AFTER), plus a heartbeat.
+    // A graceful stop removes its entry: the others count two again as soon as the removal
+    // reaches them through their watch on the bucket.
     joiner.terminate();
     assert!(joiner.wait_exit(Duration::from_secs(10)).await.is_some());
     for d in &cluster.deliverers {
         wait_until(
             Duration::from_secs(10),
             "two replicas counted again",
+            || async { replicas_counted(&d.metrics().await) == 2.0 },
+        )
+        .await;
+    }
+    // One that dies unannounced is forgotten 12 s after its last put (limits::FORGET_AFTER).
+    joiner.spawn();
+    joiner.wait_ready().await;
+    for d in &cluster.deliverers {
+        assert_eq!(replicas_counted(&d.metrics().await), 3.0);
+    }
+    joiner.kill().await;
+    for d in &cluster.deliverers {
+        wait_until(
+            Duration::from_secs(30),
+            "a killed replica forgotten",
             || async { replicas_counted(&d.metrics().await) == 2.0 },
         )
         .await;
