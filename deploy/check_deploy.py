@@ -216,6 +216,8 @@ GAUGES = {
     "ecwid_poller_lag_seconds",
     "ecwid_poller_leases_held",
     "ecwid_stream_usage_ratio",
+    "ecwid_deliver_replicas",
+    "ecwid_deliver_ordered_lanes",
 }
 HISTOGRAMS = {
     "ecwid_ingest_request_duration_seconds",
@@ -230,7 +232,7 @@ LABEL_VALUES = {
     "outcome": {
         "accepted", "duplicate", "unauthorized", "invalid", "unknown_store", "too_large",
         "unsupported_media_type", "unavailable", "stream_full",  # ingest
-        "normalized", "filtered", "dead_lettered", "retried",  # normalizer
+        "normalized", "filtered", "dead_lettered", "retried", "order_wait",  # normalizer
         "success", "failure",  # deliverer
         "ok", "rate_limited", "refused", "server_error", "timeout", "error",  # poller requests
         "unchanged", "backing_off", "failed",  # poller cycles (also ok, refused)

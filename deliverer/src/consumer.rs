@@ -3,19 +3,19 @@
 //! dead-letter then ack.
 //!
 //! Each attempt goes in four steps: resolve the target (instance, URL, event id), admit it
-//! (breaker, host slot), dispatch it, and decide its [`Outcome`] ([`decide`]); `settle` then
-//! acks, NAKs or dead-letters.
+//! (breaker, instance limits, host slot), dispatch it, and decide its [`Outcome`] ([`decide`]);
+//! `settle` then acks, NAKs or dead-letters.
 //!
-//! The attempt number is the message's delivery count less the times this replica put it back
-//! without trying (breaker open, host busy), so a restart loses no retry and repeats no wait. A
-//! redelivered envelope (`Ecwid-Attempt-Offset`) gets a fresh budget; its attempts are numbered
-//! on in the event log, which gets a snapshot after every attempt ([`crate::journal`]).
+//! The attempt number is the message's delivery count less the times the replicas put it back
+//! without trying (breaker open, host busy, instance at its limit: [`crate::deferrals`]), so a
+//! restart loses no retry and repeats no wait. A redelivered envelope (`Ecwid-Attempt-Offset`)
+//! gets a fresh budget; its attempts are numbered on in the event log, which gets a snapshot
+//! after every attempt ([`crate::journal`]).
 //!
 //! A test envelope (`Ecwid-Test-Reply-To`, from `POST /instances/{id}/test`) is tried once, its
 //! result answered on that subject; it is never retried, dead-lettered or logged.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy};
@@ -41,12 +41,16 @@ use crate::dispatch::{self, Attempt, Dispatcher};
 use crate::health::Callbacks;
 use crate::hold::Hold;
 use crate::journal::{self, Sent};
+use crate::limits::{InstanceLimits, InstanceSlot};
 use crate::metrics::Metrics;
 use crate::policy::{jitter, next_wait, HostLimits};
 
 /// How long a dead letter's publish may wait for JetStream's ack before the envelope is put
 /// back to try again.
 const DEAD_LETTER_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a stopping replica tries to remove its entry from the replicas' bucket.
+const LEAVE_WAIT: Duration = Duration::from_millis(500);
 
 /// What becomes of one envelope after an attempt (or instead of one).
 #[derive(Debug, PartialEq)]
@@ -74,8 +78,10 @@ pub(crate) struct Worker {
     callbacks: Arc<Callbacks>,
     hold: Hold,
     hosts: HostLimits,
-    /// Stream sequence → times this replica put the message back without an attempt.
-    deferrals: Mutex<HashMap<u64, u64>>,
+    /// Each instance's `max.in.flight` and `rate.limit`, this replica's share.
+    limits: InstanceLimits,
+    /// Times each message was put back without an attempt, by any replica.
+    deferrals: Arc<crate::deferrals::Deferrals>,
 }
 
 pub async fn run(
@@ -135,11 +141,17 @@ pub async fn run(
     callbacks.spawn(cancel.child_token());
     let hold = Hold::new(ctx.clone(), metrics.clone());
     hold.spawn_keeper(cancel.child_token());
+    // Not one message before the other replicas count this one: its share of each instance's
+    // limits comes from the count.
+    let (membership, deferrals) =
+        crate::limits::join(&ctx, metrics.replicas.clone(), &cancel).await?;
+    ctx.starting.release();
     let worker = Arc::new(Worker {
         callbacks,
         hold,
         hosts: HostLimits::new(config.max_in_flight_per_host),
-        deferrals: Mutex::new(HashMap::new()),
+        limits: InstanceLimits::new(membership.view()),
+        deferrals,
         config,
         ctx,
         metrics,
@@ -161,6 +173,9 @@ pub async fn run(
     })
     .await;
     let _ = lanes.await;
+    // Bounded: NATS may be what is failing, and the shutdown has a budget. Without the goodbye
+    // the entry expires on its own.
+    let _ = tokio::time::timeout(LEAVE_WAIT, membership.leave()).await;
     Ok(())
 }
 
@@ -248,6 +263,7 @@ impl Worker {
         let seq = info.stream_sequence;
         let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
         let queued_at = info.published.unix_timestamp_nanos() / 1_000_000;
+        let deferred = self.deferrals.of(seq);
         let instance_id = subject_tail(message.subject.as_str()).to_owned();
         let h = message.headers.as_ref();
         if let Some(reply_to) = header(h, headers::TEST_REPLY_TO).map(str::to_owned) {
@@ -257,7 +273,9 @@ impl Worker {
         let offset = header(h, headers::ATTEMPT_OFFSET)
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        let attempt = self.attempt_number(&message, seq, delivered, offset).await;
+        let attempt = self
+            .attempt_number(&message, seq, delivered, deferred, offset)
+            .await;
         let in_lane = message
             .subject
             .as_str()
@@ -266,7 +284,7 @@ impl Worker {
             // An ordered lane holds its instance by not pulling: moving its head aside would let
             // the next event overtake it. This one was pulled just before the pause; it goes
             // back, first in line, without an attempt.
-            self.note_deferral(seq);
+            self.deferrals.note(seq).await;
             let _ = message
                 .ack_with(AckKind::Nak(Some(crate::ordered::HELD_RECHECK)))
                 .await;
@@ -276,12 +294,14 @@ impl Worker {
             // Attempts made so far go with it; this take is not one.
             let made = offset + attempt - 1;
             if self.hold.take(&message, &instance_id, seq, made).await {
-                self.forget(seq);
+                self.deferrals.forget(seq).await;
                 self.unmark_retrying(&instance_id, seq, attempt).await;
             }
             return;
         }
-        let (outcome, sent) = self.attempt(&message, &instance_id, attempt).await;
+        let (outcome, sent) = self
+            .attempt(&message, &instance_id, attempt, deferred)
+            .await;
         journal::record(
             &self.ctx.log,
             &message,
@@ -307,15 +327,17 @@ impl Worker {
     /// before it was redelivered or held), plus one. The record is written after every attempt
     /// and never for a deferral, so a deferral spends nothing, also when another replica or a
     /// restarted one made it. Without the log (`EVENT_LOG=off`), or before a redelivery, the
-    /// server's delivery count less this replica's own deferrals.
+    /// server's delivery count less the put-backs the replicas told each other of
+    /// ([`crate::deferrals`]).
     async fn attempt_number(
         &self,
         message: &jetstream::Message,
         seq: u64,
         delivered: u64,
+        deferred: u64,
         offset: u64,
     ) -> u64 {
-        let local = delivered.saturating_sub(self.deferrals_of(seq)).max(1);
+        let local = delivered.saturating_sub(deferred).max(1);
         if delivered <= 1 || !self.ctx.log.enabled() {
             return local;
         }
@@ -332,40 +354,21 @@ impl Worker {
         }
     }
 
-    fn deferrals_of(&self, seq: u64) -> u64 {
-        let map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&seq).copied().unwrap_or(0)
-    }
-
-    fn note_deferral(&self, seq: u64) {
-        let mut map = self.deferrals.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 200_000 {
-            // Bound the memory; the cost is that those messages may spend an attempt each.
-            map.clear();
-        }
-        *map.entry(seq).or_insert(0) += 1;
-    }
-
-    fn forget(&self, seq: u64) {
-        self.deferrals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&seq);
-    }
-
     /// Attempt number `attempt` for `message`: resolve where it goes, wait to be admitted,
     /// send it, and decide what becomes of it. Also what was sent, when something was.
+    /// `deferred`: how often the message was put back without an attempt before.
     async fn attempt(
         &self,
         message: &jetstream::Message,
         instance_id: &str,
         attempt: u64,
+        deferred: u64,
     ) -> (Outcome, Option<Sent>) {
         let target = match self.resolve(message, instance_id, attempt) {
             Ok(target) => target,
             Err(dead) => return (dead, None),
         };
-        let _slot = match self.admit(&target.url).await {
+        let _slots = match self.admit(instance_id, &target, deferred).await {
             Ok(slot) => slot,
             Err(deferral) => return (deferral, None),
         };
@@ -492,10 +495,16 @@ impl Worker {
         })
     }
 
-    /// A slot to send to `url` now: its breaker lets the request through and its host has a
-    /// free slot. Otherwise the deferral that puts the envelope back without spending an
-    /// attempt.
-    async fn admit(&self, url: &reqwest::Url) -> Result<OwnedSemaphorePermit, Outcome> {
+    /// Slots to send to `target` now: its breaker lets the request through, its instance is
+    /// within its limits ([`crate::limits`]) and its host has a free slot. Otherwise the
+    /// deferral that puts the envelope back without spending an attempt.
+    async fn admit(
+        &self,
+        instance_id: &str,
+        target: &Target,
+        deferred: u64,
+    ) -> Result<(InstanceSlot, OwnedSemaphorePermit), Outcome> {
+        let url = &target.url;
         if let Err(wait) = self.callbacks.admit(url.as_str()).await {
             self.metrics
                 .deferred
@@ -506,6 +515,21 @@ impl Worker {
                 spends_attempt: false,
             });
         }
+        // Not waited for: a delivery of a busy instance must not hold a consumer slot.
+        let instance_slot = match self.limits.admit(instance_id, &target.instance, deferred) {
+            Ok(slot) => slot,
+            Err((busy, delay)) => {
+                self.metrics
+                    .deferred
+                    .with_label_values(&[busy.label()])
+                    .inc();
+                self.callbacks.not_sent(url.as_str()).await;
+                return Err(Outcome::Retry {
+                    delay,
+                    spends_attempt: false,
+                });
+            }
+        };
         let host = format!(
             "{}:{}",
             url.host_str().unwrap_or(""),
@@ -522,7 +546,7 @@ impl Worker {
                 spends_attempt: false,
             });
         };
-        Ok(slot)
+        Ok((instance_slot, slot))
     }
 
     /// Signs and POSTs the envelope; counts the attempt and tells the breaker how it went.
@@ -638,7 +662,7 @@ impl Worker {
     ) {
         match outcome {
             Outcome::Ack => {
-                self.forget(seq);
+                self.deferrals.forget(seq).await;
                 self.unmark_retrying(instance_id, seq, attempt).await;
                 if let Err(error) = message.ack().await {
                     tracing::warn!(instance_id, seq, %error, "Ack failed; the event may be delivered again.");
@@ -649,7 +673,7 @@ impl Worker {
                 spends_attempt,
             } => {
                 if !spends_attempt {
-                    self.note_deferral(seq);
+                    self.deferrals.note(seq).await;
                 } else if let Err(error) = shared::control::mark_retrying(
                     &self.ctx.js,
                     instance_id,
@@ -704,7 +728,7 @@ impl Worker {
                     let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
                     return;
                 }
-                self.forget(seq);
+                self.deferrals.forget(seq).await;
                 self.unmark_retrying(instance_id, seq, attempt).await;
                 tracing::warn!(instance_id, seq, attempt, reason, %error, "Envelope dead-lettered.");
                 self.ctx

@@ -10,17 +10,22 @@
 //! - [`policy`]: the retry schedule, jitter and `Retry-After`, and the per-host limits.
 //! - [`health`]: the callback health every replica shares (breaker, failures, success counts).
 //! - [`hold`]: envelopes of paused and disabled instances moved aside, and released on resume.
+//! - [`limits`]: per-instance `max.in.flight` and `rate.limit` across replicas (each replica
+//!   enforces its share; replicas count each other in a KV bucket).
+//! - [`deferrals`]: how often each message was put back without an attempt, shared by replicas.
 //! - [`journal`]: the event log snapshot written after every attempt.
 //! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
 //! - [`ordered`]: the lanes of instances with ordered delivery, one envelope in flight each.
 
 pub mod config;
 pub mod consumer;
+pub mod deferrals;
 pub mod dispatch;
 pub mod error;
 pub mod health;
 pub mod hold;
 pub mod journal;
+pub mod limits;
 pub mod metrics;
 pub mod ordered;
 pub mod policy;
@@ -41,10 +46,14 @@ pub async fn run(
 ) -> Result<(), error::Error> {
     let common = config.common.clone();
     let stop = cancel.clone();
-    let work = |ctx: ServiceContext| async move {
-        let metrics = metrics::Metrics::register(&ctx.registry);
-        consumer::run(config, ctx, metrics, stop).await?;
-        Ok::<(), error::Error>(())
+    let work = |ctx: ServiceContext| {
+        // Not ready before it joined the other replicas ([`limits::join`]).
+        ctx.starting.hold();
+        async move {
+            let metrics = metrics::Metrics::register(&ctx.registry);
+            consumer::run(config, ctx, metrics, stop).await?;
+            Ok::<(), error::Error>(())
+        }
     };
     shared::service::run_worker(&common, "deliverer", ops_listener, client, cancel, work).await
 }

@@ -14,6 +14,7 @@ pub const BREAKER_TRANSITIONS: &str = "ecwid_deliver_breaker_transitions_total";
 pub const HELD_TOTAL: &str = "ecwid_deliver_held_total";
 pub const RELEASED_TOTAL: &str = "ecwid_deliver_released_total";
 pub const ORDERED_LANES: &str = "ecwid_deliver_ordered_lanes";
+pub const REPLICAS: &str = "ecwid_deliver_replicas";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -23,7 +24,7 @@ pub struct Metrics {
     /// From the ingest's receipt of the webhook to the callback's 2xx.
     pub end_to_end: Histogram,
     pub retries: IntCounter,
-    /// reason: breaker_open, host_busy.
+    /// reason: breaker_open, host_busy, instance_in_flight, instance_rate.
     pub deferred: IntCounterVec,
     pub in_flight: IntGauge,
     pub breakers_open: IntGauge,
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub instance_transitions: IntCounterVec,
     /// Ordered lanes this replica pulls from (one per ordered instance, and those draining).
     pub ordered_lanes: IntGauge,
+    /// Live deliverer replicas as this one counts them (the instance limits are split by it).
+    pub replicas: IntGauge,
 }
 
 impl Metrics {
@@ -97,6 +100,11 @@ impl Metrics {
                 reg,
                 ORDERED_LANES,
                 "Ordered-delivery lanes this replica pulls from.",
+            ),
+            replicas: gauge(
+                reg,
+                REPLICAS,
+                "Live deliverer replicas this one counts; instance limits are shared among them.",
             ),
         }
     }

@@ -50,7 +50,22 @@ pub mod keys {
     /// `"true"`: this instance's events are delivered one at a time, in the order the ingest
     /// accepted them (`ECWID_RAW` sequence); a failing event holds the ones after it.
     pub const ORDERED: &str = "event.notification.ordered";
+    /// Requests to this instance's callback in flight at once, across all deliverer replicas
+    /// (1..=1000, default 16).
+    pub const MAX_IN_FLIGHT: &str = "event.notification.max.in.flight";
+    /// Requests per second to this instance's callback, across all deliverer replicas
+    /// (decimals allowed: `0.5` is one every two seconds); unset: no rate limit.
+    pub const RATE_LIMIT: &str = "event.notification.rate.limit";
 }
+
+/// `event.notification.max.in.flight` when unset.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
+/// The largest `event.notification.max.in.flight`.
+pub const MAX_MAX_IN_FLIGHT: u32 = 1000;
+/// The bounds of `event.notification.rate.limit`, requests per second: one per 100 s to 10,000
+/// a second.
+pub const MIN_RATE_LIMIT: f64 = 0.01;
+pub const MAX_RATE_LIMIT: f64 = 10_000.0;
 
 /// The shortest `event.poller.refresh_interval`, in minutes (3 s).
 pub const MIN_POLL_MINUTES: f64 = 0.05;
@@ -246,6 +261,22 @@ impl Instance {
         self.config(keys::API_TOKEN)
     }
 
+    /// `event.notification.max.in.flight`: requests in flight at once across all replicas
+    /// (default [`DEFAULT_MAX_IN_FLIGHT`]; a value validation would refuse reads as the default).
+    pub fn max_in_flight(&self) -> u32 {
+        self.config(keys::MAX_IN_FLIGHT)
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| (1..=MAX_MAX_IN_FLIGHT).contains(n))
+            .unwrap_or(DEFAULT_MAX_IN_FLIGHT)
+    }
+
+    /// `event.notification.rate.limit`: requests per second across all replicas, if limited.
+    pub fn rate_limit(&self) -> Option<f64> {
+        self.config(keys::RATE_LIMIT)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|r| (MIN_RATE_LIMIT..=MAX_RATE_LIMIT).contains(r))
+    }
+
     /// The instance's own retry schedule, when it sets one that can be kept
     /// ([`crate::retry::parse_schedule`]; one stored before that check falls back to the default).
     pub fn retry_schedule(&self) -> Option<Vec<std::time::Duration>> {
@@ -346,7 +377,38 @@ impl Instance {
                 FieldError::new("configuration.event.notification.retry.schedule", e)
             })?;
         }
+        self.validate_limits()?;
         self.validate_polling()
+    }
+
+    fn validate_limits(&self) -> Result<(), FieldError> {
+        let field = |key: &str| format!("configuration.{key}");
+        if let Some(v) = self.config(keys::MAX_IN_FLIGHT) {
+            if !v
+                .parse::<u32>()
+                .is_ok_and(|n| (1..=MAX_MAX_IN_FLIGHT).contains(&n))
+            {
+                return Err(FieldError::new(
+                    &field(keys::MAX_IN_FLIGHT),
+                    format!("must be a whole number from 1 to {MAX_MAX_IN_FLIGHT}"),
+                ));
+            }
+        }
+        if let Some(v) = self.config(keys::RATE_LIMIT) {
+            // `parse` takes "inf" and "NaN"; the range check refuses both.
+            if !v
+                .parse::<f64>()
+                .is_ok_and(|r| (MIN_RATE_LIMIT..=MAX_RATE_LIMIT).contains(&r))
+            {
+                return Err(FieldError::new(
+                    &field(keys::RATE_LIMIT),
+                    format!(
+                        "must be requests per second from {MIN_RATE_LIMIT} to {MAX_RATE_LIMIT} (decimals allowed)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_polling(&self) -> Result<(), FieldError> {
@@ -764,6 +826,60 @@ mod tests {
             );
             assert_eq!(i.retry_schedule(), None, "{bad}: the default applies");
         }
+    }
+
+    #[test]
+    fn limits_are_checked_naming_the_key() {
+        let allow = AllowList::default();
+        let mut i = seed_with("1003", "https://a.example/");
+        assert_eq!(i.max_in_flight(), DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(i.rate_limit(), None);
+        for (key, good, read) in [
+            (keys::MAX_IN_FLIGHT, "1", Some(1.0)),
+            (keys::MAX_IN_FLIGHT, "1000", Some(1000.0)),
+            (keys::RATE_LIMIT, "0.5", Some(0.5)),
+            (keys::RATE_LIMIT, "5", Some(5.0)),
+        ] {
+            i.configuration.insert(key.into(), good.into());
+            assert_eq!(i.validate(&allow), Ok(()), "{key}={good}");
+            let got = if key == keys::MAX_IN_FLIGHT {
+                Some(f64::from(i.max_in_flight()))
+            } else {
+                i.rate_limit()
+            };
+            assert_eq!(got, read, "{key}={good}");
+        }
+        for (key, bad) in [
+            (keys::MAX_IN_FLIGHT, "0"),
+            (keys::MAX_IN_FLIGHT, "1001"),
+            (keys::MAX_IN_FLIGHT, "2.5"),
+            (keys::MAX_IN_FLIGHT, "-1"),
+            (keys::MAX_IN_FLIGHT, "many"),
+            (keys::RATE_LIMIT, "0"),
+            (keys::RATE_LIMIT, "-1"),
+            (keys::RATE_LIMIT, "inf"),
+            (keys::RATE_LIMIT, "NaN"),
+            (keys::RATE_LIMIT, "1e9"),
+            (keys::RATE_LIMIT, "fast"),
+        ] {
+            let mut j = i.clone();
+            j.configuration.insert(key.into(), bad.into());
+            assert_eq!(
+                j.validate(&allow).unwrap_err().field,
+                format!("configuration.{key}"),
+                "{key}={bad}"
+            );
+        }
+        // Numbers sent as JSON numbers are stored as text and read the same.
+        let parsed: Instance = serde_json::from_str(
+            r#"{"configuration":{"ecwid.store.id":"1","event.notification.max.in.flight":2,"event.notification.rate.limit":0.5}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.validate(&allow), Ok(()));
+        assert_eq!(
+            (parsed.max_in_flight(), parsed.rate_limit()),
+            (2, Some(0.5))
+        );
     }
 
     #[test]

@@ -33,6 +33,19 @@ pub const POLL_SEEN_BUCKET: &str = "ECWID_POLL_SEEN";
 /// How long a webhook sighting is kept: longer than any poll window can lag.
 pub const POLL_SEEN_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Live deliverer replicas: key = a replica's id, put again every few seconds and removed on a
+/// graceful stop. The replicas follow it with a watch and forget one whose entry was not put
+/// again for a while; the bucket's `max_age` ([`DELIVERERS_MAX_AGE`]) keeps a newcomer from
+/// reading long-dead entries (nats-server 2.9 has no per-key TTL). Each replica takes its
+/// share of every instance's limits from the count.
+pub const DELIVERERS_BUCKET: &str = "ECWID_DELIVERERS";
+/// How long a deliverer replica's entry lives without being put again.
+pub const DELIVERERS_MAX_AGE: Duration = Duration::from_secs(15);
+/// Core NATS subject on which deliverer replicas tell each other which messages they put back
+/// without an attempt (and when such a message is settled), so that whichever replica gets it
+/// next does not count those put-backs as attempts. Payload: `<replicaId> +<seq>` | `-<seq>`.
+pub const DEFERRALS_SUBJECT: &str = "ecwid.deliverer.deferrals";
+
 /// Core NATS subject of on-demand backfills (request/reply; the poller replicas answer in
 /// the [`POLLER_QUEUE`] group, so exactly one of them runs each request).
 pub const BACKFILL_SUBJECT: &str = "ecwid.poller.backfill";
@@ -327,7 +340,7 @@ pub fn limit(config: &mut stream::Config, limits: &crate::config::StreamLimits) 
     };
 }
 
-/// Creates or updates the three streams and the instances bucket. Safe to run from every replica
+/// Creates or updates the streams and the buckets. Safe to run from every replica
 /// at every start.
 pub async fn setup_topology(
     js: &jetstream::Context,
@@ -417,6 +430,12 @@ pub async fn setup_topology(
             history: 1,
             max_age: POLL_SEEN_MAX_AGE,
         },
+        Bucket {
+            name: DELIVERERS_BUCKET,
+            description: "ecwid-events live deliverer replicas",
+            history: 1,
+            max_age: DELIVERERS_MAX_AGE,
+        },
     ] {
         ensure_bucket(js, bucket, cfg.replicas).await?;
     }
@@ -459,7 +478,11 @@ pub async fn ensure_bucket(
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(120),
+        // JetStream refuses a duplicate window longer than the messages live.
+        duplicate_window: match bucket.max_age {
+            Duration::ZERO => Duration::from_secs(120),
+            max_age => max_age.min(Duration::from_secs(120)),
+        },
         ..Default::default()
     };
     js.create_or_update_stream(config)

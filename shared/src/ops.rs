@@ -1,5 +1,6 @@
 //! The ops HTTP server every service runs: `/metrics` (Prometheus text), `/healthz` (the process
-//! answers), `/readyz` (503 while NATS is disconnected or the instances are not loaded yet).
+//! answers), `/readyz` (503 while NATS is disconnected, the instances are not loaded yet, or the
+//! service's own start-up work is not done: [`StartGate`]).
 //! Also the `healthcheck` subcommand, so a container health check needs no shell or curl, and
 //! [`serve_with`], the HTTP server every listener runs: a header read timeout, a connection cap,
 //! and a panic in a handler answered as a 500 instead of a dropped connection.
@@ -35,6 +36,27 @@ pub struct OpsState {
     pub common: CommonMetrics,
     pub nats: async_nats::Client,
     pub directory: Directory,
+    pub starting: StartGate,
+}
+
+/// Start-up work of a service's own that `/readyz` waits for beyond NATS and the instances (the
+/// deliverer: joining the other replicas before it takes messages). Open unless held.
+#[derive(Debug, Clone, Default)]
+pub struct StartGate(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl StartGate {
+    /// Not ready until [`StartGate::release`].
+    pub fn hold(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn release(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl OpsState {
@@ -101,6 +123,8 @@ async fn readyz(State(state): State<OpsState>) -> Response {
         Some("nats_disconnected")
     } else if !state.directory.is_loaded() {
         Some("instances_not_loaded")
+    } else if state.starting.is_held() {
+        Some("starting")
     } else {
         None
     };

@@ -38,6 +38,8 @@ pub struct ServiceContext {
     pub states: KvView<InstanceState>,
     /// Bumped on every change of `states`: wait on it to act on a pause or resume at once.
     pub state_changes: tokio::sync::watch::Receiver<u64>,
+    /// Held by a service whose own start-up work `/readyz` must wait for.
+    pub starting: crate::ops::StartGate,
 }
 
 impl ServiceContext {
@@ -95,6 +97,7 @@ impl ServiceContext {
             states_kv,
             states,
             state_changes,
+            starting: crate::ops::StartGate::default(),
         })
     }
 
@@ -111,6 +114,7 @@ impl ServiceContext {
             common: self.common.clone(),
             nats: self.client.clone(),
             directory: self.directory.clone(),
+            starting: self.starting.clone(),
         }
     }
 }
@@ -219,18 +223,22 @@ where
     E: From<Error>,
 {
     let ctx = ServiceContext::start(client.clone(), common, service, &cancel).await?;
+    let ops_state = ctx.ops_state();
+    // Called before the ops server starts, so that what `work` does before its first await
+    // (holding [`ServiceContext::starting`]) is in place for the first `/readyz`.
+    let work = work(ctx);
     // Its own token: work that ends on its own (an error) stops the ops server too, instead of
     // leaving the process answering /healthz with nothing behind it.
     let ops_cancel = cancel.child_token();
     let ops = tokio::spawn(crate::ops::serve(
         ops_listener,
-        crate::ops::router(ctx.ops_state()),
+        crate::ops::router(ops_state),
         ops_cancel.clone(),
     ));
     // A scrape on a kept-alive connection must not hold the process past its budget.
     let ops_abort = ops.abort_handle();
     let everything = async {
-        let result = work(ctx).await;
+        let result = work.await;
         ops_cancel.cancel();
         let _ = ops.await;
         result
