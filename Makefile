@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 CARGO_INCREMENTAL ?= 0
 export CARGO_INCREMENTAL
 
-.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held clean
+.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held bench-isolation clean
 
 run:
 	scripts/run-local.sh
@@ -82,6 +82,11 @@ bench:
 bench-held:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench held
+
+# A stalled instance beside a healthy one: the healthy one's p99 alone and beside it; ~1.5 min.
+bench-isolation:
+	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
+	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench isolation
 
 # Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
 # `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.

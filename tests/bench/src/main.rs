@@ -20,6 +20,7 @@ mod cpu;
 mod eventlog;
 mod floors;
 mod held;
+mod isolation;
 mod load;
 mod procinfo;
 mod receive;
@@ -172,6 +173,7 @@ fn main() -> ExitCode {
         }),
         "cpu" => cpu::CpuOpts::parse(&args[2..]).and_then(|opts| runtime.block_on(cpu::run(opts))),
         "held" => runtime.block_on(held::run()),
+        "isolation" => runtime.block_on(isolation::run()),
         _ => Opts::parse().and_then(|opts| runtime.block_on(bench(opts))),
     };
     match result {
