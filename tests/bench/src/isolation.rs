@@ -112,7 +112,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     let both = send_paced(&cluster, &[7601, 7602], "beside").await?;
     let (p50, p99) = latencies(&healthy, &both, "beside-7601").await?;
     println!(
-        "healthy beside the stalled one: p50 {p50:.1} ms, p99 {p99:.1} ms; the stalled receiver got {} requests (its max.in.flight is 16; each held until DELIVER_TIMEOUT_MS)",
+        "healthy beside the stalled one: p50 {p50:.1} ms, p99 {p99:.1} ms; the stalled receiver got {} requests in all (at most its max.in.flight, 16, open at once; each held until DELIVER_TIMEOUT_MS)",
         stalled.count()
     );
     let ratio = p99 / solo_p99.max(0.001);
