@@ -4,9 +4,11 @@
 //! ([`shared::eventlog`]); this module only reads them and publishes envelopes again.
 //!
 //! A search reads `ECWID_LOG_INDEX` newest first: the subject filter picks the instance, store
-//! and objectId (`ecwid.logidx.<instance>.<store>.<objectIdHash>`), the entries carry the other
-//! fields, and the status is read from the records themselves. Pages go back in stream
-//! sequence: `next` is the sequence to pass as `after`.
+//! and objectId (`ecwid.logidx.<instance>.<store>.<objectIdHash>.<id>`), the entries carry the
+//! other fields, and the status is read from the records themselves. Pages go back in stream
+//! sequence: `next` is the sequence to pass as `after`. An objectId's records are found without
+//! scanning: the stream's subject index (in the server's memory) lists the subjects matching its
+//! hash, and so the records' ids; entries and records are then read by direct gets.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -145,17 +147,24 @@ impl TryFrom<Search> for Query {
 }
 
 impl Query {
-    /// The index subject filter: literal where a filter names the token.
+    /// The index subject filter: literal where a filter names the token. `>` at the end also
+    /// matches entries of earlier releases, whose subjects ended with the objectId hash.
     fn subject(&self) -> String {
-        eventlog::index_subject(
-            self.instance.as_deref().unwrap_or("*"),
-            self.store.as_deref().unwrap_or("*"),
-            &self
-                .object_id
-                .as_deref()
-                .map(eventlog::object_hash)
-                .unwrap_or_else(|| "*".to_owned()),
-        )
+        let token = |t: &Option<String>| t.as_deref().unwrap_or("*").to_owned();
+        match self.object_id.as_deref() {
+            Some(object) => eventlog::index_subject(
+                &token(&self.instance),
+                &token(&self.store),
+                &eventlog::object_hash(object),
+                "*",
+            ),
+            None => format!(
+                "{}.{}.{}.>",
+                eventlog::INDEX_PREFIX,
+                token(&self.instance),
+                token(&self.store)
+            ),
+        }
     }
 
     /// Whether an index entry passes the filters the entry can answer.
@@ -240,49 +249,101 @@ async fn read_window(
     Ok(found)
 }
 
-/// Entries an objectId search reads one direct get at a time before it takes a consumer instead.
-const DIRECT_READS: usize = 256;
+/// The most records of one objectId that a search finds through the stream's subject index;
+/// an objectId with more (a hot one) is searched like any other filter, newest window first.
+const MAX_LISTED: usize = 1000;
+/// Records (or entries) a search reads at once.
+const ONE_ROUND: usize = 64;
 
-/// The index entries matching `subject` with sequences in `[lo, hi)`, oldest first, read one
-/// direct get at a time (`next_by_subj`): for an objectId's few entries this costs a round trip
-/// each and no consumer. `None` when there are more than [`DIRECT_READS`], or the server cannot
-/// answer such a get (then a consumer reads them).
-async fn read_direct(
+/// The index subjects matching `filter` (one per record: the record id is the last token),
+/// from the stream's subject index, which the server keeps in memory: no entry is read.
+/// `None` when more than [`MAX_LISTED`] match.
+async fn listed_subjects(
     stream: &Stream<()>,
-    subject: &str,
-    lo: u64,
-    hi: u64,
-) -> Result<Option<Vec<(u64, IndexEntry)>>, ApiError> {
-    use async_nats::jetstream::stream::DirectGetErrorKind;
-    let mut found = Vec::new();
-    let mut seq = lo;
-    while seq < hi {
-        let next = tokio::time::timeout(
-            JS_TIMEOUT,
-            stream.direct_get_next_for_subject(subject, Some(seq)),
-        )
+    filter: &str,
+) -> Result<Option<Vec<String>>, ApiError> {
+    let mut subjects = tokio::time::timeout(JS_TIMEOUT, stream.info_with_subjects(filter))
         .await
-        .map_err(|_| unavailable("reading the event index timed out"))?;
-        let message = match next {
-            Ok(m) => m,
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-            Err(e) => {
-                tracing::debug!(error = %e, "Direct get of the index refused; reading with a consumer.");
-                return Ok(None);
-            }
-        };
-        if message.sequence >= hi {
-            break;
-        }
-        if found.len() == DIRECT_READS {
+        .map_err(|_| unavailable("JetStream did not answer"))?
+        .map_err(unavailable)?;
+    let mut found = Vec::new();
+    while let Some(next) = tokio::time::timeout(JS_TIMEOUT, subjects.next())
+        .await
+        .map_err(|_| unavailable("JetStream did not answer"))?
+    {
+        let (subject, _) = next.map_err(unavailable)?;
+        if found.len() == MAX_LISTED {
             return Ok(None);
         }
-        if let Ok(entry) = serde_json::from_slice::<IndexEntry>(&message.payload) {
-            found.push((message.sequence, entry));
-        }
-        seq = message.sequence + 1;
+        found.push(subject);
     }
     Ok(Some(found))
+}
+
+/// The latest index entry on `subject`, with its sequence.
+async fn entry_on(
+    stream: &Stream<()>,
+    subject: &str,
+) -> Result<Option<(u64, IndexEntry)>, ApiError> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let read = tokio::time::timeout(JS_TIMEOUT, stream.direct_get_last_for_subject(subject))
+        .await
+        .map_err(|_| unavailable("reading the event index timed out"))?;
+    match read {
+        Ok(m) => Ok(serde_json::from_slice::<IndexEntry>(&m.payload)
+            .ok()
+            .map(|e| (m.sequence, e))),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// An objectId search through the subject index: `None` when the objectId has too many records
+/// for that (then the caller scans). Newest first by index sequence, like every search.
+async fn search_listed(
+    state: &AppState,
+    reader: &Stream<()>,
+    q: &Query,
+) -> Result<Option<(Vec<(u64, Record)>, bool)>, ApiError> {
+    let Some(subjects) = listed_subjects(reader, &q.subject()).await? else {
+        return Ok(None);
+    };
+    let log = &state.inner.ctx.log;
+    let keep = |seq: u64, e: &IndexEntry| q.after.is_none_or(|a| seq < a) && q.entry_matches(e);
+    let mut hits: Vec<(u64, Record)> = Vec::new();
+    if q.after.is_none() && subjects.len() <= q.limit.min(ONE_ROUND) {
+        // One page holds them all, so no cursor is needed: the records alone, read at once,
+        // answer every filter, and newest first is by receipt. Half the reads of the path below.
+        let reads = subjects
+            .iter()
+            .map(|subject| log.get(eventlog::id_of_index_subject(subject)));
+        for read in futures::future::join_all(reads).await {
+            if let Some((r, _)) = read.map_err(unavailable)? {
+                if q.entry_matches(&r.index_entry()) && q.record_matches(&r) {
+                    hits.push((0, r));
+                }
+            }
+        }
+        hits.sort_by(|a, b| (&b.1.received_at, &b.1.id).cmp(&(&a.1.received_at, &a.1.id)));
+        return Ok(Some((hits, false)));
+    }
+    let reads = subjects.iter().map(|subject| entry_on(reader, subject));
+    let mut entries = Vec::with_capacity(subjects.len());
+    for read in futures::future::join_all(reads).await {
+        entries.extend(read?.filter(|(seq, e)| keep(*seq, e)));
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+    for chunk in entries.chunks(ONE_ROUND) {
+        for hit in records_of(state, chunk).await? {
+            if q.record_matches(&hit.1) {
+                hits.push(hit);
+                if hits.len() == q.limit {
+                    return Ok(Some((hits, true)));
+                }
+            }
+        }
+    }
+    Ok(Some((hits, false)))
 }
 
 /// Reads the records of `entries` (newest first), concurrently; drops those gone.
@@ -311,9 +372,6 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
     if let Some(found) = by_ecwid_event_id(state, q).await? {
         return Ok((found, false));
     }
-    // An objectId names few entries: one pass from the start finds them all, and needs no
-    // stream info. Otherwise, windows that grow as they go back, so a recent page reads little.
-    let subject = q.subject();
     let reader = state
         .inner
         .ctx
@@ -321,38 +379,36 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
         .get_stream_no_info(INDEX_STREAM)
         .await
         .map_err(unavailable)?;
-    let (first, mut hi, mut window) = if q.object_id.is_some() {
-        (1, q.after.unwrap_or(u64::MAX), u64::MAX)
-    } else {
-        let info = stream(state, INDEX_STREAM).await?;
-        let first = info.cached_info().state.first_sequence.max(1);
-        let last = info.cached_info().state.last_sequence;
-        let hi = q
-            .after
-            .unwrap_or(last.saturating_add(1))
-            .min(last.saturating_add(1));
-        (first, hi, (q.limit as u64 * 4).max(256))
-    };
+    if q.object_id.is_some() {
+        if let Some(found) = search_listed(state, &reader, q).await? {
+            return Ok(found);
+        }
+    }
+    // Windows that grow as they go back, so a recent page reads little.
+    let subject = q.subject();
+    let info = stream(state, INDEX_STREAM).await?;
+    let first = info.cached_info().state.first_sequence.max(1);
+    let last = info.cached_info().state.last_sequence;
+    let mut hi = q
+        .after
+        .unwrap_or(last.saturating_add(1))
+        .min(last.saturating_add(1));
+    let mut window = (q.limit as u64 * 4).max(256);
     let mut hits: Vec<(u64, Record)> = Vec::new();
+    // A retried creation may have written a record's entry twice: the newest one counts.
+    let mut seen = std::collections::HashSet::new();
     while hi > first {
         let lo = hi.saturating_sub(window).max(first);
-        let direct = match q.object_id {
-            Some(_) => read_direct(&reader, &subject, lo, hi).await?,
-            None => None,
-        };
-        let entries = match direct {
-            Some(entries) => entries,
-            None => read_window(&reader, &subject, lo, hi).await?,
-        };
+        let entries = read_window(&reader, &subject, lo, hi).await?;
         let older_than_since = q
             .since_ms
             .is_some_and(|s| entries.first().is_some_and(|(_, e)| e.received_at_ms < s));
         let candidates: Vec<(u64, IndexEntry)> = entries
             .into_iter()
             .rev()
-            .filter(|(_, e)| q.entry_matches(e))
+            .filter(|(_, e)| q.entry_matches(e) && seen.insert(e.id.clone()))
             .collect();
-        for chunk in candidates.chunks(64) {
+        for chunk in candidates.chunks(ONE_ROUND) {
             for (seq, record) in records_of(state, chunk).await? {
                 if q.record_matches(&record) {
                     hits.push((seq, record));

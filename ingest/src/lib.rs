@@ -35,6 +35,10 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use state::AppState;
 
+/// NATS connections the event log's reads take turns on (the admin API's searches read many
+/// records at once; the server serves each connection's requests in order).
+const LOG_READERS: usize = 4;
+
 /// The two listeners: webhooks (public) and admin + ops (internal).
 #[derive(Debug)]
 pub struct Listeners {
@@ -51,7 +55,13 @@ pub async fn run(
     client: async_nats::Client,
     cancel: CancellationToken,
 ) -> Result<(), shared::Error> {
-    let ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
+    let mut ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
+    let mut readers = Vec::new();
+    for _ in 1..LOG_READERS {
+        let reader = shared::nats::connect(&config.common.nats_url, "ecwid-ingest-reads", &cancel);
+        readers.push(shared::nats::jetstream(reader.await?));
+    }
+    ctx.log = ctx.log.with_readers(readers);
     let metrics = metrics::Metrics::register(&ctx.registry);
     metrics::spawn_stream_usage(
         ctx.js.clone(),

@@ -5,9 +5,12 @@
 //! - `ECWID_LOG`, subject `ecwid.log.<id>`, one message per subject (`max_msgs_per_subject = 1`):
 //!   the record's latest snapshot, attempts included. A lookup by id is one direct get of a
 //!   literal subject.
-//! - `ECWID_LOG_INDEX`, subject `ecwid.logidx.<instanceId|_>.<storeId>.<objectIdHash>`, one
-//!   small entry per record written when it is created: searches by instance, store and objectId
-//!   read only the entries whose subject matches; newest first by walking stream sequences back.
+//! - `ECWID_LOG_INDEX`, subject `ecwid.logidx.<instanceId|_>.<storeId>.<objectIdHash>.<id>`, one
+//!   small entry per record written when it is created: searches by instance and store read only
+//!   the entries whose subject matches, newest first by walking stream sequences back. A search
+//!   by objectId reads no entries to find its records: the server keeps every subject of a stream
+//!   in memory, so the subjects matching `ecwid.logidx.*.*.<objectIdHash>.*` (a stream info
+//!   request) name the records' ids, which are then read by direct gets, concurrently.
 //!
 //! Who writes: the normalizer creates the record (`pending`) once the envelope is stored, only if
 //! none exists yet (`Nats-Expected-Last-Subject-Sequence: 0`, so a late creation cannot overwrite
@@ -26,7 +29,7 @@ use prometheus::{IntCounter, IntCounterVec, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::nats::{headers, PublishError};
+use crate::nats::PublishError;
 
 /// Record snapshots, one per subject.
 pub const LOG_STREAM: &str = "ECWID_LOG";
@@ -53,9 +56,14 @@ pub fn record_subject(id: &str) -> String {
     format!("{LOG_PREFIX}.{id}")
 }
 
-/// `ecwid.logidx.<instance>.<store>.<objectIdHash>`; `*` in any place for a search.
-pub fn index_subject(instance: &str, store: &str, object_hash: &str) -> String {
-    format!("{INDEX_PREFIX}.{instance}.{store}.{object_hash}")
+/// `ecwid.logidx.<instance>.<store>.<objectIdHash>.<id>`; `*` in any place for a search.
+pub fn index_subject(instance: &str, store: &str, object_hash: &str, id: &str) -> String {
+    format!("{INDEX_PREFIX}.{instance}.{store}.{object_hash}.{id}")
+}
+
+/// The record id an index subject names (its last token).
+pub fn id_of_index_subject(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or_default()
 }
 
 /// A subject token for an objectId (any text): 16 hex digits of its SHA-256.
@@ -195,6 +203,7 @@ impl Record {
             self.instance_id.as_deref().unwrap_or(NO_INSTANCE),
             &self.store_id,
             &object_hash(&self.object_id),
+            &self.id,
         )
     }
 }
@@ -245,14 +254,17 @@ pub fn stream_configs(replicas: usize, retention: Duration) -> [stream::Config; 
         stream::Config {
             name: INDEX_STREAM.to_owned(),
             description: Some("ecwid-events event log: search entries".to_owned()),
-            subjects: vec![format!("{INDEX_PREFIX}.*.*.*")],
+            // `>`: entries of releases before the record id joined the subject stay readable
+            // until they age out.
+            subjects: vec![format!("{INDEX_PREFIX}.>")],
             storage: stream::StorageType::File,
             num_replicas: replicas,
             max_age: retention,
             max_message_size: 8 * 1024,
             discard: stream::DiscardPolicy::Old,
-            // Entries are deduplicated by record id: a retried creation adds no second entry.
-            duplicate_window: Duration::from_secs(120),
+            // No deduplication by message id (a window of ids costs the server memory and work
+            // on every write): a retried creation's second entry has the same subject, and
+            // readers keep one entry per record id.
             allow_direct: true,
             ..Default::default()
         },
@@ -301,6 +313,11 @@ impl LogMetrics {
 #[derive(Debug, Clone)]
 pub struct EventLog {
     js: jetstream::Context,
+    /// Connections reads take turns on (the first is `js`'s): nats-server works through one
+    /// connection's requests one after another, so the reads of one search, spread over
+    /// several, are served in parallel.
+    readers: std::sync::Arc<[jetstream::Context]>,
+    next_reader: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     enabled: bool,
     timeout: Duration,
     metrics: LogMetrics,
@@ -309,11 +326,26 @@ pub struct EventLog {
 impl EventLog {
     pub fn new(js: jetstream::Context, enabled: bool, metrics: LogMetrics) -> Self {
         Self {
+            readers: std::sync::Arc::new([js.clone()]),
+            next_reader: Default::default(),
             js,
             enabled,
             timeout: Duration::from_secs(5),
             metrics,
         }
+    }
+
+    /// Reads also go over `more` connections, in turn.
+    pub fn with_readers(mut self, more: impl IntoIterator<Item = jetstream::Context>) -> Self {
+        self.readers = std::iter::once(self.js.clone()).chain(more).collect();
+        self
+    }
+
+    fn reader(&self) -> &jetstream::Context {
+        let n = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.readers[n % self.readers.len()]
     }
 
     pub fn enabled(&self) -> bool {
@@ -343,16 +375,14 @@ impl EventLog {
     }
 
     /// Creates `record` with its index entry, unless a snapshot already exists (the deliverer
-    /// got there first, or this is a retry): then only the index entry is (re)written, and
-    /// JetStream drops it as a duplicate when it was stored before.
+    /// got there first, or this is a retry): then only the index entry is (re)written (readers
+    /// keep one entry per record id).
     pub async fn create(&self, record: &Record) -> Result<(), LogError> {
         if !self.enabled {
             return Ok(());
         }
-        let mut h = HeaderMap::new();
-        h.insert(headers::MSG_ID, format!("idx:{}", record.id));
         let entry = serde_json::to_vec(&record.index_entry()).unwrap_or_default();
-        let index = self.publish(record.index_subject(), h, entry, "index");
+        let index = self.publish(record.index_subject(), HeaderMap::new(), entry, "index");
         let mut h = HeaderMap::new();
         h.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let body = serde_json::to_vec(record).unwrap_or_default();
@@ -388,7 +418,7 @@ impl EventLog {
             return Ok(None);
         }
         let stream = self
-            .js
+            .reader()
             .get_stream_no_info(LOG_STREAM)
             .await
             .map_err(|e| LogError::Read(e.to_string()))?;
@@ -466,8 +496,10 @@ mod tests {
     fn subjects_are_tokens_whatever_the_object_id() {
         let r = record();
         let subject = r.index_subject();
-        assert_eq!(subject.split('.').count(), 5, "{subject}");
+        assert_eq!(subject.split('.').count(), 6, "{subject}");
         assert!(subject.starts_with("ecwid.logidx.inst.1003."));
+        assert!(subject.ends_with(".0f3c"));
+        assert_eq!(id_of_index_subject(&subject), "0f3c");
         assert_eq!(object_hash("XJ 12.H").len(), 16);
         assert_ne!(object_hash("a"), object_hash("b"));
         assert_eq!(record_subject("0f3c"), "ecwid.log.0f3c");

@@ -483,3 +483,56 @@ async fn a_deliverer_killed_mid_attempt_leaves_a_record_that_converges() {
     assert!(shown["event"]["attempts"].as_u64().unwrap() >= 1, "{shown}");
     assert!(receiver.count() >= 2);
 }
+
+/// An objectId with more records than a search lists through the stream's subject index (1000)
+/// is searched in windows instead: still every record once, newest first, across pages.
+#[tokio::test]
+async fn an_object_with_thousands_of_records_pages_newest_first() {
+    use shared::eventlog::{record_subject, Record, Status};
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let js = jetstream::new(connect(&nats.url()).await);
+    const N: usize = 1100;
+    let mut acks = Vec::new();
+    for i in 0..N {
+        let record = Record {
+            id: format!("hot-{i:05}"),
+            instance_id: Some("hot-instance".into()),
+            store_id: if i % 2 == 0 { "9301" } else { "9302" }.into(),
+            object_type: "orders".into(),
+            object_id: "HOT 1".into(),
+            event_type: "UPDATED".into(),
+            ecwid_event_id: format!("hot-e{i}"),
+            format: "v3".into(),
+            verified: true,
+            received_at: "2026-11-22T10:00:00Z".into(),
+            status: Status::Delivered,
+            ..Record::default()
+        };
+        for (subject, body) in [
+            (
+                record.index_subject(),
+                serde_json::to_vec(&record.index_entry()).unwrap(),
+            ),
+            (
+                record_subject(&record.id),
+                serde_json::to_vec(&record).unwrap(),
+            ),
+        ] {
+            acks.push(js.publish(subject, body.into()).await.expect("publish"));
+        }
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    let all = search_all(&pipeline, "objectId=HOT%201", 400).await;
+    let ids: Vec<&str> = all.iter().filter_map(|e| e["id"].as_str()).collect();
+    let expected: Vec<String> = (0..N).rev().map(|i| format!("hot-{i:05}")).collect();
+    assert_eq!(ids, expected, "every record once, newest first");
+    let even = search_all(&pipeline, "objectId=HOT%201&store=9301", 500).await;
+    assert_eq!(even.len(), N / 2);
+    assert!(even.iter().all(|e| e["storeId"] == "9301"));
+    let (first, next) = search(&pipeline, "objectId=HOT%201&limit=3").await;
+    assert_eq!(ecwid_ids(&first), ["hot-e1099", "hot-e1098", "hot-e1097"]);
+    assert!(next.is_some(), "more pages");
+}
