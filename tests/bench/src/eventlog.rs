@@ -104,10 +104,28 @@ async fn timed_get(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Re
     Ok(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
 }
 
+/// Waits (at most 60 s) until nats-server has finished with the bulk fill, a million records in
+/// well under a minute, far above any steady write rate: until it uses less than a tenth of a
+/// core over a second. The lookups are timed against the log at size, not against that burst.
+async fn settle(nats_pid: u32) {
+    let cpu = || crate::procinfo::read(nats_pid).map_or(0.0, |u| u.cpu_secs);
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut last = cpu();
+    while Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu();
+        if now - last < 0.1 {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// Fills the log with `n` records, then times `samples` lookups of each kind against `admin`.
 pub(crate) async fn measure(
     nats_url: &str,
     admin: SocketAddr,
+    nats_pid: u32,
     token: &str,
     n: u64,
     samples: u64,
@@ -117,6 +135,7 @@ pub(crate) async fn measure(
     let started = Instant::now();
     fill(&js, n, objects).await?;
     let fill_secs = started.elapsed().as_secs_f64();
+    settle(nats_pid).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
@@ -139,6 +158,7 @@ pub(crate) async fn measure(
     }
     by_id.sort_unstable();
     by_object.sort_unstable();
+
     Ok(Lookups {
         records: n,
         fill_secs,

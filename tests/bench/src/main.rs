@@ -12,7 +12,8 @@
 //! - [`cpu`]: `bench cpu`, instructions per event of each service under callgrind.
 //!
 //! Usage: `bench [--quick] [--max-secs S] [--fixed-secs S] [--rates 500,2000] [--floor-secs S]
-//! [--floor-fixed-secs S] [--connections N] [--stores N] [--consume-msgs N] [--perf FILE]`;
+//! [--floor-fixed-secs S] [--connections N] [--stores N] [--consume-msgs N] [--perf FILE]
+//! [--log-records N] [--log-samples N] [--idle-secs S]`;
 //! each flag also reads `BENCH_<FLAG>` (for example `BENCH_FIXED_SECS=5`).
 //! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N]`: see [`cpu`].
 
@@ -58,10 +59,17 @@ struct Opts {
     log_records: u64,
     /// Lookups of each kind timed.
     log_samples: u64,
+    /// How long the idle phase (100 instances, no traffic) measures CPU.
+    idle_secs: f64,
 }
 
 impl Opts {
     fn parse() -> anyhow::Result<Self> {
+        Self::parse_from(&std::env::args().skip(1).collect::<Vec<_>>())
+    }
+
+    /// The options from `BENCH_*` variables and `argv` (without the program and subcommand).
+    fn parse_from(argv: &[String]) -> anyhow::Result<Self> {
         let mut flags: BTreeMap<String, String> = BTreeMap::new();
         for (k, v) in std::env::vars() {
             // BENCH_ARGS is the Makefile's: make exports a variable set on its command line, so
@@ -73,7 +81,7 @@ impl Opts {
                 flags.insert(name.to_ascii_lowercase().replace('_', "-"), v);
             }
         }
-        let mut args = std::env::args().skip(1);
+        let mut args = argv.iter().cloned();
         while let Some(arg) = args.next() {
             let Some(flag) = arg.strip_prefix("--") else {
                 bail!("unexpected argument `{arg}` (flags start with --)");
@@ -125,6 +133,7 @@ impl Opts {
             "perf",
             "log-records",
             "log-samples",
+            "idle-secs",
         ];
         if let Some(unknown) = flags.keys().find(|k| !known.contains(&k.as_str())) {
             bail!("unknown flag --{unknown} (known: {})", known.join(", --"));
@@ -141,6 +150,7 @@ impl Opts {
             perf: flags.get("perf").cloned(),
             log_records: num("log-records", if quick { 100_000.0 } else { 1_000_000.0 })? as u64,
             log_samples: num("log-samples", if quick { 100.0 } else { 500.0 })? as u64,
+            idle_secs: num("idle-secs", if quick { 10.0 } else { 30.0 })?,
         })
     }
 }
@@ -174,6 +184,7 @@ fn main() -> ExitCode {
         "cpu" => cpu::CpuOpts::parse(&args[2..]).and_then(|opts| runtime.block_on(cpu::run(opts))),
         "held" => runtime.block_on(held::run()),
         "isolation" => runtime.block_on(isolation::run()),
+        "log" => Opts::parse_from(&args[2..]).and_then(|opts| runtime.block_on(log_only(opts))),
         _ => Opts::parse().and_then(|opts| runtime.block_on(bench(opts))),
     };
     match result {
@@ -548,9 +559,41 @@ struct Pipeline {
     cluster: Cluster,
     ctx: Ctx,
     anomalies: Arc<receive::Anomalies>,
+    /// Instances created, one per store.
+    stores: usize,
+    /// A receiver's callback URL, for the idle phase's extra instances.
+    idle_callback: String,
 }
 
 /// The run: set up, floors, the pipeline at max load, then at fixed rates, then the report.
+/// `bench log [--log-records N] [--log-samples N]`: only the event log's lookups at size.
+async fn log_only(opts: Opts) -> anyhow::Result<()> {
+    let setup = set_up(&opts).await?;
+    let pipeline = start_pipeline(&opts, &setup).await?;
+    let lookups = event_log_lookups(&opts, &setup, &pipeline).await?;
+    let search = quantile_ms(&lookups.by_object_us, 0.99);
+    let lookup = quantile_ms(&lookups.by_id_us, 0.99);
+    for (name, v) in [
+        ("by id", &lookups.by_id_us),
+        ("by objectId", &lookups.by_object_us),
+    ] {
+        let q = |f| ms(quantile_ms(v, f));
+        println!(
+            "{name}: p50 {} p90 {} p95 {} p99 {} max {} ms",
+            q(0.5),
+            q(0.9),
+            q(0.95),
+            q(0.99),
+            q(1.0)
+        );
+    }
+    println!(
+        "\nLOG lookup_p99_ms={lookup:.1} search_p99_ms={search:.1} log_records={}",
+        lookups.records
+    );
+    Ok(())
+}
+
 async fn bench(opts: Opts) -> anyhow::Result<()> {
     let setup = set_up(&opts).await?;
     let floors = measure_floors(&opts, &setup).await?;
@@ -558,14 +601,58 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     let mut phases = vec![warm_up(&pipeline.ctx).await];
     phases.extend(max_load(&opts, &pipeline).await);
     phases.extend(paced_runs(&opts, &pipeline.ctx).await);
+    let idle_cpu_pct = idle_phase(&opts, &pipeline).await?;
     let usage = pipeline.ctx.pids.read();
     let lookups = event_log_lookups(&opts, &setup, &pipeline).await?;
     let mut pipeline = pipeline;
     phases.extend(log_off_phases(&opts, &setup, &mut pipeline).await?);
-    report(&opts, &floors, &phases, &usage, &pipeline.anomalies);
-    report_event_log(&phases, &lookups);
+    let mut line = report(&opts, &floors, &phases, &usage, &pipeline.anomalies);
+    line.push_str(&format!(" idle_cpu_pct={idle_cpu_pct:.2}"));
+    line.push_str(&report_event_log(&phases, &lookups));
+    println!("\nBENCH {line}");
     drop(pipeline);
     Ok(())
+}
+
+/// Instances the idle phase runs with, in all.
+const IDLE_INSTANCES: usize = 100;
+
+/// An idle pipeline: instances added up to [`IDLE_INSTANCES`], no traffic, then `--idle-secs` of
+/// CPU of nats-server and the three services, as a percentage of one core.
+async fn idle_phase(opts: &Opts, pipeline: &Pipeline) -> anyhow::Result<f64> {
+    let cluster = &pipeline.cluster;
+    let existing = pipeline.stores;
+    for i in existing..IDLE_INSTANCES {
+        // Nothing is sent to these stores: the callback is never called.
+        cluster
+            .create_instance(
+                &(900_000 + i).to_string(),
+                &pipeline.idle_callback,
+                &[("event.notification.signature.key", "idle-key")],
+            )
+            .await;
+    }
+    // Let the instance changes, the last deliveries' acks and the breaker flushes settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let services = ["ingest", "normalizer", "deliverer", "nats-server"];
+    let before = pipeline.ctx.pids.read();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(opts.idle_secs)).await;
+    let cpu = cpu_delta(&before, &pipeline.ctx.pids.read());
+    let wall = started.elapsed().as_secs_f64();
+    let pct = |k: &str| cpu.get(k).copied().unwrap_or(0.0) * 100.0 / wall;
+    let all: f64 = services.iter().map(|k| pct(k)).sum();
+    println!("\n## Idle ({IDLE_INSTANCES} instances, no traffic, {wall:.0} s)");
+    println!("| process | % of one core |");
+    println!("|---|---|");
+    for k in services {
+        println!("| {k} | {:.2} |", pct(k));
+    }
+    println!(
+        "| all four | {all:.2} ({}) |",
+        target(all < 2.0, "< 2 %".into())
+    );
+    Ok(all)
 }
 
 /// The settings the benchmark's services run with: production defaults, only what a local
@@ -592,6 +679,7 @@ async fn event_log_lookups(
     let lookups = eventlog::measure(
         &setup.nats_url,
         pipeline.cluster.ingest.ops,
+        setup.nats.pid(),
         integration_tests::ADMIN_TOKEN,
         opts.log_records,
         opts.log_samples,
@@ -654,8 +742,8 @@ async fn log_off_phases(
 }
 
 /// The event log's figures: its cost (end to end at max load, log on against off, same run)
-/// and its lookups at size; the second BENCH line.
-fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) {
+/// and its lookups at size; returns them for the BENCH line.
+fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
     let on = phases.get(2).map(|p| p.e2e_eps).unwrap_or(f64::NAN);
     let off = phases.last().map(|p| p.e2e_eps).unwrap_or(f64::NAN);
     let cost = on / off;
@@ -680,10 +768,10 @@ fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) {
         ms(search),
         target(search < 50.0, "< 50 ms".into())
     );
-    println!(
-        "\nBENCH log_cost={cost:.2} lookup_p99_ms={lookup:.1} search_p99_ms={search:.1} log_records={}",
+    format!(
+        " log_cost={cost:.2} lookup_p99_ms={lookup:.1} search_p99_ms={search:.1} log_records={}",
         lookups.records
-    );
+    )
 }
 
 /// Prints what runs where, starts nats-server and prepares the webhooks.
@@ -927,9 +1015,11 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
     let anomalies = Arc::new(receive::Anomalies::default());
     // Production settings: only what a local deployment must set.
     let cluster = Cluster::start(&setup.nats_url, PRODUCTION, 1).await;
+    let mut idle_callback = String::new();
     for (i, store) in setup.stores.iter().enumerate() {
         let key = format!("bench-signature-key-{i}");
         let addr = receive::start(&key, trackers.clone(), anomalies.clone()).await?;
+        idle_callback = format!("http://{addr}/hook");
         cluster
             .create_instance(
                 &store.id.to_string(),
@@ -937,6 +1027,10 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
                 &[
                     ("ecwid.client.secret", &store.client_secret),
                     ("event.notification.signature.key", &key),
+                    // The pipeline's capacity is measured, not an instance's limit: at the
+                    // default of 16 requests in flight, four instances would cap max load at
+                    // 64 callbacks at a time and put the rest back (README, Per-instance limits).
+                    ("event.notification.max.in.flight", "1000"),
                 ],
             )
             .await;
@@ -963,6 +1057,8 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
         cluster,
         ctx,
         anomalies,
+        stores: setup.stores.len(),
+        idle_callback,
     })
 }
 
@@ -1005,7 +1101,7 @@ fn report(
     phases: &[Phase],
     usage: &BTreeMap<String, Usage>,
     anomalies: &receive::Anomalies,
-) {
+) -> String {
     report_phases(phases);
     report_cpu_per_event(floors, phases);
     println!(
@@ -1014,7 +1110,7 @@ fn report(
         anomalies.unparseable.load(Ordering::Relaxed)
     );
     report_processes(floors, usage);
-    report_against_floors(opts, floors, phases, usage);
+    report_against_floors(opts, floors, phases, usage)
 }
 
 fn report_phases(phases: &[Phase]) {
@@ -1131,7 +1227,7 @@ fn report_against_floors(
     floors: &Floors,
     phases: &[Phase],
     usage: &BTreeMap<String, Usage>,
-) {
+) -> String {
     let (floor_a_rps, floor_b_rate, floor_c_rate) = (floors.a_rps, floors.b_rate, floors.c_rate);
     let ingest_phase = &phases[1];
     let e2e_phase = &phases[2];
@@ -1239,10 +1335,39 @@ fn report_against_floors(
     println!(
         "\nLatency is measured from the moment the load generator sent the request to the moment the callback receiver got the delivery (both in the bench process, one monotonic clock); the envelope's NATS header with the ingest's receipt time is not visible to a receiver."
     );
+    // CPU per event of nats-server and the three services (the bench's own load generator and
+    // receivers left out), while the load ran.
+    let pipeline_us = |p: &Phase| {
+        ["ingest", "normalizer", "deliverer", "nats-server"]
+            .iter()
+            .map(|k| p.cpu_load.get(*k).copied().unwrap_or(0.0))
+            .sum::<f64>()
+            * 1e6
+            / p.load.ok.max(1) as f64
+    };
+    let cpu_max = pipeline_us(e2e_phase);
+    let cpu_500 = at(500.0).map(pipeline_us).unwrap_or(f64::NAN);
     println!(
-        "\nBENCH ingest_rps={ingest_rps:.0} ingest_vs_floor={ingest_vs_floor:.2} e2e_eps={e2e_eps:.0} e2e_p99_ms_at_2000={} lost={lost} duplicates={duplicates} max_rss_mib={max_rss_mib:.1}",
-        if p99_at_2000.is_nan() { "-".to_owned() } else { format!("{p99_at_2000:.1}") }
+        "\nCPU per event, nats-server and the three services: {cpu_max:.0} µs at max load, {cpu_500:.0} µs at 500/s = {:.1} x ({}).",
+        cpu_500 / cpu_max,
+        target(cpu_500 <= 2.0 * cpu_max, "≤ 2 x".into())
     );
+    let nats_rss_mib = usage
+        .get("nats-server")
+        .map(|u| u.peak_rss_kib as f64 / MIB)
+        .unwrap_or(f64::NAN);
+    let opt = |v: f64| {
+        if v.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{v:.1}")
+        }
+    };
+    format!(
+        "ingest_rps={ingest_rps:.0} ingest_vs_floor={ingest_vs_floor:.2} e2e_eps={e2e_eps:.0} e2e_vs_floor={e2e_ratio:.2} e2e_p99_ms_at_2000={} cpu_us_per_event_max={cpu_max:.0} cpu_us_per_event_500={} lost={lost} duplicates={duplicates} max_rss_mib={max_rss_mib:.1} nats_rss_mib={nats_rss_mib:.1}",
+        opt(p99_at_2000),
+        if cpu_500.is_nan() { "-".to_owned() } else { format!("{cpu_500:.0}") },
+    )
 }
 
 fn fmt_cpu(cpu: &BTreeMap<String, f64>) -> String {
