@@ -13,7 +13,7 @@
 //!
 //! Usage: `bench [--quick] [--max-secs S] [--fixed-secs S] [--rates 500,2000] [--floor-secs S]
 //! [--floor-fixed-secs S] [--connections N] [--stores N] [--consume-msgs N] [--perf FILE]
-//! [--log-records N] [--log-samples N] [--idle-secs S]`;
+//! [--log-records N] [--log-samples N] [--idle-secs S]`; `bench --soak [--soak-gb G]`: see [`soak`];
 //! each flag also reads `BENCH_<FLAG>` (for example `BENCH_FIXED_SECS=5`).
 //! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N]`: see [`cpu`].
 
@@ -61,6 +61,10 @@ struct Opts {
     log_samples: u64,
     /// How long the idle phase (100 instances, no traffic) measures CPU.
     idle_secs: f64,
+    /// `--soak`: the soak run instead of the default one.
+    soak: bool,
+    /// What the soak run fills the streams to, GB (10^9 bytes).
+    soak_gb: f64,
 }
 
 impl Opts {
@@ -86,8 +90,8 @@ impl Opts {
             let Some(flag) = arg.strip_prefix("--") else {
                 bail!("unexpected argument `{arg}` (flags start with --)");
             };
-            if flag == "quick" {
-                flags.insert("quick".into(), "true".into());
+            if flag == "quick" || flag == "soak" {
+                flags.insert(flag.into(), "true".into());
                 continue;
             }
             match flag.split_once('=') {
@@ -134,6 +138,8 @@ impl Opts {
             "log-records",
             "log-samples",
             "idle-secs",
+            "soak",
+            "soak-gb",
         ];
         if let Some(unknown) = flags.keys().find(|k| !known.contains(&k.as_str())) {
             bail!("unknown flag --{unknown} (known: {})", known.join(", --"));
@@ -151,6 +157,8 @@ impl Opts {
             log_records: num("log-records", if quick { 100_000.0 } else { 1_000_000.0 })? as u64,
             log_samples: num("log-samples", if quick { 100.0 } else { 500.0 })? as u64,
             idle_secs: num("idle-secs", if quick { 10.0 } else { 30.0 })?,
+            soak: flags.get("soak").is_some_and(|v| v == "true" || v == "1"),
+            soak_gb: num("soak-gb", 3.0)?,
         })
     }
 }
@@ -185,7 +193,13 @@ fn main() -> ExitCode {
         "held" => runtime.block_on(held::run()),
         "isolation" => runtime.block_on(isolation::run()),
         "log" => Opts::parse_from(&args[2..]).and_then(|opts| runtime.block_on(log_only(opts))),
-        _ => Opts::parse().and_then(|opts| runtime.block_on(bench(opts))),
+        _ => Opts::parse().and_then(|opts| {
+            if opts.soak {
+                runtime.block_on(soak(opts))
+            } else {
+                runtime.block_on(bench(opts))
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -985,7 +999,6 @@ async fn floor_c(opts: &Opts, setup: &Setup, shared_pids: &Pids) -> anyhow::Resu
 /// Starts the services as release processes with production settings, one instance (and one
 /// verifying receiver) per store, and the ledgers of every phase.
 async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> {
-    println!("\n## Pipeline");
     let mut names = vec![
         "warm-up".to_owned(),
         "ingest alone (max)".to_owned(),
@@ -1005,10 +1018,21 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
     caps.push(2_000.0 + 16.0);
     names.push("end to end (max, EVENT_LOG=off)".to_owned());
     caps.push(MAX_RATE_CAP * opts.max_secs);
+    start_pipeline_with(opts, setup, &names, &caps).await
+}
+
+/// The pipeline with one ledger per phase (`names`, each holding up to `caps` events).
+async fn start_pipeline_with(
+    opts: &Opts,
+    setup: &Setup,
+    names: &[String],
+    caps: &[f64],
+) -> anyhow::Result<Pipeline> {
+    println!("\n## Pipeline");
     let trackers: Arc<Vec<Arc<Tracker>>> = Arc::new(
         names
             .iter()
-            .zip(&caps)
+            .zip(caps)
             .map(|(n, c)| Arc::new(Tracker::new(n, *c as usize)))
             .collect(),
     );
@@ -1375,4 +1399,118 @@ fn fmt_cpu(cpu: &BTreeMap<String, f64>) -> String {
         .map(|(k, v)| format!("{k} {v:.1}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Most fill rounds of a soak run.
+const SOAK_ROUNDS: usize = 40;
+/// Events sent per fill round (closed loop, as fast as answered).
+const SOAK_ROUND_EVENTS: f64 = 100_000.0;
+
+/// `make bench BENCH_ARGS=--soak`: is the pipeline as fast with gigabytes in its streams as
+/// with none? Max load and 2,000/s on empty streams; then rounds of max load until the streams
+/// hold `--soak-gb` (all streams of the account, from JetStream's account info); then max load
+/// and 2,000/s again. Reports both, nats-server's RSS at each point, and a SOAK line.
+async fn soak(opts: Opts) -> anyhow::Result<()> {
+    let setup = set_up(&opts).await?;
+    let mut names = vec![
+        "warm-up".to_owned(),
+        "start: end to end (max)".to_owned(),
+        "start: fixed 2000/s".to_owned(),
+    ];
+    let mut caps = vec![
+        2_000.0 + 16.0,
+        MAX_RATE_CAP * opts.max_secs,
+        2000.0 * opts.fixed_secs + 16.0,
+    ];
+    for i in 1..=SOAK_ROUNDS {
+        names.push(format!("fill {i}"));
+        caps.push(SOAK_ROUND_EVENTS);
+    }
+    names.push("end: end to end (max)".to_owned());
+    caps.push(MAX_RATE_CAP * opts.max_secs);
+    names.push("end: fixed 2000/s".to_owned());
+    caps.push(2000.0 * opts.fixed_secs + 16.0);
+    let pipeline = start_pipeline_with(&opts, &setup, &names, &caps).await?;
+    let ctx = &pipeline.ctx;
+    let js = async_nats::jetstream::new(integration_tests::connect(&setup.nats_url).await);
+    let stored_gb = || async {
+        js.query_account()
+            .await
+            .map(|a| a.storage as f64 / 1e9)
+            .unwrap_or(f64::NAN)
+    };
+    let nats_rss_mib =
+        || procinfo::read(setup.nats.pid()).map_or(f64::NAN, |u| u.rss_kib as f64 / MIB);
+    let mut phases = vec![warm_up(ctx).await];
+    phases.push(pipeline_phase(ctx, 1, Pace::Max, opts.max_secs, &[], None).await);
+    phases.push(pipeline_phase(ctx, 2, Pace::Rate(2000.0), opts.fixed_secs, &[], None).await);
+    let start = (stored_gb().await, nats_rss_mib());
+    println!(
+        "start: streams {:.2} GB, nats-server RSS {:.0} MiB",
+        start.0, start.1
+    );
+    let mut filled = start.0;
+    let mut round = 0;
+    while filled < opts.soak_gb && round < SOAK_ROUNDS {
+        round += 1;
+        let fill = pipeline_phase(ctx, 2 + round, Pace::Max, 600.0, &[], None).await;
+        filled = stored_gb().await;
+        println!(
+            "fill {round}: {} events at {:.0}/s end to end; streams {filled:.2} GB, nats-server RSS {:.0} MiB",
+            fill.summary.delivered,
+            fill.e2e_eps,
+            nats_rss_mib()
+        );
+        phases.push(fill);
+    }
+    let last = 3 + SOAK_ROUNDS;
+    phases.push(pipeline_phase(ctx, last, Pace::Max, opts.max_secs, &[], None).await);
+    phases.push(
+        pipeline_phase(
+            ctx,
+            last + 1,
+            Pace::Rate(2000.0),
+            opts.fixed_secs,
+            &[],
+            None,
+        )
+        .await,
+    );
+    let end = (stored_gb().await, nats_rss_mib());
+    let peak_rss =
+        procinfo::read(setup.nats.pid()).map_or(f64::NAN, |u| u.peak_rss_kib as f64 / MIB);
+    report_phases(&phases);
+    let n = phases.len();
+    let (max_start, max_end) = (phases[1].e2e_eps, phases[n - 2].e2e_eps);
+    let p99 = |p: &Phase| quantile_ms(&p.summary.latencies_us, 0.99);
+    let (p99_start, p99_end) = (p99(&phases[2]), p99(&phases[n - 1]));
+    let lost: u64 = phases.iter().map(|p| p.summary.lost).sum();
+    let duplicates: u64 = phases.iter().map(|p| p.summary.duplicates).sum();
+    let ratio = max_end / max_start;
+    println!("\n## Soak ({:.2} GB in the streams at the end)", end.0);
+    println!("| figure | start | end | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| streams, GB | {:.2} | {:.2} | ≥ {} |",
+        start.0, end.0, opts.soak_gb
+    );
+    println!(
+        "| end to end ev/s at max load | {max_start:.0} | {max_end:.0} ({ratio:.2} x) | {} |",
+        target(ratio >= 0.9, "end ≥ 0.9 x start".into())
+    );
+    println!(
+        "| e2e p99 ms at 2000/s | {} | {} | {} |",
+        ms(p99_start),
+        ms(p99_end),
+        target(p99_start < 50.0 && p99_end < 50.0, "< 50 ms".into())
+    );
+    println!(
+        "| nats-server RSS MiB | {:.0} | {:.0} (peak {peak_rss:.0}) | bounded |",
+        start.1, end.1
+    );
+    println!(
+        "\nSOAK stream_gb={:.2} e2e_eps_start={max_start:.0} e2e_eps_end={max_end:.0} end_vs_start={ratio:.2} p99_ms_at_2000_start={p99_start:.1} p99_ms_at_2000_end={p99_end:.1} nats_rss_mib_start={:.0} nats_rss_mib_end={:.0} nats_peak_rss_mib={peak_rss:.0} lost={lost} duplicates={duplicates}",
+        end.0, start.1, end.1
+    );
+    Ok(())
 }
