@@ -164,6 +164,7 @@ pub fn normalize_poll(body: &[u8]) -> Result<Normalized<'_>, ParseError> {
 /// `data.orderId` (the id the REST API uses) when present; everything else from `entityId`.
 pub fn normalize_v3(body: &[u8]) -> Result<Normalized<'_>, ParseError> {
     let v3 = ecwid::parse_v3(body)?;
+    let raw = v3.raw()?;
     let (object_type, event_type) = map_event_type(&v3.event_type);
     let order_id = if object_type == "orders" || object_type == "abandonedCarts" {
         v3.data_order_id()
@@ -186,7 +187,7 @@ pub fn normalize_v3(body: &[u8]) -> Result<Normalized<'_>, ParseError> {
             element_key: ELEMENT_KEY.to_owned(),
             date,
         },
-        raw: v3.raw,
+        raw,
     })
 }
 
