@@ -280,12 +280,18 @@ async fn listed_subjects(
     Ok(Some(found))
 }
 
-/// The latest index entry on `subject`, with its sequence.
-async fn entry_on(
-    stream: &Stream<()>,
-    subject: &str,
-) -> Result<Option<(u64, IndexEntry)>, ApiError> {
+/// The latest index entry on `subject`, with its sequence, read over the log's next reading
+/// connection (like the records: a search's reads go out at once).
+async fn entry_on(state: &AppState, subject: &str) -> Result<Option<(u64, IndexEntry)>, ApiError> {
     use async_nats::jetstream::stream::DirectGetErrorKind;
+    let stream = state
+        .inner
+        .ctx
+        .log
+        .reader()
+        .get_stream_no_info(INDEX_STREAM)
+        .await
+        .map_err(unavailable)?;
     let read = tokio::time::timeout(JS_TIMEOUT, stream.direct_get_last_for_subject(subject))
         .await
         .map_err(|_| unavailable("reading the event index timed out"))?;
@@ -327,7 +333,7 @@ async fn search_listed(
         hits.sort_by(|a, b| (&b.1.received_at, &b.1.id).cmp(&(&a.1.received_at, &a.1.id)));
         return Ok(Some((hits, false)));
     }
-    let reads = subjects.iter().map(|subject| entry_on(reader, subject));
+    let reads = subjects.iter().map(|subject| entry_on(state, subject));
     let mut entries = Vec::with_capacity(subjects.len());
     for read in futures::future::join_all(reads).await {
         entries.extend(read?.filter(|(seq, e)| keep(*seq, e)));

@@ -57,7 +57,13 @@ pub async fn run(
 ) -> Result<(), shared::Error> {
     let mut ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
     let mut readers = Vec::new();
-    for _ in 1..LOG_READERS {
+    // With the log off nothing is read: no extra connections.
+    let extra = if config.common.event_log {
+        LOG_READERS - 1
+    } else {
+        0
+    };
+    for _ in 0..extra {
         let reader = shared::nats::connect(&config.common.nats_url, "ecwid-ingest-reads", &cancel);
         readers.push(shared::nats::jetstream(reader.await?));
     }

@@ -341,7 +341,8 @@ impl EventLog {
         self
     }
 
-    fn reader(&self) -> &jetstream::Context {
+    /// The connection the next read goes over.
+    pub fn reader(&self) -> &jetstream::Context {
         let n = self
             .next_reader
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -485,7 +485,8 @@ async fn a_deliverer_killed_mid_attempt_leaves_a_record_that_converges() {
 }
 
 /// An objectId with more records than a search lists through the stream's subject index (1000)
-/// is searched in windows instead: still every record once, newest first, across pages.
+/// is searched in windows instead: still every record once (a record whose entry was written
+/// twice included), newest first, across pages.
 #[tokio::test]
 async fn an_object_with_thousands_of_records_pages_newest_first() {
     use shared::eventlog::{record_subject, Record, Status};
@@ -520,6 +521,15 @@ async fn an_object_with_thousands_of_records_pages_newest_first() {
             ),
         ] {
             acks.push(js.publish(subject, body.into()).await.expect("publish"));
+        }
+        if i == 8 {
+            // A retried creation: the same entry again, which searches count once.
+            let entry = serde_json::to_vec(&record.index_entry()).unwrap();
+            acks.push(
+                js.publish(record.index_subject(), entry.into())
+                    .await
+                    .expect("publish"),
+            );
         }
     }
     for ack in acks {

@@ -158,7 +158,6 @@ pub(crate) async fn measure(
     }
     by_id.sort_unstable();
     by_object.sort_unstable();
-
     Ok(Lookups {
         records: n,
         fill_secs,
