@@ -40,10 +40,7 @@ pub fn budget_key(token: &str) -> String {
 
 /// A short hash of a token, to tell tokens apart without keeping them.
 pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    shared::hex::lower(&Sha256::digest(token.as_bytes())[..16])
 }
 
 impl Budget {

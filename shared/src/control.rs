@@ -260,8 +260,7 @@ impl CallbackHealth {
 /// The key of a callback URL in `ECWID_CALLBACKS`: a hash, so a URL's secrets (user info, query)
 /// never become a key anyone can list.
 pub fn callback_key(url: &str) -> String {
-    let digest = Sha256::digest(url.as_bytes());
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::lower(&Sha256::digest(url.as_bytes())[..16])
 }
 
 pub fn held_subject(instance_id: &str) -> String {
@@ -670,6 +669,8 @@ mod tests {
         assert_eq!(key.len(), 32);
         assert!(key.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(key, callback_key("https://example.com/hook"));
+        // The first 16 bytes of SHA-256("abc"), lowercase hex.
+        assert_eq!(callback_key("abc"), "ba7816bf8f01cfea414140de5dae2223");
     }
 
     #[test]

@@ -389,7 +389,7 @@ impl Ion {
     /// trimmed values make what Ecwid considers one notification one id.
     pub fn msg_id(&self) -> String {
         let digest = Sha256::digest(self.to_json());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::hex::lower(&digest[..16]);
         format!("ion:{}:{hex}", self.store_id)
     }
 }
@@ -755,8 +755,7 @@ pub fn sighting_key(store_id: &str, object_type: &str, object_id: &str) -> Strin
         object_id.to_owned()
     } else {
         let digest = Sha256::digest(object_id.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("h={hex}")
+        format!("h={}", crate::hex::lower(&digest[..16]))
     };
     format!("{store_id}.{object_type}.{id}")
 }

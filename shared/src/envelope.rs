@@ -83,16 +83,32 @@ pub fn notification_id(event_key: &str, instance_id: &str) -> String {
     h.update(event_key.as_bytes());
     h.update([0]);
     h.update(instance_id.as_bytes());
-    let x: String = h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &x[..8],
-        &x[8..12],
-        &x[12..16],
-        &x[16..20],
-        &x[20..32]
-    )
+    let digest = h.finalize();
+    let mut id = String::with_capacity(36);
+    for (i, group) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
+        if i > 0 {
+            id.push('-');
+        }
+        crate::hex::push_lower(&mut id, &digest[group]);
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notification_ids_are_the_first_16_bytes_of_the_hash_shaped_as_a_uuid() {
+        // The ids of envelopes already stored must not change: computed independently
+        // (Python's hashlib) from SHA-256("v3:1003:abc\0inst-1").
+        assert_eq!(
+            notification_id("v3:1003:abc", "inst-1"),
+            "9cabf31d-5f83-1521-d29e-a5d1cb2b9616"
+        );
+        assert_ne!(
+            notification_id("v3:1003:abc", "inst-2"),
+            notification_id("v3:1003:abc", "inst-1")
+        );
+    }
 }

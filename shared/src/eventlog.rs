@@ -68,10 +68,7 @@ pub fn id_of_index_subject(subject: &str) -> &str {
 
 /// A subject token for an objectId (any text): 16 hex digits of its SHA-256.
 pub fn object_hash(object_id: &str) -> String {
-    Sha256::digest(object_id.as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::lower(&Sha256::digest(object_id.as_bytes())[..8])
 }
 
 /// Where an envelope (or an Ecwid event) stands.

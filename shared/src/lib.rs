@@ -32,6 +32,7 @@ pub mod ecwid;
 pub mod envelope;
 pub mod error;
 pub mod eventlog;
+pub mod hex;
 pub mod instance;
 pub mod kvwatch;
 pub mod metrics;
