@@ -211,6 +211,29 @@ impl Resolve for GuardedResolver {
     }
 }
 
+/// Parsed callback URLs by their text: parsing one (IDNA included) cost more than the rest of
+/// resolving an envelope, and an instance's URL rarely changes. Bounded: emptied when it would
+/// hold more than [`MAX_PARSED_URLS`].
+#[derive(Debug, Default)]
+pub struct ParsedUrls(std::sync::Mutex<std::collections::HashMap<String, reqwest::Url>>);
+
+const MAX_PARSED_URLS: usize = 16_384;
+
+impl ParsedUrls {
+    pub fn parse(&self, text: &str) -> Result<reqwest::Url, url::ParseError> {
+        let mut urls = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(url) = urls.get(text) {
+            return Ok(url.clone());
+        }
+        let url = reqwest::Url::parse(text)?;
+        if urls.len() >= MAX_PARSED_URLS {
+            urls.clear();
+        }
+        urls.insert(text.to_owned(), url.clone());
+        Ok(url)
+    }
+}
+
 /// Sends envelopes.
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
@@ -342,6 +365,19 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parsed_urls_are_the_parser_s_and_errors_are_not_kept() {
+        let urls = ParsedUrls::default();
+        for _ in 0..2 {
+            let url = urls
+                .parse("https://user:pw@Example.COM:8443/hook?x=1")
+                .unwrap();
+            assert_eq!(url.as_str(), "https://user:pw@example.com:8443/hook?x=1");
+        }
+        assert!(urls.parse("not a url").is_err());
+        assert_eq!(urls.0.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn elements_signature_test_vector() {

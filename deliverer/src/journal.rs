@@ -11,13 +11,11 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
-use serde::Deserialize;
-use shared::envelope::Event;
 use shared::eventlog::{self, EventLog, Record, Status};
 use shared::nats::{headers, subject_tail};
-use shared::time_fmt::unix_ms_to_rfc3339;
+use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 
-use crate::consumer::Outcome;
+use crate::consumer::{MessageHead, Outcome};
 use crate::dispatch::Attempt;
 
 /// A write that fails is tried this many times before the attempt moves on without it.
@@ -32,34 +30,21 @@ pub struct Sent {
     pub result: Attempt,
 }
 
-#[derive(Deserialize)]
-struct EnvelopeBody {
-    message: MessageBody,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MessageBody {
-    event_id: String,
-    #[serde(default)]
-    events: Vec<Event>,
-}
-
 fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     h.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
-/// The record of `message` as the envelope and its headers describe it, before any attempt.
-fn base_record(message: &jetstream::Message) -> Option<Record> {
-    let body: EnvelopeBody = serde_json::from_slice(&message.payload).ok()?;
-    let event = body.message.events.into_iter().next()?;
+/// The record of `message` (whose body's head is `head`) as the envelope and its headers
+/// describe it, before any attempt.
+fn base_record(message: &jetstream::Message, head: &MessageHead) -> Option<Record> {
+    let event = head.events.first()?;
     let h = message.headers.as_ref();
     Some(Record {
-        id: body.message.event_id,
+        id: head.event_id.clone(),
         instance_id: Some(subject_tail(message.subject.as_str()).to_owned()),
         store_id: header(h, headers::STORE_ID).unwrap_or_default().to_owned(),
-        object_type: event.object_type,
-        object_id: event.object_id,
+        object_type: event.object_type.clone(),
+        object_id: event.object_id.clone(),
         event_type: event.event_type.as_str().to_owned(),
         ecwid_event_id: header(h, headers::ECWID_EVENT_ID)
             .unwrap_or_default()
@@ -99,22 +84,24 @@ fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
     }
 }
 
-/// Writes the snapshot that follows `outcome` for `message`. `offset` is the attempts made
+/// Writes the snapshot that follows `outcome` for `message`, whose body's head is `head` (`None`
+/// when it is not an envelope). `offset` is the attempts made
 /// before this message was (re)delivered, `attempt` this message's own attempt number. A
 /// deferral (no attempt) writes nothing. Failures are counted and tried again a few times; the
 /// delivery goes on regardless.
-pub async fn record(
+pub(crate) async fn record(
     log: &EventLog,
     message: &jetstream::Message,
+    head: Option<&MessageHead>,
     offset: u64,
     attempt: u64,
     sent: Option<&Sent>,
     outcome: &Outcome,
-    now_ms: i64,
 ) {
     if !log.enabled() {
         return;
     }
+    let now_ms = now_unix_ms();
     let (status, next_attempt_at) = match outcome {
         Outcome::Ack => (Status::Delivered, None),
         Outcome::Retry {
@@ -129,7 +116,7 @@ pub async fn record(
         ),
         Outcome::Dead { .. } => (Status::Dead, None),
     };
-    let Some(base) = base_record(message) else {
+    let Some(base) = head.and_then(|head| base_record(message, head)) else {
         // Not an envelope: it is dead-lettered as unparseable, and has no record to update.
         return;
     };
