@@ -4,8 +4,6 @@
 //! values never leave in full. The console's files and the OpenAPI document ([`crate::console`])
 //! are mounted here too, outside the token check: they hold no data.
 
-use std::time::Duration;
-
 use async_nats::jetstream::kv;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -22,9 +20,6 @@ use subtle::ConstantTimeEq;
 
 use crate::error::{self, ApiError, ApiPath, ApiQuery};
 use crate::state::AppState;
-
-/// Bucket operations that take longer than this answer 503.
-const KV_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest admin request body. An instance within its field limits
 /// ([`shared::instance::limits`]) fits well inside; a larger body gets 413.
@@ -131,10 +126,10 @@ async fn whoami(axum::Extension(role): axum::Extension<Role>) -> Json<serde_json
     Json(json!({ "role": role }))
 }
 
+const WHAT: &str = "An instances bucket operation";
+
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    // Logged here; the client's 503 body says nothing internal.
-    tracing::warn!(error = %e, "Instances bucket operation failed.");
-    ApiError::Unavailable(e.to_string())
+    ApiError::unavailable(WHAT, e)
 }
 
 pub(crate) fn not_found(id: &str) -> ApiError {
@@ -148,10 +143,7 @@ pub(crate) fn not_found(id: &str) -> ApiError {
 async fn within<T, E: std::fmt::Display>(
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, ApiError> {
-    match tokio::time::timeout(KV_TIMEOUT, f).await {
-        Ok(r) => r.map_err(unavailable),
-        Err(_) => Err(unavailable("the instances bucket did not answer in time")),
-    }
+    error::within(WHAT, f).await
 }
 
 /// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
@@ -289,7 +281,9 @@ async fn update(
         check(&state, &instance)?;
         instance.updated_date = Some(now());
         let value = serde_json::to_vec(&instance).map_err(unavailable)?;
-        match tokio::time::timeout(KV_TIMEOUT, store.update(&id, value.into(), revision)).await {
+        match tokio::time::timeout(error::JS_TIMEOUT, store.update(&id, value.into(), revision))
+            .await
+        {
             Ok(Ok(_)) => {
                 tracing::info!(instance_id = %id, "Instance updated.");
                 return Ok(Json(instance.redacted()));

@@ -15,13 +15,12 @@ use serde_json::{json, Value};
 use shared::ecwid::PollEntity;
 use shared::instance::{keys, Instance};
 
-use crate::error::{ApiError, ApiPath};
+use crate::error::{ApiError, ApiPath, JS_TIMEOUT};
 use crate::state::AppState;
 
 /// How long a backfill may take before the answer is 504 (the poller finishes it anyway; asking
 /// again stores nothing twice).
 pub const BACKFILL_TIMEOUT: Duration = Duration::from_secs(300);
-const KV_TIMEOUT: Duration = Duration::from_secs(5);
 /// The objectTypes the poller can read (the normalizer's names of [`PollEntity`]).
 pub const POLLED_OBJECTS: [&str; 6] = [
     "orders",
@@ -56,8 +55,7 @@ enum Objects {
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(error = %e, "Backfill or poller status failed.");
-    ApiError::Unavailable(e.to_string())
+    ApiError::unavailable("Backfill or poller status", e)
 }
 
 async fn load(state: &AppState, id: &str) -> Result<Instance, ApiError> {
@@ -71,7 +69,7 @@ async fn load(state: &AppState, id: &str) -> Result<Instance, ApiError> {
     {
         return Err(not_found());
     }
-    let entry = tokio::time::timeout(KV_TIMEOUT, state.inner.ctx.kv.entry(id))
+    let entry = tokio::time::timeout(JS_TIMEOUT, state.inner.ctx.kv.entry(id))
         .await
         .map_err(|_| unavailable("the instances bucket did not answer in time"))?
         .map_err(unavailable)?;
@@ -199,7 +197,7 @@ async fn poller_status(
     let instance = load(&state, &id).await?;
     let store = instance.store_id().unwrap_or_default().to_owned();
     let bucket = tokio::time::timeout(
-        KV_TIMEOUT,
+        JS_TIMEOUT,
         state
             .inner
             .ctx
@@ -212,7 +210,7 @@ async fn poller_status(
     let get = |key: String| {
         let bucket = bucket.clone();
         async move {
-            tokio::time::timeout(KV_TIMEOUT, bucket.get(key))
+            tokio::time::timeout(JS_TIMEOUT, bucket.get(key))
                 .await
                 .ok()
                 .and_then(Result::ok)

@@ -8,8 +8,6 @@
 //! read as throwaway consumers' pending counts (a handful of requests, however large the
 //! streams).
 
-use std::time::Duration;
-
 use async_nats::jetstream::kv;
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -23,10 +21,8 @@ use shared::nats::{
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 
 use crate::admin::{load, not_found};
-use crate::error::{ApiError, ApiPath};
+use crate::error::{self, ApiError, ApiPath, JS_TIMEOUT};
 use crate::state::AppState;
-
-const JS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Compare-and-set tries before a pause or resume answers 409.
 const TRIES: usize = 5;
 
@@ -37,18 +33,16 @@ pub fn routes() -> Router<AppState> {
         .route("/instances/{id}/resume", post(resume))
 }
 
+const WHAT: &str = "Instance control's JetStream call";
+
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(error = %e, "Instance control: JetStream did not answer.");
-    ApiError::Unavailable(e.to_string())
+    ApiError::unavailable(WHAT, e)
 }
 
 async fn within<T, E: std::fmt::Display>(
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, ApiError> {
-    match tokio::time::timeout(JS_TIMEOUT, f).await {
-        Ok(r) => r.map_err(unavailable),
-        Err(_) => Err(unavailable("JetStream did not answer in time")),
-    }
+    error::within(WHAT, f).await
 }
 
 async fn instance(state: &AppState, id: &str) -> Result<Instance, ApiError> {

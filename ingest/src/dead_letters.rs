@@ -5,8 +5,6 @@
 //! fresh attempt budget), with `Nats-Msg-Id = replay:<seq>`: replaying the same dead letter twice
 //! stores it once. The dead letter is deleted once the republish is acknowledged.
 
-use std::time::Duration;
-
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, message::StreamMessage};
 use async_nats::HeaderMap;
@@ -21,10 +19,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 
-use crate::error::{ApiError, ApiPath, ApiQuery};
+use crate::error::{ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
-const JS_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_PAGE: usize = 500;
 const MAX_REPLAY: usize = 1000;
 

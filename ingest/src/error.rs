@@ -53,7 +53,32 @@ pub enum ApiError {
     StreamFull(&'static str),
 }
 
+/// How long an admin call waits for JetStream (a bucket, a stream, a read) before it answers 503.
+pub const JS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `call` within [`JS_TIMEOUT`]; its failure, or no answer in time, is a 503
+/// ([`ApiError::unavailable`], logged as `what` failing).
+pub async fn within<T, E: std::fmt::Display>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(JS_TIMEOUT, call).await {
+        Ok(result) => result.map_err(|e| ApiError::unavailable(what, e)),
+        Err(_) => Err(ApiError::unavailable(
+            what,
+            "JetStream did not answer in time",
+        )),
+    }
+}
+
 impl ApiError {
+    /// 503 for a JetStream call that failed: logged here as `what` failing, with its cause; the
+    /// client's body says nothing internal.
+    pub fn unavailable(what: &str, cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "{what} failed.");
+        ApiError::Unavailable(cause.to_string())
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code,

@@ -31,10 +31,9 @@ use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 
-use crate::error::{ApiError, ApiPath, ApiQuery};
+use crate::error::{ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
-const JS_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 /// Events one replay call sends again; `more` says when the window holds more.
@@ -197,8 +196,7 @@ fn summary(record: &Record) -> Value {
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(error = %e, "Event log read failed.");
-    ApiError::Unavailable(e.to_string())
+    ApiError::unavailable("An event log read", e)
 }
 
 async fn stream(state: &AppState, name: &str) -> Result<Stream, ApiError> {
