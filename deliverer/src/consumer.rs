@@ -23,9 +23,9 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use shared::control::{InstanceState, State};
 use shared::dead::{self, DeadLetter, Stage};
-use shared::envelope::Event;
 use shared::instance::Instance;
 use shared::nats::{
     headers, subject_tail, CALLBACKS_BUCKET, DELIVERER_CONSUMER, EVENTS_PREFIX, EVENTS_STREAM,
@@ -183,23 +183,25 @@ pub async fn run(
 }
 
 #[derive(Deserialize)]
-struct EnvelopeHead {
-    message: MessageHead,
+struct EnvelopeHead<'a> {
+    #[serde(borrow)]
+    message: MessageHead<'a>,
 }
 
-/// What the deliverer reads of an envelope's body: its id and its events (for the event log).
-/// Read once per message: the envelope's raw payload makes every read a scan of ~1 KB.
-#[derive(Deserialize)]
+/// What the deliverer reads of an envelope's body: its id, and its events unread. Read once per
+/// message: the envelope's raw payload makes every read a scan of ~1 KB.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct MessageHead {
+pub(crate) struct MessageHead<'a> {
     pub(crate) event_id: String,
-    #[serde(default)]
-    pub(crate) events: Vec<Event>,
+    /// Only the event log reads them ([`crate::journal`]): a delivery does not depend on them.
+    #[serde(borrow, default)]
+    pub(crate) events: Option<&'a RawValue>,
 }
 
 /// The head of `payload`, or why it is not an envelope.
-fn read_head(payload: &[u8]) -> Result<MessageHead, String> {
-    serde_json::from_slice::<EnvelopeHead>(payload)
+fn read_head(payload: &[u8]) -> Result<MessageHead<'_>, String> {
+    serde_json::from_slice::<EnvelopeHead<'_>>(payload)
         .map(|h| h.message)
         .map_err(|e| format!("not an envelope: {e}"))
 }
@@ -347,7 +349,7 @@ impl Worker {
     /// ([`crate::deferrals`]).
     async fn attempt_number(
         &self,
-        head: Option<&MessageHead>,
+        head: Option<&MessageHead<'_>>,
         seq: u64,
         delivered: u64,
         deferred: u64,
@@ -376,7 +378,7 @@ impl Worker {
     async fn attempt(
         &self,
         message: &jetstream::Message,
-        head: &Result<MessageHead, String>,
+        head: &Result<MessageHead<'_>, String>,
         instance_id: &str,
         attempt: u64,
         deferred: u64,
@@ -429,7 +431,7 @@ impl Worker {
     async fn test(
         &self,
         message: &jetstream::Message,
-        head: &Result<MessageHead, String>,
+        head: &Result<MessageHead<'_>, String>,
         instance_id: &str,
         reply_to: String,
     ) {
@@ -475,7 +477,7 @@ impl Worker {
     /// one of them is missing (the attempt is not spent: nothing was sent).
     fn resolve(
         &self,
-        head: &Result<MessageHead, String>,
+        head: &Result<MessageHead<'_>, String>,
         instance_id: &str,
         attempt: u64,
     ) -> Result<Target, Outcome> {
@@ -771,6 +773,7 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::dispatch::Answer;
+    use shared::envelope::Event;
 
     fn answer(status: u16) -> Option<Answer> {
         Some(Answer {
@@ -786,6 +789,23 @@ mod tests {
             error: "HTTP 503".into(),
             retry_after,
         }
+    }
+
+    #[test]
+    fn a_delivery_needs_only_the_envelopes_id() {
+        let head = read_head(br#"{"message":{"eventId":"e1","events":[{"eventType":"CREATED","objectType":"order","objectId":"7","elementKey":"ecwid","date":"2026-01-01T00:00:00Z"}],"raw":{"a":[1,{"b":"}"}]}}}"#).unwrap();
+        assert_eq!(head.event_id, "e1");
+        let events: Vec<Event> = serde_json::from_str(head.events.unwrap().get()).unwrap();
+        assert_eq!(events[0].object_id, "7");
+        // Events the log could not read do not stop the delivery.
+        let odd = read_head(br#"{"message":{"eventId":"e2","events":"?"}}"#).unwrap();
+        assert_eq!(
+            (odd.event_id.as_str(), odd.events.map(RawValue::get)),
+            ("e2", Some(r#""?""#))
+        );
+        assert!(read_head(br#"{"message":{"events":[]}}"#)
+            .unwrap_err()
+            .starts_with("not an envelope"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
+use shared::envelope::Event;
 use shared::eventlog::{self, EventLog, Record, Status};
 use shared::nats::{headers, subject_tail};
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
@@ -36,15 +37,16 @@ fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 
 /// The record of `message` (whose body's head is `head`) as the envelope and its headers
 /// describe it, before any attempt.
-fn base_record(message: &jetstream::Message, head: &MessageHead) -> Option<Record> {
-    let event = head.events.first()?;
+fn base_record(message: &jetstream::Message, head: &MessageHead<'_>) -> Option<Record> {
+    let events: Vec<Event> = serde_json::from_str(head.events?.get()).ok()?;
+    let event = events.into_iter().next()?;
     let h = message.headers.as_ref();
     Some(Record {
         id: head.event_id.clone(),
         instance_id: Some(subject_tail(message.subject.as_str()).to_owned()),
         store_id: header(h, headers::STORE_ID).unwrap_or_default().to_owned(),
-        object_type: event.object_type.clone(),
-        object_id: event.object_id.clone(),
+        object_type: event.object_type,
+        object_id: event.object_id,
         event_type: event.event_type.as_str().to_owned(),
         ecwid_event_id: header(h, headers::ECWID_EVENT_ID)
             .unwrap_or_default()
@@ -92,7 +94,7 @@ fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
 pub(crate) async fn record(
     log: &EventLog,
     message: &jetstream::Message,
-    head: Option<&MessageHead>,
+    head: Option<&MessageHead<'_>>,
     offset: u64,
     attempt: u64,
     sent: Option<&Sent>,
