@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -54,31 +53,17 @@ enum Objects {
     Csv(String),
 }
 
+const WHAT: &str = "Backfill or poller status";
+
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::unavailable("Backfill or poller status", e)
+    ApiError::unavailable(WHAT, e)
 }
 
 async fn load(state: &AppState, id: &str) -> Result<Instance, ApiError> {
-    let not_found = || ApiError::NotFound {
-        code: "not_found",
-        message: format!("no instance {}", id.chars().take(128).collect::<String>()),
-    };
-    if id.is_empty()
-        || id.len() > 128
-        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return Err(not_found());
-    }
-    let entry = tokio::time::timeout(JS_TIMEOUT, state.inner.ctx.kv.entry(id))
-        .await
-        .map_err(|_| unavailable("the instances bucket did not answer in time"))?
-        .map_err(unavailable)?;
-    let entry = entry
-        .filter(|e| e.operation == kv::Operation::Put)
-        .ok_or_else(not_found)?;
-    let mut instance: Instance = serde_json::from_slice(&entry.value).map_err(unavailable)?;
-    instance.id = id.to_owned();
-    Ok(instance)
+    crate::admin::load(&state.inner.ctx.kv, id)
+        .await?
+        .map(|(instance, _)| instance)
+        .ok_or_else(|| crate::admin::not_found(id))
 }
 
 fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
@@ -196,17 +181,15 @@ async fn poller_status(
 ) -> Result<Json<Value>, ApiError> {
     let instance = load(&state, &id).await?;
     let store = instance.store_id().unwrap_or_default().to_owned();
-    let bucket = tokio::time::timeout(
-        JS_TIMEOUT,
+    let bucket = crate::error::within(
+        WHAT,
         state
             .inner
             .ctx
             .js
             .get_key_value(shared::nats::POLL_STATE_BUCKET),
     )
-    .await
-    .map_err(|_| unavailable("the poller bucket did not answer in time"))?
-    .map_err(unavailable)?;
+    .await?;
     let get = |key: String| {
         let bucket = bucket.clone();
         async move {

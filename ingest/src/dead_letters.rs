@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 
-use crate::error::{ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
 const MAX_PAGE: usize = 500;
@@ -105,11 +105,11 @@ impl Filter {
 }
 
 async fn dead_stream(state: &AppState) -> Result<jetstream::stream::Stream, ApiError> {
-    match tokio::time::timeout(JS_TIMEOUT, state.inner.ctx.js.get_stream(DEAD_STREAM)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
-        Err(_) => Err(ApiError::Unavailable("JetStream did not answer".into())),
-    }
+    error::within(
+        "Reading the dead letters",
+        state.inner.ctx.js.get_stream(DEAD_STREAM),
+    )
+    .await
 }
 
 /// Reads the dead letters matching `filter`, oldest first, up to `limit`. Returns them and

@@ -31,7 +31,7 @@ use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 
-use crate::error::{ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
 const DEFAULT_PAGE: usize = 50;
@@ -195,15 +195,14 @@ fn summary(record: &Record) -> Value {
     v
 }
 
+const WHAT: &str = "An event log read";
+
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::unavailable("An event log read", e)
+    ApiError::unavailable(WHAT, e)
 }
 
 async fn stream(state: &AppState, name: &str) -> Result<Stream, ApiError> {
-    tokio::time::timeout(JS_TIMEOUT, state.inner.ctx.js.get_stream(name))
-        .await
-        .map_err(|_| unavailable("JetStream did not answer"))?
-        .map_err(unavailable)
+    error::within(WHAT, state.inner.ctx.js.get_stream(name)).await
 }
 
 /// The index entries matching `subject` with sequences in `[lo, hi)`, oldest first.
@@ -260,10 +259,7 @@ async fn listed_subjects(
     stream: &Stream<()>,
     filter: &str,
 ) -> Result<Option<Vec<String>>, ApiError> {
-    let mut subjects = tokio::time::timeout(JS_TIMEOUT, stream.info_with_subjects(filter))
-        .await
-        .map_err(|_| unavailable("JetStream did not answer"))?
-        .map_err(unavailable)?;
+    let mut subjects = error::within(WHAT, stream.info_with_subjects(filter)).await?;
     let mut found = Vec::new();
     while let Some(next) = tokio::time::timeout(JS_TIMEOUT, subjects.next())
         .await
