@@ -87,9 +87,9 @@ fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
 }
 
 /// Writes the snapshot that follows `outcome` for `message`, whose body's head is `head` (`None`
-/// when it is not an envelope). `offset` is the attempts made
-/// before this message was (re)delivered, `attempt` this message's own attempt number. A
-/// deferral (no attempt) writes nothing. Failures are counted and tried again a few times; the
+/// when it is not an envelope). `offset` is the attempts made before this message was
+/// (re)delivered, `attempt` this message's own attempt number. A deferral (no attempt) writes
+/// nothing. Failures are counted and tried again a few times; the
 /// delivery goes on regardless.
 pub(crate) async fn record(
     log: &EventLog,

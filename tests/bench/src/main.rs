@@ -715,6 +715,7 @@ async fn event_log_lookups(
     Ok(lookups)
 }
 
+const MAX_ON: &str = "end to end (max)";
 const WARM_OFF: &str = "warm-up (EVENT_LOG=off)";
 const MAX_OFF: &str = "end to end (max, EVENT_LOG=off)";
 const MAX_OFF_AGAIN: &str = "end to end (max, EVENT_LOG=off, again)";
@@ -739,14 +740,19 @@ async fn log_cost_phases(
         .collect();
     restart_services(setup, pipeline, &settings).await?;
     let base = 3 + opts.rates.len();
-    let max = |i| pipeline_phase(&pipeline.ctx, base + i, Pace::Max, opts.max_secs, &[], None);
-    let warm = |i| pipeline_phase(&pipeline.ctx, base + i, Pace::Rate(1000.0), 2.0, &[], None);
-    let mut phases = vec![warm(0).await, max(1).await, max(2).await];
+    let mut phases = warm_then_max(&pipeline.ctx, opts, base, 2).await;
     restart_services(setup, pipeline, PRODUCTION).await?;
-    let warm = pipeline_phase(&pipeline.ctx, base + 3, Pace::Rate(1000.0), 2.0, &[], None).await;
-    let on = pipeline_phase(&pipeline.ctx, base + 4, Pace::Max, opts.max_secs, &[], None).await;
-    phases.extend([warm, on]);
+    phases.extend(warm_then_max(&pipeline.ctx, opts, base + 3, 1).await);
     Ok(phases)
+}
+
+/// A 2 s warm-up at 1,000/s (phase `first`), then `runs` phases of end to end at max load.
+async fn warm_then_max(ctx: &Ctx, opts: &Opts, first: usize, runs: usize) -> Vec<Phase> {
+    let mut phases = vec![pipeline_phase(ctx, first, Pace::Rate(1000.0), 2.0, &[], None).await];
+    for i in 1..=runs {
+        phases.push(pipeline_phase(ctx, first + i, Pace::Max, opts.max_secs, &[], None).await);
+    }
+    phases
 }
 
 /// The services stopped and started again with `settings` (the same nats-server, instances and
@@ -791,7 +797,7 @@ fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
             .find(|p| p.name == name)
             .map_or(f64::NAN, |p| p.e2e_eps)
     };
-    let on = (rate("end to end (max)") + rate(MAX_ON_AGAIN)) / 2.0;
+    let on = (rate(MAX_ON) + rate(MAX_ON_AGAIN)) / 2.0;
     let off = (rate(MAX_OFF) + rate(MAX_OFF_AGAIN)) / 2.0;
     let cost = on / off;
     let lookup = quantile_ms(&lookups.by_id_us, 0.99);
@@ -801,7 +807,7 @@ fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
     println!("|---|---|---|");
     println!(
         "| end to end ev/s at max load, log on / off (means of two phases each: on {:.0} and {:.0}, off {:.0} and {:.0}) | {on:.0} / {off:.0} = {cost:.2} | {} |",
-        rate("end to end (max)"),
+        rate(MAX_ON),
         rate(MAX_ON_AGAIN),
         rate(MAX_OFF),
         rate(MAX_OFF_AGAIN),
@@ -1039,7 +1045,7 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
     let mut names = vec![
         "warm-up".to_owned(),
         "ingest alone (max)".to_owned(),
-        "end to end (max)".to_owned(),
+        MAX_ON.to_owned(),
     ];
     let mut caps = vec![
         2_000.0 + 16.0,
@@ -1051,19 +1057,16 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
         caps.push(r * opts.fixed_secs + 16.0);
     }
     // Last, the pipeline again with the event log off, twice, then on again (`log_cost_phases`).
-    for name in [
-        WARM_OFF,
-        MAX_OFF,
-        MAX_OFF_AGAIN,
-        WARM_ON_AGAIN,
-        MAX_ON_AGAIN,
+    let (warm_cap, max_cap) = (2_000.0 + 16.0, MAX_RATE_CAP * opts.max_secs);
+    for (name, cap) in [
+        (WARM_OFF, warm_cap),
+        (MAX_OFF, max_cap),
+        (MAX_OFF_AGAIN, max_cap),
+        (WARM_ON_AGAIN, warm_cap),
+        (MAX_ON_AGAIN, max_cap),
     ] {
         names.push(name.to_owned());
-        caps.push(if name.starts_with("warm-up") {
-            2_000.0 + 16.0
-        } else {
-            MAX_RATE_CAP * opts.max_secs
-        });
+        caps.push(cap);
     }
     start_pipeline_with(opts, setup, &names, &caps).await
 }
