@@ -5,11 +5,14 @@
 //! Reads come from the live copy (a KV watch), so admitting a request costs no round trip.
 //! Writes are compare-and-set: every failure, every breaker change, and at most one success
 //! per URL each [`FLUSH_EVERY`] (successes of a healthy URL are counted in memory and written
-//! with the next write, so a busy URL costs one KV write per replica per interval). When NATS
-//! cannot take a write, the change is kept in this replica's copy and the delivery goes on.
+//! with the next write, so a busy URL costs one KV write per replica per interval). A replica
+//! writes one URL's health one change at a time (its requests queue for their [`Turn`]), so
+//! compare-and-set only ever races other replicas: hundreds of requests failing at once no
+//! longer race each other out of tries. When NATS cannot take a write, the change is kept in
+//! this replica's copy and the delivery goes on.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -38,6 +41,8 @@ pub struct Callbacks {
     kv: kv::Store,
     view: KvView<CallbackHealth>,
     unwritten: Mutex<HashMap<String, Unwritten>>,
+    /// The URLs this replica is writing, each with the queue of its requests waiting to.
+    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     failures_to_open: u32,
     cooldown: Duration,
     /// How long the replica that takes a probe holds it (the longest an attempt can take).
@@ -55,7 +60,7 @@ impl Callbacks {
         transitions: IntCounterVec,
     ) -> Self {
         let view = KvView::with_hook({
-            let open = std::sync::Arc::new(Mutex::new(std::collections::HashSet::new()));
+            let open = Arc::new(Mutex::new(std::collections::HashSet::new()));
             move |key: &str, _old: Option<&CallbackHealth>, new: Option<&CallbackHealth>| {
                 let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
                 if new.is_some_and(|h| h.breaker != Breaker::Closed) {
@@ -70,6 +75,7 @@ impl Callbacks {
             kv,
             view,
             unwritten: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
             failures_to_open,
             cooldown,
             probe_lease,
@@ -78,9 +84,9 @@ impl Callbacks {
     }
 
     /// Follows the bucket and writes success counts every [`FLUSH_EVERY`], until `cancel`.
-    pub fn spawn(self: &std::sync::Arc<Self>, cancel: CancellationToken) {
+    pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) {
         self.view.spawn_follow(self.kv.clone(), cancel.clone());
-        let this = std::sync::Arc::clone(self);
+        let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FLUSH_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -107,9 +113,15 @@ impl Callbacks {
             Admit::Go => Ok(()),
             Admit::Wait(wait) => Err(wait),
             Admit::Probe => {
+                let turn = self.turn(&key).await;
+                // Another request of this replica may have taken the probe while this one queued.
+                let current = self.view.get(&key).map(|(h, _)| h).unwrap_or_default();
+                if !matches!(current.admit(now, Duration::ZERO), Admit::Probe) {
+                    return Err(self.probe_wait());
+                }
                 let lease = self.probe_lease;
                 let taken = self
-                    .change(&key, |h| match h.admit(now, Duration::ZERO) {
+                    .change_in_turn(&turn, |h| match h.admit(now, Duration::ZERO) {
                         Admit::Probe => {
                             h.take_probe(now, lease);
                             true
@@ -213,12 +225,36 @@ impl Callbacks {
         });
     }
 
-    /// Applies `f` to the stored health of `key` (with this replica's unwritten counts added)
-    /// and writes it by compare-and-set, reading again on a conflict. `f` returns its verdict
-    /// (whether the change it made matters to the caller); when `f` changes nothing, nothing
-    /// is written unless counts were waiting. Without NATS, the change lands in this replica's
-    /// copy only.
-    async fn change(&self, key: &str, mut f: impl FnMut(&mut CallbackHealth) -> bool) -> bool {
+    /// Waits until no other request of this replica is writing `key`'s health.
+    async fn turn(&self, key: &str) -> Turn<'_> {
+        let writer = {
+            let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(writers.entry(key.to_owned()).or_default())
+        };
+        Turn {
+            writers: &self.writers,
+            key: key.to_owned(),
+            _held: writer.lock_owned().await,
+        }
+    }
+
+    /// [`Callbacks::change_in_turn`] once this request's turn to write `key` has come.
+    async fn change(&self, key: &str, f: impl FnMut(&mut CallbackHealth) -> bool) -> bool {
+        let turn = self.turn(key).await;
+        self.change_in_turn(&turn, f).await
+    }
+
+    /// Applies `f` to the stored health of the turn's key (with this replica's unwritten counts
+    /// added) and writes it by compare-and-set, reading again when another replica wrote first.
+    /// `f` returns its verdict (whether the change it made matters to the caller); what it
+    /// leaves unchanged is not written. Without NATS, the change lands in this replica's copy
+    /// only.
+    async fn change_in_turn(
+        &self,
+        turn: &Turn<'_>,
+        mut f: impl FnMut(&mut CallbackHealth) -> bool,
+    ) -> bool {
+        let key = turn.key.as_str();
         let now = now_unix_ms();
         let pending = {
             let mut unwritten = self.unwritten.lock().unwrap_or_else(|p| p.into_inner());
@@ -248,7 +284,13 @@ impl Callbacks {
                     return self.local_change(key, &mut f, apply);
                 }
             };
+            let read = health.clone();
             let verdict = apply(&mut health, &mut f);
+            if revision != 0 && health == read {
+                // Nothing to write (a probe another replica holds, counts already written).
+                self.view.note(key, Some(health), revision);
+                return verdict;
+            }
             let Ok(value) = serde_json::to_vec(&health) else {
                 return verdict;
             };
@@ -294,5 +336,26 @@ impl Callbacks {
         let verdict = apply(&mut health, f);
         self.view.note(key, Some(health), revision);
         verdict
+    }
+}
+
+/// One request's turn to write a URL's health ([`Callbacks::turn`]); the next waiting request
+/// gets it when this drops, and the last one out forgets the URL.
+struct Turn<'a> {
+    writers: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: String,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the map and by this turn only: nobody is waiting.
+        if writers
+            .get(&self.key)
+            .is_some_and(|w| Arc::strong_count(w) == 2)
+        {
+            writers.remove(&self.key);
+        }
     }
 }

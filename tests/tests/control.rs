@@ -378,3 +378,73 @@ async fn a_paused_ordered_instance_keeps_its_lane_in_order_and_resumes_it() {
     assert_eq!(got, sent, "delivered after the resume, in acceptance order");
     pipeline.stop().await;
 }
+
+/// A burst of results for one URL from one replica (a receiver going down under 200 requests in
+/// flight): every failure lands in the shared health, however many arrive at once, and when the
+/// cool-down ends exactly one request takes the probe. Before a replica wrote one change per
+/// URL at a time, its own requests raced each other's compare-and-set out of tries; the changes
+/// that lost stayed in that replica's memory, each of those requests took the probe, and a
+/// probe whose result was lost held the URL's events until its lease ran out.
+#[tokio::test]
+async fn a_burst_of_results_lands_whole_and_one_request_takes_the_probe() {
+    use deliverer::health::Callbacks;
+    use shared::control::{Breaker, CallbackHealth};
+
+    const BURST: usize = 200;
+    let nats = NatsServer::start().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = shared::nats::ensure_bucket(
+        &js,
+        shared::nats::Bucket {
+            name: shared::nats::CALLBACKS_BUCKET,
+            description: "test",
+            history: 1,
+            max_age: Duration::ZERO,
+        },
+        1,
+    )
+    .await
+    .expect("callbacks bucket");
+    let cooldown = Duration::from_millis(300);
+    let callbacks = std::sync::Arc::new(Callbacks::new(
+        kv.clone(),
+        5,
+        cooldown,
+        Duration::from_secs(60),
+        prometheus::IntGauge::new("open", "open").unwrap(),
+        prometheus::IntCounterVec::new(prometheus::Opts::new("moves", "moves"), &["to"]).unwrap(),
+    ));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    callbacks.spawn(cancel.clone());
+    let url = "http://127.0.0.1:9/hook";
+    let key = shared::control::callback_key(url);
+    let stored = || async {
+        let entry = kv.entry(&key).await.expect("read").expect("an entry");
+        serde_json::from_slice::<CallbackHealth>(&entry.value).expect("health")
+    };
+
+    let failures = futures::future::join_all(
+        (0..BURST).map(|_| callbacks.record(url, Err("connection refused"))),
+    )
+    .await;
+    assert!(failures.iter().all(Option::is_some));
+    let health = stored().await;
+    assert_eq!(health.consecutive_failures, BURST as u32, "{health:?}");
+    let failed: i64 = health.minutes.iter().map(|m| m[2]).sum();
+    assert_eq!(failed, BURST as i64, "{health:?}");
+    assert_eq!(health.breaker, Breaker::Open, "{health:?}");
+
+    tokio::time::sleep(cooldown + Duration::from_millis(100)).await;
+    let admitted = futures::future::join_all((0..BURST).map(|_| callbacks.admit(url))).await;
+    let probes = admitted.iter().filter(|a| a.is_ok()).count();
+    assert_eq!(probes, 1, "requests that took the probe");
+    assert_eq!(stored().await.breaker, Breaker::HalfOpen);
+
+    // The probe went through: the URL is closed for every replica at once.
+    callbacks.record(url, Ok(())).await;
+    let health = stored().await;
+    assert_eq!(health.breaker, Breaker::Closed, "{health:?}");
+    assert_eq!(health.consecutive_failures, 0, "{health:?}");
+    assert!(callbacks.admit(url).await.is_ok());
+    cancel.cancel();
+}
