@@ -165,3 +165,39 @@ pub(crate) async fn measure(
         by_object_us: by_object,
     })
 }
+
+/// What finding a record's index entry by id alone would cost (`bench log` only): the read path
+/// a log without the normalizer's pending snapshot would need for events never attempted and
+/// for every 404 (RESULTS.md, "Next steps"). Times `samples` of each of the two ways JetStream
+/// offers over the log `measure` filled: the subjects matching `ecwid.logidx.*.*.*.<id>` (a
+/// stream info request, the subject tree matched with three leading wildcards), and a direct
+/// get of the last message on that wildcard subject.
+pub(crate) async fn find_by_id(
+    nats_url: &str,
+    n: u64,
+    samples: u64,
+) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+    let js = jetstream::new(integration_tests::connect(nats_url).await);
+    let index = js.get_stream(eventlog::INDEX_STREAM).await?;
+    let stride = (n / samples.max(1)).max(1) | 1;
+    let (mut listed, mut direct) = (Vec::new(), Vec::new());
+    for k in 0..samples {
+        let id = id_of((k * stride * 104_729 + 1) % n);
+        let filter = eventlog::index_subject("*", "*", "*", &id);
+        let started = Instant::now();
+        let mut subjects = index.info_with_subjects(&filter).await?;
+        let mut found = 0;
+        while let Some(next) = subjects.next().await {
+            next?;
+            found += 1;
+        }
+        anyhow::ensure!(found == 1, "{filter}: {found} subjects");
+        listed.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        let started = Instant::now();
+        index.direct_get_last_for_subject(&filter).await?;
+        direct.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    listed.sort_unstable();
+    direct.sort_unstable();
+    Ok((listed, direct))
+}

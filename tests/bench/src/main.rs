@@ -601,6 +601,25 @@ async fn log_only(opts: Opts) -> anyhow::Result<()> {
             q(1.0)
         );
     }
+    let (listed, direct) = eventlog::find_by_id(
+        &setup.nats_url,
+        opts.log_records,
+        (opts.log_samples / 10).max(1),
+    )
+    .await?;
+    for (name, v) in [
+        ("index entry by id alone, subjects listed", &listed),
+        ("index entry by id alone, wildcard direct get", &direct),
+    ] {
+        let q = |f| ms(quantile_ms(v, f));
+        println!(
+            "{name}: p50 {} p99 {} max {} ms ({} each)",
+            q(0.5),
+            q(0.99),
+            q(1.0),
+            v.len()
+        );
+    }
     println!(
         "\nLOG lookup_p99_ms={lookup:.1} search_p99_ms={search:.1} log_records={}",
         lookups.records
