@@ -2,6 +2,13 @@
 //! shaped like the deliverer's (one attempt each, five records per objectId), straight into
 //! JetStream (the write path's cost is measured by the pipeline phases with the log on and off),
 //! then times `GET /events/{id}` and `GET /events?objectId=` through the real admin API.
+//!
+//! A lookup by id reads the record, then its envelope from `ECWID_EVENTS` by the record's
+//! `envelopeSeq`. The filled records point at the envelopes the pipeline phases left there
+//! (record `i` at the `i mod stored`-th), so every lookup pays that read as in production;
+//! the envelope found is another event's, which the API does not return (its message id differs),
+//! but its read costs the same. `bench log` alone leaves `ECWID_EVENTS` empty, so its lookups
+//! read the record only.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,7 +28,19 @@ pub(crate) struct Lookups {
     pub(crate) fill_secs: f64,
     pub(crate) by_id_us: Vec<u32>,
     pub(crate) by_object_us: Vec<u32>,
+    /// The two reads a lookup by id makes, timed straight against NATS on the same ids once
+    /// nats-server has dropped the blocks the lookups loaded (its cache lets go of a block
+    /// idle for 10 s): the record, then its envelope. Which of them makes the tail.
+    pub(crate) cold_record_us: Vec<u32>,
+    pub(crate) cold_envelope_us: Vec<u32>,
+    /// Then the same lookups by id through the API once more: what they cost once nats-server
+    /// has met their blocks before.
+    pub(crate) again_us: Vec<u32>,
 }
+
+/// How long nats-server keeps a block it loaded once nobody reads it (its
+/// `defaultCacheBufferExpiration`, 10 s), and a margin.
+const BLOCK_CACHE_IDLE: Duration = Duration::from_secs(12);
 
 fn id_of(i: u64) -> String {
     format!(
@@ -35,7 +54,8 @@ fn object_of(i: u64, objects: u64) -> String {
     format!("LOG{}", i % objects)
 }
 
-fn record(i: u64, objects: u64, now_ms: i64) -> Record {
+/// `envelopes`: the sequences `ECWID_EVENTS` holds.
+fn record(i: u64, objects: u64, envelopes: &std::ops::RangeInclusive<u64>, now_ms: i64) -> Record {
     let at = shared::time_fmt::unix_ms_to_rfc3339(now_ms);
     let mut r = Record {
         id: id_of(i),
@@ -51,7 +71,12 @@ fn record(i: u64, objects: u64, now_ms: i64) -> Record {
         received_at: at.clone(),
         status: Status::Delivered,
         delivered_at: Some(at.clone()),
-        envelope_seq: Some(i + 1),
+        envelope_seq: Some(
+            envelopes.start()
+                + i % (envelopes.end() + 1)
+                    .saturating_sub(*envelopes.start())
+                    .max(1),
+        ),
         ..Record::default()
     };
     r.push_attempt(Attempt {
@@ -66,12 +91,20 @@ fn record(i: u64, objects: u64, now_ms: i64) -> Record {
     r
 }
 
-/// Publishes `n` records and their index entries, `WINDOW` acks in flight.
-async fn fill(js: &jetstream::Context, n: u64, objects: u64) -> anyhow::Result<()> {
+/// Publishes `n` records and their index entries, `WINDOW` acks in flight. Returns the
+/// sequences of `ECWID_EVENTS` their envelopes point at.
+async fn fill(
+    js: &jetstream::Context,
+    n: u64,
+    objects: u64,
+) -> anyhow::Result<std::ops::RangeInclusive<u64>> {
     let now_ms = shared::time_fmt::now_unix_ms();
+    let mut events = js.get_stream(shared::nats::EVENTS_STREAM).await?;
+    let held = &events.info().await?.state;
+    let envelopes = held.first_sequence.max(1)..=held.last_sequence;
     let mut acks = FuturesUnordered::new();
     for i in 0..n {
-        let r = record(i, objects, now_ms);
+        let r = record(i, objects, &envelopes, now_ms);
         let entry = serde_json::to_vec(&r.index_entry())?;
         let body = serde_json::to_vec(&r)?;
         for (subject, payload) in [
@@ -88,7 +121,11 @@ async fn fill(js: &jetstream::Context, n: u64, objects: u64) -> anyhow::Result<(
     while let Some(ack) = acks.next().await {
         ack?;
     }
-    Ok(())
+    Ok(envelopes)
+}
+
+fn elapsed_us(started: Instant) -> u32 {
+    started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32
 }
 
 async fn timed_get(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<u32> {
@@ -101,7 +138,7 @@ async fn timed_get(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Re
         "{url}: {status} {}",
         String::from_utf8_lossy(&body)
     );
-    Ok(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+    Ok(elapsed_us(started))
 }
 
 /// Waits (at most 60 s) until nats-server has finished with the bulk fill, a million records in
@@ -133,7 +170,7 @@ pub(crate) async fn measure(
     let js = jetstream::new(integration_tests::connect(nats_url).await);
     let objects = (n / 5).max(1);
     let started = Instant::now();
-    fill(&js, n, objects).await?;
+    let envelopes = fill(&js, n, objects).await?;
     let fill_secs = started.elapsed().as_secs_f64();
     settle(nats_pid).await;
     let http = reqwest::Client::builder()
@@ -156,13 +193,45 @@ pub(crate) async fn measure(
             .await?,
         );
     }
-    by_id.sort_unstable();
-    by_object.sort_unstable();
+    tokio::time::sleep(BLOCK_CACHE_IDLE).await;
+    let log = js.get_stream_no_info(eventlog::LOG_STREAM).await?;
+    let events = js.get_stream_no_info(shared::nats::EVENTS_STREAM).await?;
+    let (mut cold_record, mut cold_envelope) = (Vec::new(), Vec::new());
+    for k in 0..samples {
+        let i = (k * stride * 7919) % n;
+        let started = Instant::now();
+        log.direct_get_last_for_subject(eventlog::record_subject(&id_of(i)))
+            .await?;
+        cold_record.push(elapsed_us(started));
+        let seq = record(i, objects, &envelopes, 0).envelope_seq.unwrap_or(1);
+        let started = Instant::now();
+        // Not found when the pipeline phases left no envelope: then nothing is timed.
+        if events.direct_get(seq).await.is_ok() {
+            cold_envelope.push(elapsed_us(started));
+        }
+    }
+    let mut again = Vec::new();
+    for k in 0..samples {
+        let i = (k * stride * 7919) % n;
+        again.push(timed_get(&http, &format!("http://{admin}/events/{}", id_of(i)), token).await?);
+    }
+    for v in [
+        &mut by_id,
+        &mut by_object,
+        &mut cold_record,
+        &mut cold_envelope,
+        &mut again,
+    ] {
+        v.sort_unstable();
+    }
     Ok(Lookups {
         records: n,
         fill_secs,
         by_id_us: by_id,
         by_object_us: by_object,
+        cold_record_us: cold_record,
+        cold_envelope_us: cold_envelope,
+        again_us: again,
     })
 }
 

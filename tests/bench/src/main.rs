@@ -731,6 +731,19 @@ async fn event_log_lookups(
         ms(quantile_ms(&lookups.by_object_us, 0.99)),
         lookups.by_id_us.len()
     );
+    println!(
+        "its two reads straight from NATS, the same ids again once nats-server dropped their blocks: the record p50 {} p99 {} ms, its envelope in ECWID_EVENTS p50 {} p99 {} ms ({} found)",
+        ms(quantile_ms(&lookups.cold_record_us, 0.5)),
+        ms(quantile_ms(&lookups.cold_record_us, 0.99)),
+        ms(quantile_ms(&lookups.cold_envelope_us, 0.5)),
+        ms(quantile_ms(&lookups.cold_envelope_us, 0.99)),
+        lookups.cold_envelope_us.len()
+    );
+    println!(
+        "then GET /events/{{id}} again on the same ids: p50 {} p99 {} ms",
+        ms(quantile_ms(&lookups.again_us, 0.5)),
+        ms(quantile_ms(&lookups.again_us, 0.99)),
+    );
     Ok(lookups)
 }
 
