@@ -723,28 +723,32 @@ async fn event_log_lookups(
     )
     .await?;
     println!(
-        "filled in {:.1} s; GET /events/{{id}} p50 {} p99 {} ms; GET /events?objectId= p50 {} p99 {} ms ({} each)",
+        "filled in {:.1} s; GET /events/{{id}} {}; GET /events?objectId= {} ({} each)",
         lookups.fill_secs,
-        ms(quantile_ms(&lookups.by_id_us, 0.5)),
-        ms(quantile_ms(&lookups.by_id_us, 0.99)),
-        ms(quantile_ms(&lookups.by_object_us, 0.5)),
-        ms(quantile_ms(&lookups.by_object_us, 0.99)),
+        p50_p99(&lookups.by_id_us),
+        p50_p99(&lookups.by_object_us),
         lookups.by_id_us.len()
     );
     println!(
-        "its two reads straight from NATS, the same ids again once nats-server dropped their blocks: the record p50 {} p99 {} ms, its envelope in ECWID_EVENTS p50 {} p99 {} ms ({} found)",
-        ms(quantile_ms(&lookups.cold_record_us, 0.5)),
-        ms(quantile_ms(&lookups.cold_record_us, 0.99)),
-        ms(quantile_ms(&lookups.cold_envelope_us, 0.5)),
-        ms(quantile_ms(&lookups.cold_envelope_us, 0.99)),
+        "its two reads straight from NATS, the same ids again once nats-server dropped their blocks: the record {}, its envelope in ECWID_EVENTS {} ({} found)",
+        p50_p99(&lookups.cold_record_us),
+        p50_p99(&lookups.cold_envelope_us),
         lookups.cold_envelope_us.len()
     );
     println!(
-        "then GET /events/{{id}} again on the same ids: p50 {} p99 {} ms",
-        ms(quantile_ms(&lookups.again_us, 0.5)),
-        ms(quantile_ms(&lookups.again_us, 0.99)),
+        "then GET /events/{{id}} again on the same ids: {}",
+        p50_p99(&lookups.again_us)
     );
     Ok(lookups)
+}
+
+/// `p50 … p99 … ms` of sorted microseconds.
+fn p50_p99(sorted_us: &[u32]) -> String {
+    format!(
+        "p50 {} p99 {} ms",
+        ms(quantile_ms(sorted_us, 0.5)),
+        ms(quantile_ms(sorted_us, 0.99))
+    )
 }
 
 const MAX_ON: &str = "end to end (max)";
