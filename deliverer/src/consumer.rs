@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dispatch::{self, Attempt, Dispatcher};
-use crate::health::Callbacks;
+use crate::health::{Admitted, Callbacks};
 use crate::hold::Hold;
 use crate::journal::{self, Sent};
 use crate::limits::{InstanceLimits, InstanceSlot};
@@ -387,13 +387,13 @@ impl Worker {
             Ok(target) => target,
             Err(dead) => return (dead, None),
         };
-        let _slots = match self.admit(instance_id, &target, deferred).await {
-            Ok(slot) => slot,
+        let (admitted, _slots) = match self.admit(instance_id, &target, deferred).await {
+            Ok(admitted) => admitted,
             Err(deferral) => return (deferral, None),
         };
         let started_at_ms = now_unix_ms();
         let started = Instant::now();
-        let result = self.dispatch(message, &target).await;
+        let result = self.dispatch(message, &target, admitted).await;
         let duration = started.elapsed();
         let schedule = target
             .own_schedule
@@ -442,7 +442,8 @@ impl Worker {
             Err(_) => serde_json::json!({"delivered": false, "error": "not sent"}),
             Ok(target) => {
                 let started = Instant::now();
-                let result = self.dispatch(message, &target).await;
+                // Past the breaker: a refusal gives back no probe.
+                let result = self.dispatch(message, &target, Admitted::Request).await;
                 let answer = result.answer();
                 let error = match &result {
                     Attempt::Delivered(_) => None,
@@ -520,26 +521,29 @@ impl Worker {
         })
     }
 
-    /// Slots to send to `target` now: its breaker lets the request through, its instance is
-    /// within its limits ([`crate::limits`]) and its host has a free slot. Otherwise the
-    /// deferral that puts the envelope back without spending an attempt.
+    /// Slots to send to `target` now: its breaker lets the request through (as the probe or
+    /// not), its instance is within its limits ([`crate::limits`]) and its host has a free slot.
+    /// Otherwise the deferral that puts the envelope back without spending an attempt.
     async fn admit(
         &self,
         instance_id: &str,
         target: &Target,
         deferred: u64,
-    ) -> Result<(InstanceSlot, OwnedSemaphorePermit), Outcome> {
+    ) -> Result<(Admitted, (InstanceSlot, OwnedSemaphorePermit)), Outcome> {
         let url = &target.url;
-        if let Err(wait) = self.callbacks.admit(url.as_str()).await {
-            self.metrics
-                .deferred
-                .with_label_values(&["breaker_open"])
-                .inc();
-            return Err(Outcome::Retry {
-                delay: jitter(wait),
-                spends_attempt: false,
-            });
-        }
+        let admitted = match self.callbacks.admit(url.as_str()).await {
+            Ok(admitted) => admitted,
+            Err(wait) => {
+                self.metrics
+                    .deferred
+                    .with_label_values(&["breaker_open"])
+                    .inc();
+                return Err(Outcome::Retry {
+                    delay: jitter(wait),
+                    spends_attempt: false,
+                });
+            }
+        };
         // Not waited for: a delivery of a busy instance must not hold a consumer slot.
         let instance_slot = match self.limits.admit(instance_id, &target.instance, deferred) {
             Ok(slot) => slot,
@@ -548,7 +552,7 @@ impl Worker {
                     .deferred
                     .with_label_values(&[busy.label()])
                     .inc();
-                self.callbacks.not_sent(url.as_str()).await;
+                self.callbacks.not_sent(url.as_str(), admitted).await;
                 return Err(Outcome::Retry {
                     delay,
                     spends_attempt: false,
@@ -565,17 +569,22 @@ impl Worker {
                 .deferred
                 .with_label_values(&["host_busy"])
                 .inc();
-            self.callbacks.not_sent(url.as_str()).await;
+            self.callbacks.not_sent(url.as_str(), admitted).await;
             return Err(Outcome::Retry {
                 delay: jitter(HOST_BUSY_WAIT),
                 spends_attempt: false,
             });
         };
-        Ok((instance_slot, slot))
+        Ok((admitted, (instance_slot, slot)))
     }
 
     /// Signs and POSTs the envelope; counts the attempt and tells the breaker how it went.
-    async fn dispatch(&self, message: &jetstream::Message, target: &Target) -> Attempt {
+    async fn dispatch(
+        &self,
+        message: &jetstream::Message,
+        target: &Target,
+        admitted: Admitted,
+    ) -> Attempt {
         let body = message.payload.clone();
         let headers = dispatch::request_headers(
             &target.instance,
@@ -597,7 +606,9 @@ impl Worker {
             .inc();
         match &result {
             // Refused before a request went: says nothing about the receiver.
-            Attempt::Refused(_) => self.callbacks.not_sent(target.url.as_str()).await,
+            Attempt::Refused(_) => {
+                self.callbacks.not_sent(target.url.as_str(), admitted).await;
+            }
             Attempt::Delivered(_) => {
                 self.callbacks.record(target.url.as_str(), Ok(())).await;
             }

@@ -28,6 +28,15 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// Compare-and-set tries before a write gives up (and keeps the change in memory).
 const CAS_TRIES: usize = 8;
 
+/// What [`Callbacks::admit`] let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// The breaker is closed.
+    Request,
+    /// The one request that tests a URL whose cool-down is over (its breaker now half open).
+    Probe,
+}
+
 /// What this replica has not written yet for one URL.
 #[derive(Debug, Default, Clone, Copy)]
 struct Unwritten {
@@ -105,12 +114,12 @@ impl Callbacks {
 
     /// Whether a request to `url` may go now; `Err(wait)` when its breaker holds it. A replica
     /// that finds the cool-down over tries to take the probe (one replica wins).
-    pub async fn admit(&self, url: &str) -> Result<(), Duration> {
+    pub async fn admit(&self, url: &str) -> Result<Admitted, Duration> {
         let key = callback_key(url);
         let now = now_unix_ms();
         let current = self.view.get(&key).map(|(h, _)| h).unwrap_or_default();
         match current.admit(now, self.probe_wait()) {
-            Admit::Go => Ok(()),
+            Admit::Go => Ok(Admitted::Request),
             Admit::Wait(wait) => Err(wait),
             Admit::Probe => {
                 let turn = self.turn(&key).await;
@@ -131,7 +140,7 @@ impl Callbacks {
                     .await;
                 if taken {
                     self.transitions.with_label_values(&["half_open"]).inc();
-                    Ok(())
+                    Ok(Admitted::Probe)
                 } else {
                     Err(self.probe_wait())
                 }
@@ -141,8 +150,12 @@ impl Callbacks {
 
     /// A request [`Callbacks::admit`] let through was not sent after all: if it was the probe,
     /// the next request may probe instead (a probe whose result never comes would hold the
-    /// URL's events until the lease ends).
-    pub async fn not_sent(&self, url: &str) {
+    /// URL's events until the lease ends). Any other request gives nothing back: the half-open
+    /// state it may find is another request's probe.
+    pub async fn not_sent(&self, url: &str, admitted: Admitted) {
+        if admitted != Admitted::Probe {
+            return;
+        }
         let key = callback_key(url);
         if self
             .view

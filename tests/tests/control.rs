@@ -380,14 +380,15 @@ async fn a_paused_ordered_instance_keeps_its_lane_in_order_and_resumes_it() {
 }
 
 /// A burst of results for one URL from one replica (a receiver going down under 200 requests in
-/// flight): every failure lands in the shared health, however many arrive at once, and when the
-/// cool-down ends exactly one request takes the probe. Before a replica wrote one change per
-/// URL at a time, its own requests raced each other's compare-and-set out of tries; the changes
-/// that lost stayed in that replica's memory, each of those requests took the probe, and a
-/// probe whose result was lost held the URL's events until its lease ran out.
+/// flight): every failure lands in the shared health, however many arrive at once, when the
+/// cool-down ends exactly one request takes the probe, and only that request can give it back.
+/// Before a replica wrote one change per URL at a time, its own requests raced each other's
+/// compare-and-set out of tries; the changes that lost stayed in that replica's memory, each of
+/// those requests took the probe, and a probe whose result was lost held the URL's events until
+/// its lease ran out.
 #[tokio::test]
 async fn a_burst_of_results_lands_whole_and_one_request_takes_the_probe() {
-    use deliverer::health::Callbacks;
+    use deliverer::health::{Admitted, Callbacks};
     use shared::control::{Breaker, CallbackHealth};
 
     const BURST: usize = 200;
@@ -406,14 +407,18 @@ async fn a_burst_of_results_lands_whole_and_one_request_takes_the_probe() {
     .await
     .expect("callbacks bucket");
     let cooldown = Duration::from_millis(300);
-    let callbacks = std::sync::Arc::new(Callbacks::new(
-        kv.clone(),
-        5,
-        cooldown,
-        Duration::from_secs(60),
-        prometheus::IntGauge::new("open", "open").unwrap(),
-        prometheus::IntCounterVec::new(prometheus::Opts::new("moves", "moves"), &["to"]).unwrap(),
-    ));
+    let replica = || {
+        std::sync::Arc::new(Callbacks::new(
+            kv.clone(),
+            5,
+            cooldown,
+            Duration::from_secs(60),
+            prometheus::IntGauge::new("open", "open").unwrap(),
+            prometheus::IntCounterVec::new(prometheus::Opts::new("moves", "moves"), &["to"])
+                .unwrap(),
+        ))
+    };
+    let callbacks = replica();
     let cancel = tokio_util::sync::CancellationToken::new();
     callbacks.spawn(cancel.clone());
     let url = "http://127.0.0.1:9/hook";
@@ -436,15 +441,34 @@ async fn a_burst_of_results_lands_whole_and_one_request_takes_the_probe() {
 
     tokio::time::sleep(cooldown + Duration::from_millis(100)).await;
     let admitted = futures::future::join_all((0..BURST).map(|_| callbacks.admit(url))).await;
-    let probes = admitted.iter().filter(|a| a.is_ok()).count();
+    let probes = admitted
+        .iter()
+        .filter(|a| **a == Ok(Admitted::Probe))
+        .count();
     assert_eq!(probes, 1, "requests that took the probe");
+    assert!(admitted
+        .iter()
+        .all(|a| a.is_err() || *a == Ok(Admitted::Probe)));
     assert_eq!(stored().await.breaker, Breaker::HalfOpen);
+
+    // Another replica's request that was let through before the breaker opened and then not
+    // sent (its host busy) gives back nothing: the probe out is not its own.
+    let other = replica();
+    other.spawn(cancel.clone());
+    other.not_sent(url, Admitted::Request).await;
+    let health = stored().await;
+    assert!(health.probe_until_ms.is_some(), "{health:?}");
+    // The probe itself, not sent, is given back: the next request probes.
+    callbacks.not_sent(url, Admitted::Probe).await;
+    let health = stored().await;
+    assert_eq!(health.probe_until_ms, None, "{health:?}");
+    assert_eq!(callbacks.admit(url).await, Ok(Admitted::Probe));
 
     // The probe went through: the URL is closed for every replica at once.
     callbacks.record(url, Ok(())).await;
     let health = stored().await;
     assert_eq!(health.breaker, Breaker::Closed, "{health:?}");
     assert_eq!(health.consecutive_failures, 0, "{health:?}");
-    assert!(callbacks.admit(url).await.is_ok());
+    assert_eq!(callbacks.admit(url).await, Ok(Admitted::Request));
     cancel.cancel();
 }
