@@ -235,6 +235,11 @@ pub(crate) async fn load(store: &kv::Store, id: &str) -> Result<Option<(Instance
     }))
 }
 
+/// The instance `id` and its revision, or 404.
+pub(crate) async fn existing(store: &kv::Store, id: &str) -> Result<(Instance, u64), ApiError> {
+    load(store, id).await?.ok_or_else(|| not_found(id))
+}
+
 /// Keys the bucket can hold (`[-/_=.a-zA-Z0-9]`, not starting or ending with a dot), no longer
 /// than an id can be.
 fn is_valid_key(key: &str) -> bool {
@@ -261,9 +266,7 @@ async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (instance, _) = load(&state.inner.ctx.kv, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let (instance, _) = existing(&state.inner.ctx.kv, &id).await?;
     Ok(Json(with_state(&state, &instance).await?))
 }
 
@@ -276,7 +279,7 @@ async fn update(
     let store = &state.inner.ctx.kv;
     // Optimistic concurrency: apply to the revision we read; retry if another writer won.
     for _ in 0..5 {
-        let (mut instance, revision) = load(store, &id).await?.ok_or_else(|| not_found(&id))?;
+        let (mut instance, revision) = existing(store, &id).await?;
         instance.apply(patch.clone());
         check(&state, &instance)?;
         instance.updated_date = Some(now());
@@ -303,7 +306,7 @@ async fn remove(
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let store = &state.inner.ctx.kv;
-    load(store, &id).await?.ok_or_else(|| not_found(&id))?;
+    existing(store, &id).await?;
     within(store.delete(&id)).await?;
     // Its state goes with it: an instance created again under this id starts active. Its held
     // envelopes are released by the deliverers and dead-lettered there (no instance).

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::ecwid::PollEntity;
-use shared::instance::{keys, Instance};
+use shared::instance::keys;
 
 use crate::error::{ApiError, ApiPath, JS_TIMEOUT};
 use crate::state::AppState;
@@ -59,13 +59,6 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::unavailable(WHAT, e)
 }
 
-async fn load(state: &AppState, id: &str) -> Result<Instance, ApiError> {
-    crate::admin::load(&state.inner.ctx.kv, id)
-        .await?
-        .map(|(instance, _)| instance)
-        .ok_or_else(|| crate::admin::not_found(id))
-}
-
 fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
     shared::time_fmt::rfc3339_to_unix_ms(value)
         .map(|ms| ms.div_euclid(1000))
@@ -89,7 +82,7 @@ async fn backfill(
             ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
         }
     })?;
-    let instance = load(&state, &id).await?;
+    let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
     if instance.api_token().is_none() {
         return Err(ApiError::unprocessable(
             format!("configuration.{}", keys::API_TOKEN),
@@ -179,7 +172,7 @@ async fn poller_status(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let instance = load(&state, &id).await?;
+    let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
     let store = instance.store_id().unwrap_or_default().to_owned();
     let bucket = crate::error::within(
         WHAT,

@@ -20,7 +20,7 @@ use shared::nats::{
 };
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 
-use crate::admin::{load, not_found};
+use crate::admin::existing;
 use crate::error::{self, ApiError, ApiPath, JS_TIMEOUT};
 use crate::state::AppState;
 /// Compare-and-set tries before a pause or resume answers 409.
@@ -45,13 +45,6 @@ async fn within<T, E: std::fmt::Display>(
     error::within(WHAT, f).await
 }
 
-async fn instance(state: &AppState, id: &str) -> Result<Instance, ApiError> {
-    load(&state.inner.ctx.kv, id)
-        .await?
-        .map(|(i, _)| i)
-        .ok_or_else(|| not_found(id))
-}
-
 /// The stored state of `id`: active since its creation when nothing is stored.
 pub async fn state_of(
     state: &AppState,
@@ -74,7 +67,7 @@ pub async fn state_of(
 
 /// Moves `id` to `to` (from any other state), answering the new state and what is held.
 async fn set(state: &AppState, id: &str, to: Mode) -> Result<Json<Value>, ApiError> {
-    let instance = instance(state, id).await?;
+    let (instance, _) = existing(&state.inner.ctx.kv, id).await?;
     let store = &state.inner.ctx.states_kv;
     for _ in 0..TRIES {
         let (current, revision) = state_of(state, &instance).await?;
@@ -191,7 +184,7 @@ async fn health(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let instance = instance(&state, &id).await?;
+    let (instance, _) = existing(&state.inner.ctx.kv, &id).await?;
     let (current, _) = state_of(&state, &instance).await?;
     let callback = match instance.callback_url() {
         Some(url) => callback_health(&state, url).await?,
