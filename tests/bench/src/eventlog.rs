@@ -54,8 +54,16 @@ fn object_of(i: u64, objects: u64) -> String {
     format!("LOG{}", i % objects)
 }
 
-/// `envelopes`: the sequences `ECWID_EVENTS` holds.
-fn record(i: u64, objects: u64, envelopes: &std::ops::RangeInclusive<u64>, now_ms: i64) -> Record {
+/// The sequences `ECWID_EVENTS` holds.
+type Envelopes = std::ops::RangeInclusive<u64>;
+
+/// The envelope record `i` points at: the `i mod stored`-th one `ECWID_EVENTS` holds.
+fn envelope_seq(i: u64, envelopes: &Envelopes) -> u64 {
+    let stored = (envelopes.end() + 1).saturating_sub(*envelopes.start());
+    envelopes.start() + i % stored.max(1)
+}
+
+fn record(i: u64, objects: u64, envelopes: &Envelopes, now_ms: i64) -> Record {
     let at = shared::time_fmt::unix_ms_to_rfc3339(now_ms);
     let mut r = Record {
         id: id_of(i),
@@ -71,12 +79,7 @@ fn record(i: u64, objects: u64, envelopes: &std::ops::RangeInclusive<u64>, now_m
         received_at: at.clone(),
         status: Status::Delivered,
         delivered_at: Some(at.clone()),
-        envelope_seq: Some(
-            envelopes.start()
-                + i % (envelopes.end() + 1)
-                    .saturating_sub(*envelopes.start())
-                    .max(1),
-        ),
+        envelope_seq: Some(envelope_seq(i, envelopes)),
         ..Record::default()
     };
     r.push_attempt(Attempt {
@@ -93,11 +96,7 @@ fn record(i: u64, objects: u64, envelopes: &std::ops::RangeInclusive<u64>, now_m
 
 /// Publishes `n` records and their index entries, `WINDOW` acks in flight. Returns the
 /// sequences of `ECWID_EVENTS` their envelopes point at.
-async fn fill(
-    js: &jetstream::Context,
-    n: u64,
-    objects: u64,
-) -> anyhow::Result<std::ops::RangeInclusive<u64>> {
+async fn fill(js: &jetstream::Context, n: u64, objects: u64) -> anyhow::Result<Envelopes> {
     let now_ms = shared::time_fmt::now_unix_ms();
     let mut events = js.get_stream(shared::nats::EVENTS_STREAM).await?;
     let held = &events.info().await?.state;
@@ -178,10 +177,10 @@ pub(crate) async fn measure(
         .build()?;
     // Spread over the whole log, oldest to newest, by a fixed stride (repeatable).
     let stride = (n / samples.max(1)).max(1) | 1;
+    let picks: Vec<u64> = (0..samples).map(|k| (k * stride * 7919) % n).collect();
     let mut by_id = Vec::new();
     let mut by_object = Vec::new();
-    for k in 0..samples {
-        let i = (k * stride * 7919) % n;
+    for &i in &picks {
         by_id.push(timed_get(&http, &format!("http://{admin}/events/{}", id_of(i)), token).await?);
         let object = object_of(i, objects);
         by_object.push(
@@ -197,22 +196,19 @@ pub(crate) async fn measure(
     let log = js.get_stream_no_info(eventlog::LOG_STREAM).await?;
     let events = js.get_stream_no_info(shared::nats::EVENTS_STREAM).await?;
     let (mut cold_record, mut cold_envelope) = (Vec::new(), Vec::new());
-    for k in 0..samples {
-        let i = (k * stride * 7919) % n;
+    for &i in &picks {
         let started = Instant::now();
         log.direct_get_last_for_subject(eventlog::record_subject(&id_of(i)))
             .await?;
         cold_record.push(elapsed_us(started));
-        let seq = record(i, objects, &envelopes, 0).envelope_seq.unwrap_or(1);
         let started = Instant::now();
         // Not found when the pipeline phases left no envelope: then nothing is timed.
-        if events.direct_get(seq).await.is_ok() {
+        if events.direct_get(envelope_seq(i, &envelopes)).await.is_ok() {
             cold_envelope.push(elapsed_us(started));
         }
     }
     let mut again = Vec::new();
-    for k in 0..samples {
-        let i = (k * stride * 7919) % n;
+    for &i in &picks {
         again.push(timed_get(&http, &format!("http://{admin}/events/{}", id_of(i)), token).await?);
     }
     for v in [
@@ -261,10 +257,10 @@ pub(crate) async fn find_by_id(
             found += 1;
         }
         anyhow::ensure!(found == 1, "{filter}: {found} subjects");
-        listed.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        listed.push(elapsed_us(started));
         let started = Instant::now();
         index.direct_get_last_for_subject(&filter).await?;
-        direct.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        direct.push(elapsed_us(started));
     }
     listed.sort_unstable();
     direct.sort_unstable();
