@@ -27,7 +27,7 @@ use crate::receive;
 use crate::track::{now_ns, Tracker};
 
 /// `bench cpu` flags: `--events N` (2000), `--rate R` per second (100), `--warmup N` (200),
-/// `--idle-secs S` (20), `--stores N` (4).
+/// `--idle-secs S` (20), `--stores N` (4), `--service-env K=V,…`.
 #[derive(Debug, Clone)]
 pub(crate) struct CpuOpts {
     pub(crate) events: u64,
@@ -35,6 +35,8 @@ pub(crate) struct CpuOpts {
     pub(crate) warmup: u64,
     pub(crate) idle_secs: f64,
     pub(crate) stores: usize,
+    /// `--service-env K=V,K2=V2`, as for `make bench` (e.g. `EVENT_LOG=off` prices the log).
+    pub(crate) service_env: Vec<(String, String)>,
 }
 
 impl CpuOpts {
@@ -45,6 +47,7 @@ impl CpuOpts {
             warmup: 200,
             idle_secs: 20.0,
             stores: 4,
+            service_env: Vec::new(),
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -67,8 +70,9 @@ impl CpuOpts {
                 "--warmup" => opts.warmup = num(&value)?.max(1.0) as u64,
                 "--idle-secs" => opts.idle_secs = num(&value)?.max(1.0),
                 "--stores" => opts.stores = num(&value)?.max(1.0) as usize,
+                "--service-env" => opts.service_env = crate::parse_service_env(&value)?,
                 other => bail!(
-                    "unknown flag {other} (known: --events, --rate, --warmup, --idle-secs, --stores)"
+                    "unknown flag {other} (known: --events, --rate, --warmup, --idle-secs, --stores, --service-env)"
                 ),
             }
         }
@@ -313,20 +317,18 @@ pub(crate) async fn run(opts: CpuOpts) -> anyhow::Result<()> {
     ]);
     let anomalies = Arc::new(receive::Anomalies::default());
 
-    // Production settings, as `make bench` runs them.
-    let env = process_env(
-        &nats_url,
-        &[
-            ("DELIVER_RETRY_SCHEDULE", ""),
-            ("DELIVER_TIMEOUT_MS", ""),
-            ("DELIVER_CONNECT_TIMEOUT_MS", ""),
-            ("DELIVER_BREAKER_COOLDOWN_MS", ""),
-            ("SHUTDOWN_GRACE_MS", ""),
-            ("INGEST_PUBLISH_TIMEOUT_MS", ""),
-            ("NORMALIZER_PUBLISH_TIMEOUT_MS", ""),
-            ("RUST_LOG", "warn"),
-        ],
-    );
+    // Production settings, as `make bench` runs them, with less logging.
+    let settings: Vec<(&str, &str)> = crate::PRODUCTION
+        .iter()
+        .copied()
+        .chain([("RUST_LOG", "warn")])
+        .chain(
+            opts.service_env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .collect();
+    let env = process_env(&nats_url, &settings);
     let http = reqwest::Client::new();
     let started = Instant::now();
     // The ingest first: its start-up creates the topology the workers then find.
