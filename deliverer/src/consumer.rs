@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::{self, AckKind};
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -28,8 +27,8 @@ use shared::control::{InstanceState, State};
 use shared::dead::{self, DeadLetter, Stage};
 use shared::instance::Instance;
 use shared::nats::{
-    headers, subject_tail, CALLBACKS_BUCKET, DELIVERER_CONSUMER, EVENTS_PREFIX, EVENTS_STREAM,
-    ORDERED_PREFIX,
+    header, headers, subject_tail, CALLBACKS_BUCKET, DELIVERER_CONSUMER, EVENTS_PREFIX,
+    EVENTS_STREAM, ORDERED_PREFIX,
 };
 use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
@@ -204,10 +203,6 @@ fn read_head(payload: &[u8]) -> Result<MessageHead<'_>, String> {
     serde_json::from_slice::<EnvelopeHead<'_>>(payload)
         .map(|h| h.message)
         .map_err(|e| format!("not an envelope: {e}"))
-}
-
-fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    h.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
 /// Where and how one envelope is sent, resolved from its instance and its head.

@@ -10,10 +10,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::HeaderMap;
 use shared::envelope::Event;
 use shared::eventlog::{self, EventLog, Record, Status};
-use shared::nats::{headers, subject_tail};
+use shared::nats::{header, headers, subject_tail};
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 
 use crate::consumer::{MessageHead, Outcome};
@@ -29,10 +28,6 @@ pub struct Sent {
     pub started_at_ms: i64,
     pub duration: Duration,
     pub result: Attempt,
-}
-
-fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    h.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
 /// The record of `message` (whose body's head is `head`) as the envelope and its headers

@@ -185,8 +185,8 @@ async fn scan(
     Ok((found, false))
 }
 
-fn header(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).map(|v| v.as_str().to_owned())
+fn header(h: &HeaderMap, name: async_nats::HeaderName) -> Option<String> {
+    shared::nats::header(Some(h), name).map(str::to_owned)
 }
 
 /// A dead letter as JSON: where and why, plus the payload (JSON, or base64 when not JSON).

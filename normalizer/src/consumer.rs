@@ -12,7 +12,9 @@ use shared::dead::{self, DeadLetter, Stage};
 use shared::ecwid::{Format, ParseError};
 use shared::eventlog::{Record, Status};
 use shared::instance::Instance;
-use shared::nats::{envelope_subject, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM};
+use shared::nats::{
+    envelope_subject, header, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM,
+};
 use shared::service::ServiceContext;
 use tokio_util::sync::CancellationToken;
 
@@ -111,10 +113,6 @@ pub async fn run(
     Ok(())
 }
 
-fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    h.and_then(|h| h.get(name)).map(|v| v.as_str())
-}
-
 /// Normalizes a raw message. The format comes from the ingest's header (v3 when absent).
 pub fn parse<'a>(payload: &'a [u8], h: Option<&HeaderMap>) -> Result<Normalized<'a>, ParseError> {
     let received_at = header(h, headers::RECEIVED_AT).and_then(|v| v.parse().ok());
@@ -147,7 +145,13 @@ impl Worker {
         let instances = self.ctx.directory.for_store(&normalized.store_id);
         if instances.is_empty() {
             let error = format!("store {} has no instance", normalized.store_id);
-            let mut record = log_record(&normalized, None, h, Status::Dead);
+            let mut record = log_record(
+                &normalized,
+                raw_stage_id(&normalized),
+                None,
+                h,
+                Status::Dead,
+            );
             record.last_error = Some(error.clone());
             return Outcome::Dead {
                 reason: "no_instance",
@@ -172,7 +176,13 @@ impl Worker {
         if targets.is_empty() {
             return Outcome::Ack {
                 outcome: "filtered",
-                records: vec![log_record(&normalized, None, h, Status::Filtered)],
+                records: vec![log_record(
+                    &normalized,
+                    raw_stage_id(&normalized),
+                    None,
+                    h,
+                    Status::Filtered,
+                )],
             };
         }
         let timeout = self.config.publish_timeout;
@@ -190,18 +200,21 @@ impl Worker {
                 headers::TRACEPARENT,
                 headers::VERIFIED,
             ] {
-                if let Some(v) = header(h, name) {
+                if let Some(v) = header(h, name.clone()) {
                     out.insert(name, v);
                 }
             }
             let subject = envelope_subject(&instance.id, instance.ordered());
-            shared::nats::publish(
+            let stored = shared::nats::publish(
                 &self.ctx.js,
                 subject,
                 out,
                 envelope.to_json().into(),
                 timeout,
-            )
+            );
+            // The id goes on to the log record: computing it costs a SHA-256.
+            let id = envelope.message.event_id;
+            async move { (id, stored.await) }
         };
         // Unordered instances first and at once; ordered ones when the store's earlier events
         // are all stored, so that their lanes hold the envelopes in acceptance order.
@@ -219,7 +232,7 @@ impl Worker {
         }
         let targets: Vec<&Arc<Instance>> = unordered.into_iter().chain(ordered).collect();
         let mut records = Vec::with_capacity(targets.len());
-        for (instance, result) in targets.iter().zip(results) {
+        for (instance, (id, result)) in targets.iter().zip(results) {
             match result {
                 Err(error) => {
                     return Outcome::Retry {
@@ -230,7 +243,7 @@ impl Worker {
                 // A duplicate's ack carries the sequence of the envelope stored first.
                 Ok(ack) => {
                     let mut record =
-                        log_record(&normalized, Some(&instance.id), h, Status::Pending);
+                        log_record(&normalized, id, Some(&instance.id), h, Status::Pending);
                     record.envelope_seq = Some(ack.sequence);
                     records.push(record);
                 }
@@ -376,10 +389,17 @@ fn retry_delay(message: &jetstream::Message) -> Duration {
     shared::retry::transient(Stage::Normalize, delivered)
 }
 
-/// The event log record of `normalized` for `instance_id` (`None`: the raw-stage outcome), as it
-/// stands when the normalizer is done with it.
+/// The record id of a raw-stage outcome: one per Ecwid event.
+fn raw_stage_id(normalized: &Normalized<'_>) -> String {
+    normalize::notification_id(&normalized.event_key, "")
+}
+
+/// The event log record `id` of `normalized` for `instance_id` (`None`: the raw-stage outcome),
+/// as it stands when the normalizer is done with it. `id` is the envelope's eventId, or for the
+/// raw-stage outcome [`raw_stage_id`].
 fn log_record(
     normalized: &Normalized<'_>,
+    id: String,
     instance_id: Option<&str>,
     h: Option<&HeaderMap>,
     status: Status,
@@ -389,8 +409,7 @@ fn log_record(
         .map(shared::time_fmt::unix_ms_to_rfc3339)
         .unwrap_or_default();
     Record {
-        // The envelope's eventId; for the raw-stage outcome, one id per Ecwid event.
-        id: normalize::notification_id(&normalized.event_key, instance_id.unwrap_or_default()),
+        id,
         instance_id: instance_id.map(str::to_owned),
         store_id: normalized.store_id.clone(),
         object_type: normalized.event.object_type.clone(),

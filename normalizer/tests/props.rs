@@ -236,10 +236,10 @@ proptest! {
 fn the_format_header_picks_the_parser() {
     let v3 = br#"{"eventId":"e-1","eventCreated":1234567,"storeId":1003,"entityId":1,"eventType":"product.updated"}"#;
     let ion = br#"{"owner_id":"1003","event_type":"new_order","order_id":"42","date":"2026-11-22 10:15:00"}"#;
-    let with = |pairs: &[(&str, &str)]| {
+    let with = |pairs: &[(async_nats::HeaderName, &str)]| {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(*k, *v);
+            h.insert(k.clone(), *v);
         }
         h
     };

@@ -418,7 +418,11 @@ pub async fn write_state(
 }
 
 /// The headers a held envelope keeps: all but JetStream's own (a fresh message id is set).
-fn carried(from: Option<&HeaderMap>, msg_id: &str, extra: &[(&str, &str)]) -> HeaderMap {
+fn carried(
+    from: Option<&HeaderMap>,
+    msg_id: &str,
+    extra: &[(async_nats::HeaderName, &str)],
+) -> HeaderMap {
     let mut out = HeaderMap::new();
     if let Some(from) = from {
         for (name, values) in from.iter() {
@@ -433,7 +437,7 @@ fn carried(from: Option<&HeaderMap>, msg_id: &str, extra: &[(&str, &str)]) -> He
     }
     out.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
     for (name, value) in extra {
-        out.insert(*name, *value);
+        out.insert(name.clone(), *value);
     }
     out
 }

@@ -43,7 +43,7 @@ pub struct DeadLetter<'a> {
     /// for the same message, so a lost ack after dead-lettering adds no copy.
     pub source_id: String,
     pub payload: Bytes,
-    pub extra: Vec<(&'static str, String)>,
+    pub extra: Vec<(async_nats::HeaderName, String)>,
 }
 
 /// Publishes `letter` and waits for JetStream's ack (up to `timeout`).

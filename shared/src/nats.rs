@@ -177,7 +177,7 @@ pub fn is_subject_token(token: &str) -> bool {
 /// The span a stage handles one message in: the W3C trace id and the ingest's request id from
 /// the message's headers, so every stage's log lines for one webhook share them.
 pub fn message_span(h: Option<&async_nats::HeaderMap>) -> tracing::Span {
-    let get = |name: &str| h.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+    let get = |name| header(h, name).map(str::to_owned);
     let trace_id = get(headers::TRACEPARENT)
         .and_then(|t| t.split('-').nth(1).map(str::to_owned))
         .unwrap_or_default();
@@ -185,47 +185,58 @@ pub fn message_span(h: Option<&async_nats::HeaderMap>) -> tracing::Span {
     tracing::info_span!("event", trace_id, request_id)
 }
 
-/// Header names the pipeline sets. `Nats-Msg-Id` is JetStream's own.
+/// The value of header `name` in `h`, when there is one.
+pub fn header(h: Option<&async_nats::HeaderMap>, name: async_nats::HeaderName) -> Option<&str> {
+    h.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// Header names the pipeline sets. `Nats-Msg-Id` is JetStream's own. They are [`HeaderName`]s
+/// built at compile time: a `&str` name is checked and copied into a new allocation on every
+/// `HeaderMap::insert` and `get`.
+///
+/// [`HeaderName`]: async_nats::HeaderName
 pub mod headers {
-    pub const MSG_ID: &str = "Nats-Msg-Id";
+    use async_nats::header::HeaderName;
+
+    pub const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
     /// When the ingest received the webhook, Unix milliseconds.
-    pub const RECEIVED_AT: &str = "Ecwid-Received-At";
+    pub const RECEIVED_AT: HeaderName = HeaderName::from_static("Ecwid-Received-At");
     /// `v3` (REST webhook, JSON), `ion` (legacy Instant Order Notification, form) or `poll`
     /// (an entity the poller read from the REST API).
-    pub const FORMAT: &str = "Ecwid-Format";
+    pub const FORMAT: HeaderName = HeaderName::from_static("Ecwid-Format");
     /// `true` when the Ecwid signature was checked and matched.
-    pub const VERIFIED: &str = "Ecwid-Verified";
-    pub const REQUEST_ID: &str = "Ecwid-Request-Id";
-    pub const STORE_ID: &str = "Ecwid-Store-Id";
+    pub const VERIFIED: HeaderName = HeaderName::from_static("Ecwid-Verified");
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static("Ecwid-Request-Id");
+    pub const STORE_ID: HeaderName = HeaderName::from_static("Ecwid-Store-Id");
     /// On an envelope: the id Ecwid knows the event by (v3 `eventId`; for ION its dedupe id).
-    pub const ECWID_EVENT_ID: &str = "Ecwid-Event-Id";
-    pub const INSTANCE_ID: &str = "Ecwid-Instance-Id";
+    pub const ECWID_EVENT_ID: HeaderName = HeaderName::from_static("Ecwid-Event-Id");
+    pub const INSTANCE_ID: HeaderName = HeaderName::from_static("Ecwid-Instance-Id");
     /// W3C trace context, so every stage logs under the ingest's trace.
-    pub const TRACEPARENT: &str = "traceparent";
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-    pub const DEAD_STAGE: &str = "Ecwid-Dead-Stage";
-    pub const DEAD_REASON: &str = "Ecwid-Dead-Reason";
-    pub const DEAD_ERROR: &str = "Ecwid-Dead-Error";
-    pub const DEAD_AT: &str = "Ecwid-Dead-At";
-    pub const DEAD_ATTEMPTS: &str = "Ecwid-Attempts";
-    pub const DEAD_FIRST_ATTEMPT_AT: &str = "Ecwid-First-Attempt-At";
-    pub const DEAD_LAST_ATTEMPT_AT: &str = "Ecwid-Last-Attempt-At";
-    pub const DEAD_LAST_STATUS: &str = "Ecwid-Last-Status";
-    pub const ORIGINAL_SUBJECT: &str = "Ecwid-Original-Subject";
+    pub const DEAD_STAGE: HeaderName = HeaderName::from_static("Ecwid-Dead-Stage");
+    pub const DEAD_REASON: HeaderName = HeaderName::from_static("Ecwid-Dead-Reason");
+    pub const DEAD_ERROR: HeaderName = HeaderName::from_static("Ecwid-Dead-Error");
+    pub const DEAD_AT: HeaderName = HeaderName::from_static("Ecwid-Dead-At");
+    pub const DEAD_ATTEMPTS: HeaderName = HeaderName::from_static("Ecwid-Attempts");
+    pub const DEAD_FIRST_ATTEMPT_AT: HeaderName = HeaderName::from_static("Ecwid-First-Attempt-At");
+    pub const DEAD_LAST_ATTEMPT_AT: HeaderName = HeaderName::from_static("Ecwid-Last-Attempt-At");
+    pub const DEAD_LAST_STATUS: HeaderName = HeaderName::from_static("Ecwid-Last-Status");
+    pub const ORIGINAL_SUBJECT: HeaderName = HeaderName::from_static("Ecwid-Original-Subject");
     /// The first message id of an event that was dead-lettered and replayed.
-    pub const ORIGINAL_MSG_ID: &str = "Ecwid-Original-Msg-Id";
+    pub const ORIGINAL_MSG_ID: HeaderName = HeaderName::from_static("Ecwid-Original-Msg-Id");
     /// On a replayed message: the dead letter's sequence it came from.
-    pub const REPLAYED_FROM: &str = "Ecwid-Replayed-From";
+    pub const REPLAYED_FROM: HeaderName = HeaderName::from_static("Ecwid-Replayed-From");
     /// On a redelivered envelope: the attempts made before, so numbering goes on.
-    pub const ATTEMPT_OFFSET: &str = "Ecwid-Attempt-Offset";
+    pub const ATTEMPT_OFFSET: HeaderName = HeaderName::from_static("Ecwid-Attempt-Offset");
     /// On a test envelope: where the deliverer answers the one attempt's result (core NATS).
     /// A test envelope is tried once, never retried or dead-lettered.
-    pub const TEST_REPLY_TO: &str = "Ecwid-Test-Reply-To";
+    pub const TEST_REPLY_TO: HeaderName = HeaderName::from_static("Ecwid-Test-Reply-To");
     /// On a held envelope: its `ECWID_EVENTS` sequence; on a released one: `ECWID_HELD:<seq>`.
-    pub const HELD_FROM: &str = "Ecwid-Held-From";
+    pub const HELD_FROM: HeaderName = HeaderName::from_static("Ecwid-Held-From");
 
     /// What travels with an event from stage to stage, into a dead letter and back on replay.
-    pub const CARRIED: [&str; 9] = [
+    pub const CARRIED: [HeaderName; 9] = [
         RECEIVED_AT,
         FORMAT,
         VERIFIED,
@@ -240,7 +251,7 @@ pub mod headers {
     /// Copies the [`CARRIED`] headers of `from` into `to`.
     pub fn carry(from: &async_nats::HeaderMap, to: &mut async_nats::HeaderMap) {
         for name in CARRIED {
-            if let Some(v) = from.get(name) {
+            if let Some(v) = from.get(name.clone()) {
                 to.insert(name, v.as_str());
             }
         }

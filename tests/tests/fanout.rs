@@ -67,8 +67,8 @@ async fn wait_dead_letter(js: &jetstream::Context, subject: &str) -> StreamMessa
         .expect("the dead letter")
 }
 
-fn dead_header<'a>(m: &'a StreamMessage, name: &str) -> Option<&'a str> {
-    m.headers.get(name).map(|v| v.as_str())
+fn dead_header(m: &StreamMessage, name: async_nats::HeaderName) -> Option<&str> {
+    shared::nats::header(Some(&m.headers), name)
 }
 
 #[tokio::test]
