@@ -121,6 +121,20 @@ impl Vars {
     }
 }
 
+/// Tokio's own variable for the runtime's worker threads, read here so that a bad value stops the
+/// service with exit status 64 like any other setting (Tokio itself would panic on it) and an
+/// empty one counts as unset.
+pub const WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
+
+/// The runtime's worker threads: [`WORKER_THREADS`], or as many as the CPUs this process may use.
+pub fn worker_threads(vars: &Vars) -> Result<usize, ConfigError> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    match vars.parse_or(WORKER_THREADS, cpus)? {
+        0 => Err(ConfigError::new(WORKER_THREADS, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
 /// A secret value: usable, but never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -482,6 +496,24 @@ mod tests {
         assert_eq!(cfg.stream_replicas, 1);
         assert_eq!(cfg.duplicate_window, Duration::from_secs(7200));
         assert_eq!(cfg.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cpus_and_refuse_zero() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(worker_threads(&Vars::default()).unwrap(), cpus);
+        assert_eq!(
+            worker_threads(&Vars::from_pairs([(WORKER_THREADS, " ")])).unwrap(),
+            cpus
+        );
+        assert_eq!(
+            worker_threads(&Vars::from_pairs([(WORKER_THREADS, "1")])).unwrap(),
+            1
+        );
+        for bad in ["0", "-1", "two"] {
+            let err = worker_threads(&Vars::from_pairs([(WORKER_THREADS, bad)])).unwrap_err();
+            assert_eq!(err.var, WORKER_THREADS, "{bad}");
+        }
     }
 
     #[test]

@@ -153,9 +153,9 @@ fn spawn_state_gauges(
 
 /// The whole of a service's `main`: the `healthcheck` subcommand (GET `/healthz` on the address
 /// in `ops_var`), then config from the environment (exit 64 naming the variable), telemetry,
-/// the runtime, a token cancelled by SIGTERM/SIGINT, and `start`. Exit status 1 when `start`
-/// fails. `start` keeps to the shutdown budget ([`crate::shutdown`]); the runtime then gets at
-/// most [`crate::shutdown::RUNTIME_STOP`].
+/// the runtime (its worker threads: [`crate::config::worker_threads`]), a token cancelled by
+/// SIGTERM/SIGINT, and `start`. Exit status 1 when `start` fails. `start` keeps to the shutdown
+/// budget ([`crate::shutdown`]); the runtime then gets at most [`crate::shutdown::RUNTIME_STOP`].
 pub fn main<C, F, Fut, E>(
     service: &str,
     ops_var: &str,
@@ -176,8 +176,13 @@ where
         return std::process::ExitCode::from(crate::ops::healthcheck(addr) as u8);
     }
     let config = exit_on_error(parse(&vars));
+    let workers = exit_on_error(crate::config::worker_threads(&vars));
     crate::telemetry::init(common(&config).log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(error) => {
             tracing::error!(%error, "Cannot start the Tokio runtime.");

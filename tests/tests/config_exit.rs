@@ -93,6 +93,12 @@ fn bad_settings_exit_64_naming_the_variable() {
             "DELIVER_ALLOW_NETWORKS",
         ),
         ("deliverer", &[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+        // Tokio's own variable: checked by the service, not left to Tokio's panic.
+        (
+            "deliverer",
+            &[("OPS_LISTEN", &listen), ("TOKIO_WORKER_THREADS", "0")],
+            "TOKIO_WORKER_THREADS",
+        ),
         (
             "poller",
             &[("OPS_LISTEN", &listen), ("ECWID_API_URL", "ftp://ecwid")],
