@@ -241,6 +241,8 @@ impl Worker {
                     }
                 }
                 // A duplicate's ack carries the sequence of the envelope stored first.
+                // With `EVENT_LOG=off` no record is built: nothing would write it.
+                Ok(_) if !self.ctx.log.enabled() => {}
                 Ok(ack) => {
                     let mut record =
                         log_record(&normalized, id, Some(&instance.id), h, Status::Pending);
