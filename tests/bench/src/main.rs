@@ -745,9 +745,12 @@ async fn idle_phase(opts: &Opts, pipeline: &Pipeline) -> anyhow::Result<f64> {
     Ok(all)
 }
 
-/// `--service-env K=V,K2=V2`: settings the services run with beyond [`PRODUCTION`].
+/// `--service-env K=V,K2=V2`: settings the services run with beyond [`PRODUCTION`]; separated by
+/// `;` instead when a value holds commas (`STREAM_MAX_BYTES=ECWID_LOG=1GiB,ECWID_EVENTS=2GiB;`).
 fn parse_service_env(list: &str) -> anyhow::Result<Vec<(String, String)>> {
-    list.split(',')
+    let separator = if list.contains(';') { ';' } else { ',' };
+    list.split(separator)
+        .filter(|kv| !kv.trim().is_empty())
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
             _ => Err(anyhow::anyhow!("--service-env: not KEY=VALUE: {kv}")),
@@ -1657,4 +1660,28 @@ async fn soak(opts: Opts) -> anyhow::Result<()> {
         end.0, start.1, end.1
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_env_splits_on_commas_or_on_semicolons_when_a_value_holds_commas() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            parse_service_env("TOKIO_WORKER_THREADS=1, EVENT_LOG=off").unwrap(),
+            pairs(&[("TOKIO_WORKER_THREADS", "1"), ("EVENT_LOG", "off")])
+        );
+        assert_eq!(
+            parse_service_env("STREAM_MAX_BYTES=ECWID_LOG=1GiB,ECWID_EVENTS=2GiB;").unwrap(),
+            pairs(&[("STREAM_MAX_BYTES", "ECWID_LOG=1GiB,ECWID_EVENTS=2GiB")])
+        );
+        assert!(parse_service_env("EVENT_LOG").is_err());
+        assert!(parse_service_env("=off").is_err());
+    }
 }
