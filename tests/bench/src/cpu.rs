@@ -318,16 +318,7 @@ pub(crate) async fn run(opts: CpuOpts) -> anyhow::Result<()> {
     let anomalies = Arc::new(receive::Anomalies::default());
 
     // Production settings, as `make bench` runs them, with less logging.
-    let settings: Vec<(&str, &str)> = crate::PRODUCTION
-        .iter()
-        .copied()
-        .chain([("RUST_LOG", "warn")])
-        .chain(
-            opts.service_env
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        )
-        .collect();
+    let settings = crate::service_settings(&[("RUST_LOG", "warn")], &opts.service_env, &[]);
     let env = process_env(&nats_url, &settings);
     let http = reqwest::Client::new();
     let started = Instant::now();

@@ -172,17 +172,24 @@ impl Opts {
 
     /// The services' settings: [`PRODUCTION`], then `--service-env`, then `more`.
     fn settings<'a>(&'a self, more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-        PRODUCTION
-            .iter()
-            .copied()
-            .chain(
-                self.service_env
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            )
-            .chain(more.iter().copied())
-            .collect()
+        service_settings(&[], &self.service_env, more)
     }
+}
+
+/// [`PRODUCTION`], then `defaults`, then `service_env` (`--service-env`), then `more`: a later
+/// setting of the same name wins.
+fn service_settings<'a>(
+    defaults: &[(&'a str, &'a str)],
+    service_env: &'a [(String, String)],
+    more: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    PRODUCTION
+        .iter()
+        .chain(defaults)
+        .copied()
+        .chain(service_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .chain(more.iter().copied())
+        .collect()
 }
 
 fn main() -> ExitCode {
