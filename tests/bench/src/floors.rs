@@ -25,6 +25,7 @@ use serde_json::json;
 
 pub(crate) const FLOOR_A_STREAM: &str = "BENCH_FLOOR_A";
 pub(crate) const FLOOR_B_STREAM: &str = "BENCH_FLOOR_B";
+pub(crate) const NO_ACK_STREAM: &str = "BENCH_NO_ACK";
 
 /// A work stream as the pipeline's are: file storage, limits retention.
 fn stream_config(name: &str, subject: &str) -> stream::Config {
@@ -103,6 +104,42 @@ pub(crate) async fn fill_floor_b(
         r?;
     }
     Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Publishes `count` messages of `size` bytes into a stream without asking for acks (plain
+/// publishes, no reply subject), then waits until the stream holds them all: what a stored
+/// message costs when nats-server sends no ack back. Returns messages per second and how many
+/// the stream took.
+pub(crate) async fn fill_without_acks(
+    nats_url: &str,
+    count: u64,
+    size: usize,
+) -> anyhow::Result<(f64, u64)> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::new(client.clone());
+    let mut stream = js
+        .get_or_create_stream(stream_config(NO_ACK_STREAM, "bench.n.>"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let payload = Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    for _ in 0..count {
+        client.publish("bench.n.1", payload.clone()).await?;
+    }
+    client.flush().await?;
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = stream
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .state
+            .messages;
+        if held >= count || Instant::now() > give_up {
+            return Ok((count as f64 / started.elapsed().as_secs_f64(), held));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// `bench floor-consume <nats-url> <count>`: consumes and acks `count` messages of floor (b)'s

@@ -243,18 +243,22 @@ fn main() -> ExitCode {
 struct Nats {
     child: std::process::Child,
     port: u16,
+    /// Its monitoring port (`/connz`: messages per connection).
+    monitor: u16,
     _store: tempfile::TempDir,
 }
 
 impl Nats {
     async fn start() -> anyhow::Result<Self> {
         let port = integration_tests::free_port();
+        let monitor = integration_tests::free_port();
         let store = tempfile::Builder::new()
             .prefix("bench-nats-")
             .tempdir_in(integration_tests::procs::binary_dir())?;
         let child = std::process::Command::new(integration_tests::nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(store.path())
+            .args(["-m", &monitor.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -262,6 +266,7 @@ impl Nats {
         let nats = Self {
             child,
             port,
+            monitor,
             _store: store,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -376,6 +381,9 @@ struct Phase {
     /// CPU seconds other processes on the machine used while the load ran (other users of a
     /// shared machine make the figures worse).
     other_cpu: f64,
+    /// NATS messages each service's connections sent to nats-server and received from it over
+    /// the whole phase, the drain included.
+    nats_msgs: BTreeMap<String, MsgCount>,
     wall_secs: f64,
 }
 
@@ -384,6 +392,8 @@ struct Ctx {
     webhooks: Arc<Webhooks>,
     trackers: Arc<Vec<Arc<Tracker>>>,
     pids: Pids,
+    /// nats-server's monitoring port.
+    nats_monitor: u16,
     connections: usize,
     /// `--perf FILE`: `perf record` of the services and nats-server during the two max-load
     /// phases, into `FILE.ingest` and `FILE.e2e`.
@@ -460,6 +470,7 @@ async fn pipeline_phase(
 ) -> Phase {
     let tracker = ctx.trackers[index].clone();
     settle(&ctx.pids, &tracker.name).await;
+    let msgs_before = nats_messages(ctx.nats_monitor).await;
     let before = ctx.pids.read();
     let others_before = procinfo::all_processes();
     let wall = Instant::now();
@@ -495,6 +506,7 @@ async fn pipeline_phase(
     }
     let drained = drain(&tracker).await;
     let after = ctx.pids.read();
+    let nats_msgs = msg_delta(&msgs_before, &nats_messages(ctx.nats_monitor).await);
     let summary = tracker.summary();
     let from = if paused.is_empty() {
         load_start_ns
@@ -513,6 +525,7 @@ async fn pipeline_phase(
         summary,
         drained,
         other_cpu: others,
+        nats_msgs,
         cpu_load: cpu_delta(&before, &at_load_end),
         cpu: cpu_delta(&before, &after),
         wall_secs: wall.elapsed().as_secs_f64(),
@@ -1092,10 +1105,26 @@ async fn floor_b(
     let before = shared_pids.read();
     let publish_rate =
         floors::fill_floor_b(&setup.nats_url, opts.consume_msgs, body_size, 256).await?;
-    let publish_us = sum(&cpu_delta(&before, &shared_pids.read())) * 1e6 / opts.consume_msgs as f64;
+    let acked = cpu_delta(&before, &shared_pids.read());
+    let publish_us = sum(&acked) * 1e6 / opts.consume_msgs as f64;
     println!(
         "JetStream publish, 256 acks in flight: {publish_rate:.0} msg/s ({} messages of {body_size} bytes)",
         opts.consume_msgs
+    );
+    // The same messages stored without an ack back: what the acks cost nats-server, the upper
+    // bound of what writing without one (or one per batch) could save per stored message.
+    let before = shared_pids.read();
+    let (no_ack_rate, held) =
+        floors::fill_without_acks(&setup.nats_url, opts.consume_msgs, body_size).await?;
+    let unacked = cpu_delta(&before, &shared_pids.read());
+    let nats_us = |cpu: &BTreeMap<String, f64>| {
+        cpu.get("nats-server").copied().unwrap_or(f64::NAN) * 1e6 / opts.consume_msgs as f64
+    };
+    println!(
+        "JetStream publish without acks (no reply subject): {no_ack_rate:.0} msg/s, {held} of {} stored; nats-server CPU per stored message {:.1} µs with an ack, {:.1} µs without",
+        opts.consume_msgs,
+        nats_us(&acked),
+        nats_us(&unacked),
     );
     let consumer = Child::spawn(&[
         "floor-consume",
@@ -1145,6 +1174,55 @@ async fn floor_c(opts: &Opts, setup: &Setup, shared_pids: &Pids) -> anyhow::Resu
 
 /// Starts the services as release processes with production settings, one instance (and one
 /// verifying receiver) per store, and the ledgers of every phase.
+/// NATS messages a connection sent to nats-server (`in`) and received from it (`out`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct MsgCount {
+    sent: u64,
+    received: u64,
+}
+
+/// Messages per open connection, summed by connection name (`ecwid-ingest`, `ecwid-ingest-reads`,
+/// `ecwid-normalizer`, ...), read from nats-server's `/connz`. Empty when it does not answer:
+/// the figures are then left out, the bench goes on.
+async fn nats_messages(monitor: u16) -> BTreeMap<String, MsgCount> {
+    let url = format!("http://127.0.0.1:{monitor}/connz?limit=100000");
+    let Ok(resp) = reqwest::get(&url).await else {
+        return BTreeMap::new();
+    };
+    let Ok(connz) = resp.json::<serde_json::Value>().await else {
+        return BTreeMap::new();
+    };
+    let mut by_name: BTreeMap<String, MsgCount> = BTreeMap::new();
+    for c in connz["connections"].as_array().into_iter().flatten() {
+        let name = c["name"].as_str().unwrap_or("(unnamed)").to_owned();
+        let count = by_name.entry(name).or_default();
+        count.sent += c["in_msgs"].as_u64().unwrap_or(0);
+        count.received += c["out_msgs"].as_u64().unwrap_or(0);
+    }
+    by_name
+}
+
+/// What each connection name sent and received between two readings (connections that closed
+/// in between are not counted).
+fn msg_delta(
+    before: &BTreeMap<String, MsgCount>,
+    after: &BTreeMap<String, MsgCount>,
+) -> BTreeMap<String, MsgCount> {
+    after
+        .iter()
+        .map(|(k, a)| {
+            let b = before.get(k).copied().unwrap_or_default();
+            (
+                k.clone(),
+                MsgCount {
+                    sent: a.sent.saturating_sub(b.sent),
+                    received: a.received.saturating_sub(b.received),
+                },
+            )
+        })
+        .collect()
+}
+
 async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> {
     let mut names = vec![
         "warm-up".to_owned(),
@@ -1228,6 +1306,7 @@ async fn start_pipeline_with(
         webhooks: setup.webhooks.clone(),
         trackers,
         pids,
+        nats_monitor: setup.nats.monitor,
         connections: opts.connections,
         perf: opts.perf.clone(),
     };
@@ -1282,6 +1361,7 @@ fn report(
 ) -> String {
     report_phases(phases);
     report_cpu_per_event(floors, phases);
+    report_nats_messages(phases);
     println!(
         "signature checks failed: {}; deliveries not from this run: {}",
         anomalies.bad_signatures.load(Ordering::Relaxed),
@@ -1342,6 +1422,45 @@ fn report_phases(phases: &[Phase]) {
                 p.load.max_lag
             );
         }
+    }
+}
+
+/// NATS messages per delivered event, by connection: what each event costs nats-server in
+/// messages, at max load against low rates (where each one pays its own wake-ups).
+fn report_nats_messages(phases: &[Phase]) {
+    let names: std::collections::BTreeSet<&String> = phases
+        .iter()
+        .flat_map(|p| p.nats_msgs.iter())
+        .filter(|(_, c)| c.sent + c.received > 0)
+        .map(|(name, _)| name)
+        .collect();
+    if names.is_empty() {
+        println!("\n(nats-server's /connz did not answer: no message counts)");
+        return;
+    }
+    println!("\nNATS messages per delivered event, sent to nats-server / received from it, by connection (drain included):\n");
+    let header: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+    println!("| phase | {} | all |", header.join(" | "));
+    println!("|---|{}---|", "---|".repeat(names.len()));
+    for p in phases {
+        let per = |v: u64| v as f64 / p.summary.delivered.max(1) as f64;
+        let mut all = MsgCount::default();
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let c = p.nats_msgs.get(*n).copied().unwrap_or_default();
+                all.sent += c.sent;
+                all.received += c.received;
+                format!("{:.2} / {:.2}", per(c.sent), per(c.received))
+            })
+            .collect();
+        println!(
+            "| {} | {} | {:.2} / {:.2} |",
+            p.name,
+            cells.join(" | "),
+            per(all.sent),
+            per(all.received)
+        );
     }
 }
 
