@@ -106,25 +106,47 @@ pub(crate) async fn fill_floor_b(
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Publishes `count` messages of `size` bytes into a stream without asking for acks (plain
-/// publishes, no reply subject), then waits until the stream holds them all: what a stored
-/// message costs when nats-server sends no ack back. Returns messages per second and how many
-/// the stream took.
-pub(crate) async fn fill_without_acks(
-    nats_url: &str,
+/// Stores `count` messages of `size` bytes in [`NO_ACK_STREAM`], with acks (256 in flight, as
+/// the publish floor) or without (plain publishes, no reply subject: nats-server stores them and
+/// answers nothing), and waits until the stream holds them all. Returns messages per second.
+pub(crate) async fn store_messages(
+    client: &async_nats::Client,
+    acked: bool,
     count: u64,
     size: usize,
-) -> anyhow::Result<(f64, u64)> {
-    let client = async_nats::connect(nats_url).await?;
+) -> anyhow::Result<f64> {
     let js = jetstream::new(client.clone());
     let mut stream = js
         .get_or_create_stream(stream_config(NO_ACK_STREAM, "bench.n.>"))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let held_before = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .state
+        .messages;
     let payload = Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
+    let mut pending = futures::stream::FuturesUnordered::new();
     for _ in 0..count {
-        client.publish("bench.n.1", payload.clone()).await?;
+        if !acked {
+            client.publish("bench.n.1", payload.clone()).await?;
+            continue;
+        }
+        if pending.len() >= 256 {
+            if let Some(r) = pending.next().await {
+                r?;
+            }
+        }
+        let ack = js
+            .publish("bench.n.1", payload.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        pending.push(async move { ack.await.map_err(|e| anyhow::anyhow!("{e}")) });
+    }
+    while let Some(r) = pending.next().await {
+        r?;
     }
     client.flush().await?;
     let give_up = Instant::now() + Duration::from_secs(60);
@@ -135,9 +157,14 @@ pub(crate) async fn fill_without_acks(
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .state
             .messages;
-        if held >= count || Instant::now() > give_up {
-            return Ok((count as f64 / started.elapsed().as_secs_f64(), held));
+        if held >= held_before + count {
+            return Ok(count as f64 / started.elapsed().as_secs_f64());
         }
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "{NO_ACK_STREAM} took {} of {count} messages",
+            held - held_before
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1105,27 +1105,12 @@ async fn floor_b(
     let before = shared_pids.read();
     let publish_rate =
         floors::fill_floor_b(&setup.nats_url, opts.consume_msgs, body_size, 256).await?;
-    let acked = cpu_delta(&before, &shared_pids.read());
-    let publish_us = sum(&acked) * 1e6 / opts.consume_msgs as f64;
+    let publish_us = sum(&cpu_delta(&before, &shared_pids.read())) * 1e6 / opts.consume_msgs as f64;
     println!(
         "JetStream publish, 256 acks in flight: {publish_rate:.0} msg/s ({} messages of {body_size} bytes)",
         opts.consume_msgs
     );
-    // The same messages stored without an ack back: what the acks cost nats-server, the upper
-    // bound of what writing without one (or one per batch) could save per stored message.
-    let before = shared_pids.read();
-    let (no_ack_rate, held) =
-        floors::fill_without_acks(&setup.nats_url, opts.consume_msgs, body_size).await?;
-    let unacked = cpu_delta(&before, &shared_pids.read());
-    let nats_us = |cpu: &BTreeMap<String, f64>| {
-        cpu.get("nats-server").copied().unwrap_or(f64::NAN) * 1e6 / opts.consume_msgs as f64
-    };
-    println!(
-        "JetStream publish without acks (no reply subject): {no_ack_rate:.0} msg/s, {held} of {} stored; nats-server CPU per stored message {:.1} µs with an ack, {:.1} µs without",
-        opts.consume_msgs,
-        nats_us(&acked),
-        nats_us(&unacked),
-    );
+    ack_cost(&setup.nats_url, opts.consume_msgs, body_size, shared_pids).await?;
     let consumer = Child::spawn(&[
         "floor-consume",
         &setup.nats_url,
@@ -1140,6 +1125,32 @@ async fn floor_b(
         / out["count"].as_f64().unwrap_or(1.0).max(1.0);
     println!("floor (b) pull consumer + ack: {floor_b_rate:.0} msg/s");
     Ok((floor_b_rate, publish_us, consume_us))
+}
+
+/// What an ack costs nats-server: `count` messages stored with acks and `count` without, in four
+/// rounds (acked, not, not, acked) so that a drift of the machine during the measurement weighs
+/// on both alike; prints nats-server's CPU per stored message each way.
+async fn ack_cost(nats_url: &str, count: u64, size: usize, pids: &Pids) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url).await?;
+    let quarter = (count / 4).max(1);
+    let (mut cpu, mut rate) = ([0.0_f64; 2], [0.0_f64; 2]);
+    for acked in [true, false, false, true] {
+        let before = pids.read();
+        let r = floors::store_messages(&client, acked, quarter, size).await?;
+        let used = cpu_delta(&before, &pids.read());
+        cpu[usize::from(acked)] += used.get("nats-server").copied().unwrap_or(f64::NAN);
+        rate[usize::from(acked)] += r / 2.0;
+    }
+    let per = |secs: f64| secs * 1e6 / (2 * quarter) as f64;
+    println!(
+        "JetStream publish with and without acks ({} messages each, rounds acked/not/not/acked): {:.0} and {:.0} msg/s; nats-server CPU per stored message {:.1} µs with an ack, {:.1} µs without",
+        2 * quarter,
+        rate[1],
+        rate[0],
+        per(cpu[1]),
+        per(cpu[0]),
+    );
+    Ok(())
 }
 
 /// Floor (c), reqwest POSTs to a bare axum receiver: `(rate, µs per POST)`.
