@@ -87,6 +87,19 @@ pub(crate) async fn fill_floor_b(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let payload = Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
+    publish_acked(&js, "bench.b.1", &payload, count, in_flight).await?;
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Publishes `payload` `count` times to `subject` with `in_flight` acks outstanding, and waits
+/// for the last ack.
+async fn publish_acked(
+    js: &jetstream::Context,
+    subject: &'static str,
+    payload: &Bytes,
+    count: u64,
+    in_flight: usize,
+) -> anyhow::Result<()> {
     let mut pending = futures::stream::FuturesUnordered::new();
     for _ in 0..count {
         if pending.len() >= in_flight {
@@ -95,7 +108,7 @@ pub(crate) async fn fill_floor_b(
             }
         }
         let ack = js
-            .publish("bench.b.1", payload.clone())
+            .publish(subject, payload.clone())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         pending.push(async move { ack.await.map_err(|e| anyhow::anyhow!("{e}")) });
@@ -103,7 +116,7 @@ pub(crate) async fn fill_floor_b(
     while let Some(r) = pending.next().await {
         r?;
     }
-    Ok(count as f64 / started.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// Stores `count` messages of `size` bytes in [`NO_ACK_STREAM`], with acks (256 in flight, as
@@ -128,27 +141,14 @@ pub(crate) async fn store_messages(
         .messages;
     let payload = Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
-    let mut pending = futures::stream::FuturesUnordered::new();
-    for _ in 0..count {
-        if !acked {
+    if acked {
+        publish_acked(&js, "bench.n.1", &payload, count, 256).await?;
+    } else {
+        for _ in 0..count {
             client.publish("bench.n.1", payload.clone()).await?;
-            continue;
         }
-        if pending.len() >= 256 {
-            if let Some(r) = pending.next().await {
-                r?;
-            }
-        }
-        let ack = js
-            .publish("bench.n.1", payload.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        pending.push(async move { ack.await.map_err(|e| anyhow::anyhow!("{e}")) });
+        client.flush().await?;
     }
-    while let Some(r) = pending.next().await {
-        r?;
-    }
-    client.flush().await?;
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {
         let held = stream

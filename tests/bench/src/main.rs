@@ -354,13 +354,9 @@ fn cpu_delta(
     before: &BTreeMap<String, Usage>,
     after: &BTreeMap<String, Usage>,
 ) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .map(|(k, a)| {
-            let b = before.get(k).map(|u| u.cpu_secs).unwrap_or(0.0);
-            (k.clone(), a.cpu_secs - b)
-        })
-        .collect()
+    delta(before, after, |b, a| {
+        a.cpu_secs - b.map_or(0.0, |u| u.cpu_secs)
+    })
 }
 
 /// One pipeline phase, measured.
@@ -1219,18 +1215,24 @@ fn msg_delta(
     before: &BTreeMap<String, MsgCount>,
     after: &BTreeMap<String, MsgCount>,
 ) -> BTreeMap<String, MsgCount> {
+    delta(before, after, |b, a| {
+        let b = b.copied().unwrap_or_default();
+        MsgCount {
+            sent: a.sent.saturating_sub(b.sent),
+            received: a.received.saturating_sub(b.received),
+        }
+    })
+}
+
+/// `diff(before, after)` for every key of `after`.
+fn delta<T, U>(
+    before: &BTreeMap<String, T>,
+    after: &BTreeMap<String, T>,
+    diff: impl Fn(Option<&T>, &T) -> U,
+) -> BTreeMap<String, U> {
     after
         .iter()
-        .map(|(k, a)| {
-            let b = before.get(k).copied().unwrap_or_default();
-            (
-                k.clone(),
-                MsgCount {
-                    sent: a.sent.saturating_sub(b.sent),
-                    received: a.received.saturating_sub(b.received),
-                },
-            )
-        })
+        .map(|(k, a)| (k.clone(), diff(before.get(k), a)))
         .collect()
 }
 
