@@ -133,12 +133,7 @@ pub(crate) async fn store_messages(
         .get_or_create_stream(stream_config(NO_ACK_STREAM, "bench.n.>"))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let held_before = stream
-        .info()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .state
-        .messages;
+    let held_before = held(&mut stream).await?;
     let payload = Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     if acked {
@@ -151,12 +146,7 @@ pub(crate) async fn store_messages(
     }
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {
-        let held = stream
-            .info()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .state
-            .messages;
+        let held = held(&mut stream).await?;
         if held >= held_before + count {
             return Ok(count as f64 / started.elapsed().as_secs_f64());
         }
@@ -167,6 +157,16 @@ pub(crate) async fn store_messages(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// How many messages `stream` holds.
+async fn held(stream: &mut stream::Stream) -> anyhow::Result<u64> {
+    Ok(stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .state
+        .messages)
 }
 
 /// `bench floor-consume <nats-url> <count>`: consumes and acks `count` messages of floor (b)'s
