@@ -119,21 +119,27 @@ async fn publish_acked(
     Ok(())
 }
 
-/// Stores `count` messages of `size` bytes in [`NO_ACK_STREAM`], with acks (256 in flight, as
-/// the publish floor) or without (plain publishes, no reply subject: nats-server stores them and
-/// answers nothing), and waits until the stream holds them all. Returns messages per second.
+/// The stream [`store_messages`] writes to, created if missing.
+pub(crate) async fn no_ack_stream(client: &async_nats::Client) -> anyhow::Result<stream::Stream> {
+    jetstream::new(client.clone())
+        .get_or_create_stream(stream_config(NO_ACK_STREAM, "bench.n.>"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Stores `count` messages of `size` bytes in `stream` ([`no_ack_stream`]), with acks (256 in
+/// flight, as the publish floor) or without (plain publishes, no reply subject: nats-server
+/// stores them and answers nothing), and waits until the stream holds them all. Returns messages
+/// per second.
 pub(crate) async fn store_messages(
     client: &async_nats::Client,
+    stream: &mut stream::Stream,
     acked: bool,
     count: u64,
     size: usize,
 ) -> anyhow::Result<f64> {
     let js = jetstream::new(client.clone());
-    let mut stream = js
-        .get_or_create_stream(stream_config(NO_ACK_STREAM, "bench.n.>"))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let held_before = held(&mut stream).await?;
+    let held_before = held(stream).await?;
     let payload = Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     if acked {
@@ -146,7 +152,7 @@ pub(crate) async fn store_messages(
     }
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {
-        let held = held(&mut stream).await?;
+        let held = held(stream).await?;
         if held >= held_before + count {
             return Ok(count as f64 / started.elapsed().as_secs_f64());
         }

@@ -1128,11 +1128,12 @@ async fn floor_b(
 /// on both alike; prints nats-server's CPU per stored message each way.
 async fn ack_cost(nats_url: &str, count: u64, size: usize, pids: &Pids) -> anyhow::Result<()> {
     let client = async_nats::connect(nats_url).await?;
+    let mut stream = floors::no_ack_stream(&client).await?;
     let quarter = (count / 4).max(1);
     let (mut cpu, mut rate) = ([0.0_f64; 2], [0.0_f64; 2]);
     for acked in [true, false, false, true] {
         let before = pids.read();
-        let r = floors::store_messages(&client, acked, quarter, size).await?;
+        let r = floors::store_messages(&client, &mut stream, acked, quarter, size).await?;
         let used = cpu_delta(&before, &pids.read());
         cpu[usize::from(acked)] += used.get("nats-server").copied().unwrap_or(f64::NAN);
         rate[usize::from(acked)] += r / 2.0;
@@ -1179,8 +1180,6 @@ async fn floor_c(opts: &Opts, setup: &Setup, shared_pids: &Pids) -> anyhow::Resu
     Ok((floor_c_rate, post_us))
 }
 
-/// Starts the services as release processes with production settings, one instance (and one
-/// verifying receiver) per store, and the ledgers of every phase.
 /// NATS messages a connection sent to nats-server (`in`) and received from it (`out`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct MsgCount {
@@ -1236,6 +1235,8 @@ fn delta<T, U>(
         .collect()
 }
 
+/// Starts the services as release processes with production settings, one instance (and one
+/// verifying receiver) per store, and the ledgers of every phase.
 async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> {
     let mut names = vec![
         "warm-up".to_owned(),
@@ -1757,6 +1758,8 @@ async fn soak(opts: Opts) -> anyhow::Result<()> {
         phases.push(fill);
     }
     let last = 4 + SOAK_ROUNDS;
+    // Where the end's phases are in `phases`: max, max again, 2,000/s.
+    let end_at = phases.len();
     phases.push(pipeline_phase(ctx, last, Pace::Max, opts.max_secs, &[], None).await);
     phases.push(pipeline_phase(ctx, last + 1, Pace::Max, opts.max_secs, &[], None).await);
     phases.push(
@@ -1774,14 +1777,14 @@ async fn soak(opts: Opts) -> anyhow::Result<()> {
     let peak_rss =
         procinfo::read(setup.nats.pid()).map_or(f64::NAN, |u| u.peak_rss_kib as f64 / MIB);
     report_phases(&phases);
-    let n = phases.len();
-    let mean = |a: &Phase, b: &Phase| (a.e2e_eps + b.e2e_eps) / 2.0;
+    // The start's phases are 1, 2 (max) and 3 (2,000/s), after the warm-up.
+    let (start_at, eps) = (1, |i: usize| phases[i].e2e_eps);
     let (max_start, max_end) = (
-        mean(&phases[1], &phases[2]),
-        mean(&phases[n - 3], &phases[n - 2]),
+        (eps(start_at) + eps(start_at + 1)) / 2.0,
+        (eps(end_at) + eps(end_at + 1)) / 2.0,
     );
-    let p99 = |p: &Phase| quantile_ms(&p.summary.latencies_us, 0.99);
-    let (p99_start, p99_end) = (p99(&phases[3]), p99(&phases[n - 1]));
+    let p99 = |i: usize| quantile_ms(&phases[i].summary.latencies_us, 0.99);
+    let (p99_start, p99_end) = (p99(start_at + 2), p99(end_at + 2));
     let lost: u64 = phases.iter().map(|p| p.summary.lost).sum();
     let duplicates: u64 = phases.iter().map(|p| p.summary.duplicates).sum();
     let ratio = max_end / max_start;
@@ -1794,10 +1797,10 @@ async fn soak(opts: Opts) -> anyhow::Result<()> {
     );
     println!(
         "| end to end ev/s at max load (mean of two phases: {:.0} and {:.0} at the start, {:.0} and {:.0} at the end) | {max_start:.0} | {max_end:.0} ({ratio:.2} x) | {} |",
-        phases[1].e2e_eps,
-        phases[2].e2e_eps,
-        phases[n - 3].e2e_eps,
-        phases[n - 2].e2e_eps,
+        eps(start_at),
+        eps(start_at + 1),
+        eps(end_at),
+        eps(end_at + 1),
         target(ratio >= 0.9, "end ≥ 0.9 x start".into())
     );
     println!(
