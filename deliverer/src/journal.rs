@@ -7,10 +7,12 @@
 //! is in the envelope and its headers. Later attempts read the snapshot and append to it (a
 //! compare-and-set write, so two writers cannot lose each other's attempt).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use shared::envelope::Event;
+use serde::Deserialize;
+use shared::envelope::EventType;
 use shared::eventlog::{self, EventLog, Record, Status};
 use shared::nats::{header, headers, subject_tail};
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
@@ -30,18 +32,30 @@ pub struct Sent {
     pub result: Attempt,
 }
 
+/// What the record takes from an envelope's event: borrowed from the body where no escape
+/// forces a copy, the event's other fields skipped unread.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LoggedEvent<'a> {
+    event_type: EventType,
+    #[serde(borrow)]
+    object_type: Cow<'a, str>,
+    #[serde(borrow)]
+    object_id: Cow<'a, str>,
+}
+
 /// The record of `message` (whose body's head is `head`) as the envelope and its headers
 /// describe it, before any attempt.
 fn base_record(message: &jetstream::Message, head: &MessageHead<'_>) -> Option<Record> {
-    let events: Vec<Event> = serde_json::from_str(head.events?.get()).ok()?;
+    let events: Vec<LoggedEvent<'_>> = serde_json::from_str(head.events?.get()).ok()?;
     let event = events.into_iter().next()?;
     let h = message.headers.as_ref();
     Some(Record {
         id: head.event_id.clone(),
         instance_id: Some(subject_tail(message.subject.as_str()).to_owned()),
         store_id: header(h, headers::STORE_ID).unwrap_or_default().to_owned(),
-        object_type: event.object_type,
-        object_id: event.object_id,
+        object_type: event.object_type.into_owned(),
+        object_id: event.object_id.into_owned(),
         event_type: event.event_type.as_str().to_owned(),
         ecwid_event_id: header(h, headers::ECWID_EVENT_ID)
             .unwrap_or_default()
@@ -81,6 +95,12 @@ fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
     }
 }
 
+/// How a snapshot is written: outright, or onto the one stored (from this base when none is).
+enum Write {
+    Put(Record),
+    Update(Record),
+}
+
 /// Writes the snapshot that follows `outcome` for `message`, whose body's head is `head` (`None`
 /// when it is not an envelope). `offset` is the attempts made before this message was
 /// (re)delivered, `attempt` this message's own attempt number. A deferral (no attempt) writes
@@ -118,6 +138,7 @@ pub(crate) async fn record(
         return;
     };
     let entry = sent.map(|s| attempt_entry(offset + attempt, s));
+    let envelope_seq = base.envelope_seq;
     let apply = |mut r: Record| {
         r.status = status;
         r.next_attempt_at = next_attempt_at.clone();
@@ -132,20 +153,26 @@ pub(crate) async fn record(
             _ => {}
         }
         if r.envelope_seq.is_none() {
-            r.envelope_seq = base.envelope_seq;
+            r.envelope_seq = envelope_seq;
         }
         r
     };
-    let first = offset == 0 && attempt == 1 && sent.is_some();
+    // The first attempt of an envelope never redelivered writes its snapshot outright, built
+    // once; any other reads the snapshot and appends to it.
+    let write = if offset == 0 && attempt == 1 && sent.is_some() {
+        Write::Put(apply(base))
+    } else {
+        Write::Update(base)
+    };
     for try_number in 1..=TRIES {
-        let written = if first {
-            log.put(&apply(base.clone())).await
-        } else {
-            log.update(&base.id, |current| {
-                apply(current.unwrap_or_else(|| base.clone()))
-            })
-            .await
-            .map(drop)
+        let written = match &write {
+            Write::Put(snapshot) => log.put(snapshot).await,
+            Write::Update(base) => log
+                .update(&base.id, |current| {
+                    apply(current.unwrap_or_else(|| base.clone()))
+                })
+                .await
+                .map(drop),
         };
         match written {
             Ok(()) => return,
