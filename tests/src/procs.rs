@@ -129,6 +129,8 @@ pub struct ServiceProc {
     pub ops: SocketAddr,
     /// How many times it was started.
     pub starts: u32,
+    /// Whether it was ready once: from then on it keeps its ports, which tests hold on to.
+    ready_once: bool,
     env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
@@ -139,31 +141,52 @@ pub struct ServiceProc {
 impl ServiceProc {
     /// A process of `service` on fresh ports with `env` (see [`process_env`]); not started yet.
     pub fn new(service: Service, env: Vec<(String, String)>) -> Self {
-        let ops: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let webhook: Option<SocketAddr> =
-            (service == Service::Ingest).then(|| ([127, 0, 0, 1], free_port()).into());
-        let mut env = env;
-        match webhook {
-            Some(webhook) => {
-                env.push(("INGEST_LISTEN".into(), webhook.to_string()));
-                env.push(("ADMIN_LISTEN".into(), ops.to_string()));
-            }
-            None => env.push(("OPS_LISTEN".into(), ops.to_string())),
-        }
         let log_dir = tempfile::Builder::new()
             .prefix(&format!("{}-", service.name()))
             .tempdir()
             .expect("a temp dir for the process log");
-        Self {
+        let mut proc = Self {
             service,
-            webhook,
-            ops,
+            webhook: None,
+            ops: ([127, 0, 0, 1], 0).into(),
             starts: 0,
+            ready_once: false,
             env,
             child: None,
             log: log_dir.path().join("output.log"),
             _log_dir: log_dir,
             http: reqwest::Client::new(),
+        };
+        proc.take_fresh_ports();
+        proc
+    }
+
+    /// Picks free ports for its listeners and sets them in its environment.
+    fn take_fresh_ports(&mut self) {
+        self.ops = ([127, 0, 0, 1], free_port()).into();
+        self.webhook =
+            (self.service == Service::Ingest).then(|| ([127, 0, 0, 1], free_port()).into());
+        let mut listen = vec![];
+        match self.webhook {
+            Some(webhook) => {
+                listen.push(("INGEST_LISTEN", webhook.to_string()));
+                listen.push(("ADMIN_LISTEN", self.ops.to_string()));
+            }
+            None => listen.push(("OPS_LISTEN", self.ops.to_string())),
+        }
+        self.env
+            .retain(|(k, _)| !listen.iter().any(|(l, _)| l == k));
+        self.env
+            .extend(listen.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    }
+
+    /// What the process wrote since it was last started.
+    fn this_start_output(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let marker = format!("===== start #{} =====", self.starts);
+        match text.rfind(&marker) {
+            Some(at) => text[at..].to_owned(),
+            None => text,
         }
     }
 
@@ -203,14 +226,26 @@ impl ServiceProc {
     }
 
     /// Waits until `/readyz` answers 200; panics with the log when the process exits first or
-    /// [`READY_TIMEOUT`] passes.
+    /// [`READY_TIMEOUT`] passes. Before it was ever ready, a port [`free_port`] found free may
+    /// have been taken by another process before the service bound it: then it starts again on
+    /// fresh ports (a few times) instead of failing the test.
     pub async fn wait_ready(&mut self) {
+        const PORT_RETRIES: u32 = 5;
         let deadline = Instant::now() + READY_TIMEOUT;
-        let url = format!("http://{}/readyz", self.ops);
+        let mut retries = 0;
+        let mut url = format!("http://{}/readyz", self.ops);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
+                    let port_taken = self.this_start_output().contains("Address already in use");
+                    if port_taken && !self.ready_once && retries < PORT_RETRIES {
+                        retries += 1;
+                        self.take_fresh_ports();
+                        url = format!("http://{}/readyz", self.ops);
+                        self.spawn();
+                        continue;
+                    }
                     panic!(
                         "{} exited with {status} before it was ready:\n{}",
                         self.service.name(),
@@ -223,6 +258,7 @@ impl ServiceProc {
                 Ok(r) if r.status() == 200
             );
             if ready {
+                self.ready_once = true;
                 return;
             }
             if Instant::now() > deadline {
