@@ -258,8 +258,22 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts `size` servers `n1`, `n2` … and waits until JetStream answers through them (a meta
-    /// leader is elected).
+    /// leader is elected). Their ports come from [`free_port`], and another process may take one
+    /// before a server binds it: then the servers start again on fresh ports (a few times).
     pub async fn start(size: usize) -> Self {
+        const TRIES: usize = 5;
+        for _ in 1..TRIES {
+            if let Some(cluster) = Self::try_start(size).await {
+                return cluster;
+            }
+        }
+        Self::try_start(size)
+            .await
+            .expect("the cluster's ports kept being taken by other processes")
+    }
+
+    /// [`Self::start`] once; `None` when a server exited because one of its ports was taken.
+    async fn try_start(size: usize) -> Option<Self> {
         let mut nodes: Vec<ClusterNode> = (1..=size)
             .map(|i| ClusterNode {
                 name: format!("n{i}"),
@@ -294,12 +308,54 @@ impl NatsCluster {
         for node in &mut nodes {
             node.spawn();
         }
-        let cluster = Self { nodes };
-        for node in &cluster.nodes {
-            cluster.wait_listening(node).await;
+        let mut cluster = Self { nodes };
+        for i in 0..cluster.nodes.len() {
+            let addr: SocketAddr = ([127, 0, 0, 1], cluster.nodes[i].port).into();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                if cluster.port_taken() {
+                    return None;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "NATS {} not listening within 20 s:\n{}",
+                    cluster.nodes[i].name,
+                    cluster.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // A server that cannot bind its route port exits just after its client port opened.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if cluster.port_taken() {
+            return None;
         }
         cluster.wait_jetstream().await;
-        cluster
+        (!cluster.port_taken()).then_some(cluster)
+    }
+
+    /// Whether a server has exited because a port of its was in use; panics when one exited for
+    /// another reason.
+    fn port_taken(&mut self) -> bool {
+        let mut taken = false;
+        for node in &mut self.nodes {
+            let exited = node
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if !exited {
+                continue;
+            }
+            let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+            assert!(
+                log.contains("address already in use"),
+                "NATS {} exited at start:\n{}",
+                node.name,
+                node.log_tail(15)
+            );
+            taken = true;
+        }
+        taken
     }
 
     /// Every server's client URL, comma-separated: `NATS_URL` for a cluster.
