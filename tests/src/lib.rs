@@ -310,19 +310,8 @@ impl NatsCluster {
         }
         let mut cluster = Self { nodes };
         for i in 0..cluster.nodes.len() {
-            let addr: SocketAddr = ([127, 0, 0, 1], cluster.nodes[i].port).into();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                if cluster.port_taken() {
-                    return None;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "NATS {} not listening within 20 s:\n{}",
-                    cluster.nodes[i].name,
-                    cluster.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if !cluster.wait_listening(i).await {
+                return None;
             }
         }
         // A server that cannot bind its route port exits just after its client port opened.
@@ -391,17 +380,36 @@ impl NatsCluster {
         let node = self.node_mut(name);
         node.kill();
         node.spawn();
-        self.wait_listening(self.node(name)).await;
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("the node just started");
+        assert!(
+            self.wait_listening(i).await,
+            "NATS {name} could not bind its ports again:\n{}",
+            self.logs()
+        );
     }
 
-    async fn wait_listening(&self, node: &ClusterNode) {
-        let addr: SocketAddr = ([127, 0, 0, 1], node.port).into();
-        wait_until(
-            Duration::from_secs(20),
-            &format!("NATS {} to listen", node.name),
-            || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
-        )
-        .await;
+    /// Waits (at most 20 s) until server `i` accepts connections; `false` when a server exited
+    /// because one of its ports was taken.
+    async fn wait_listening(&mut self, i: usize) -> bool {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.nodes[i].port).into();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if self.port_taken() {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "NATS {} not listening within 20 s:\n{}",
+                self.nodes[i].name,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// Waits until JetStream answers account requests: the cluster has a meta leader.
