@@ -48,6 +48,15 @@ pub fn free_port() -> u16 {
 /// `scripts/ensure-nats-server.sh` installs into `.tools/` on first use (so a bare `cargo test`
 /// runs on the same server as `make test`). `make test` runs the NATS-facing tests a second time
 /// with `NATS_SERVER_BIN` set to the oldest supported release.
+/// The port nats-server's ports file (`--ports_file_dir`) lists under `kind` (`nats`,
+/// `monitoring`): how a server started with `-p -1` / `-m -1` says which port it took. `None`
+/// until the file is written.
+pub fn listed_port(ports_file: &std::path::Path, kind: &str) -> Option<u16> {
+    let ports: Value = serde_json::from_slice(&std::fs::read(ports_file).ok()?).ok()?;
+    let url = ports[kind][0].as_str()?;
+    url.rsplit(':').next()?.parse().ok()
+}
+
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return p.into();
@@ -122,12 +131,7 @@ impl NatsServer {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("nats-server exited at start ({status}); is port {port} taken?");
             }
-            let read = std::fs::read(&ports_file).ok();
-            let found = read
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .and_then(|v| v["nats"][0].as_str().map(str::to_owned))
-                .and_then(|url| url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()));
-            if let Some(p) = found {
+            if let Some(p) = listed_port(&ports_file, "nats") {
                 break p;
             }
             assert!(

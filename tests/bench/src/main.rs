@@ -249,20 +249,40 @@ struct Nats {
 }
 
 impl Nats {
+    /// On ports the server picks itself (`-p -1 -m -1`, read back from its ports file), so
+    /// that no other process can take them between a pick and the server's start.
     async fn start() -> anyhow::Result<Self> {
-        let port = integration_tests::free_port();
-        let monitor = integration_tests::free_port();
         let store = tempfile::Builder::new()
             .prefix("bench-nats-")
             .tempdir_in(integration_tests::procs::binary_dir())?;
-        let child = std::process::Command::new(integration_tests::nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
-            .args(["-m", &monitor.to_string()])
+        let ports_dir = store.path().join("ports");
+        std::fs::create_dir_all(&ports_dir)?;
+        let mut child = std::process::Command::new(integration_tests::nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
+            .arg(store.path().join("js"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("start nats-server (make test installs it)")?;
+        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (port, monitor) = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("nats-server exited at start ({status})");
+            }
+            let port = integration_tests::listed_port(&ports_file, "nats");
+            let monitor = integration_tests::listed_port(&ports_file, "monitoring");
+            if let (Some(port), Some(monitor)) = (port, monitor) {
+                break (port, monitor);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("nats-server did not list its ports within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let nats = Self {
             child,
             port,
