@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 CARGO_INCREMENTAL ?= 0
 export CARGO_INCREMENTAL
 
-.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held bench-isolation clean
+.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held bench-isolation bench-pglog clean
 
 run:
 	scripts/run-local.sh
@@ -93,6 +93,13 @@ bench-isolation:
 bench-cpu:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	scripts/bench-cpu.sh $(BENCH_CPU_ARGS)
+
+# What the event log would cost in PostgreSQL instead of JetStream, on this machine: CPU per
+# record of the log's two writes, lookups with a million records (a private server; needs
+# PostgreSQL's server package, as Debian's `postgresql`); ~3 min. RESULTS.md, "The event log in
+# PostgreSQL".
+bench-pglog:
+	python3 tests/bench/pglog.py $(BENCH_PGLOG_ARGS)
 
 clean:
 	$(CARGO) clean
