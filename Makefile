@@ -96,7 +96,7 @@ bench-cpu:
 
 # What the event log would cost in PostgreSQL instead of JetStream, on this machine: CPU per
 # record of the log's two writes, lookups with a million records (a private server; needs
-# PostgreSQL's server package, as Debian's `postgresql`); ~3 min. RESULTS.md, "The event log in
+# PostgreSQL's server package, as Debian's `postgresql`); ~40 s. RESULTS.md, "The event log in
 # PostgreSQL".
 bench-pglog:
 	python3 tests/bench/pglog.py $(BENCH_PGLOG_ARGS)

@@ -27,7 +27,6 @@ import os
 import pwd
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,18 +46,14 @@ def bindir():
         return found[-1]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, root):
         self.bin = bindir()
         self.dir = root
         self.data = os.path.join(root, "data")
-        self.port = free_port()
+        # No TCP listener (`listen_addresses=''`): the port only names the socket file in this
+        # private directory, so any number does and none can be taken.
+        self.port = 5432
         self.as_user = []
         if os.geteuid() == 0:
             try:
@@ -141,6 +136,11 @@ CREATE INDEX event_log_object ON event_log (object_id);
 CREATE INDEX event_log_received ON event_log USING brin (received_at);
 """
 
+def objects(n):
+    """How many objectIds n records have: five records each."""
+    return max(n // 5, 1)
+
+
 INSTANCES = [f"00000000-0000-4000-8000-0000000000{i:02d}" for i in range(1, 21)]
 
 
@@ -151,7 +151,7 @@ INSERT INTO event_log (id, instance_id, store_id, object_type, object_id, event_
   ecwid_event_id, format, verified, request_id, received_at, status, attempts, last_status,
   last_attempt_at, delivered_at, envelope_seq, attempt_log)
 SELECT md5('r' || g)::uuid, '00000000-0000-4000-8000-0000000000' || lpad((g % 20 + 1)::text, 2, '0'),
-  (1000000 + g % 50)::text, 'order', 'LOG' || (g % {max(n // 5, 1)}), 'UPDATED',
+  (1000000 + g % 50)::text, 'order', 'LOG' || (g % {objects(n)}), 'UPDATED',
   (1000000 + g % 50) || '_' || md5('e' || g), 'v3', true, md5('q' || g)::uuid::text,
   now() - ({n} - g) * interval '10 ms', 'delivered', 1, '200', now(), now(), g,
   jsonb_build_array(jsonb_build_object('number', 1, 'startedAt', '2026-12-06T08:00:00.123Z',
@@ -253,7 +253,7 @@ def main():
         by_id = server.timed([f"SELECT * FROM event_log WHERE id = md5('r' || {i})::uuid;" for i in picks])
         by_object = server.timed(
             [
-                f"SELECT * FROM event_log WHERE object_id = 'LOG{i % max(n // 5, 1)}' ORDER BY received_at DESC LIMIT 50;"
+                f"SELECT * FROM event_log WHERE object_id = 'LOG{i % objects(n)}' ORDER BY received_at DESC LIMIT 50;"
                 for i in picks
             ]
         )

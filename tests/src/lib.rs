@@ -43,20 +43,43 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Waits (at most 10 s) until nats-server `child`, started with `--ports_file_dir ports_dir`,
+/// has written its ports file, and returns the port it lists under each of `kinds` (`nats`,
+/// `monitoring`): how a server started with `-p -1` / `-m -1` says which ports it took. `Err`
+/// when it exits first or does not list them in time.
+pub async fn listed_ports(
+    child: &mut Child,
+    ports_dir: &std::path::Path,
+    kinds: &[&str],
+) -> Result<Vec<u16>, String> {
+    let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+    let listed = || -> Option<Vec<u16>> {
+        let ports: Value = serde_json::from_slice(&std::fs::read(&ports_file).ok()?).ok()?;
+        kinds
+            .iter()
+            .map(|kind| ports[*kind][0].as_str()?.rsplit(':').next()?.parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("nats-server exited at start ({status})"));
+        }
+        if let Some(ports) = listed() {
+            return Ok(ports);
+        }
+        if Instant::now() > deadline {
+            return Err("nats-server did not list its ports within 10 s".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The `nats-server` binary every test, `make run` and the bench start: `NATS_SERVER_BIN` when
 /// set, else the release pinned in `scripts/nats-versions.env`, which
 /// `scripts/ensure-nats-server.sh` installs into `.tools/` on first use (so a bare `cargo test`
 /// runs on the same server as `make test`). `make test` runs the NATS-facing tests a second time
 /// with `NATS_SERVER_BIN` set to the oldest supported release.
-/// The port nats-server's ports file (`--ports_file_dir`) lists under `kind` (`nats`,
-/// `monitoring`): how a server started with `-p -1` / `-m -1` says which port it took. `None`
-/// until the file is written.
-pub fn listed_port(ports_file: &std::path::Path, kind: &str) -> Option<u16> {
-    let ports: Value = serde_json::from_slice(&std::fs::read(ports_file).ok()?).ok()?;
-    let url = ports[kind][0].as_str()?;
-    url.rsplit(':').next()?.parse().ok()
-}
-
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return p.into();
@@ -125,20 +148,9 @@ impl NatsServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server must be installed (make test installs it)");
-        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let port = loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("nats-server exited at start ({status}); is port {port} taken?");
-            }
-            if let Some(p) = listed_port(&ports_file, "nats") {
-                break p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let port = match listed_ports(&mut child, &ports_dir, &["nats"]).await {
+            Ok(ports) => ports[0],
+            Err(e) => panic!("{e}; is port {port} taken?"),
         };
         self.port = port;
         self.child = Some(child);

@@ -233,7 +233,6 @@ impl ServiceProc {
         const PORT_RETRIES: u32 = 5;
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut retries = 0;
-        let mut url = format!("http://{}/readyz", self.ops);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -242,7 +241,6 @@ impl ServiceProc {
                     if port_taken && !self.ready_once && retries < PORT_RETRIES {
                         retries += 1;
                         self.take_fresh_ports();
-                        url = format!("http://{}/readyz", self.ops);
                         self.spawn();
                         continue;
                     }
@@ -253,6 +251,7 @@ impl ServiceProc {
                     );
                 }
             }
+            let url = format!("http://{}/readyz", self.ops);
             let ready = matches!(
                 self.http.get(&url).timeout(Duration::from_secs(2)).send().await,
                 Ok(r) if r.status() == 200

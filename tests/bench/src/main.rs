@@ -266,23 +266,16 @@ impl Nats {
             .stderr(Stdio::null())
             .spawn()
             .context("start nats-server (make test installs it)")?;
-        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let (port, monitor) = loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("nats-server exited at start ({status})");
-            }
-            let port = integration_tests::listed_port(&ports_file, "nats");
-            let monitor = integration_tests::listed_port(&ports_file, "monitoring");
-            if let (Some(port), Some(monitor)) = (port, monitor) {
-                break (port, monitor);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("nats-server did not list its ports within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let (port, monitor) =
+            match integration_tests::listed_ports(&mut child, &ports_dir, &["nats", "monitoring"])
+                .await
+            {
+                Ok(ports) => (ports[0], ports[1]),
+                Err(e) => {
+                    let _ = child.kill();
+                    bail!("{e}");
+                }
+            };
         let nats = Self {
             child,
             port,
