@@ -198,6 +198,7 @@ COUNTERS = {
     "ecwid_event_log_writes_total",
     "ecwid_event_log_write_failures_total",
     "ecwid_http_panics_total",
+    "ecwid_topology_writes_total",
     "ecwid_poller_requests_total",
     "ecwid_poller_entities_seen_total",
     "ecwid_poller_events_emitted_total",

@@ -17,6 +17,8 @@
 //!   a delivery retry schedule.
 //! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
+//! - [`topology`]: the streams and buckets, created when missing and updated only when their
+//!   settings differ, so replicas starting together write nothing twice.
 //! - [`service`]: start-up common to every service (topology, instances watch, metrics).
 //! - `strategies` (feature `strategies`): proptest strategies for Ecwid-shaped input.
 //! - [`telemetry`]: tracing initialisation (`LOG_FORMAT`, `RUST_LOG`).
@@ -47,6 +49,7 @@ pub mod shutdown;
 pub mod strategies;
 pub mod telemetry;
 pub mod time_fmt;
+pub mod topology;
 pub mod worker;
 
 pub use error::Error;

@@ -15,6 +15,9 @@ pub const DEAD_LETTERS_TOTAL: &str = "ecwid_dead_letters_total";
 pub const CONSUMER_PENDING: &str = "ecwid_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING: &str = "ecwid_consumer_ack_pending_messages";
 pub const HTTP_PANICS_TOTAL: &str = "ecwid_http_panics_total";
+/// Streams and buckets this process created or updated at start-up, by action (`create`,
+/// `update`); a restart with unchanged settings adds nothing.
+pub const TOPOLOGY_WRITES_TOTAL: &str = "ecwid_topology_writes_total";
 /// Instance state changes by new state: pause and resume at the ingest (admin API), auto-disable
 /// at the deliverer.
 pub const INSTANCE_TRANSITIONS_TOTAL: &str = "ecwid_instance_transitions_total";
@@ -85,6 +88,7 @@ pub struct CommonMetrics {
     pub consumer_ack_pending: IntGaugeVec,
     /// HTTP handlers that panicked (answered 500; the panic is logged).
     pub http_panics: IntCounter,
+    pub topology_writes: IntCounterVec,
 }
 
 impl CommonMetrics {
@@ -132,6 +136,24 @@ impl CommonMetrics {
                 HTTP_PANICS_TOTAL,
                 "HTTP requests whose handler panicked; each was answered 500 and logged.",
             ),
+            topology_writes: counter_vec(
+                reg,
+                TOPOLOGY_WRITES_TOTAL,
+                "Streams and buckets this process created or updated at start-up, by action (create, update).",
+                &["action"],
+            ),
+        }
+    }
+
+    /// Counts what setting up the topology wrote.
+    pub fn count_topology_writes(&self, report: &crate::topology::TopologyReport) {
+        for (action, n) in [
+            ("create", report.created.len()),
+            ("update", report.updated.len()),
+        ] {
+            self.topology_writes
+                .with_label_values(&[action])
+                .inc_by(n as u64);
         }
     }
 }

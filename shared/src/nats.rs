@@ -1,10 +1,10 @@
 //! NATS names and plumbing: every stream, subject, consumer, bucket and header name is a constant
-//! here; [`connect`] retries until NATS answers; [`setup_topology`] creates or updates the streams
-//! and the bucket, and is idempotent (every service runs it at start-up).
+//! here; [`connect`] retries until NATS answers; [`ensure_pull_consumer`] gets or creates a
+//! consumer. The streams and buckets themselves are set up by [`crate::topology`].
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_nats::jetstream::{self, consumer::pull};
 use backon::Retryable;
 use tokio_util::sync::CancellationToken;
 
@@ -258,28 +258,6 @@ pub mod headers {
     }
 }
 
-/// Stream and bucket settings.
-#[derive(Debug, Clone)]
-pub struct TopologyConfig {
-    pub replicas: usize,
-    pub duplicate_window: Duration,
-    /// `EVENT_LOG_RETENTION`.
-    pub log_retention: Duration,
-    /// `STREAM_MAX_BYTES`, `STREAM_MAX_MSGS`.
-    pub limits: crate::config::StreamLimits,
-}
-
-impl From<&crate::config::CommonConfig> for TopologyConfig {
-    fn from(c: &crate::config::CommonConfig) -> Self {
-        Self {
-            replicas: c.stream_replicas,
-            duplicate_window: c.duplicate_window,
-            log_retention: c.event_log_retention,
-            limits: c.stream_limits.clone(),
-        }
-    }
-}
-
 /// Connects to NATS (any one of `servers`: async-nats tries them in turn, and learns the rest
 /// of a cluster from the server), retrying with [`crate::retry::backoff`] until one answers or
 /// `cancel` fires. The client reconnects on its own after that, to any server of the cluster.
@@ -311,197 +289,6 @@ pub async fn connect(
 /// The JetStream context every service uses.
 pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
     jetstream::new(client)
-}
-
-fn work_stream(
-    name: &str,
-    subject: &str,
-    cfg: &TopologyConfig,
-    description: &str,
-) -> stream::Config {
-    stream::Config {
-        name: name.to_owned(),
-        description: Some(description.to_owned()),
-        subjects: vec![subject.to_owned()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        num_replicas: cfg.replicas,
-        duplicate_window: cfg.duplicate_window,
-        max_age: WORK_STREAM_MAX_AGE,
-        discard: stream::DiscardPolicy::Old,
-        allow_direct: true,
-        ..Default::default()
-    }
-}
-
-/// Applies the operator's limits to a stream. At a limit, a work stream (whose messages are work
-/// not done yet) refuses new messages, so the writer fails and retries (the ingest answers 503)
-/// and nothing stored is dropped; the event log's streams drop their oldest entries, as a log
-/// does.
-pub fn limit(config: &mut stream::Config, limits: &crate::config::StreamLimits) {
-    let (bytes, msgs) = limits.of(&config.name);
-    config.max_bytes = bytes;
-    config.max_messages = msgs;
-    let is_log =
-        config.name.starts_with(crate::eventlog::LOG_STREAM) || config.name == RETRYING_STREAM;
-    config.discard = if is_log {
-        stream::DiscardPolicy::Old
-    } else {
-        stream::DiscardPolicy::New
-    };
-}
-
-/// Creates or updates the streams and the buckets. Safe to run from every replica
-/// at every start.
-pub async fn setup_topology(
-    js: &jetstream::Context,
-    cfg: &TopologyConfig,
-) -> Result<kv::Store, Error> {
-    let streams = [
-        work_stream(
-            RAW_STREAM,
-            &format!("{RAW_PREFIX}.>"),
-            cfg,
-            "Raw Ecwid webhooks as received by the ingest",
-        ),
-        stream::Config {
-            max_age: WORK_STREAM_MAX_AGE.max(cfg.log_retention),
-            subjects: vec![format!("{EVENTS_PREFIX}.>"), format!("{ORDERED_PREFIX}.>")],
-            ..work_stream(
-                EVENTS_STREAM,
-                &format!("{EVENTS_PREFIX}.>"),
-                cfg,
-                "Open Connectors envelopes, one per instance",
-            )
-        },
-        stream::Config {
-            // Dead letters stay until an operator replays or deletes them.
-            max_age: Duration::ZERO,
-            ..work_stream(
-                DEAD_STREAM,
-                &format!("{DEAD_PREFIX}.>"),
-                cfg,
-                "Messages a stage could not process",
-            )
-        },
-    ];
-    let [log, index] = crate::eventlog::stream_configs(cfg.replicas, cfg.log_retention);
-    let held = crate::control::held_stream_config(cfg.replicas, cfg.duplicate_window);
-    let retrying = crate::control::retrying_stream_config(cfg.replicas);
-    for mut config in streams.into_iter().chain([log, index, held, retrying]) {
-        limit(&mut config, &cfg.limits);
-        let name = config.name.clone();
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|e| Error::Topology {
-                what: "stream",
-                name,
-                message: e.to_string(),
-            })?;
-    }
-    let instances = ensure_bucket(
-        js,
-        Bucket {
-            name: INSTANCES_BUCKET,
-            description: "ecwid-events connector instances",
-            history: 5,
-            max_age: Duration::ZERO,
-        },
-        cfg.replicas,
-    )
-    .await?;
-    for bucket in [
-        Bucket {
-            name: POLL_LEASES_BUCKET,
-            description: "ecwid-events poller leases",
-            history: 1,
-            max_age: Duration::ZERO,
-        },
-        Bucket {
-            name: POLL_STATE_BUCKET,
-            description: "ecwid-events poller cursors, status, budgets",
-            history: 1,
-            max_age: Duration::ZERO,
-        },
-        Bucket {
-            name: STATE_BUCKET,
-            description: "ecwid-events instance states (paused, disabled)",
-            history: 5,
-            max_age: Duration::ZERO,
-        },
-        Bucket {
-            name: CALLBACKS_BUCKET,
-            description: "ecwid-events callback health shared by the deliverers",
-            history: 1,
-            max_age: Duration::ZERO,
-        },
-        Bucket {
-            name: POLL_SEEN_BUCKET,
-            description: "ecwid-events webhook sightings",
-            history: 1,
-            max_age: POLL_SEEN_MAX_AGE,
-        },
-        Bucket {
-            name: DELIVERERS_BUCKET,
-            description: "ecwid-events live deliverer replicas",
-            history: 1,
-            max_age: DELIVERERS_MAX_AGE,
-        },
-    ] {
-        ensure_bucket(js, bucket, cfg.replicas).await?;
-    }
-    Ok(instances)
-}
-
-/// A key-value bucket's settings.
-#[derive(Debug, Clone, Copy)]
-pub struct Bucket {
-    pub name: &'static str,
-    pub description: &'static str,
-    /// Values kept per key.
-    pub history: i64,
-    /// How long a value lives; zero: forever.
-    pub max_age: Duration,
-}
-
-/// Creates or updates a key-value bucket. Its backing stream is created directly, with the
-/// settings a KV client uses: the client's own bucket creation first asks for account details
-/// in a shape that nats-server 2.9 does not send.
-pub async fn ensure_bucket(
-    js: &jetstream::Context,
-    bucket: Bucket,
-    replicas: usize,
-) -> Result<kv::Store, Error> {
-    let topology = |e: String| Error::Topology {
-        what: "key-value bucket",
-        name: bucket.name.to_owned(),
-        message: e,
-    };
-    let config = stream::Config {
-        name: format!("KV_{}", bucket.name),
-        description: Some(bucket.description.to_owned()),
-        subjects: vec![format!("$KV.{}.>", bucket.name)],
-        max_messages_per_subject: bucket.history,
-        max_age: bucket.max_age,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        // JetStream refuses a duplicate window longer than the messages live.
-        duplicate_window: match bucket.max_age {
-            Duration::ZERO => Duration::from_secs(120),
-            max_age => max_age.min(Duration::from_secs(120)),
-        },
-        ..Default::default()
-    };
-    js.create_or_update_stream(config)
-        .await
-        .map_err(|e| topology(e.to_string()))?;
-    js.get_key_value(bucket.name)
-        .await
-        .map_err(|e| topology(e.to_string()))
 }
 
 /// Gets the durable pull consumer `config.durable_name` on `stream`, creating it when missing.

@@ -37,6 +37,8 @@ pub struct OpsState {
     pub nats: async_nats::Client,
     pub directory: Directory,
     pub starting: StartGate,
+    /// What setting up the topology wrote; its differences are shown on `/readyz`.
+    pub topology: Arc<crate::topology::TopologyReport>,
 }
 
 /// Start-up work of a service's own that `/readyz` waits for beyond NATS and the instances (the
@@ -128,11 +130,14 @@ async fn readyz(State(state): State<OpsState>) -> Response {
     } else {
         None
     };
+    // Settings this replica found different from what it wanted (and updated at start-up): a
+    // replica configured unlike the others says so here as well as in its log.
+    let topology = &*state.topology;
     match reason {
-        None => Json(json!({"status": "ready"})).into_response(),
+        None => Json(json!({"status": "ready", "topology": topology})).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": reason})),
+            Json(json!({"status": "not_ready", "reason": reason, "topology": topology})),
         )
             .into_response(),
     }

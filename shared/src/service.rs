@@ -14,8 +14,9 @@ use crate::directory::Directory;
 use crate::eventlog::{EventLog, LogMetrics};
 use crate::kvwatch::KvView;
 use crate::metrics::CommonMetrics;
-use crate::nats::{setup_topology, TopologyConfig, STATE_BUCKET};
+use crate::nats::STATE_BUCKET;
 use crate::ops::OpsState;
+use crate::topology::{setup_topology, TopologyConfig, TopologyReport};
 use crate::Error;
 
 /// How many times start-up retries setting up the topology (75 to 150 s of waits with
@@ -40,6 +41,8 @@ pub struct ServiceContext {
     pub state_changes: tokio::sync::watch::Receiver<u64>,
     /// Held by a service whose own start-up work `/readyz` must wait for.
     pub starting: crate::ops::StartGate,
+    /// What setting up the topology wrote (shown on `/readyz`).
+    pub topology: std::sync::Arc<TopologyReport>,
 }
 
 impl ServiceContext {
@@ -51,7 +54,8 @@ impl ServiceContext {
     ) -> Result<Self, Error> {
         let js = crate::nats::jetstream(client.clone());
         let topology = TopologyConfig::from(config);
-        let setup = || setup_topology(&js, &topology);
+        let report = std::sync::Mutex::new(TopologyReport::default());
+        let setup = || setup_topology(&js, &topology, &report);
         let kv = tokio::select! {
             result = setup
                 .retry(crate::retry::backoff().with_max_times(TOPOLOGY_TRIES))
@@ -60,8 +64,12 @@ impl ServiceContext {
                 }) => result?,
             () = cancel.cancelled() => return Err(Error::Cancelled),
         };
+        let report = report
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let registry = Registry::new();
         let common = CommonMetrics::register(&registry, service);
+        common.count_topology_writes(&report);
         let directory = Directory::with_revision_gauge(common.instances_revision.clone());
         directory.spawn_watch(kv.clone(), cancel.child_token());
         let states_kv = js
@@ -98,6 +106,7 @@ impl ServiceContext {
             states,
             state_changes,
             starting: crate::ops::StartGate::default(),
+            topology: std::sync::Arc::new(report),
         })
     }
 
@@ -115,6 +124,7 @@ impl ServiceContext {
             nats: self.client.clone(),
             directory: self.directory.clone(),
             starting: self.starting.clone(),
+            topology: self.topology.clone(),
         }
     }
 }

@@ -139,13 +139,19 @@ impl NatsServer {
         } else {
             self.port.to_string()
         };
+        // Its output goes to a file in the store, so a test can show why it died.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("nats-server log file");
         let mut child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(self.store.path().join("js"))
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("nats-server must be installed (make test installs it)");
         let port = match listed_ports(&mut child, &ports_dir, &["nats"]).await {
@@ -159,6 +165,24 @@ impl NatsServer {
             tokio::net::TcpStream::connect(addr).await.is_ok()
         })
         .await;
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.store.path().join("nats-server.log")
+    }
+
+    /// Whether the server is still running (false once it has exited, for whatever reason).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last `lines` lines the server wrote (its panic, when it died of one).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// SIGKILL: no goodbye to clients, no flush.

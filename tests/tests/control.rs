@@ -394,15 +394,16 @@ async fn a_burst_of_results_lands_whole_and_one_request_takes_the_probe() {
     const BURST: usize = 200;
     let nats = NatsServer::start().await;
     let js = async_nats::jetstream::new(nats.client().await);
-    let kv = shared::nats::ensure_bucket(
+    let kv = shared::topology::ensure_bucket(
         &js,
-        shared::nats::Bucket {
+        shared::topology::Bucket {
             name: shared::nats::CALLBACKS_BUCKET,
             description: "test",
             history: 1,
             max_age: Duration::ZERO,
         },
         1,
+        &Default::default(),
     )
     .await
     .expect("callbacks bucket");

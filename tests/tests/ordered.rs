@@ -95,13 +95,13 @@ fn ids(webhooks: &[Webhook]) -> Vec<String> {
 async fn an_unfiltered_deliverer_consumer_is_narrowed_at_start_up() {
     let nats = NatsServer::start().await;
     let js = jetstream::new(connect(&nats.url()).await);
-    let topology = shared::nats::TopologyConfig {
+    let topology = shared::topology::TopologyConfig {
         replicas: 1,
         duplicate_window: Duration::from_secs(60),
         log_retention: Duration::from_secs(3600),
         limits: Default::default(),
     };
-    shared::nats::setup_topology(&js, &topology)
+    shared::topology::setup_topology(&js, &topology, &Default::default())
         .await
         .expect("topology");
     let config = |filter: &str| jetstream::consumer::pull::Config {
