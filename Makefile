@@ -57,14 +57,14 @@ deny:
 
 # The admin API's OpenAPI document, checked by an independent validator (PyPI's
 # openapi-spec-validator, pinned in scripts/openapi-validator.txt). That the document matches
-# the routes is tests/tests/openapi.rs, part of `cargo test`.
+# the routes is tests/it/openapi.rs, part of `cargo test`.
 openapi:
 	"$$(scripts/ensure-openapi-validator.sh)" ingest/openapi.json
 
 # Refreshes the console's screenshots in docs/ (the browser test writes them there).
 screenshots:
 	@scripts/ensure-browser.sh >/dev/null
-	CONSOLE_SCREENSHOTS=$(CURDIR)/docs $(CARGO) test -p integration-tests --locked --test console
+	CONSOLE_SCREENSHOTS=$(CURDIR)/docs $(CARGO) test -p integration-tests --locked --test it console::
 
 fmt:
 	$(CARGO) fmt --all

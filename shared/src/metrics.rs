@@ -144,18 +144,6 @@ impl CommonMetrics {
             ),
         }
     }
-
-    /// Counts what setting up the topology wrote.
-    pub fn count_topology_writes(&self, report: &crate::topology::TopologyReport) {
-        for (action, n) in [
-            ("create", report.created.len()),
-            ("update", report.updated.len()),
-        ] {
-            self.topology_writes
-                .with_label_values(&[action])
-                .inc_by(n as u64);
-        }
-    }
 }
 
 /// The Prometheus text exposition of `reg`.

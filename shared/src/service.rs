@@ -69,7 +69,12 @@ impl ServiceContext {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let registry = Registry::new();
         let common = CommonMetrics::register(&registry, service);
-        common.count_topology_writes(&report);
+        for (action, n) in [("create", &report.created), ("update", &report.updated)] {
+            common
+                .topology_writes
+                .with_label_values(&[action])
+                .inc_by(n.len() as u64);
+        }
         let directory = Directory::with_revision_gauge(common.instances_revision.clone());
         directory.spawn_watch(kv.clone(), cancel.child_token());
         let states_kv = js

@@ -5,7 +5,7 @@
 //! cannot be simulated in-process): build them first (`cargo build --workspace --bins`, which
 //! `make test` does).
 //!
-//! `cargo test -p integration-tests --test faults -- --nocapture` prints each case's tally.
+//! `cargo test -p integration-tests --test it faults:: -- --nocapture` prints each case's tally.
 
 use std::time::{Duration, Instant};
 

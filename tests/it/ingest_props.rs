@@ -4,7 +4,7 @@
 //! answer, and whatever is answered 200 (not a duplicate) is delivered to the callback.
 //!
 //! Each case is one request to one pipeline started once; the deliveries are counted at the end.
-//! More cases: `PROPTEST_CASES=2000 cargo test -p integration-tests --test ingest_props`.
+//! More cases: `PROPTEST_CASES=2000 cargo test -p integration-tests --test it ingest_props::`.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

@@ -8,7 +8,7 @@
 //! delivers what it holds in order while new events go unordered. Build the binaries first
 //! (`cargo build --workspace --bins`).
 //!
-//! `cargo test -p integration-tests --test ordered -- --nocapture` prints the timings.
+//! `cargo test -p integration-tests --test it ordered:: -- --nocapture` prints the timings.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! replacement on the same ports) runs again. Build the binaries first
 //! (`cargo build --workspace --bins`, which `make test` does).
 //!
-//! `cargo test -p integration-tests --test sigterm -- --nocapture` prints each case's tally.
+//! `cargo test -p integration-tests --test it sigterm:: -- --nocapture` prints each case's tally.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! on their own, nobody restarts them. Duplicates are allowed (at-least-once) and reported.
 //! Build the binaries first (`cargo build --workspace --bins`, which `make test` does).
 //!
-//! `cargo test -p integration-tests --test cluster -- --nocapture` prints the figures
+//! `cargo test -p integration-tests --test it cluster:: -- --nocapture` prints the figures
 //! (tests/bench/RESULTS.md keeps a run's).
 
 use std::collections::HashSet;

@@ -5,7 +5,7 @@
 //! (`cargo build --workspace --bins`, which `make test` does).
 //!
 //! The cases run one at a time (each starts five to seven processes, and the rate case reads
-//! arrival times): `cargo test -p integration-tests --test limits -- --nocapture` prints what
+//! arrival times): `cargo test -p integration-tests --test it limits:: -- --nocapture` prints what
 //! each observed.
 
 use std::sync::{Arc, Mutex};
