@@ -9,6 +9,9 @@ fn main() -> std::process::ExitCode {
         DEFAULT_OPS_LISTEN,
         deliverer::Config::from_vars,
         |c| &c.common,
+        |registry| {
+            deliverer::metrics::Metrics::register(registry);
+        },
         start,
     )
 }

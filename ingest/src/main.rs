@@ -9,6 +9,9 @@ fn main() -> std::process::ExitCode {
         DEFAULT_ADMIN_LISTEN,
         ingest::Config::from_vars,
         |c| &c.common,
+        |registry| {
+            ingest::metrics::Metrics::register(registry);
+        },
         start,
     )
 }

@@ -62,19 +62,12 @@ impl Metrics {
                 "Instance state changes, by new state.",
                 &["to"],
             ),
-            stream_usage: {
-                let g = GaugeVec::new(
-                    prometheus::Opts::new(
-                        STREAM_USAGE,
-                        "How full a limited stream is: the larger of bytes / STREAM_MAX_BYTES and messages / STREAM_MAX_MSGS.",
-                    ),
-                    &["stream"],
-                )
-                .expect("valid metric");
-                reg.register(Box::new(g.clone()))
-                    .expect("metric registered once");
-                g
-            },
+            stream_usage: shared::metrics::float_gauge_vec(
+                reg,
+                STREAM_USAGE,
+                "How full a limited stream is: the larger of bytes / STREAM_MAX_BYTES and messages / STREAM_MAX_MSGS.",
+                &["stream"],
+            ),
         }
     }
 }

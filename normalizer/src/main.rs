@@ -9,6 +9,9 @@ fn main() -> std::process::ExitCode {
         DEFAULT_OPS_LISTEN,
         normalizer::Config::from_vars,
         |c| &c.common,
+        |registry| {
+            normalizer::metrics::Metrics::register(registry);
+        },
         start,
     )
 }

@@ -9,6 +9,9 @@ fn main() -> std::process::ExitCode {
         DEFAULT_OPS_LISTEN,
         poller::Config::from_vars,
         |c| &c.common,
+        |registry| {
+            poller::metrics::Metrics::register(registry);
+        },
         start,
     )
 }

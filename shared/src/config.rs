@@ -4,9 +4,10 @@
 //! a [`ConfigError`] naming the variable; `main` prints it and exits with status 64 (`EX_USAGE`)
 //! before any port is bound. Tests build `Vars` from a map; nothing here writes the environment.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Exit status for a configuration error (`EX_USAGE` from sysexits.h).
@@ -30,36 +31,94 @@ impl ConfigError {
 }
 
 /// The variables a config is read from: the process environment, or a map in tests.
-/// An empty value counts as unset.
+/// An empty value counts as unset. Every name asked for is noted, with its default where the
+/// question says it, so a binary can print what it reads ([`Vars::read`], `--print-contract`).
 #[derive(Debug, Clone, Default)]
-pub struct Vars(HashMap<String, String>);
+pub struct Vars {
+    values: HashMap<String, String>,
+    read: Arc<Mutex<BTreeMap<String, VarRead>>>,
+    /// `--print-contract`: nothing is set, and a required variable reads as a placeholder so
+    /// that the rest of the configuration is still read (and noted).
+    contract: bool,
+}
+
+/// One variable a configuration read: its default (`None`: none, or not a plain value) and
+/// whether it must be set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VarRead {
+    pub default: Option<String>,
+    pub required: bool,
+}
+
+/// What a required variable reads as under [`Vars::for_contract`]: long enough for every check a
+/// value must pass (a token's length).
+const CONTRACT_PLACEHOLDER: &str = "print-contract-placeholder-value-0123456789";
 
 impl Vars {
     pub fn from_env() -> Self {
-        Self(std::env::vars().collect())
+        Self::from_pairs(std::env::vars())
     }
 
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
-        Self(
-            pairs
+        Self {
+            values: pairs
                 .into_iter()
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect(),
-        )
+            ..Self::default()
+        }
+    }
+
+    /// No variable set and required ones answered with a placeholder: read a configuration
+    /// from it to learn every variable it reads ([`Vars::read`]).
+    pub fn for_contract() -> Self {
+        Self {
+            contract: true,
+            ..Self::default()
+        }
+    }
+
+    /// Every variable asked for so far, by name.
+    pub fn read(&self) -> BTreeMap<String, VarRead> {
+        self.noted().clone()
+    }
+
+    fn noted(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VarRead>> {
+        self.read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note(&self, name: &str, default: Option<&str>, required: bool) {
+        let mut read = self.noted();
+        let entry = read.entry(name.to_owned()).or_default();
+        if entry.default.is_none() {
+            entry.default = default.map(str::to_owned);
+        }
+        entry.required |= required;
     }
 
     /// The value, trimmed; `None` when unset or empty.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+        self.note(name, None, false);
+        self.values
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
     }
 
     pub fn string_or(&self, name: &str, default: &str) -> String {
+        self.note(name, Some(default), false);
         self.get(name).unwrap_or(default).to_owned()
     }
 
     pub fn required(&self, name: &str) -> Result<String, ConfigError> {
+        self.note(name, None, true);
+        if self.contract {
+            return Ok(CONTRACT_PLACEHOLDER.to_owned());
+        }
         self.get(name)
             .map(str::to_owned)
             .ok_or_else(|| ConfigError::new(name, "is required but not set"))
@@ -68,9 +127,10 @@ impl Vars {
     /// Parses the value with `FromStr`, or returns `default` when unset.
     pub fn parse_or<T>(&self, name: &str, default: T) -> Result<T, ConfigError>
     where
-        T: FromStr,
+        T: FromStr + fmt::Display,
         T::Err: fmt::Display,
     {
+        self.note(name, Some(&default.to_string()), false);
         match self.get(name) {
             None => Ok(default),
             Some(raw) => raw
@@ -81,6 +141,7 @@ impl Vars {
 
     /// `true`/`false` (also `1`/`0`, `yes`/`no`).
     pub fn bool_or(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        self.note(name, Some(if default { "true" } else { "false" }), false);
         match self.get(name).map(str::to_ascii_lowercase).as_deref() {
             None => Ok(default),
             Some("true" | "1" | "yes" | "on") => Ok(true),
@@ -111,6 +172,7 @@ impl Vars {
 
     /// A socket address such as `0.0.0.0:8080`.
     pub fn addr_or(&self, name: &str, default: &str) -> Result<std::net::SocketAddr, ConfigError> {
+        self.note(name, Some(default), false);
         let raw = self.get(name).unwrap_or(default);
         raw.parse().map_err(|e| {
             ConfigError::new(
@@ -488,6 +550,37 @@ pub fn exit_on_error<T>(result: Result<T, ConfigError>) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_contract_read_notes_every_variable_with_its_default() {
+        let vars = Vars::for_contract();
+        let config = CommonConfig::from_vars(&vars).expect("defaults are valid");
+        assert_eq!(config.stream_replicas, 1);
+        assert_eq!(
+            vars.required("ADMIN_TOKEN").expect("placeholder"),
+            CONTRACT_PLACEHOLDER
+        );
+        let read = vars.read();
+        assert_eq!(
+            read["NATS_URL"],
+            VarRead {
+                default: Some(DEFAULT_NATS_URL.to_owned()),
+                required: false
+            }
+        );
+        assert_eq!(read["STREAM_REPLICAS"].default.as_deref(), Some("1"));
+        assert!(read["ADMIN_TOKEN"].required);
+        for name in [
+            "LOG_FORMAT",
+            "EVENT_LOG",
+            "EVENT_LOG_RETENTION",
+            "STREAM_MAX_BYTES",
+        ] {
+            assert!(read.contains_key(name), "{name} not noted: {read:?}");
+        }
+        // Outside contract mode a required variable is still required.
+        assert!(Vars::default().required("ADMIN_TOKEN").is_err());
+    }
 
     #[test]
     fn defaults_apply_when_unset_or_empty() {

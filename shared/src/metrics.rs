@@ -2,8 +2,11 @@
 //! register into a per-service [`Registry`] (not the global one, so a test can run three services
 //! in one process). Labels are bounded sets only: never a URL, store or instance id.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -27,9 +30,30 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Every metric this process registered through the helpers below, name → type (`counter`,
+/// `gauge`, `histogram`): what `--print-contract` lists. A registry cannot say this itself (it
+/// leaves out a labelled metric until it has a series). Bounded by the names in the code.
+static DECLARED: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
+
+fn declare(name: &str, kind: &'static str) {
+    DECLARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(name.to_owned(), kind);
+}
+
+/// The metrics registered so far in this process, name → type.
+pub fn declared() -> BTreeMap<String, &'static str> {
+    DECLARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 /// Registration happens once at start-up with constant names; a clash is a programming error
 /// that the unit tests catch, so these helpers panic on it.
 pub fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    declare(name, "counter");
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     reg.register(Box::new(c.clone()))
         .expect("metric registered once");
@@ -37,6 +61,7 @@ pub fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> I
 }
 
 pub fn counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
+    declare(name, "counter");
     let c = IntCounter::new(name, help).expect("valid metric");
     reg.register(Box::new(c.clone()))
         .expect("metric registered once");
@@ -44,6 +69,7 @@ pub fn counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
 }
 
 pub fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
+    declare(name, "gauge");
     let g = IntGauge::new(name, help).expect("valid metric");
     reg.register(Box::new(g.clone()))
         .expect("metric registered once");
@@ -51,13 +77,23 @@ pub fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 pub fn gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    declare(name, "gauge");
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     reg.register(Box::new(g.clone()))
         .expect("metric registered once");
     g
 }
 
+pub fn float_gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    declare(name, "gauge");
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
 pub fn histogram(reg: &Registry, name: &str, help: &str) -> Histogram {
+    declare(name, "histogram");
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
         .expect("valid metric");
     reg.register(Box::new(h.clone()))
@@ -66,6 +102,7 @@ pub fn histogram(reg: &Registry, name: &str, help: &str) -> Histogram {
 }
 
 pub fn histogram_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    declare(name, "histogram");
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
         labels,

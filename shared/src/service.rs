@@ -166,17 +166,64 @@ fn spawn_state_gauges(
     });
 }
 
+/// What a binary reads and exports, as `--print-contract` prints it: the README's tables, the
+/// manifests and the deploy checks are held against it instead of keeping lists of their own.
+#[derive(Debug, serde::Serialize)]
+pub struct Contract {
+    pub service: String,
+    /// Every environment variable the binary reads, by name.
+    pub variables: std::collections::BTreeMap<String, crate::config::VarRead>,
+    /// Every metric it exports, name → type.
+    pub metrics: std::collections::BTreeMap<String, &'static str>,
+}
+
+/// A service binary's contract: its configuration read from nothing (every variable it asks for
+/// is noted), and its metrics registered into a registry of its own.
+pub fn contract<C>(
+    service: &str,
+    ops_var: &str,
+    ops_default: &str,
+    parse: fn(&crate::config::Vars) -> Result<C, crate::config::ConfigError>,
+    metrics: fn(&Registry),
+) -> Contract {
+    let vars = crate::config::Vars::for_contract();
+    // The values are not used: reading them notes the names.
+    let _ = parse(&vars);
+    let _ = crate::config::worker_threads(&vars);
+    let _ = vars.addr_or(ops_var, ops_default);
+    let mut variables = vars.read();
+    variables.insert(
+        crate::telemetry::FILTER_VAR.to_owned(),
+        crate::config::VarRead {
+            default: Some(crate::telemetry::DEFAULT_FILTER.to_owned()),
+            required: false,
+        },
+    );
+    let registry = Registry::new();
+    CommonMetrics::register(&registry, service);
+    LogMetrics::register(&registry);
+    metrics(&registry);
+    Contract {
+        service: service.to_owned(),
+        variables,
+        metrics: crate::metrics::declared(),
+    }
+}
+
 /// The whole of a service's `main`: the `healthcheck` subcommand (GET `/healthz` on the address
-/// in `ops_var`), then config from the environment (exit 64 naming the variable), telemetry,
-/// the runtime (its worker threads: [`crate::config::worker_threads`]), a token cancelled by
-/// SIGTERM/SIGINT, and `start`. Exit status 1 when `start` fails. `start` keeps to the shutdown
-/// budget ([`crate::shutdown`]); the runtime then gets at most [`crate::shutdown::RUNTIME_STOP`].
+/// in `ops_var`) and `--print-contract` ([`contract`], as JSON), then config from the environment
+/// (exit 64 naming the variable), telemetry, the runtime (its worker threads:
+/// [`crate::config::worker_threads`]), a token cancelled by SIGTERM/SIGINT, and `start`. Exit
+/// status 1 when `start` fails. `start` keeps to the shutdown budget ([`crate::shutdown`]); the
+/// runtime then gets at most [`crate::shutdown::RUNTIME_STOP`]. `metrics` registers the
+/// service's own metrics (for the contract).
 pub fn main<C, F, Fut, E>(
     service: &str,
     ops_var: &str,
     ops_default: &str,
     parse: fn(&crate::config::Vars) -> Result<C, crate::config::ConfigError>,
     common: fn(&C) -> &CommonConfig,
+    metrics: fn(&Registry),
     start: F,
 ) -> std::process::ExitCode
 where
@@ -185,11 +232,28 @@ where
     E: std::fmt::Display,
 {
     use crate::config::{exit_on_error, Vars};
-    let vars = Vars::from_env();
-    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        let addr = exit_on_error(vars.addr_or(ops_var, ops_default));
-        return std::process::ExitCode::from(crate::ops::healthcheck(addr) as u8);
+    match std::env::args().nth(1).as_deref() {
+        Some("--print-contract") => {
+            let contract = contract(service, ops_var, ops_default, parse, metrics);
+            return match serde_json::to_string_pretty(&contract) {
+                Ok(json) => {
+                    println!("{json}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("cannot print the contract: {error}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Some("healthcheck") => {
+            let vars = Vars::from_env();
+            let addr = exit_on_error(vars.addr_or(ops_var, ops_default));
+            return std::process::ExitCode::from(crate::ops::healthcheck(addr) as u8);
+        }
+        _ => {}
     }
+    let vars = Vars::from_env();
     let config = exit_on_error(parse(&vars));
     let workers = exit_on_error(crate::config::worker_threads(&vars));
     crate::telemetry::init(common(&config).log_format);

@@ -5,9 +5,14 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::config::LogFormat;
 
+/// The log filter's variable (tracing's own name) and its default.
+pub const FILTER_VAR: &str = "RUST_LOG";
+pub const DEFAULT_FILTER: &str = "info";
+
 /// Installs the global subscriber. A second call (tests start several services) is a no-op.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env(FILTER_VAR).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = fmt().with_env_filter(filter).with_target(false);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
