@@ -147,7 +147,7 @@ async fn within<T, E: std::fmt::Display>(
 }
 
 /// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             ApiError::unprocessable("body", e.to_string())

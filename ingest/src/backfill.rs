@@ -75,13 +75,7 @@ async fn backfill(
     ApiPath(id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let body: BackfillBody = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            ApiError::unprocessable("body", e.to_string())
-        } else {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        }
-    })?;
+    let body: BackfillBody = crate::admin::parse_json(&body)?;
     let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
     if instance.api_token().is_none() {
         return Err(ApiError::unprocessable(
@@ -108,6 +102,12 @@ async fn backfill(
                 Objects::List(l) => l,
                 Objects::Csv(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
             };
+            if list.is_empty() {
+                return Err(ApiError::unprocessable(
+                    "objects",
+                    "is empty: name at least one object type, or leave objects out for all",
+                ));
+            }
             if let Some(bad) = list.iter().find(|o| !POLLED_OBJECTS.contains(&o.as_str())) {
                 return Err(ApiError::unprocessable(
                     "objects",

@@ -662,13 +662,7 @@ async fn replay(
     ApiPath(instance_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            ApiError::unprocessable("body", e.to_string())
-        } else {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        }
-    })?;
+    let request: ReplayRequest = crate::admin::parse_json(&body)?;
     if state.inner.ctx.directory.get(&instance_id).is_none() {
         return Err(ApiError::NotFound {
             code: "not_found",

@@ -548,3 +548,87 @@ async fn a_stream_at_its_limit_answers_503_and_loses_nothing() {
     .await;
     pipeline.stop().await;
 }
+
+/// Puts a dead letter of `instance` straight into `ECWID_DEAD`, as the deliverer would.
+async fn dead_letter(nats: &NatsServer, instance: &str, n: usize) {
+    let js = jetstream::new(nats.client().await);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ecwid-Original-Subject", format!("ecwid.events.{instance}"));
+    h.insert("Ecwid-Dead-Reason", "attempts_exhausted");
+    js.publish_with_headers(
+        format!("ecwid.dead.deliver.{instance}"),
+        h,
+        format!("{{\"n\": {n}}}").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+}
+
+#[tokio::test]
+async fn a_bulk_replay_must_name_what_it_replays() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let id = pipeline.create_instance("8010", &receiver.url(), &[]).await;
+    for n in 0..3 {
+        dead_letter(&nats, &id, n).await;
+    }
+    // The letters' sequences (a replayed letter is no envelope, so it is dead-lettered again
+    // under a new one).
+    let seqs = || async {
+        let (status, page) = pipeline
+            .admin_request(Method::GET, "/dead-letters", None)
+            .await;
+        assert_eq!(status, 200, "{page}");
+        page["deadLetters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["seq"].as_u64())
+            .collect::<Vec<u64>>()
+    };
+    let before = seqs().await;
+    assert_eq!(before.len(), 3);
+    let count = || async { seqs().await.len() };
+
+    // An empty list, an empty filter, no body: nothing is replayed or removed.
+    for body in [
+        Some(json!({"seqs": []})),
+        Some(json!({})),
+        None,
+        Some(json!({"all": false})),
+        Some(json!({"seqs": [1], "all": true})),
+    ] {
+        let (status, answer) = pipeline
+            .admin_request(Method::POST, "/dead-letters/replay", body.clone())
+            .await;
+        assert_eq!(status, 422, "{body:?}: {answer}");
+        assert_eq!(answer["error"], "invalid_field", "{answer}");
+        assert_eq!(count().await, 3, "{body:?} replayed something");
+    }
+    // Every one, said explicitly.
+    let (status, answer) = pipeline
+        .admin_request(
+            Method::POST,
+            "/dead-letters/replay",
+            Some(json!({"all": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["replayed"], json!(before));
+    let after = seqs().await;
+    assert!(before.iter().all(|s| !after.contains(s)), "{after:?}");
+
+    // The same class elsewhere: a backfill naming no object type.
+    let (status, answer) = pipeline
+        .admin_request(
+            Method::POST,
+            &format!("/instances/{id}/backfill"),
+            Some(json!({"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z", "objects": []})),
+        )
+        .await;
+    assert!(status == 422 || status == 400, "{status}: {answer}");
+    pipeline.stop().await;
+}
