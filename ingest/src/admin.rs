@@ -18,7 +18,7 @@ use serde_json::json;
 use shared::instance::{new_instance_id, Instance, InstancePatch};
 use subtle::ConstantTimeEq;
 
-use crate::error::{self, ApiError, ApiPath, ApiQuery};
+use crate::error::{self, ApiError, ApiId, ApiQuery};
 use crate::state::AppState;
 
 /// The largest admin request body. An instance within its field limits
@@ -264,7 +264,7 @@ async fn with_state(state: &AppState, instance: &Instance) -> Result<serde_json:
 
 async fn show(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (instance, _) = existing(&state.inner.ctx.kv, &id).await?;
     Ok(Json(with_state(&state, &instance).await?))
@@ -272,7 +272,7 @@ async fn show(
 
 async fn update(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
     body: Bytes,
 ) -> Result<Json<Instance>, ApiError> {
     let patch: InstancePatch = parse_json(&body)?;
@@ -301,10 +301,7 @@ async fn update(
     )))
 }
 
-async fn remove(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<StatusCode, ApiError> {
+async fn remove(State(state): State<AppState>, ApiId(id): ApiId) -> Result<StatusCode, ApiError> {
     let store = &state.inner.ctx.kv;
     existing(store, &id).await?;
     within(store.delete(&id)).await?;

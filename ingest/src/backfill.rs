@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use shared::ecwid::PollEntity;
 use shared::instance::keys;
 
-use crate::error::{ApiError, ApiPath, JS_TIMEOUT};
+use crate::error::{ApiError, ApiId, JS_TIMEOUT};
 use crate::state::AppState;
 
 /// How long a backfill may take before the answer is 504 (the poller finishes it anyway; asking
@@ -72,7 +72,7 @@ fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
 
 async fn backfill(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let body: BackfillBody = crate::admin::parse_json(&body)?;
@@ -170,7 +170,7 @@ async fn backfill(
 
 async fn poller_status(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
 ) -> Result<Json<Value>, ApiError> {
     let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
     let store = instance.store_id().unwrap_or_default().to_owned();

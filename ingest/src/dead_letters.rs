@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 
-use crate::error::{self, ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
 const MAX_PAGE: usize = 500;
@@ -259,14 +259,14 @@ async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> 
 
 async fn show(
     State(state): State<AppState>,
-    ApiPath(seq): ApiPath<u64>,
+    ApiId(seq): ApiId<u64>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(describe(&get_one(&state, seq).await?, true)))
 }
 
 async fn remove(
     State(state): State<AppState>,
-    ApiPath(seq): ApiPath<u64>,
+    ApiId(seq): ApiId<u64>,
 ) -> Result<StatusCode, ApiError> {
     get_one(&state, seq).await?;
     let stream = dead_stream(&state).await?;

@@ -31,7 +31,7 @@ use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 
-use crate::error::{self, ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
 const DEFAULT_PAGE: usize = 50;
@@ -542,10 +542,7 @@ async fn envelope_of(
     }
 }
 
-async fn show(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn show(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
     let record = record(&state, &id).await?;
     let envelope = envelope_of(&state, &record)
         .await?
@@ -638,10 +635,7 @@ async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiErro
     Ok(pending)
 }
 
-async fn redeliver(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
+async fn redeliver(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Response, ApiError> {
     let record = record(&state, &id).await?;
     let record = send_again(&state, &record).await?;
     tracing::info!(event_id = %id, "Event redelivery requested.");
@@ -659,7 +653,7 @@ struct ReplayRequest {
 
 async fn replay(
     State(state): State<AppState>,
-    ApiPath(instance_id): ApiPath<String>,
+    ApiId(instance_id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let request: ReplayRequest = crate::admin::parse_json(&body)?;
@@ -710,7 +704,7 @@ async fn replay(
 
 async fn test(
     State(state): State<AppState>,
-    ApiPath(instance_id): ApiPath<String>,
+    ApiId(instance_id): ApiId,
 ) -> Result<Json<Value>, ApiError> {
     let ctx = &state.inner.ctx;
     let Some(instance) = ctx.directory.get(&instance_id) else {

@@ -332,6 +332,16 @@ impl EventLog {
         }
     }
 
+    /// The same log (settings, metrics) over another connection, and reading only there.
+    pub fn on(&self, js: jetstream::Context) -> Self {
+        Self {
+            readers: std::sync::Arc::new([js.clone()]),
+            next_reader: Default::default(),
+            js,
+            ..self.clone()
+        }
+    }
+
     /// Reads also go over `more` connections, in turn.
     pub fn with_readers(mut self, more: impl IntoIterator<Item = jetstream::Context>) -> Self {
         self.readers = std::iter::once(self.js.clone()).chain(more).collect();

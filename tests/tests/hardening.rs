@@ -218,17 +218,17 @@ async fn client_mistakes_are_4xx_json_without_internal_text() {
             422,
             "invalid_field",
         ),
-        // An id no instance can have.
+        // An id no instance can have: refused before any store sees it.
         (
             admin(Method::GET, &format!("/instances/{}", "a".repeat(5000))),
-            404,
-            "not_found",
+            400,
+            "invalid_path",
         ),
         (
             admin(Method::PATCH, &format!("/instances/{}", "b".repeat(5000)))
                 .json(&json!({"name": "x"})),
-            404,
-            "not_found",
+            400,
+            "invalid_path",
         ),
         // A body over the admin limit, and a field over its own.
         (
@@ -630,5 +630,105 @@ async fn a_bulk_replay_must_name_what_it_replays() {
         )
         .await;
     assert!(status == 422 || status == 400, "{status}: {answer}");
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn ids_too_long_for_nats_are_400_and_webhooks_go_on() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let id = pipeline.create_instance("8020", &receiver.url(), &[]).await;
+    let admin = |method: Method, path: &str| {
+        pipeline
+            .http
+            .request(method, pipeline.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    // About 4,000 characters: a NATS request subject built from it passes nats-server's
+    // control-line limit, and the server closes the connection it came on.
+    let long = "a".repeat(4000);
+    let digits = "9".repeat(4000);
+    let window = json!({"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z"});
+    let mut cases = vec![
+        (Method::GET, format!("/instances/{long}"), None),
+        (
+            Method::PATCH,
+            format!("/instances/{long}"),
+            Some(json!({"name": "x"})),
+        ),
+        (Method::DELETE, format!("/instances/{long}"), None),
+        (Method::GET, format!("/instances/{long}/health"), None),
+        (Method::POST, format!("/instances/{long}/pause"), None),
+        (Method::POST, format!("/instances/{long}/resume"), None),
+        (
+            Method::POST,
+            format!("/instances/{long}/replay"),
+            Some(window.clone()),
+        ),
+        (Method::POST, format!("/instances/{long}/test"), None),
+        (
+            Method::POST,
+            format!("/instances/{long}/backfill"),
+            Some(window.clone()),
+        ),
+        (Method::GET, format!("/instances/{long}/poller"), None),
+        (Method::GET, format!("/events/{long}"), None),
+        (Method::POST, format!("/events/{long}/redeliver"), None),
+        (Method::GET, format!("/dead-letters/{digits}"), None),
+        (Method::DELETE, format!("/dead-letters/{digits}"), None),
+        // Filters that become part of a subject.
+        (Method::GET, format!("/events?instance={long}"), None),
+        (Method::GET, format!("/dead-letters?instance={long}"), None),
+        (Method::GET, format!("/dead-letters?store={long}"), None),
+    ];
+    cases.push((Method::GET, format!("/events/{}", "é".repeat(10)), None));
+    for (method, path, body) in &cases {
+        let mut request = admin(method.clone(), path);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let (status, answer) = json_answer(request.send().await.expect("an answer")).await;
+        let shown: String = path.chars().take(40).collect();
+        assert_eq!(status, 400, "{method} {shown}…: {answer}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| m.len() < 300),
+            "{answer}"
+        );
+    }
+
+    // A burst of them beside a burst of webhooks: every webhook is stored (200), none 503.
+    let reads = (0..200).map(|n| {
+        let path = if n % 2 == 0 {
+            format!("/events/{long}")
+        } else {
+            format!("/events/{long}/redeliver")
+        };
+        let method = if n % 2 == 0 {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let request = admin(method, &path);
+        async move { request.send().await.map(|r| r.status().as_u16()) }
+    });
+    let hooks = (0..300).map(|n| {
+        let event = order_created(8020, &format!("burst-{n}"));
+        let pipeline = &pipeline;
+        async move { pipeline.post_json(&event, None).await.0 }
+    });
+    let (reads, hooks) = tokio::join!(
+        futures::future::join_all(reads),
+        futures::future::join_all(hooks)
+    );
+    assert!(reads.iter().all(|r| matches!(r, Ok(400))), "{reads:?}");
+    let refused: Vec<_> = hooks.iter().filter(|s| **s != 200).collect();
+    assert!(refused.is_empty(), "webhooks not stored: {refused:?}");
+    // And the admin API still reads: its connection was never closed either.
+    let (status, _) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+    receiver.wait_for(300, WAIT).await;
     pipeline.stop().await;
 }
