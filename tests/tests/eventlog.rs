@@ -393,6 +393,45 @@ async fn attempts_are_recorded_then_delivered_and_can_be_sent_again() {
 }
 
 #[tokio::test]
+async fn concurrent_redeliveries_number_every_attempt_once() {
+    const N: usize = 24;
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("9206", &receiver.url(), &[]).await;
+    let event = webhook(9206, "many-copies", "order.created", 6, Some("XJ6"));
+    assert_eq!(pipeline.post_json(&event, None).await.0, 200);
+    let got = receiver.wait_for(1, WAIT).await;
+    let id = got[0].json()["message"]["eventId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_record(&pipeline, &id, "delivered", 1).await;
+
+    // N redeliveries at once: N copies of the envelope, attempted concurrently.
+    let path = format!("/events/{id}/redeliver");
+    let asks = (0..N).map(|_| pipeline.admin_request(Method::POST, &path, None));
+    for (status, body) in futures::future::join_all(asks).await {
+        assert_eq!(status, 202, "{body}");
+    }
+    receiver.wait_for(N + 1, WAIT).await;
+    wait_settled(&nats.url(), WAIT).await;
+    let total = N as u64 + 1;
+    let shown = wait_record(&pipeline, &id, "delivered", total).await;
+    assert_eq!(receiver.count(), N + 1);
+    assert_eq!(shown["event"]["attempts"], total, "{}", shown["event"]);
+    let mut numbers: Vec<u64> = shown["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["number"].as_u64())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=total).collect::<Vec<_>>());
+    pipeline.stop().await;
+}
+
+#[tokio::test]
 async fn a_test_event_answers_how_the_receiver_took_it() {
     let nats = NatsServer::start().await;
     let pipeline = Pipeline::start(&nats.url(), &[]).await;
