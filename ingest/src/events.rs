@@ -85,6 +85,28 @@ struct Query {
     until_ms: Option<i64>,
     after: Option<u64>,
     limit: usize,
+    /// Index entries (stream sequences) one call walks back through at most.
+    budget: u64,
+}
+
+/// A page of a search: its hits (with their index sequences) and the cursor to go on from, when
+/// older entries may match.
+#[derive(Debug)]
+struct Page {
+    hits: Vec<(u64, Record)>,
+    next: Option<u64>,
+}
+
+impl Page {
+    fn full(hits: Vec<(u64, Record)>) -> Self {
+        Self { hits, next: None }
+    }
+
+    /// `hits` filled the page: go on below the last one.
+    fn more(hits: Vec<(u64, Record)>) -> Self {
+        let next = hits.last().map(|(seq, _)| *seq);
+        Self { hits, next }
+    }
 }
 
 fn bad(message: impl Into<String>) -> ApiError {
@@ -141,6 +163,7 @@ impl TryFrom<Search> for Query {
             status,
             after: s.after,
             limit,
+            budget: u64::MAX,
         })
     }
 }
@@ -304,7 +327,7 @@ async fn search_listed(
     state: &AppState,
     reader: &Stream<()>,
     q: &Query,
-) -> Result<Option<(Vec<(u64, Record)>, bool)>, ApiError> {
+) -> Result<Option<Page>, ApiError> {
     let Some(subjects) = listed_subjects(reader, &q.subject()).await? else {
         return Ok(None);
     };
@@ -325,7 +348,7 @@ async fn search_listed(
             }
         }
         hits.sort_by(|a, b| (&b.1.received_at, &b.1.id).cmp(&(&a.1.received_at, &a.1.id)));
-        return Ok(Some((hits, false)));
+        return Ok(Some(Page::full(hits)));
     }
     let reads = subjects.iter().map(|subject| entry_on(state, subject));
     let mut entries = Vec::with_capacity(subjects.len());
@@ -338,12 +361,12 @@ async fn search_listed(
             if q.record_matches(&hit.1) {
                 hits.push(hit);
                 if hits.len() == q.limit {
-                    return Ok(Some((hits, true)));
+                    return Ok(Some(Page::more(hits)));
                 }
             }
         }
     }
-    Ok(Some((hits, false)))
+    Ok(Some(Page::full(hits)))
 }
 
 /// Reads the records of `entries` (newest first), concurrently; drops those gone.
@@ -366,11 +389,13 @@ async fn records_of(
     Ok(out)
 }
 
-/// Searches newest first; returns up to `limit` records with their index sequences, and whether
-/// older ones may match.
-async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool), ApiError> {
+/// Searches newest first: up to `limit` records, and a cursor when older ones may match. Walks
+/// back through at most `q.budget` index entries: a filter the index subjects cannot narrow
+/// (`eventType` alone) over a large log stops there and answers what it found, with `next` at
+/// the point it reached, instead of reading the whole log in one request.
+async fn search(state: &AppState, q: &Query) -> Result<Page, ApiError> {
     if let Some(found) = by_ecwid_event_id(state, q).await? {
-        return Ok((found, false));
+        return Ok(Page::full(found));
     }
     let reader = state
         .inner
@@ -393,12 +418,14 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
         .after
         .unwrap_or(last.saturating_add(1))
         .min(last.saturating_add(1));
+    // Where this call's budget ends; below it is the next call's.
+    let floor = hi.saturating_sub(q.budget).max(first);
     let mut window = (q.limit as u64 * 4).max(256);
     let mut hits: Vec<(u64, Record)> = Vec::new();
     // A retried creation may have written a record's entry twice: the newest one counts.
     let mut seen = std::collections::HashSet::new();
-    while hi > first {
-        let lo = hi.saturating_sub(window).max(first);
+    while hi > floor {
+        let lo = hi.saturating_sub(window).max(floor);
         let entries = read_window(&reader, &subject, lo, hi).await?;
         let older_than_since = q
             .since_ms
@@ -413,18 +440,20 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
                 if q.record_matches(&record) {
                     hits.push((seq, record));
                     if hits.len() == q.limit {
-                        return Ok((hits, true));
+                        return Ok(Page::more(hits));
                     }
                 }
             }
         }
         if older_than_since {
-            break;
+            return Ok(Page::full(hits));
         }
         hi = lo;
         window = window.saturating_mul(4);
     }
-    Ok((hits, false))
+    // The budget ran out before the log did: go on from where this call stopped.
+    let next = (floor > first).then_some(floor);
+    Ok(Page { hits, next })
 }
 
 /// "Ecwid says it sent event E to store S; where did it go?": the records' ids follow from the
@@ -474,16 +503,14 @@ async fn list(
     State(state): State<AppState>,
     ApiQuery(search_query): ApiQuery<Search>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = Query::try_from(search_query)?;
-    let (hits, more) = search(&state, &q).await?;
-    let next = if more {
-        hits.last().map(|(seq, _)| *seq)
-    } else {
-        None
+    let q = Query {
+        budget: state.inner.config.search_scan_budget,
+        ..Query::try_from(search_query)?
     };
+    let page = search(&state, &q).await?;
     Ok(Json(json!({
-        "events": hits.iter().map(|(_, r)| summary(r)).collect::<Vec<_>>(),
-        "next": next,
+        "events": page.hits.iter().map(|(_, r)| summary(r)).collect::<Vec<_>>(),
+        "next": page.next,
     })))
 }
 
@@ -679,7 +706,10 @@ async fn replay(
         limit: MAX_REPLAY,
         ..q
     };
-    let (mut hits, more) = search(&state, &q).await?;
+    // Not budgeted: the window (since, until) bounds it, and a replay must not stop part-way
+    // through one and be asked again from the newest end.
+    let Page { mut hits, next } = search(&state, &q).await?;
+    let more = next.is_some();
     // Oldest first: a receiver restoring a backup gets them in the order they happened.
     hits.reverse();
     let mut replayed = 0usize;
