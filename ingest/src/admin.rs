@@ -66,6 +66,16 @@ impl Role {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched in any case
+/// (RFC 9110 §11.1: `bearer`, `BEARER` are the same scheme).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 fn token_matches(given: &str, expected: &str) -> bool {
     bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
@@ -79,8 +89,7 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     let Some(given) = given else {
         return ApiError::Unauthorized("send Authorization: Bearer <ADMIN_TOKEN>".into())
             .into_response();
@@ -312,4 +321,19 @@ async fn remove(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Statu
     }
     tracing::info!(instance_id = %id, "Instance deleted.");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in ["Bearer abc", "bearer abc", "BEARER  abc ", "bEaReR abc"] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", ""] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
 }

@@ -22,7 +22,6 @@ use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
-const MAX_PAGE: usize = 500;
 const MAX_REPLAY: usize = 1000;
 
 /// The dead-letter routes, mounted by [`crate::admin::router`] behind the token.
@@ -224,7 +223,7 @@ async fn list(
     State(state): State<AppState>,
     ApiQuery(filter): ApiQuery<Filter>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = filter.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let limit = error::page_limit(filter.limit, 100)?;
     let (found, more) = scan(&state, &filter, limit).await?;
     let next = if more {
         found.last().map(|m| m.sequence)

@@ -244,6 +244,23 @@ impl<S: Send + Sync, T: std::str::FromStr + Send> FromRequestParts<S> for ApiId<
     }
 }
 
+/// The largest page any list answers.
+pub const MAX_PAGE: usize = 500;
+
+/// The one paging rule of every list: `limit` is 1 to [`MAX_PAGE`] (`default` when absent);
+/// anything else is 400 `invalid_query`, never silently clamped.
+pub fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_PAGE}"),
+        ))
+    }
+}
+
 /// `axum::extract::Query`, refusing a malformed query with 400 `invalid_query` as JSON.
 #[derive(Debug)]
 pub struct ApiQuery<T>(pub T);

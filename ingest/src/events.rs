@@ -31,11 +31,10 @@ use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 
-use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT, MAX_PAGE};
 use crate::state::AppState;
 
 const DEFAULT_PAGE: usize = 50;
-const MAX_PAGE: usize = 500;
 /// Events one replay call sends again; `more` says when the window holds more.
 const MAX_REPLAY: usize = 1000;
 /// How long `POST /instances/{id}/test` waits for a deliverer to make the attempt.
@@ -147,10 +146,7 @@ impl TryFrom<Search> for Query {
                 })
             })
             .transpose()?;
-        let limit = s.limit.unwrap_or(DEFAULT_PAGE);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(bad(format!("limit must be between 1 and {MAX_PAGE}")));
-        }
+        let limit = error::page_limit(s.limit, DEFAULT_PAGE)?;
         Ok(Self {
             since_ms: time(s.since.as_deref(), "since")?,
             until_ms: time(s.until.as_deref(), "until")?,

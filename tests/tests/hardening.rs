@@ -732,3 +732,38 @@ async fn ids_too_long_for_nats_are_400_and_webhooks_go_on() {
     receiver.wait_for(300, WAIT).await;
     pipeline.stop().await;
 }
+
+#[tokio::test]
+async fn lists_share_one_paging_rule_and_the_bearer_scheme_has_any_case() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    for path in [
+        "/dead-letters?limit=0",
+        "/dead-letters?limit=501",
+        "/events?limit=0",
+        "/events?limit=501",
+    ] {
+        let (status, body) = pipeline.admin_request(Method::GET, path, None).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"], "invalid_query", "{path}: {body}");
+    }
+    for path in ["/dead-letters?limit=500", "/events?limit=500"] {
+        assert_eq!(pipeline.admin_request(Method::GET, path, None).await.0, 200);
+    }
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let resp = pipeline
+            .http
+            .get(pipeline.admin_url("/whoami"))
+            .header("authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .expect("an answer");
+        let (status, body) = json_answer(resp).await;
+        assert_eq!(
+            (status, body["role"].as_str()),
+            (200, Some("admin")),
+            "{scheme}"
+        );
+    }
+    pipeline.stop().await;
+}
