@@ -767,3 +767,24 @@ async fn lists_share_one_paging_rule_and_the_bearer_scheme_has_any_case() {
     }
     pipeline.stop().await;
 }
+
+#[tokio::test]
+async fn integer_ids_beyond_f64_stay_exact_in_object_id() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("8030", &receiver.url(), &[]).await;
+    let huge = format!("1{}", "0".repeat(40));
+    // The id written as a JSON number, exactly as Ecwid would send a product id.
+    let body = format!(
+        r#"{{"eventId":"huge-id","eventCreated":1764000000,"storeId":8030,"entityId":{huge},"eventType":"product.updated"}}"#
+    );
+    let (status, answer) = post_raw(&pipeline, "application/json", body.into_bytes()).await;
+    assert_eq!(status, 200, "{answer}");
+    let got = receiver.wait_for(1, WAIT).await;
+    assert_eq!(
+        got[0].json()["message"]["events"][0]["objectId"],
+        json!(huge)
+    );
+    pipeline.stop().await;
+}
