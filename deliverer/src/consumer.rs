@@ -319,8 +319,6 @@ impl Worker {
             &self.ctx.log,
             &message,
             head.as_ref().ok(),
-            offset,
-            attempt,
             sent.as_ref(),
             &outcome,
         )

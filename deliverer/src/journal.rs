@@ -3,9 +3,12 @@
 //! before the message is settled: a deliverer that dies before writing leaves the message to be
 //! redelivered, and the next attempt's snapshot says what really happened.
 //!
-//! The first attempt of an envelope never redelivered needs no read: everything the record holds
-//! is in the envelope and its headers. Later attempts read the snapshot and append to it (a
-//! compare-and-set write, so two writers cannot lose each other's attempt).
+//! Every snapshot is a compare-and-set write onto the stored one
+//! ([`EventLog::update`](shared::eventlog::EventLog::update)), and an attempt is numbered from
+//! the stored record at that moment (its count plus one), not from what this message was told
+//! when it was published: copies of one envelope delivered at once (concurrent redeliveries and
+//! replays) then neither lose each other's attempts nor repeat a number. That costs the first
+//! attempt a read it once skipped; a write it could not make exact was not worth the saving.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -95,23 +98,13 @@ fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
     }
 }
 
-/// How a snapshot is written: outright, or onto the one stored (from this base when none is).
-enum Write {
-    Put(Record),
-    Update(Record),
-}
-
 /// Writes the snapshot that follows `outcome` for `message`, whose body's head is `head` (`None`
-/// when it is not an envelope). `offset` is the attempts made before this message was
-/// (re)delivered, `attempt` this message's own attempt number. A deferral (no attempt) writes
-/// nothing. Failures are counted and tried again a few times; the
-/// delivery goes on regardless.
+/// when it is not an envelope). A deferral (no attempt) writes nothing. Failures are counted and
+/// tried again a few times; the delivery goes on regardless.
 pub(crate) async fn record(
     log: &EventLog,
     message: &jetstream::Message,
     head: Option<&MessageHead<'_>>,
-    offset: u64,
-    attempt: u64,
     sent: Option<&Sent>,
     outcome: &Outcome,
 ) {
@@ -137,17 +130,18 @@ pub(crate) async fn record(
         // Not an envelope: it is dead-lettered as unparseable, and has no record to update.
         return;
     };
-    let entry = sent.map(|s| attempt_entry(offset + attempt, s));
     let envelope_seq = base.envelope_seq;
     let apply = |mut r: Record| {
         r.status = status;
         r.next_attempt_at = next_attempt_at.clone();
-        if let Some(entry) = &entry {
-            r.push_attempt(entry.clone());
+        if let Some(sent) = sent {
+            // Numbered on from the snapshot this write replaces: unique however many copies of
+            // the envelope are attempted at once.
+            r.push_attempt(attempt_entry(r.attempts + 1, sent));
         }
         match outcome {
             Outcome::Ack => r.delivered_at = Some(unix_ms_to_rfc3339(now_ms)),
-            Outcome::Dead { error, .. } if entry.is_none() => {
+            Outcome::Dead { error, .. } if sent.is_none() => {
                 r.last_error = Some(eventlog::clip(error, eventlog::MAX_ERROR_CHARS));
             }
             _ => {}
@@ -157,23 +151,13 @@ pub(crate) async fn record(
         }
         r
     };
-    // The first attempt of an envelope never redelivered writes its snapshot outright, built
-    // once; any other reads the snapshot and appends to it.
-    let write = if offset == 0 && attempt == 1 && sent.is_some() {
-        Write::Put(apply(base))
-    } else {
-        Write::Update(base)
-    };
     for try_number in 1..=TRIES {
-        let written = match &write {
-            Write::Put(snapshot) => log.put(snapshot).await,
-            Write::Update(base) => log
-                .update(&base.id, |current| {
-                    apply(current.unwrap_or_else(|| base.clone()))
-                })
-                .await
-                .map(drop),
-        };
+        let written = log
+            .update(&base.id, |current| {
+                apply(current.unwrap_or_else(|| base.clone()))
+            })
+            .await
+            .map(drop);
         match written {
             Ok(()) => return,
             Err(error) => {

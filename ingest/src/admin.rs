@@ -18,7 +18,7 @@ use serde_json::json;
 use shared::instance::{new_instance_id, Instance, InstancePatch};
 use subtle::ConstantTimeEq;
 
-use crate::error::{self, ApiError, ApiPath, ApiQuery};
+use crate::error::{self, ApiError, ApiId, ApiQuery};
 use crate::state::AppState;
 
 /// The largest admin request body. An instance within its field limits
@@ -66,6 +66,16 @@ impl Role {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched in any case
+/// (RFC 9110 §11.1: `bearer`, `BEARER` are the same scheme).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 fn token_matches(given: &str, expected: &str) -> bool {
     bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
@@ -79,8 +89,7 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     let Some(given) = given else {
         return ApiError::Unauthorized("send Authorization: Bearer <ADMIN_TOKEN>".into())
             .into_response();
@@ -147,7 +156,7 @@ async fn within<T, E: std::fmt::Display>(
 }
 
 /// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             ApiError::unprocessable("body", e.to_string())
@@ -264,7 +273,7 @@ async fn with_state(state: &AppState, instance: &Instance) -> Result<serde_json:
 
 async fn show(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (instance, _) = existing(&state.inner.ctx.kv, &id).await?;
     Ok(Json(with_state(&state, &instance).await?))
@@ -272,7 +281,7 @@ async fn show(
 
 async fn update(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
     body: Bytes,
 ) -> Result<Json<Instance>, ApiError> {
     let patch: InstancePatch = parse_json(&body)?;
@@ -301,10 +310,7 @@ async fn update(
     )))
 }
 
-async fn remove(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<StatusCode, ApiError> {
+async fn remove(State(state): State<AppState>, ApiId(id): ApiId) -> Result<StatusCode, ApiError> {
     let store = &state.inner.ctx.kv;
     existing(store, &id).await?;
     within(store.delete(&id)).await?;
@@ -315,4 +321,19 @@ async fn remove(
     }
     tracing::info!(instance_id = %id, "Instance deleted.");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in ["Bearer abc", "bearer abc", "BEARER  abc ", "bEaReR abc"] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", ""] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use shared::ecwid::PollEntity;
 use shared::instance::keys;
 
-use crate::error::{ApiError, ApiPath, JS_TIMEOUT};
+use crate::error::{ApiError, ApiId, JS_TIMEOUT};
 use crate::state::AppState;
 
 /// How long a backfill may take before the answer is 504 (the poller finishes it anyway; asking
@@ -72,16 +72,10 @@ fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
 
 async fn backfill(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let body: BackfillBody = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            ApiError::unprocessable("body", e.to_string())
-        } else {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        }
-    })?;
+    let body: BackfillBody = crate::admin::parse_json(&body)?;
     let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
     if instance.api_token().is_none() {
         return Err(ApiError::unprocessable(
@@ -108,6 +102,12 @@ async fn backfill(
                 Objects::List(l) => l,
                 Objects::Csv(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
             };
+            if list.is_empty() {
+                return Err(ApiError::unprocessable(
+                    "objects",
+                    "is empty: name at least one object type, or leave objects out for all",
+                ));
+            }
             if let Some(bad) = list.iter().find(|o| !POLLED_OBJECTS.contains(&o.as_str())) {
                 return Err(ApiError::unprocessable(
                     "objects",
@@ -170,7 +170,7 @@ async fn backfill(
 
 async fn poller_status(
     State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
+    ApiId(id): ApiId,
 ) -> Result<Json<Value>, ApiError> {
     let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
     let store = instance.store_id().unwrap_or_default().to_owned();

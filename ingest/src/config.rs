@@ -40,6 +40,10 @@ pub struct Config {
     pub body_timeout: Duration,
     /// `DELIVER_ALLOW_NETWORKS`: literal callback addresses the admin API accepts.
     pub allow_networks: AllowList,
+    /// `EVENT_SEARCH_SCAN_BUDGET`, default 20000: how many index entries (stream sequences) one
+    /// `GET /events` walks back through at most; a search the budget does not finish answers what
+    /// it found with a `next` cursor to go on from.
+    pub search_scan_budget: u64,
 }
 
 impl Config {
@@ -92,7 +96,15 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        let search_scan_budget: u64 = vars.parse_or("EVENT_SEARCH_SCAN_BUDGET", 20_000)?;
+        if !(100..=10_000_000).contains(&search_scan_budget) {
+            return Err(ConfigError::new(
+                "EVENT_SEARCH_SCAN_BUDGET",
+                "must be between 100 and 10000000",
+            ));
+        }
         Ok(Self {
+            search_scan_budget,
             common: CommonConfig::from_vars(vars)?,
             listen: vars.addr_or("INGEST_LISTEN", DEFAULT_LISTEN)?,
             admin_listen: vars.addr_or("ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN)?,
@@ -135,6 +147,7 @@ mod tests {
         assert_eq!(c.body_timeout, Duration::from_secs(10));
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
         assert!(c.admin_read_token.is_none());
+        assert_eq!(c.search_scan_budget, 20_000);
     }
 
     #[test]
@@ -166,6 +179,7 @@ mod tests {
             ("INGEST_HEADER_TIMEOUT_MS", "5"),
             ("INGEST_BODY_TIMEOUT_MS", "soon"),
             ("INGEST_MAX_CONNECTIONS", "0"),
+            ("EVENT_SEARCH_SCAN_BUDGET", "10"),
             ("DELIVER_ALLOW_NETWORKS", "10.0.0.0/40"),
             ("NATS_URL", "http://localhost"),
         ] {

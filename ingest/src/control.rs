@@ -21,7 +21,7 @@ use shared::nats::{
 use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 
 use crate::admin::existing;
-use crate::error::{self, ApiError, ApiPath, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiId, JS_TIMEOUT};
 use crate::state::AppState;
 /// Compare-and-set tries before a pause or resume answers 409.
 const TRIES: usize = 5;
@@ -110,17 +110,11 @@ async fn set(state: &AppState, id: &str, to: Mode) -> Result<Json<Value>, ApiErr
     )))
 }
 
-async fn pause(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn pause(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
     set(&state, &id, Mode::Paused).await
 }
 
-async fn resume(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn resume(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
     set(&state, &id, Mode::Active).await
 }
 
@@ -180,10 +174,7 @@ fn time(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, |ms| Value::String(unix_ms_to_rfc3339(ms)))
 }
 
-async fn health(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn health(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
     let (instance, _) = existing(&state.inner.ctx.kv, &id).await?;
     let (current, _) = state_of(&state, &instance).await?;
     let callback = match instance.callback_url() {

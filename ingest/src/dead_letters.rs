@@ -19,10 +19,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 
-use crate::error::{self, ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
 
-const MAX_PAGE: usize = 500;
 const MAX_REPLAY: usize = 1000;
 
 /// The dead-letter routes, mounted by [`crate::admin::router`] behind the token.
@@ -224,7 +223,7 @@ async fn list(
     State(state): State<AppState>,
     ApiQuery(filter): ApiQuery<Filter>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = filter.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let limit = error::page_limit(filter.limit, 100)?;
     let (found, more) = scan(&state, &filter, limit).await?;
     let next = if more {
         found.last().map(|m| m.sequence)
@@ -259,14 +258,14 @@ async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> 
 
 async fn show(
     State(state): State<AppState>,
-    ApiPath(seq): ApiPath<u64>,
+    ApiId(seq): ApiId<u64>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(describe(&get_one(&state, seq).await?, true)))
 }
 
 async fn remove(
     State(state): State<AppState>,
-    ApiPath(seq): ApiPath<u64>,
+    ApiId(seq): ApiId<u64>,
 ) -> Result<StatusCode, ApiError> {
     get_one(&state, seq).await?;
     let stream = dead_stream(&state).await?;
@@ -278,13 +277,17 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /dead-letters/replay`: `{"seq": 12}`, `{"seqs": [12, 13]}`, or a filter
-/// (`{"stage": "deliver", "instance": "…", "since": "…"}`; `{}` replays everything, up to 1000).
+/// `POST /dead-letters/replay`: `{"seq": 12}`, `{"seqs": [12, 13]}`, a filter
+/// (`{"stage": "deliver", "instance": "…", "since": "…"}`), or `{"all": true}`; up to 1000 a
+/// call. What is replayed must be said: an empty body, `{}` or `{"seqs": []}` is a 422, not
+/// "everything" (a script that builds an empty list must not replay and remove every letter).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ReplayRequest {
     seq: Option<u64>,
     seqs: Option<Vec<u64>>,
+    #[serde(default)]
+    all: bool,
     stage: Option<String>,
     instance: Option<String>,
     store: Option<String>,
@@ -292,36 +295,90 @@ struct ReplayRequest {
     until: Option<String>,
 }
 
+/// Which dead letters a replay names: listed, or matching a filter (the empty filter only when
+/// `"all": true` said so).
+#[derive(Debug)]
+enum Selection {
+    Listed(Vec<u64>),
+    Matching(Filter),
+}
+
+impl ReplayRequest {
+    fn selection(self) -> Result<Selection, ApiError> {
+        let filter = Filter {
+            stage: self.stage,
+            instance: self.instance,
+            store: self.store,
+            since: self.since,
+            until: self.until,
+            after: None,
+            limit: None,
+        };
+        let filtered = filter.stage.is_some()
+            || filter.instance.is_some()
+            || filter.store.is_some()
+            || filter.since.is_some()
+            || filter.until.is_some();
+        let listed = self.seq.is_some() || self.seqs.is_some();
+        if listed && (filtered || self.all) {
+            return Err(ApiError::unprocessable(
+                "seqs",
+                "name dead letters by seq/seqs, or by a filter or \"all\": true, not both",
+            ));
+        }
+        if filtered && self.all {
+            return Err(ApiError::unprocessable(
+                "all",
+                "\"all\": true replays every dead letter; drop it to replay what the filter matches",
+            ));
+        }
+        if listed {
+            let seqs: Vec<u64> = self
+                .seq
+                .into_iter()
+                .chain(self.seqs.into_iter().flatten())
+                .collect();
+            if seqs.is_empty() {
+                return Err(ApiError::unprocessable(
+                    "seqs",
+                    "is empty: name at least one dead letter (to replay every one, send {\"all\": true})",
+                ));
+            }
+            if seqs.len() > MAX_REPLAY {
+                return Err(ApiError::unprocessable(
+                    "seqs",
+                    format!("at most {MAX_REPLAY} a call"),
+                ));
+            }
+            if seqs.contains(&0) {
+                return Err(ApiError::unprocessable("seq", "sequences start at 1"));
+            }
+            return Ok(Selection::Listed(seqs));
+        }
+        if !filtered && !self.all {
+            return Err(ApiError::unprocessable(
+                "body",
+                "say which dead letters to replay: seq, seqs, a filter (stage, instance, store, \
+                 since, until) or \"all\": true",
+            ));
+        }
+        Ok(Selection::Matching(filter))
+    }
+}
+
 async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?
+        crate::admin::parse_json(&body)?
     };
-    if request.seq == Some(0) || request.seqs.iter().flatten().any(|s| *s == 0) {
-        return Err(ApiError::unprocessable("seq", "sequences start at 1"));
-    }
-    let mut seqs: Vec<u64> = request
-        .seq
-        .into_iter()
-        .chain(request.seqs.into_iter().flatten())
-        .collect();
-    let mut more = false;
-    if seqs.is_empty() {
-        let filter = Filter {
-            stage: request.stage,
-            instance: request.instance,
-            store: request.store,
-            since: request.since,
-            until: request.until,
-            after: None,
-            limit: None,
-        };
-        let (found, has_more) = scan(&state, &filter, MAX_REPLAY).await?;
-        seqs = found.iter().map(|m| m.sequence).collect();
-        more = has_more;
-    }
+    let (seqs, more) = match request.selection()? {
+        Selection::Listed(seqs) => (seqs, false),
+        Selection::Matching(filter) => {
+            let (found, more) = scan(&state, &filter, MAX_REPLAY).await?;
+            (found.iter().map(|m| m.sequence).collect(), more)
+        }
+    };
     let mut replayed = Vec::new();
     let mut failed = Vec::new();
     for seq in seqs {
@@ -369,4 +426,49 @@ async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
         tracing::warn!(%error, seq, "Replayed dead letter could not be deleted.");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selection(body: &str) -> Result<Selection, ApiError> {
+        let request: ReplayRequest = if body.is_empty() {
+            ReplayRequest::default()
+        } else {
+            crate::admin::parse_json(body.as_bytes())?
+        };
+        request.selection()
+    }
+
+    #[test]
+    fn a_replay_must_say_what_it_replays() {
+        for unsaid in [
+            "",
+            "{}",
+            r#"{"seqs": []}"#,
+            r#"{"all": false}"#,
+            r#"{"seq": 1, "all": true}"#,
+            r#"{"seqs": [1], "stage": "deliver"}"#,
+            r#"{"all": true, "stage": "deliver"}"#,
+            r#"{"seqs": [0]}"#,
+        ] {
+            let e = selection(unsaid).expect_err(unsaid);
+            assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY, "{unsaid}");
+        }
+        let too_many = format!(r#"{{"seqs": [{}]}}"#, vec!["7"; MAX_REPLAY + 1].join(","));
+        assert!(selection(&too_many).is_err());
+        assert!(matches!(
+            selection(r#"{"seq": 3, "seqs": [4]}"#),
+            Ok(Selection::Listed(s)) if s == [3, 4]
+        ));
+        assert!(matches!(
+            selection(r#"{"all": true}"#),
+            Ok(Selection::Matching(f)) if f.stage.is_none() && f.instance.is_none()
+        ));
+        assert!(matches!(
+            selection(r#"{"stage": "deliver"}"#),
+            Ok(Selection::Matching(f)) if f.stage.as_deref() == Some("deliver")
+        ));
+    }
 }

@@ -1,5 +1,5 @@
 //! Every refusal of the ingest: a status code and a JSON body `{"error", "message"}`. 5xx bodies
-//! say nothing internal. [`ApiPath`] and [`ApiQuery`] answer their parse failures the same way,
+//! say nothing internal. [`ApiId`] and [`ApiQuery`] answer their parse failures the same way,
 //! and [`json_errors`] turns any other error a layer below us writes as text into that shape.
 
 use axum::body::Body;
@@ -208,18 +208,56 @@ impl From<shared::ecwid::ParseError> for ApiError {
     }
 }
 
-/// `axum::extract::Path`, refusing a malformed path segment with 400 `invalid_path` as JSON.
+/// The id in an admin route's path (`/instances/{id}`, `/events/{id}`, `/dead-letters/{seq}`),
+/// checked before any store sees it: 1 to [`shared::nats::MAX_TOKEN_BYTES`] letters, digits,
+/// `-` or `_` (every id becomes part of a subject or a key), then parsed as `T`. Anything else is
+/// 400 `invalid_path` as JSON, so an id of thousands of characters never reaches NATS.
 #[derive(Debug)]
-pub struct ApiPath<T>(pub T);
+pub struct ApiId<T = String>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+impl<S: Send + Sync, T: std::str::FromStr + Send> FromRequestParts<S> for ApiId<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| ApiPath(p.0))
-            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+        let axum::extract::Path(raw) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+        let invalid = |what: &str| {
+            ApiError::bad_request(
+                "invalid_path",
+                format!(
+                    "the id in the path {what}; ids are 1 to {} letters, digits, '-' or '_'",
+                    shared::nats::MAX_TOKEN_BYTES
+                ),
+            )
+        };
+        if raw.len() > shared::nats::MAX_TOKEN_BYTES {
+            return Err(invalid(&format!("is {} bytes long", raw.len())));
+        }
+        if !shared::nats::is_subject_token(&raw) {
+            return Err(invalid("holds characters no id has"));
+        }
+        raw.parse()
+            .map(ApiId)
+            .map_err(|_| invalid(&format!("`{raw}` is not of the kind this route takes")))
+    }
+}
+
+/// The largest page any list answers.
+pub const MAX_PAGE: usize = 500;
+
+/// The one paging rule of every list: `limit` is 1 to [`MAX_PAGE`] (`default` when absent);
+/// anything else is 400 `invalid_query`, never silently clamped.
+pub fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_PAGE}"),
+        ))
     }
 }
 
@@ -300,7 +338,7 @@ mod tests {
         Router::new()
             .route(
                 "/items/{seq}",
-                get(|ApiPath(seq): ApiPath<u64>| async move { seq.to_string() }),
+                get(|ApiId(seq): ApiId<u64>| async move { seq.to_string() }),
             )
             .route("/items", get(|ApiQuery(_p): ApiQuery<Page>| async { "ok" }))
             .route(
@@ -332,6 +370,12 @@ mod tests {
     #[tokio::test]
     async fn every_client_mistake_is_answered_as_json() {
         let (status, body) = answer(get_req("/items/abc")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_path"))
+        );
+        let long = format!("/items/{}", "9".repeat(4000));
+        let (status, body) = answer(get_req(&long)).await;
         assert_eq!(
             (status, body["error"].as_str()),
             (StatusCode::BAD_REQUEST, Some("invalid_path"))

@@ -31,11 +31,10 @@ use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 
-use crate::error::{self, ApiError, ApiPath, ApiQuery, JS_TIMEOUT};
+use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT, MAX_PAGE};
 use crate::state::AppState;
 
 const DEFAULT_PAGE: usize = 50;
-const MAX_PAGE: usize = 500;
 /// Events one replay call sends again; `more` says when the window holds more.
 const MAX_REPLAY: usize = 1000;
 /// How long `POST /instances/{id}/test` waits for a deliverer to make the attempt.
@@ -85,6 +84,28 @@ struct Query {
     until_ms: Option<i64>,
     after: Option<u64>,
     limit: usize,
+    /// Index entries (stream sequences) one call walks back through at most.
+    budget: u64,
+}
+
+/// A page of a search: its hits (with their index sequences) and the cursor to go on from, when
+/// older entries may match.
+#[derive(Debug)]
+struct Page {
+    hits: Vec<(u64, Record)>,
+    next: Option<u64>,
+}
+
+impl Page {
+    fn full(hits: Vec<(u64, Record)>) -> Self {
+        Self { hits, next: None }
+    }
+
+    /// `hits` filled the page: go on below the last one.
+    fn more(hits: Vec<(u64, Record)>) -> Self {
+        let next = hits.last().map(|(seq, _)| *seq);
+        Self { hits, next }
+    }
 }
 
 fn bad(message: impl Into<String>) -> ApiError {
@@ -125,10 +146,7 @@ impl TryFrom<Search> for Query {
                 })
             })
             .transpose()?;
-        let limit = s.limit.unwrap_or(DEFAULT_PAGE);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(bad(format!("limit must be between 1 and {MAX_PAGE}")));
-        }
+        let limit = error::page_limit(s.limit, DEFAULT_PAGE)?;
         Ok(Self {
             since_ms: time(s.since.as_deref(), "since")?,
             until_ms: time(s.until.as_deref(), "until")?,
@@ -141,6 +159,7 @@ impl TryFrom<Search> for Query {
             status,
             after: s.after,
             limit,
+            budget: u64::MAX,
         })
     }
 }
@@ -304,7 +323,7 @@ async fn search_listed(
     state: &AppState,
     reader: &Stream<()>,
     q: &Query,
-) -> Result<Option<(Vec<(u64, Record)>, bool)>, ApiError> {
+) -> Result<Option<Page>, ApiError> {
     let Some(subjects) = listed_subjects(reader, &q.subject()).await? else {
         return Ok(None);
     };
@@ -325,7 +344,7 @@ async fn search_listed(
             }
         }
         hits.sort_by(|a, b| (&b.1.received_at, &b.1.id).cmp(&(&a.1.received_at, &a.1.id)));
-        return Ok(Some((hits, false)));
+        return Ok(Some(Page::full(hits)));
     }
     let reads = subjects.iter().map(|subject| entry_on(state, subject));
     let mut entries = Vec::with_capacity(subjects.len());
@@ -338,12 +357,12 @@ async fn search_listed(
             if q.record_matches(&hit.1) {
                 hits.push(hit);
                 if hits.len() == q.limit {
-                    return Ok(Some((hits, true)));
+                    return Ok(Some(Page::more(hits)));
                 }
             }
         }
     }
-    Ok(Some((hits, false)))
+    Ok(Some(Page::full(hits)))
 }
 
 /// Reads the records of `entries` (newest first), concurrently; drops those gone.
@@ -366,11 +385,13 @@ async fn records_of(
     Ok(out)
 }
 
-/// Searches newest first; returns up to `limit` records with their index sequences, and whether
-/// older ones may match.
-async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool), ApiError> {
+/// Searches newest first: up to `limit` records, and a cursor when older ones may match. Walks
+/// back through at most `q.budget` index entries: a filter the index subjects cannot narrow
+/// (`eventType` alone) over a large log stops there and answers what it found, with `next` at
+/// the point it reached, instead of reading the whole log in one request.
+async fn search(state: &AppState, q: &Query) -> Result<Page, ApiError> {
     if let Some(found) = by_ecwid_event_id(state, q).await? {
-        return Ok((found, false));
+        return Ok(Page::full(found));
     }
     let reader = state
         .inner
@@ -393,12 +414,14 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
         .after
         .unwrap_or(last.saturating_add(1))
         .min(last.saturating_add(1));
+    // Where this call's budget ends; below it is the next call's.
+    let floor = hi.saturating_sub(q.budget).max(first);
     let mut window = (q.limit as u64 * 4).max(256);
     let mut hits: Vec<(u64, Record)> = Vec::new();
     // A retried creation may have written a record's entry twice: the newest one counts.
     let mut seen = std::collections::HashSet::new();
-    while hi > first {
-        let lo = hi.saturating_sub(window).max(first);
+    while hi > floor {
+        let lo = hi.saturating_sub(window).max(floor);
         let entries = read_window(&reader, &subject, lo, hi).await?;
         let older_than_since = q
             .since_ms
@@ -413,18 +436,20 @@ async fn search(state: &AppState, q: &Query) -> Result<(Vec<(u64, Record)>, bool
                 if q.record_matches(&record) {
                     hits.push((seq, record));
                     if hits.len() == q.limit {
-                        return Ok((hits, true));
+                        return Ok(Page::more(hits));
                     }
                 }
             }
         }
         if older_than_since {
-            break;
+            return Ok(Page::full(hits));
         }
         hi = lo;
         window = window.saturating_mul(4);
     }
-    Ok((hits, false))
+    // The budget ran out before the log did: go on from where this call stopped.
+    let next = (floor > first).then_some(floor);
+    Ok(Page { hits, next })
 }
 
 /// "Ecwid says it sent event E to store S; where did it go?": the records' ids follow from the
@@ -474,16 +499,14 @@ async fn list(
     State(state): State<AppState>,
     ApiQuery(search_query): ApiQuery<Search>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = Query::try_from(search_query)?;
-    let (hits, more) = search(&state, &q).await?;
-    let next = if more {
-        hits.last().map(|(seq, _)| *seq)
-    } else {
-        None
+    let q = Query {
+        budget: state.inner.config.search_scan_budget,
+        ..Query::try_from(search_query)?
     };
+    let page = search(&state, &q).await?;
     Ok(Json(json!({
-        "events": hits.iter().map(|(_, r)| summary(r)).collect::<Vec<_>>(),
-        "next": next,
+        "events": page.hits.iter().map(|(_, r)| summary(r)).collect::<Vec<_>>(),
+        "next": page.next,
     })))
 }
 
@@ -542,10 +565,7 @@ async fn envelope_of(
     }
 }
 
-async fn show(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn show(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
     let record = record(&state, &id).await?;
     let envelope = envelope_of(&state, &record)
         .await?
@@ -638,10 +658,7 @@ async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiErro
     Ok(pending)
 }
 
-async fn redeliver(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
+async fn redeliver(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Response, ApiError> {
     let record = record(&state, &id).await?;
     let record = send_again(&state, &record).await?;
     tracing::info!(event_id = %id, "Event redelivery requested.");
@@ -659,16 +676,10 @@ struct ReplayRequest {
 
 async fn replay(
     State(state): State<AppState>,
-    ApiPath(instance_id): ApiPath<String>,
+    ApiId(instance_id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            ApiError::unprocessable("body", e.to_string())
-        } else {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        }
-    })?;
+    let request: ReplayRequest = crate::admin::parse_json(&body)?;
     if state.inner.ctx.directory.get(&instance_id).is_none() {
         return Err(ApiError::NotFound {
             code: "not_found",
@@ -691,7 +702,10 @@ async fn replay(
         limit: MAX_REPLAY,
         ..q
     };
-    let (mut hits, more) = search(&state, &q).await?;
+    // Not budgeted: the window (since, until) bounds it, and a replay must not stop part-way
+    // through one and be asked again from the newest end.
+    let Page { mut hits, next } = search(&state, &q).await?;
+    let more = next.is_some();
     // Oldest first: a receiver restoring a backup gets them in the order they happened.
     hits.reverse();
     let mut replayed = 0usize;
@@ -716,7 +730,7 @@ async fn replay(
 
 async fn test(
     State(state): State<AppState>,
-    ApiPath(instance_id): ApiPath<String>,
+    ApiId(instance_id): ApiId,
 ) -> Result<Json<Value>, ApiError> {
     let ctx = &state.inner.ctx;
     let Some(instance) = ctx.directory.get(&instance_id) else {

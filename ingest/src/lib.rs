@@ -39,6 +39,9 @@ pub use state::AppState;
 /// records at once; the server serves each connection's requests in order).
 const LOG_READERS: usize = 4;
 
+/// The name of the admin API's own NATS connection (in nats-server's `connz`).
+pub const ADMIN_CONNECTION: &str = "ecwid-ingest-admin";
+
 /// The two listeners: webhooks (public) and admin + ops (internal).
 #[derive(Debug)]
 pub struct Listeners {
@@ -55,7 +58,13 @@ pub async fn run(
     client: async_nats::Client,
     cancel: CancellationToken,
 ) -> Result<(), shared::Error> {
-    let mut ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
+    let ctx = ServiceContext::start(client.clone(), &config.common, "ingest", &cancel).await?;
+    // The admin API has a connection of its own: nats-server serves one connection's requests in
+    // order and closes a connection that sends it something it refuses, so a burst of admin
+    // reads (or a bad one) must never queue behind, or break, the webhooks' publishes.
+    let admin_client =
+        shared::nats::connect(&config.common.nats_url, ADMIN_CONNECTION, &cancel).await?;
+    let mut admin_ctx = ctx.on_connection(admin_client.clone()).await?;
     let mut readers = Vec::new();
     // With the log off nothing is read: no extra connections.
     let extra = if config.common.event_log {
@@ -67,7 +76,7 @@ pub async fn run(
         let reader = shared::nats::connect(&config.common.nats_url, "ecwid-ingest-reads", &cancel);
         readers.push(shared::nats::jetstream(reader.await?));
     }
-    ctx.log = ctx.log.with_readers(readers);
+    admin_ctx.log = admin_ctx.log.with_readers(readers);
     let metrics = metrics::Metrics::register(&ctx.registry);
     metrics::spawn_stream_usage(
         ctx.js.clone(),
@@ -77,10 +86,11 @@ pub async fn run(
     );
     let grace = config.common.shutdown_grace;
     let limits = config.server_limits;
-    let state = AppState::new(config, ctx, metrics);
-    let webhooks = routes::router(state.clone());
-    let admin =
-        admin::router(state.clone()).merge(shared::ops::router(state.inner.ctx.ops_state()));
+    let ops = shared::ops::router(ctx.ops_state());
+    let state = AppState::new(config.clone(), ctx, metrics.clone());
+    let admin_state = AppState::new(config, admin_ctx, metrics);
+    let webhooks = routes::router(state);
+    let admin = admin::router(admin_state).merge(ops);
     tracing::info!(
         webhooks = %listeners.webhooks.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %listeners.admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -98,5 +108,6 @@ pub async fn run(
         tracing::error!(%error, "HTTP server failed.");
     }
     shared::shutdown::drain_nats(&client, &deadline).await;
+    shared::shutdown::drain_nats(&admin_client, &deadline).await;
     Ok(())
 }

@@ -164,10 +164,23 @@ impl<'a> V3Event<'a> {
             .filter(|d| d.get().starts_with('{'))
             .and_then(|d| serde_json::from_str::<OrderData<'_>>(d.get()).ok())
             .and_then(|d| d.order_id)
-            .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
-            .and_then(|id| id_string(&id))
+            .and_then(raw_id_string)
             .filter(|s| !s.is_empty())
     }
+}
+
+/// An id as the payload's own text: a JSON string as it is, an integer digit for digit (parsed
+/// into a number first, `10^40` would come out as `1e+40`), any other number as [`id_string`]
+/// renders it.
+pub fn raw_id_string(raw: &RawValue) -> Option<String> {
+    let text = raw.get().trim();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(text.to_owned());
+    }
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| id_string(&v))
 }
 
 /// An id rendered as the string a REST API would use: numbers in decimal, strings as they are.
@@ -299,9 +312,7 @@ pub fn parse_v3(body: &[u8]) -> Result<V3Event<'_>, ParseError> {
         _ => return Err(ParseError::field("storeId", NOT_STORE)),
     };
     let event_type = text(event_type, "eventType")?;
-    let entity_id = entity_id
-        .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
-        .and_then(|e| id_string(&e));
+    let entity_id = entity_id.and_then(raw_id_string);
     Ok(V3Event {
         event_id,
         event_created,
@@ -774,6 +785,17 @@ mod tests {
         assert_eq!(e.data_order_id().as_deref(), Some("XJ12H"));
         assert_eq!(e.msg_id(), "v3:1003:80aece08-40e8-4145-8764-6c2f0d38678");
         assert_eq!(e.raw().unwrap().get().as_bytes(), body);
+    }
+
+    #[test]
+    fn integer_ids_stay_exact_as_text() {
+        let raw = |t: &str| RawValue::from_string(t.to_owned()).unwrap();
+        let huge = format!("1{}", "0".repeat(40));
+        assert_eq!(raw_id_string(&raw(&huge)), Some(huge.clone()));
+        assert_eq!(raw_id_string(&raw("-42")), Some("-42".into()));
+        assert_eq!(raw_id_string(&raw("\"XJ12\"")), Some("XJ12".into()));
+        assert_eq!(raw_id_string(&raw("1.5")), Some("1.5".into()));
+        assert_eq!(raw_id_string(&raw("null")), None);
     }
 
     #[test]

@@ -332,6 +332,16 @@ impl EventLog {
         }
     }
 
+    /// The same log (settings, metrics) over another connection, and reading only there.
+    pub fn on(&self, js: jetstream::Context) -> Self {
+        Self {
+            readers: std::sync::Arc::new([js.clone()]),
+            next_reader: Default::default(),
+            js,
+            ..self.clone()
+        }
+    }
+
     /// Reads also go over `more` connections, in turn.
     pub fn with_readers(mut self, more: impl IntoIterator<Item = jetstream::Context>) -> Self {
         self.readers = std::iter::once(self.js.clone()).chain(more).collect();
@@ -436,13 +446,23 @@ impl EventLog {
     }
 
     /// Read-modify-write: applies `change` to the latest snapshot (`None` when there is none)
-    /// and writes the result only if nobody wrote in between; tries again a few times.
+    /// and writes the result only if nobody wrote in between
+    /// (`Nats-Expected-Last-Subject-Sequence`); when someone did, reads again and re-applies,
+    /// after a short jittered wait, so many writers of one record at once (concurrent
+    /// redeliveries) all get through instead of giving up after a few collisions.
     pub async fn update(
         &self,
         id: &str,
         change: impl Fn(Option<Record>) -> Record,
     ) -> Result<Record, LogError> {
-        for _ in 0..5 {
+        use backon::BackoffBuilder as _;
+        let mut waits = backon::ExponentialBuilder::default()
+            .with_min_delay(CONTENTION_WAIT_MIN)
+            .with_max_delay(CONTENTION_WAIT_MAX)
+            .with_jitter()
+            .with_max_times(UPDATE_TRIES)
+            .build();
+        loop {
             let current = self.get(id).await?;
             let seq = current.as_ref().map_or(0, |(_, s)| *s);
             let next = change(current.map(|(r, _)| r));
@@ -460,14 +480,22 @@ impl EventLog {
                 Err(LogError::Publish(PublishError::Rejected(e)))
                     if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
                 {
-                    continue
+                    match waits.next() {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => return Err(LogError::Conflict),
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(LogError::Conflict)
     }
 }
+
+/// Compare-and-set tries of one [`EventLog::update`] before it gives up, and the waits between
+/// them (doubling, jittered): enough for dozens of writers of one record at once.
+const UPDATE_TRIES: usize = 40;
+const CONTENTION_WAIT_MIN: Duration = Duration::from_millis(2);
+const CONTENTION_WAIT_MAX: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {

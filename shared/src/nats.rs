@@ -166,9 +166,16 @@ pub fn subject_tail(subject: &str) -> &str {
     subject.rsplit('.').next().unwrap_or(subject)
 }
 
-/// Whether `token` can stand as one subject token (no dots, wildcards or white space).
+/// The longest id that may become a subject token. Every id the services make (instance UUIDs,
+/// event ids, store ids) is far shorter; a request subject built from a much longer one can pass
+/// nats-server's control-line limit (4 KiB), and the server then closes the whole connection.
+pub const MAX_TOKEN_BYTES: usize = 128;
+
+/// Whether `token` can stand as one subject token: no dots, wildcards or white space, and no
+/// longer than [`MAX_TOKEN_BYTES`].
 pub fn is_subject_token(token: &str) -> bool {
     !token.is_empty()
+        && token.len() <= MAX_TOKEN_BYTES
         && token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -369,5 +376,7 @@ mod tests {
         assert!(!is_subject_token("a.b"));
         assert!(!is_subject_token("*"));
         assert!(!is_subject_token(""));
+        assert!(is_subject_token(&"a".repeat(MAX_TOKEN_BYTES)));
+        assert!(!is_subject_token(&"a".repeat(MAX_TOKEN_BYTES + 1)));
     }
 }

@@ -115,6 +115,34 @@ impl ServiceContext {
         })
     }
 
+    /// The same service over another NATS connection: its JetStream handles, buckets and event
+    /// log go over `client`, while the watched copies (directory, states) and the metrics stay
+    /// shared. The ingest's admin API works on one, so its reads never queue behind, or close,
+    /// the connection the webhooks publish on.
+    pub async fn on_connection(&self, client: async_nats::Client) -> Result<Self, Error> {
+        let js = crate::nats::jetstream(client.clone());
+        let bucket = |name: &'static str| {
+            let js = js.clone();
+            async move {
+                js.get_key_value(name).await.map_err(|e| Error::Topology {
+                    what: "key-value bucket",
+                    name: name.to_owned(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let kv = bucket(crate::nats::INSTANCES_BUCKET).await?;
+        let states_kv = bucket(STATE_BUCKET).await?;
+        Ok(Self {
+            log: self.log.on(js.clone()),
+            client,
+            js,
+            kv,
+            states_kv,
+            ..self.clone()
+        })
+    }
+
     /// The state of `instance_id` as this replica knows it (active when none is stored).
     pub fn state_of(&self, instance_id: &str) -> State {
         self.states

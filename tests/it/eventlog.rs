@@ -393,6 +393,45 @@ async fn attempts_are_recorded_then_delivered_and_can_be_sent_again() {
 }
 
 #[tokio::test]
+async fn concurrent_redeliveries_number_every_attempt_once() {
+    const N: usize = 24;
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("9206", &receiver.url(), &[]).await;
+    let event = webhook(9206, "many-copies", "order.created", 6, Some("XJ6"));
+    assert_eq!(pipeline.post_json(&event, None).await.0, 200);
+    let got = receiver.wait_for(1, WAIT).await;
+    let id = got[0].json()["message"]["eventId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_record(&pipeline, &id, "delivered", 1).await;
+
+    // N redeliveries at once: N copies of the envelope, attempted concurrently.
+    let path = format!("/events/{id}/redeliver");
+    let asks = (0..N).map(|_| pipeline.admin_request(Method::POST, &path, None));
+    for (status, body) in futures::future::join_all(asks).await {
+        assert_eq!(status, 202, "{body}");
+    }
+    receiver.wait_for(N + 1, WAIT).await;
+    wait_settled(&nats.url(), WAIT).await;
+    let total = N as u64 + 1;
+    let shown = wait_record(&pipeline, &id, "delivered", total).await;
+    assert_eq!(receiver.count(), N + 1);
+    assert_eq!(shown["event"]["attempts"], total, "{}", shown["event"]);
+    let mut numbers: Vec<u64> = shown["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["number"].as_u64())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=total).collect::<Vec<_>>());
+    pipeline.stop().await;
+}
+
+#[tokio::test]
 async fn a_test_event_answers_how_the_receiver_took_it() {
     let nats = NatsServer::start().await;
     let pipeline = Pipeline::start(&nats.url(), &[]).await;
@@ -545,4 +584,64 @@ async fn an_object_with_thousands_of_records_pages_newest_first() {
     let (first, next) = search(&pipeline, "objectId=HOT%201&limit=3").await;
     assert_eq!(ecwid_ids(&first), ["hot-e1099", "hot-e1098", "hot-e1097"]);
     assert!(next.is_some(), "more pages");
+}
+
+#[tokio::test]
+async fn a_search_the_index_cannot_narrow_stops_at_its_budget_and_goes_on() {
+    const FILLER: usize = 900;
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[("EVENT_SEARCH_SCAN_BUDGET", "200")]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("9207", &receiver.url(), &[]).await;
+    // One real record, oldest, then many index entries of another instance written after it.
+    let event = webhook(9207, "deep-down", "order.created", 7, Some("XJ7"));
+    assert_eq!(pipeline.post_json(&event, None).await.0, 200);
+    wait_found(&pipeline, "store=9207", 1).await;
+    let js = jetstream::new(nats.client().await);
+    let acks = futures::future::join_all((0..FILLER).map(|n| {
+        let entry = json!({"id": format!("filler-{n}"), "t": 1_764_000_000_000_i64, "ot": "orders",
+                           "oid": "f", "et": "UPDATED", "eid": format!("f-{n}")});
+        let js = js.clone();
+        async move {
+            js.publish(
+                format!("ecwid.logidx.filler.9208.0000000000000000.filler-{n}"),
+                entry.to_string().into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("ack")
+        }
+    }))
+    .await;
+    assert_eq!(acks.len(), FILLER);
+
+    // A filter no index subject narrows, matching nothing: the first page stops at the budget.
+    let started = std::time::Instant::now();
+    let (events, next) = search(&pipeline, "eventType=zzz&limit=10").await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(events.is_empty());
+    let mut next = next.expect("a cursor: the budget ran out before the log did");
+    // Following `next` goes on down the log, and ends.
+    let mut pages = 1;
+    let mut found = Vec::new();
+    loop {
+        let (events, more) = search(&pipeline, &format!("eventType=created&after={next}")).await;
+        found.extend(events);
+        pages += 1;
+        match more {
+            Some(n) => {
+                assert!(n < next, "the cursor goes back: {n} after {next}");
+                next = n;
+            }
+            None => break,
+        }
+        assert!(pages < 50, "paging did not end");
+    }
+    assert_eq!(ecwid_ids(&found), ["deep-down"]);
+    assert!(
+        pages >= 4,
+        "{FILLER} entries at 200 a call take several calls, not {pages}"
+    );
+    pipeline.stop().await;
 }

@@ -218,17 +218,17 @@ async fn client_mistakes_are_4xx_json_without_internal_text() {
             422,
             "invalid_field",
         ),
-        // An id no instance can have.
+        // An id no instance can have: refused before any store sees it.
         (
             admin(Method::GET, &format!("/instances/{}", "a".repeat(5000))),
-            404,
-            "not_found",
+            400,
+            "invalid_path",
         ),
         (
             admin(Method::PATCH, &format!("/instances/{}", "b".repeat(5000)))
                 .json(&json!({"name": "x"})),
-            404,
-            "not_found",
+            400,
+            "invalid_path",
         ),
         // A body over the admin limit, and a field over its own.
         (
@@ -546,5 +546,245 @@ async fn a_stream_at_its_limit_answers_503_and_loses_nothing() {
         },
     )
     .await;
+    pipeline.stop().await;
+}
+
+/// Puts a dead letter of `instance` straight into `ECWID_DEAD`, as the deliverer would.
+async fn dead_letter(nats: &NatsServer, instance: &str, n: usize) {
+    let js = jetstream::new(nats.client().await);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ecwid-Original-Subject", format!("ecwid.events.{instance}"));
+    h.insert("Ecwid-Dead-Reason", "attempts_exhausted");
+    js.publish_with_headers(
+        format!("ecwid.dead.deliver.{instance}"),
+        h,
+        format!("{{\"n\": {n}}}").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+}
+
+#[tokio::test]
+async fn a_bulk_replay_must_name_what_it_replays() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let id = pipeline.create_instance("8010", &receiver.url(), &[]).await;
+    for n in 0..3 {
+        dead_letter(&nats, &id, n).await;
+    }
+    // The letters' sequences (a replayed letter is no envelope, so it is dead-lettered again
+    // under a new one).
+    let seqs = || async {
+        let (status, page) = pipeline
+            .admin_request(Method::GET, "/dead-letters", None)
+            .await;
+        assert_eq!(status, 200, "{page}");
+        page["deadLetters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["seq"].as_u64())
+            .collect::<Vec<u64>>()
+    };
+    let before = seqs().await;
+    assert_eq!(before.len(), 3);
+    let count = || async { seqs().await.len() };
+
+    // An empty list, an empty filter, no body: nothing is replayed or removed.
+    for body in [
+        Some(json!({"seqs": []})),
+        Some(json!({})),
+        None,
+        Some(json!({"all": false})),
+        Some(json!({"seqs": [1], "all": true})),
+    ] {
+        let (status, answer) = pipeline
+            .admin_request(Method::POST, "/dead-letters/replay", body.clone())
+            .await;
+        assert_eq!(status, 422, "{body:?}: {answer}");
+        assert_eq!(answer["error"], "invalid_field", "{answer}");
+        assert_eq!(count().await, 3, "{body:?} replayed something");
+    }
+    // Every one, said explicitly.
+    let (status, answer) = pipeline
+        .admin_request(
+            Method::POST,
+            "/dead-letters/replay",
+            Some(json!({"all": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["replayed"], json!(before));
+    let after = seqs().await;
+    assert!(before.iter().all(|s| !after.contains(s)), "{after:?}");
+
+    // The same class elsewhere: a backfill naming no object type.
+    let (status, answer) = pipeline
+        .admin_request(
+            Method::POST,
+            &format!("/instances/{id}/backfill"),
+            Some(json!({"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z", "objects": []})),
+        )
+        .await;
+    assert!(status == 422 || status == 400, "{status}: {answer}");
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn ids_too_long_for_nats_are_400_and_webhooks_go_on() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let id = pipeline.create_instance("8020", &receiver.url(), &[]).await;
+    let admin = |method: Method, path: &str| {
+        pipeline
+            .http
+            .request(method, pipeline.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    // About 4,000 characters: a NATS request subject built from it passes nats-server's
+    // control-line limit, and the server closes the connection it came on.
+    let long = "a".repeat(4000);
+    let digits = "9".repeat(4000);
+    let window = json!({"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z"});
+    let mut cases = vec![
+        (Method::GET, format!("/instances/{long}"), None),
+        (
+            Method::PATCH,
+            format!("/instances/{long}"),
+            Some(json!({"name": "x"})),
+        ),
+        (Method::DELETE, format!("/instances/{long}"), None),
+        (Method::GET, format!("/instances/{long}/health"), None),
+        (Method::POST, format!("/instances/{long}/pause"), None),
+        (Method::POST, format!("/instances/{long}/resume"), None),
+        (
+            Method::POST,
+            format!("/instances/{long}/replay"),
+            Some(window.clone()),
+        ),
+        (Method::POST, format!("/instances/{long}/test"), None),
+        (
+            Method::POST,
+            format!("/instances/{long}/backfill"),
+            Some(window.clone()),
+        ),
+        (Method::GET, format!("/instances/{long}/poller"), None),
+        (Method::GET, format!("/events/{long}"), None),
+        (Method::POST, format!("/events/{long}/redeliver"), None),
+        (Method::GET, format!("/dead-letters/{digits}"), None),
+        (Method::DELETE, format!("/dead-letters/{digits}"), None),
+        // Filters that become part of a subject.
+        (Method::GET, format!("/events?instance={long}"), None),
+        (Method::GET, format!("/dead-letters?instance={long}"), None),
+        (Method::GET, format!("/dead-letters?store={long}"), None),
+    ];
+    cases.push((Method::GET, format!("/events/{}", "é".repeat(10)), None));
+    for (method, path, body) in &cases {
+        let mut request = admin(method.clone(), path);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let (status, answer) = json_answer(request.send().await.expect("an answer")).await;
+        let shown: String = path.chars().take(40).collect();
+        assert_eq!(status, 400, "{method} {shown}…: {answer}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| m.len() < 300),
+            "{answer}"
+        );
+    }
+
+    // A burst of them beside a burst of webhooks: every webhook is stored (200), none 503.
+    let reads = (0..200).map(|n| {
+        let path = if n % 2 == 0 {
+            format!("/events/{long}")
+        } else {
+            format!("/events/{long}/redeliver")
+        };
+        let method = if n % 2 == 0 {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let request = admin(method, &path);
+        async move { request.send().await.map(|r| r.status().as_u16()) }
+    });
+    let hooks = (0..300).map(|n| {
+        let event = order_created(8020, &format!("burst-{n}"));
+        let pipeline = &pipeline;
+        async move { pipeline.post_json(&event, None).await.0 }
+    });
+    let (reads, hooks) = tokio::join!(
+        futures::future::join_all(reads),
+        futures::future::join_all(hooks)
+    );
+    assert!(reads.iter().all(|r| matches!(r, Ok(400))), "{reads:?}");
+    let refused: Vec<_> = hooks.iter().filter(|s| **s != 200).collect();
+    assert!(refused.is_empty(), "webhooks not stored: {refused:?}");
+    // And the admin API still reads: its connection was never closed either.
+    let (status, _) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+    receiver.wait_for(300, WAIT).await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn lists_share_one_paging_rule_and_the_bearer_scheme_has_any_case() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    for path in [
+        "/dead-letters?limit=0",
+        "/dead-letters?limit=501",
+        "/events?limit=0",
+        "/events?limit=501",
+    ] {
+        let (status, body) = pipeline.admin_request(Method::GET, path, None).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"], "invalid_query", "{path}: {body}");
+    }
+    for path in ["/dead-letters?limit=500", "/events?limit=500"] {
+        assert_eq!(pipeline.admin_request(Method::GET, path, None).await.0, 200);
+    }
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let resp = pipeline
+            .http
+            .get(pipeline.admin_url("/whoami"))
+            .header("authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .expect("an answer");
+        let (status, body) = json_answer(resp).await;
+        assert_eq!(
+            (status, body["role"].as_str()),
+            (200, Some("admin")),
+            "{scheme}"
+        );
+    }
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn integer_ids_beyond_f64_stay_exact_in_object_id() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    pipeline.create_instance("8030", &receiver.url(), &[]).await;
+    let huge = format!("1{}", "0".repeat(40));
+    // The id written as a JSON number, exactly as Ecwid would send a product id.
+    let body = format!(
+        r#"{{"eventId":"huge-id","eventCreated":1764000000,"storeId":8030,"entityId":{huge},"eventType":"product.updated"}}"#
+    );
+    let (status, answer) = post_raw(&pipeline, "application/json", body.into_bytes()).await;
+    assert_eq!(status, 200, "{answer}");
+    let got = receiver.wait_for(1, WAIT).await;
+    assert_eq!(
+        got[0].json()["message"]["events"][0]["objectId"],
+        json!(huge)
+    );
     pipeline.stop().await;
 }
