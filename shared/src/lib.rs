@@ -17,6 +17,7 @@
 //!   a delivery retry schedule.
 //! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
+//! - [`parse_errors`]: JSON bodies for the 400/414/431 hyper answers before any router runs.
 //! - [`service`]: start-up common to every service (topology, instances watch, metrics).
 //! - `strategies` (feature `strategies`): proptest strategies for Ecwid-shaped input.
 //! - [`telemetry`]: tracing initialisation (`LOG_FORMAT`, `RUST_LOG`).
@@ -40,6 +41,7 @@ pub mod nats;
 pub mod netguard;
 pub mod ops;
 pub mod ordered;
+pub mod parse_errors;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
