@@ -475,12 +475,29 @@ async function learnRole() {
   $('role').textContent = role === 'admin' ? 'Signed in: admin' : 'Signed in: read-only (no actions)';
 }
 
+// The address's path segments, decoded; null when one holds a malformed escape (`%E0%A4%A`),
+// which names no page (decodeURIComponent would throw and leave the previous page on screen).
+function decodeSegments(path) {
+  try {
+    return path.split('/').filter(Boolean).map(decodeURIComponent);
+  } catch (e) {
+    if (e instanceof URIError) return null;
+    throw e;
+  }
+}
+
+function notFoundView(address) {
+  render(h('h1', {}, 'Page not found'),
+    h('p', {}, `There is no page at ${address}: part of the address is not validly encoded.`),
+    h('p', {}, h('a', { href: '#/instances' }, 'Go to the instances')));
+}
+
 async function route() {
   if (!role) return;
   const [path, query = ''] = location.hash.replace(/^#/, '').split('?');
   const params = new URLSearchParams(query);
-  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
-  const section = parts[0] || 'instances';
+  const parts = decodeSegments(path);
+  const section = parts ? parts[0] || 'instances' : path.split('/').filter(Boolean)[0];
   for (const a of document.querySelectorAll('nav a')) {
     if (a.dataset.section === section) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
   }
@@ -488,7 +505,8 @@ async function route() {
   const view = $('view');
   view.setAttribute('aria-busy', 'true');
   try {
-    if (section === 'events' && parts[1]) await eventView(parts[1]);
+    if (!parts) notFoundView(location.hash);
+    else if (section === 'events' && parts[1]) await eventView(parts[1]);
     else if (section === 'events') await eventsView(params);
     else if (section === 'dead-letters' && parts[1]) await deadLetterView(parts[1]);
     else if (section === 'dead-letters') await deadLettersView(params);
