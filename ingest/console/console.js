@@ -163,7 +163,7 @@ async function instancesView() {
   ]);
   render(
     h('h1', {}, 'Instances'),
-    h('p', { class: 'muted' }, '"Notifications" is the instance\'s event.notification.enabled setting. "State" is where its events go: active (delivered), paused (held by an operator), disabled (held after its callback failed for DELIVER_DISABLE_AFTER). Held events spend no attempt and are delivered, in order, after Resume.'),
+    h('p', { class: 'muted' }, '"Notifications" is the instance\'s event.notification.enabled setting. "State" is where its events go: active (delivered), paused (held by an operator), disabled (held after its callback failed for DELIVER_DISABLE_AFTER). Held events spend no attempt and are delivered after Resume: put back oldest first, but an unordered instance\'s events may then arrive in any order, among new ones; only an ordered instance (event.notification.ordered) keeps their order.'),
     isAdmin() && h('div', { class: 'actions' }, h('a', { href: '#/instances/new' }, h('span', {}, 'New instance'))),
     out,
     table('Instances', ['Name', 'Store', 'Callback', 'Notifications', 'State', 'Tags', 'Actions'], rows, 'No instances yet.'),
@@ -176,7 +176,7 @@ function pauseResumeButton(i, out, after) {
   return h('button', { type: 'button', class: 'secondary', onclick: () => act({
     target: out,
     confirm: held
-      ? `Resume instance "${dash(i.name)}"? Its held events are delivered to ${dash(callbackOf(i))}, oldest first, then new ones as they come.`
+      ? `Resume instance "${dash(i.name)}"? Its held events are delivered to ${dash(callbackOf(i))}: put back oldest first, and in order only if the instance is ordered; otherwise they may arrive in any order, among new ones.`
       : `Pause instance "${dash(i.name)}"? Its events are held (no attempt spent, nothing dropped) until you resume it.`,
     okLabel: held ? 'Resume' : 'Pause',
     run: () => api('POST', `/instances/${encodeURIComponent(i.id)}/${held ? 'resume' : 'pause'}`),
