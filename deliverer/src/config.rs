@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use shared::config::{CommonConfig, ConfigError, Vars};
 use shared::netguard::AllowList;
-use shared::retry::{parse_schedule, MAX_ATTEMPT_TIMEOUT};
+use shared::retry::{self, parse_schedule, MAX_ATTEMPT_TIMEOUT};
 
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9102";
 pub const DEFAULT_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,9h";
@@ -79,13 +79,12 @@ impl Config {
         let common = CommonConfig::from_vars(vars)?;
         // A record must outlive the retries it describes, or a retrying event would vanish from
         // the log while still being delivered.
-        let schedule_total: Duration = schedule.iter().sum();
-        if common.event_log && common.event_log_retention < schedule_total {
+        if common.event_log && !retry::log_outlasts(&schedule, common.event_log_retention) {
             return Err(ConfigError::new(
                 "EVENT_LOG_RETENTION",
                 format!(
                     "must be at least as long as DELIVER_RETRY_SCHEDULE lasts ({} h); raise it",
-                    schedule_total.as_secs().div_ceil(3600)
+                    retry::schedule_span(&schedule).as_secs().div_ceil(3600)
                 ),
             ));
         }

@@ -163,7 +163,7 @@ async function instancesView() {
   ]);
   render(
     h('h1', {}, 'Instances'),
-    h('p', { class: 'muted' }, '"Notifications" is the instance\'s event.notification.enabled setting. "State" is where its events go: active (delivered), paused (held by an operator), disabled (held after its callback failed for DELIVER_DISABLE_AFTER). Held events spend no attempt and are delivered, in order, after Resume.'),
+    h('p', { class: 'muted' }, '"Notifications" is the instance\'s event.notification.enabled setting. "State" is where its events go: active (delivered), paused (held by an operator), disabled (held after its callback failed for DELIVER_DISABLE_AFTER). Held events spend no attempt and are delivered after Resume: put back oldest first, but an unordered instance\'s events may then arrive in any order, among new ones; only an ordered instance (event.notification.ordered) keeps their order.'),
     isAdmin() && h('div', { class: 'actions' }, h('a', { href: '#/instances/new' }, h('span', {}, 'New instance'))),
     out,
     table('Instances', ['Name', 'Store', 'Callback', 'Notifications', 'State', 'Tags', 'Actions'], rows, 'No instances yet.'),
@@ -176,7 +176,7 @@ function pauseResumeButton(i, out, after) {
   return h('button', { type: 'button', class: 'secondary', onclick: () => act({
     target: out,
     confirm: held
-      ? `Resume instance "${dash(i.name)}"? Its held events are delivered to ${dash(callbackOf(i))}, oldest first, then new ones as they come.`
+      ? `Resume instance "${dash(i.name)}"? Its held events are delivered to ${dash(callbackOf(i))}: put back oldest first, and in order only if the instance is ordered; otherwise they may arrive in any order, among new ones.`
       : `Pause instance "${dash(i.name)}"? Its events are held (no attempt spent, nothing dropped) until you resume it.`,
     okLabel: held ? 'Resume' : 'Pause',
     run: () => api('POST', `/instances/${encodeURIComponent(i.id)}/${held ? 'resume' : 'pause'}`),
@@ -475,12 +475,29 @@ async function learnRole() {
   $('role').textContent = role === 'admin' ? 'Signed in: admin' : 'Signed in: read-only (no actions)';
 }
 
+// The address's path segments, decoded; null when one holds a malformed escape (`%E0%A4%A`),
+// which names no page (decodeURIComponent would throw and leave the previous page on screen).
+function decodeSegments(path) {
+  try {
+    return path.split('/').filter(Boolean).map(decodeURIComponent);
+  } catch (e) {
+    if (e instanceof URIError) return null;
+    throw e;
+  }
+}
+
+function notFoundView(address) {
+  render(h('h1', {}, 'Page not found'),
+    h('p', {}, `There is no page at ${address}: part of the address is not validly encoded.`),
+    h('p', {}, h('a', { href: '#/instances' }, 'Go to the instances')));
+}
+
 async function route() {
   if (!role) return;
   const [path, query = ''] = location.hash.replace(/^#/, '').split('?');
   const params = new URLSearchParams(query);
-  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
-  const section = parts[0] || 'instances';
+  const parts = decodeSegments(path);
+  const section = parts ? parts[0] || 'instances' : path.split('/').filter(Boolean)[0];
   for (const a of document.querySelectorAll('nav a')) {
     if (a.dataset.section === section) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
   }
@@ -488,7 +505,8 @@ async function route() {
   const view = $('view');
   view.setAttribute('aria-busy', 'true');
   try {
-    if (section === 'events' && parts[1]) await eventView(parts[1]);
+    if (!parts) notFoundView(location.hash);
+    else if (section === 'events' && parts[1]) await eventView(parts[1]);
     else if (section === 'events') await eventsView(params);
     else if (section === 'dead-letters' && parts[1]) await deadLetterView(parts[1]);
     else if (section === 'dead-letters') await deadLettersView(params);

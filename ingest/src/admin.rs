@@ -167,8 +167,14 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
 }
 
 fn check(state: &AppState, instance: &Instance) -> Result<(), ApiError> {
+    let config = &state.inner.config;
+    let retention = config
+        .common
+        .event_log
+        .then_some(config.common.event_log_retention);
     instance
-        .validate(&state.inner.config.allow_networks)
+        .validate(&config.allow_networks)
+        .and_then(|()| instance.validate_log_retention(retention))
         .map_err(|e| ApiError::unprocessable(e.field, e.message))
 }
 

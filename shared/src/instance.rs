@@ -284,6 +284,33 @@ impl Instance {
             .and_then(|v| crate::retry::parse_schedule(v).ok())
     }
 
+    /// Checks that the event log, keeping records for `retention` (`None`: no log), keeps this
+    /// instance's records as long as its own retry schedule retries their events
+    /// ([`crate::retry::log_outlasts`]), as the deliverer checks `DELIVER_RETRY_SCHEDULE` at
+    /// start-up. Separate from [`Instance::validate`]: only the admin API knows the retention.
+    pub fn validate_log_retention(
+        &self,
+        retention: Option<std::time::Duration>,
+    ) -> Result<(), FieldError> {
+        let (Some(retention), Some(schedule)) = (retention, self.retry_schedule()) else {
+            return Ok(());
+        };
+        if crate::retry::log_outlasts(&schedule, retention) {
+            return Ok(());
+        }
+        Err(FieldError::new(
+            &format!("configuration.{}", keys::RETRY_SCHEDULE),
+            format!(
+                "lasts {} h, longer than the event log keeps its records ({} h, \
+                 EVENT_LOG_RETENTION): a retrying event's record would expire first",
+                crate::retry::schedule_span(&schedule)
+                    .as_secs()
+                    .div_ceil(3600),
+                retention.as_secs() / 3600
+            ),
+        ))
+    }
+
     /// A copy fit for a response or a log: every non-empty secret value replaced by [`REDACTED`],
     /// and the credentials inside URLs (user info, query values) too.
     pub fn redacted(&self) -> Instance {
@@ -826,6 +853,27 @@ mod tests {
             );
             assert_eq!(i.retry_schedule(), None, "{bad}: the default applies");
         }
+    }
+
+    #[test]
+    fn retry_schedules_that_outlast_the_event_log_are_refused() {
+        let day = std::time::Duration::from_secs(86_400);
+        let mut i = seed_with("1003", "https://a.example/");
+        assert_eq!(i.validate_log_retention(Some(day)), Ok(()), "no schedule");
+        i.configuration
+            .insert(keys::RETRY_SCHEDULE.into(), "12h,12h".into());
+        assert_eq!(i.validate_log_retention(Some(day)), Ok(()), "exactly a day");
+        assert_eq!(i.validate_log_retention(None), Ok(()), "no log");
+        i.configuration
+            .insert(keys::RETRY_SCHEDULE.into(), "12h,12h,1s".into());
+        assert_eq!(i.validate(&AllowList::default()), Ok(()));
+        let err = i.validate_log_retention(Some(day)).unwrap_err();
+        assert_eq!(err.field, "configuration.event.notification.retry.schedule");
+        assert!(
+            err.message.contains("EVENT_LOG_RETENTION"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

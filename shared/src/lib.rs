@@ -19,6 +19,7 @@
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
 //! - [`topology`]: the streams and buckets, created when missing and updated only when their
 //!   settings differ, so replicas starting together write nothing twice.
+//! - [`parse_errors`]: JSON bodies for the 400/414/431 hyper answers before any router runs.
 //! - [`service`]: start-up common to every service (topology, instances watch, metrics).
 //! - `strategies` (feature `strategies`): proptest strategies for Ecwid-shaped input.
 //! - [`telemetry`]: tracing initialisation (`LOG_FORMAT`, `RUST_LOG`).
@@ -42,6 +43,7 @@ pub mod nats;
 pub mod netguard;
 pub mod ops;
 pub mod ordered;
+pub mod parse_errors;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

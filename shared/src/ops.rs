@@ -3,7 +3,8 @@
 //! service's own start-up work is not done: [`StartGate`]).
 //! Also the `healthcheck` subcommand, so a container health check needs no shell or curl, and
 //! [`serve_with`], the HTTP server every listener runs: a header read timeout, a connection cap,
-//! and a panic in a handler answered as a 500 instead of a dropped connection.
+//! a panic in a handler answered as a 500 instead of a dropped connection, and JSON bodies on the
+//! answers hyper writes itself to requests it cannot parse ([`crate::parse_errors`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::directory::Directory;
 use crate::metrics::CommonMetrics;
+use crate::parse_errors::JsonParseErrors;
 
 /// What the ops endpoints look at.
 #[derive(Debug, Clone)]
@@ -211,7 +213,7 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let connection = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(JsonParseErrors::new(stream)),
             TowerToHyperService::new(router.clone()),
         );
         let connection = graceful.watch(connection);

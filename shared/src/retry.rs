@@ -111,6 +111,20 @@ pub fn parse_schedule(raw: &str) -> Result<Vec<Duration>, String> {
     }
 }
 
+/// How long a delivery retry schedule lasts, as the event log's retention must cover it: the sum
+/// of its waits. A record that expires sooner vanishes from the log while its event is still
+/// retried. The deliverer's `DELIVER_RETRY_SCHEDULE` (at start-up) and an instance's
+/// `event.notification.retry.schedule` (in the admin API) are both held to it.
+pub fn schedule_span(schedule: &[Duration]) -> Duration {
+    schedule.iter().sum()
+}
+
+/// Whether the event log, keeping records for `retention`, keeps one as long as `schedule`
+/// retries its event ([`schedule_span`]).
+pub fn log_outlasts(schedule: &[Duration], retention: Duration) -> bool {
+    retention >= schedule_span(schedule)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -242,6 +242,17 @@ try {
   assert.match(await steps.nth(0).innerText(), /#1 \S+ — 200 in \d+ ms/);
   await shot(page, 'console-event-attempts');
 
+  step('an address with a malformed escape shows "not found", not the page before it');
+  // Changed in place (a hashchange, as a pasted or edited address is): decoding it threw once,
+  // and the event's page stayed on screen under the new address.
+  await page.evaluate(() => { location.hash = '#/events/%E0%A4%A'; });
+  await shown(page);
+  await page.getByRole('heading', { name: 'Page not found' }).waitFor();
+  assert.equal(await page.getByRole('heading', { name: /^Attempts/ }).count(), 0);
+  await page.getByRole('link', { name: 'Go to the instances' }).click();
+  await page.getByRole('heading', { name: 'Instances' }).waitFor();
+  await shown(page);
+
   step('dead letters: list, open, replay');
   await page.getByRole('link', { name: 'Dead letters' }).first().click();
   await page.getByRole('heading', { name: 'Dead letters' }).waitFor();

@@ -788,3 +788,121 @@ async fn integer_ids_beyond_f64_stay_exact_in_object_id() {
     );
     pipeline.stop().await;
 }
+
+/// Sends `request` on a fresh connection to `addr` (while reading: the server may answer before
+/// it has read everything) and returns the whole answer the server wrote before closing.
+async fn raw_exchange(addr: std::net::SocketAddr, request: Vec<u8>) -> String {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    // A write the server cut short (it answered and closed) is expected here. The write half
+    // stays open until the answer is read, as a client's does: a half-close right after a big
+    // head can reach hyper before it parsed the head, and it then closes without an answer.
+    let writer = tokio::spawn(async move {
+        let written = write.write_all(&request).await;
+        std::future::pending::<()>().await;
+        (written, write)
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server answers and closes the connection");
+    writer.abort();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn requests_too_broken_for_any_router_get_json_errors_on_every_listener() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let huge_header = [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Huge: ".as_slice(),
+        &vec![b'a'; 2048 * 1024],
+        b"\r\n\r\n",
+    ]
+    .concat();
+    let many_headers = (0..120).fold(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec(),
+        |mut r, i| {
+            r.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+            r
+        },
+    );
+    let many_headers = [many_headers.as_slice(), b"\r\n"].concat();
+    let huge_uri = [
+        b"GET /".as_slice(),
+        &vec![b'a'; 70 * 1024],
+        b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    .concat();
+    let cases: &[(&str, &[u8], u16, &str)] = &[
+        (
+            "a huge header",
+            &huge_header,
+            431,
+            "request_header_too_large",
+        ),
+        (
+            "120 headers",
+            &many_headers,
+            431,
+            "request_header_too_large",
+        ),
+        ("a huge URI", &huge_uri, 414, "uri_too_long"),
+        (
+            "a garbage request line",
+            b"this is not http\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            "a bad header line",
+            b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+    ];
+    // Each with a well-formed request it answers itself, to show the listener still serves.
+    let listeners = [
+        ("webhook", pipeline.webhook, "/events/ecwid", 405),
+        ("admin", pipeline.admin, "/healthz", 200),
+        ("normalizer ops", pipeline.normalizer_ops, "/healthz", 200),
+        ("deliverer ops", pipeline.deliverer_ops, "/healthz", 200),
+    ];
+    for (listener, addr, path, sane_status) in listeners {
+        for (what, request, status, error) in cases {
+            let answer = raw_exchange(addr, request.to_vec()).await;
+            let context = format!("{what} on the {listener} listener: {answer:.300}");
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{context}"
+            );
+            let (head, body) = answer.split_once("\r\n\r\n").expect(&context);
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("content-type: application/json"),
+                "{context}"
+            );
+            let body: Value = serde_json::from_str(body).expect(&context);
+            assert_eq!(body["error"], *error, "{context}");
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{context}"
+            );
+        }
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(addr, request.into_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {sane_status} ")),
+            "GET {path} on the {listener} listener: {answer:.300}"
+        );
+    }
+    pipeline.stop().await;
+}

@@ -21,5 +21,6 @@ mod ordered;
 mod pipeline;
 mod poller;
 mod retry_schedule;
+mod run_local;
 mod sigterm;
 mod topology;

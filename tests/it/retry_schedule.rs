@@ -1,7 +1,8 @@
 //! A retry schedule that cannot be kept is refused where it is set: its last retry would come
 //! after `ECWID_EVENTS` dropped the envelope (7 days), or a wait too long for the NATS server to
 //! hold would be retried at once. The admin API answers 422 naming the field; the deliverer
-//! exits 64 naming `DELIVER_RETRY_SCHEDULE`.
+//! exits 64 naming `DELIVER_RETRY_SCHEDULE`. An instance's schedule must also end before the event
+//! log drops its records (`EVENT_LOG_RETENTION`), as the deliverer's is checked at start-up.
 
 use std::time::Duration;
 
@@ -83,4 +84,46 @@ async fn a_deliverer_schedule_that_outlives_the_events_exits_64() {
             "{schedule}: {stderr}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_schedules_that_outlast_the_event_log() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[("EVENT_LOG_RETENTION", "2h")]).await;
+    let key = FIELD.trim_start_matches("configuration.");
+    let instance = |schedule: &str| {
+        json!({"element": {"key": "ecwid"}, "name": "retention",
+               "configuration": {"ecwid.store.id": "4102", "event.notification.enabled": "true",
+                                 "event.notification.callback.url": "https://hooks.example.com/x",
+                                 key: schedule}})
+    };
+    // Two hours and a minute: the stream would keep it (7 days), the log would not.
+    let outlasting = "1h,1h,1m";
+    let (status, body) = pipeline
+        .admin_request(Method::POST, "/instances", Some(instance(outlasting)))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["field"], FIELD, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("EVENT_LOG_RETENTION")),
+        "{body}"
+    );
+
+    let (status, created) = pipeline
+        .admin_request(Method::POST, "/instances", Some(instance("1h,59m")))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let path = format!("/instances/{}", created["id"].as_str().unwrap());
+    let (status, body) = pipeline
+        .admin_request(
+            Method::PATCH,
+            &path,
+            Some(json!({"configuration": {key: outlasting}})),
+        )
+        .await;
+    assert_eq!(status, 422, "PATCH: {body}");
+    assert_eq!(body["field"], FIELD, "PATCH: {body}");
+    pipeline.stop().await;
 }
