@@ -90,6 +90,7 @@ SERVICE_ENV = {
         "POLLER_RETRY_MIN_MS",
         "POLLER_PUBLISH_TIMEOUT_MS",
         "POLLER_CONCURRENCY",
+        "POLLER_MAX_PAGE_BYTES",
     },
 }
 # Each service's config source: every variable it reads must be in SERVICE_ENV (so a
@@ -139,6 +140,7 @@ NUMERIC_ENV = {
     "POLLER_RETRY_MIN_MS",
     "POLLER_PUBLISH_TIMEOUT_MS",
     "POLLER_CONCURRENCY",
+    "POLLER_MAX_PAGE_BYTES",
 }
 ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
 # Durations as shared::config::parse_duration reads them: a number and a unit (ms, s, m, h, d;

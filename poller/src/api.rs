@@ -2,7 +2,9 @@
 //! `Authorization: Bearer`, one shared budget token per request ([`crate::budget`]). A 429 waits
 //! its `Retry-After` (and pauses the token for every replica); 5xx, timeouts and connection
 //! errors are retried three times with a jittered, doubling wait; 401/402/403/404 stop at once
-//! as [`PollError::Refused`].
+//! as [`PollError::Refused`]. No body is read without a bound: a page stops at
+//! `POLLER_MAX_PAGE_BYTES` (the cycle fails, naming the limit), an error body at
+//! [`MAX_ERROR_BODY_BYTES`] (only its start is shown).
 
 use std::time::Duration;
 
@@ -20,6 +22,10 @@ const MAX_RATE_LIMITED: u32 = 10;
 /// budget stays paused for the rest).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
+/// How much of an error body (401–404) is read: enough for Ecwid's `errorMessage`, of which
+/// the status shows 200 characters.
+pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct EcwidApi {
     http: reqwest::Client,
@@ -27,6 +33,7 @@ pub struct EcwidApi {
     budget: Budget,
     metrics: Metrics,
     retry_min: Duration,
+    max_page_bytes: usize,
 }
 
 impl EcwidApi {
@@ -35,6 +42,7 @@ impl EcwidApi {
         user_agent: String,
         timeout: Duration,
         retry_min: Duration,
+        max_page_bytes: usize,
         budget: Budget,
         metrics: Metrics,
     ) -> Result<Self, reqwest::Error> {
@@ -50,6 +58,7 @@ impl EcwidApi {
             budget,
             metrics,
             retry_min,
+            max_page_bytes,
         })
     }
 
@@ -79,10 +88,19 @@ impl EcwidApi {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     match status {
-                        200..=299 => match resp.bytes().await {
-                            Ok(body) => {
+                        200..=299 => match read_body(resp, self.max_page_bytes).await {
+                            Ok(Body::Whole(body)) => {
                                 self.count("ok");
                                 return Ok(body);
+                            }
+                            Ok(Body::Cut(_)) => {
+                                // The same request would only bring the same answer again.
+                                self.count("too_large");
+                                return Err(PollError::Transient(format!(
+                                    "Ecwid's answer is larger than {} bytes \
+                                     (POLLER_MAX_PAGE_BYTES); not read further",
+                                    self.max_page_bytes
+                                )));
                             }
                             Err(e) => {
                                 self.count("error");
@@ -108,10 +126,14 @@ impl EcwidApi {
                         }
                         401..=404 => {
                             self.count("refused");
-                            let text = resp.text().await.unwrap_or_default();
+                            // Only its start: the message shown is 200 characters at most.
+                            let head = match read_body(resp, MAX_ERROR_BODY_BYTES).await {
+                                Ok(Body::Whole(b) | Body::Cut(b)) => b,
+                                Err(_) => Bytes::new(),
+                            };
                             return Err(PollError::Refused {
                                 status,
-                                message: ecwid_message(&text),
+                                message: ecwid_message(&String::from_utf8_lossy(&head)),
                             });
                         }
                         500..=599 => {
@@ -147,6 +169,31 @@ impl EcwidApi {
     fn count(&self, outcome: &str) {
         self.metrics.requests.with_label_values(&[outcome]).inc();
     }
+}
+
+/// A body read up to a limit.
+#[derive(Debug)]
+enum Body {
+    /// All of it.
+    Whole(Bytes),
+    /// Its first `limit` bytes: the rest was not read.
+    Cut(Bytes),
+}
+
+/// Reads `response`'s body chunk by chunk and stops at `limit` bytes, so a hostile or broken
+/// answer (however long, whatever its `Content-Length` says) costs at most `limit` bytes of
+/// memory; the rest is never read (the connection is dropped).
+async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Body, reqwest::Error> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(Body::Cut(body.freeze()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Body::Whole(body.freeze()))
 }
 
 /// `Retry-After` in seconds (Ecwid sends seconds); 60 s when absent or unreadable.

@@ -7,6 +7,8 @@ use shared::config::{CommonConfig, ConfigError, Vars};
 
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9103";
 pub const DEFAULT_API_URL: &str = "https://app.ecwid.com/api/v3";
+/// 16 MiB: a page of 100 entities is far smaller; a larger answer is not a page.
+pub const DEFAULT_MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -40,6 +42,10 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// `POLLER_CONCURRENCY`, default 8: stores one replica polls at once.
     pub concurrency: usize,
+    /// `POLLER_MAX_PAGE_BYTES`, default 16 MiB: the largest answer body read from Ecwid; a longer
+    /// one is not read further and the cycle fails with an error naming this variable. Error
+    /// bodies (401–404) are read to their first [`crate::api::MAX_ERROR_BODY_BYTES`] only.
+    pub max_page_bytes: usize,
 }
 
 impl Config {
@@ -87,6 +93,14 @@ impl Config {
                 "must be at least POLLER_ERROR_BACKOFF_MS",
             ));
         }
+        let max_page_bytes: usize =
+            vars.parse_or("POLLER_MAX_PAGE_BYTES", DEFAULT_MAX_PAGE_BYTES)?;
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&max_page_bytes) {
+            return Err(ConfigError::new(
+                "POLLER_MAX_PAGE_BYTES",
+                "must be between 65536 (64 KiB) and 1073741824 (1 GiB)",
+            ));
+        }
         Ok(Self {
             common: CommonConfig::from_vars(vars)?,
             ops_listen: vars.addr_or("OPS_LISTEN", DEFAULT_OPS_LISTEN)?,
@@ -102,6 +116,7 @@ impl Config {
             retry_min: vars.millis_or("POLLER_RETRY_MIN_MS", 500, 10)?,
             publish_timeout: vars.millis_or("POLLER_PUBLISH_TIMEOUT_MS", 5_000, 100)?,
             concurrency,
+            max_page_bytes,
         })
     }
 }
@@ -119,6 +134,7 @@ mod tests {
             (c.rate_limit, c.rate_window),
             (600, Duration::from_secs(60))
         );
+        assert_eq!(c.max_page_bytes, 16 * 1024 * 1024);
         for (var, value) in [
             ("ECWID_API_URL", "ftp://x"),
             ("ECWID_API_URL", "not a url"),
@@ -127,6 +143,7 @@ mod tests {
             ("POLLER_REPLICA_ID", "a.b"),
             ("POLLER_CONCURRENCY", "0"),
             ("POLLER_ERROR_BACKOFF_MAX_MS", "200"),
+            ("POLLER_MAX_PAGE_BYTES", "100"),
         ] {
             let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{var}={value}");

@@ -79,6 +79,7 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
         user_agent,
         config.request_timeout,
         config.retry_min,
+        config.max_page_bytes,
         budget,
         metrics.clone(),
     )

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use integration_tests::fake_ecwid::{now_secs, FakeEcwid};
+use integration_tests::fake_ecwid::{now_secs, FakeEcwid, Misbehavior};
 use integration_tests::procs::{process_env, Service, ServiceProc};
 use integration_tests::{
     connect, metric, test_vars, wait_until, Behavior, NatsServer, Pipeline, Receiver,
@@ -77,6 +77,30 @@ fn polling(vendor: &'static str) -> Vec<(&'static str, &'static str)> {
         ("event.poller.refresh_interval", "0.05"),
         ("ecwid.api.token", TOKEN),
     ]
+}
+
+/// `GET /instances/{id}/poller`.
+async fn poller_status(pipeline: &Pipeline, id: &str) -> Value {
+    let (status, shown) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{id}/poller"), None)
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    shown
+}
+
+/// Waits until the store's status has a `lastPollError` whose message contains `needle`.
+async fn wait_poll_error(pipeline: &Pipeline, id: &str, needle: &str, within: Duration) -> Value {
+    wait_until(
+        within,
+        &format!("lastPollError with `{needle}`"),
+        || async {
+            poller_status(pipeline, id).await["lastPollError"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle))
+        },
+    )
+    .await;
+    poller_status(pipeline, id).await
 }
 
 fn order(id: &str, created: i64, updated: i64) -> Value {
@@ -485,5 +509,99 @@ async fn replicas_share_stores_and_take_over_from_a_killed_one() {
         assert!(runs.len() <= 3, "store {store} went {runs:?}");
         assert_eq!(runs.last(), Some(&"b"));
     }
+    pipeline.stop().await;
+}
+
+// Hostile Ecwid API: each case below is a fake that misbehaves on purpose.
+
+#[tokio::test]
+async fn a_page_that_never_ends_is_read_to_the_limit_and_shown_on_the_status() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7301", TOKEN);
+    fake.misbehave("7301", Misbehavior::EndlessBody { status: 200 });
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // A request timeout far beyond the wait below: only the bound can end the read in time.
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_MAX_PAGE_BYTES", "1048576"),
+            ("POLLER_REQUEST_TIMEOUT_MS", "120000"),
+        ],
+    )
+    .await;
+    let id = pipeline
+        .create_instance("7301", &receiver.url(), &polling("polling"))
+        .await;
+    let shown = wait_poll_error(
+        &pipeline,
+        &id,
+        "POLLER_MAX_PAGE_BYTES",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(shown["pollerStatus"], "retrying", "{shown}");
+    assert!(
+        shown["lastPollError"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("1048576")),
+        "{shown}"
+    );
+    // The poller hung up instead of reading on.
+    wait_until(
+        Duration::from_secs(10),
+        "the endless body dropped",
+        || async { fake.open_bodies() == 0 },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let text = poller.metrics(&http).await;
+    assert!(
+        metric(&text, "ecwid_poller_requests_total{outcome=\"too_large\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn an_error_body_that_never_ends_is_read_only_to_its_start() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7302", TOKEN);
+    fake.misbehave("7302", Misbehavior::EndlessBody { status: 403 });
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[("POLLER_REQUEST_TIMEOUT_MS", "120000")],
+    )
+    .await;
+    let id = pipeline
+        .create_instance("7302", &receiver.url(), &polling("polling"))
+        .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the refusal on the status",
+        || async { poller_status(&pipeline, &id).await["pollerStatus"] == "error" },
+    )
+    .await;
+    let shown = poller_status(&pipeline, &id).await;
+    assert_eq!(shown["lastPollError"]["status"], 403, "{shown}");
+    let message = shown["lastPollError"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.starts_with("{\"errorMessage\":\"aaa"), "{shown}");
+    assert!(message.len() <= 200, "{shown}");
+    wait_until(
+        Duration::from_secs(10),
+        "the endless body dropped",
+        || async { fake.open_bodies() == 0 },
+    )
+    .await;
+    poller.stop().await;
     pipeline.stop().await;
 }
