@@ -91,6 +91,7 @@ SERVICE_ENV = {
         "POLLER_PUBLISH_TIMEOUT_MS",
         "POLLER_CONCURRENCY",
         "POLLER_MAX_PAGE_BYTES",
+        "POLLER_MAX_RETRY_AFTER_MS",
     },
 }
 # Each service's config source: every variable it reads must be in SERVICE_ENV (so a
@@ -141,6 +142,7 @@ NUMERIC_ENV = {
     "POLLER_PUBLISH_TIMEOUT_MS",
     "POLLER_CONCURRENCY",
     "POLLER_MAX_PAGE_BYTES",
+    "POLLER_MAX_RETRY_AFTER_MS",
 }
 ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
 # Durations as shared::config::parse_duration reads them: a number and a unit (ms, s, m, h, d;

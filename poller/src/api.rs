@@ -13,14 +13,19 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
+use crate::config::Config;
 use crate::error::PollError;
 use crate::metrics::Metrics;
 
 /// 429s in a row after which a request is given up for this cycle.
 const MAX_RATE_LIMITED: u32 = 10;
-/// The longest `Retry-After` honoured as given; a longer one is capped (the cycle ends and the
-/// budget stays paused for the rest).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+/// The wait after a 429 without a readable `Retry-After` (before the clamp).
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The longest wait a cycle sits through (a 429's `Retry-After`, a token paused by another
+/// replica's 429). A longer one ends the cycle at once, so a store Ecwid asks to wait does not
+/// keep one of the `POLLER_CONCURRENCY` slots; the paused budget keeps every replica from asking
+/// before the wait is over.
+pub const MAX_IN_CYCLE_WAIT: Duration = Duration::from_secs(5);
 
 /// How much of an error body (401–404) is read: enough for Ecwid's `errorMessage`, of which
 /// the status shows 200 characters.
@@ -34,31 +39,31 @@ pub struct EcwidApi {
     metrics: Metrics,
     retry_min: Duration,
     max_page_bytes: usize,
+    max_retry_after: Duration,
 }
 
 impl EcwidApi {
+    /// The client for `config`'s API URL, timeouts and limits.
     pub fn new(
-        base: String,
+        config: &Config,
         user_agent: String,
-        timeout: Duration,
-        retry_min: Duration,
-        max_page_bytes: usize,
         budget: Budget,
         metrics: Metrics,
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(user_agent)
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             http,
-            base,
+            base: config.api_url.clone(),
             budget,
             metrics,
-            retry_min,
-            max_page_bytes,
+            retry_min: config.retry_min,
+            max_page_bytes: config.max_page_bytes,
+            max_retry_after: config.max_retry_after,
         })
     }
 
@@ -110,8 +115,22 @@ impl EcwidApi {
                         429 => {
                             self.count("rate_limited");
                             rate_limited += 1;
-                            let wait = retry_after(resp.headers()).min(MAX_RETRY_AFTER);
+                            let wait = resp
+                                .headers()
+                                .get(reqwest::header::RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| {
+                                    shared::retry::parse_retry_after(v, self.max_retry_after)
+                                })
+                                .unwrap_or(DEFAULT_RETRY_AFTER.min(self.max_retry_after));
                             self.budget.pause(token, wait).await;
+                            if wait > MAX_IN_CYCLE_WAIT {
+                                return Err(PollError::Transient(format!(
+                                    "Ecwid answered 429 and asked to wait {} s (Retry-After, \
+                                     at most POLLER_MAX_RETRY_AFTER_MS); the token is paused",
+                                    wait.as_secs()
+                                )));
+                            }
                             if rate_limited >= MAX_RATE_LIMITED {
                                 return Err(PollError::Transient(format!(
                                     "rate limited {rate_limited} times in a row"
@@ -194,17 +213,6 @@ async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Body
         body.extend_from_slice(&chunk);
     }
     Ok(Body::Whole(body.freeze()))
-}
-
-/// `Retry-After` in seconds (Ecwid sends seconds); 60 s when absent or unreadable.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
-    headers
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(60))
 }
 
 /// Ecwid's `errorMessage`, or the start of the body; bounded, one line.

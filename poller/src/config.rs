@@ -46,6 +46,10 @@ pub struct Config {
     /// one is not read further and the cycle fails with an error naming this variable. Error
     /// bodies (401–404) are read to their first [`crate::api::MAX_ERROR_BODY_BYTES`] only.
     pub max_page_bytes: usize,
+    /// `POLLER_MAX_RETRY_AFTER_MS`, default 120000: the longest wait a 429's `Retry-After` is
+    /// honoured for; a longer one (or `1e20`) is cut to this. Waits above 5 s end the cycle and
+    /// pause the token's budget for every replica.
+    pub max_retry_after: Duration,
 }
 
 impl Config {
@@ -101,6 +105,13 @@ impl Config {
                 "must be between 65536 (64 KiB) and 1073741824 (1 GiB)",
             ));
         }
+        let max_retry_after = vars.millis_or("POLLER_MAX_RETRY_AFTER_MS", 120_000, 1_000)?;
+        if max_retry_after > Duration::from_secs(86_400) {
+            return Err(ConfigError::new(
+                "POLLER_MAX_RETRY_AFTER_MS",
+                "must be at most 86400000 (a day)",
+            ));
+        }
         Ok(Self {
             common: CommonConfig::from_vars(vars)?,
             ops_listen: vars.addr_or("OPS_LISTEN", DEFAULT_OPS_LISTEN)?,
@@ -117,6 +128,7 @@ impl Config {
             publish_timeout: vars.millis_or("POLLER_PUBLISH_TIMEOUT_MS", 5_000, 100)?,
             concurrency,
             max_page_bytes,
+            max_retry_after,
         })
     }
 }
@@ -144,6 +156,7 @@ mod tests {
             ("POLLER_CONCURRENCY", "0"),
             ("POLLER_ERROR_BACKOFF_MAX_MS", "200"),
             ("POLLER_MAX_PAGE_BYTES", "100"),
+            ("POLLER_MAX_RETRY_AFTER_MS", "100000000000"),
         ] {
             let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{var}={value}");

@@ -120,6 +120,15 @@ pub struct LastError {
     pub at: String,
 }
 
+/// How one cycle of a store ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CycleEnd {
+    /// The oldest cursor of the store afterwards (for the lag gauge).
+    pub oldest: Option<i64>,
+    /// The cycle failed (a transient error): the store is polled again after a backoff.
+    pub failed: bool,
+}
+
 pub fn status_key(store_id: &str) -> String {
     format!("status.{store_id}")
 }
@@ -168,14 +177,32 @@ impl Poller {
         }
     }
 
+    /// Shows on the store's status that its cycle ended without a word (it panicked): the
+    /// next cycle, after a backoff, writes over it.
+    pub async fn record_crash(&self, store_id: &str, message: String) {
+        let previous = self.status(store_id).await.unwrap_or_default();
+        let status = Status {
+            state: "retrying".into(),
+            last_poll_at: Some(now_rfc3339()),
+            last_poll_error: Some(LastError {
+                status: None,
+                message,
+                at: now_rfc3339(),
+            }),
+            token_hash: previous.token_hash,
+            ..Status::default()
+        };
+        self.metrics.cycles.with_label_values(&["failed"]).inc();
+        self.put_status(store_id, &status).await;
+    }
+
     /// One cycle of a store this replica holds. `still_held` is asked before a cursor moves.
-    /// Returns the oldest cursor of the store (for the lag gauge).
     pub async fn cycle(
         &self,
         job: &StoreJob,
         still_held: impl Fn() -> bool,
         cancel: &CancellationToken,
-    ) -> Option<i64> {
+    ) -> CycleEnd {
         let store = job.store_id.as_str();
         let previous = self.status(store).await.unwrap_or_default();
         let hash = token_hash(&job.token);
@@ -187,7 +214,7 @@ impl Poller {
                 .cycles
                 .with_label_values(&["backing_off"])
                 .inc();
-            return None;
+            return CycleEnd::default();
         }
         let result = self.poll_store(job, &still_held, cancel).await;
         let mut status = Status {
@@ -195,14 +222,17 @@ impl Poller {
             token_hash: hash,
             ..Status::default()
         };
-        let oldest = match result {
+        let end = match result {
             Ok((oldest, changed)) => {
                 status.state = "ok".into();
                 let outcome = if changed { "ok" } else { "unchanged" };
                 self.metrics.cycles.with_label_values(&[outcome]).inc();
-                oldest
+                CycleEnd {
+                    oldest,
+                    failed: false,
+                }
             }
-            Err(PollError::Cancelled) => return None,
+            Err(PollError::Cancelled) => return CycleEnd::default(),
             Err(PollError::Refused {
                 status: code,
                 message,
@@ -229,7 +259,8 @@ impl Poller {
                     at: now_rfc3339(),
                 });
                 self.metrics.cycles.with_label_values(&["refused"]).inc();
-                None
+                // Its own backoff (retryAt) applies, not the failed cycles'.
+                CycleEnd::default()
             }
             Err(PollError::Transient(message)) => {
                 tracing::warn!(
@@ -244,11 +275,14 @@ impl Poller {
                     at: now_rfc3339(),
                 });
                 self.metrics.cycles.with_label_values(&["failed"]).inc();
-                None
+                CycleEnd {
+                    oldest: None,
+                    failed: true,
+                }
             }
         };
         self.put_status(store, &status).await;
-        oldest
+        end
     }
 
     /// Returns (the oldest cursor after the cycle, whether any window was read).

@@ -605,3 +605,70 @@ async fn an_error_body_that_never_ends_is_read_only_to_its_start() {
     poller.stop().await;
     pipeline.stop().await;
 }
+
+#[tokio::test]
+async fn a_huge_retry_after_is_clamped_and_frees_the_slot_for_other_stores() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7311", TOKEN);
+    fake.add_store("7312", "secret_another_token");
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // One slot: a store that keeps it starves every other.
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_CONCURRENCY", "1"),
+            ("POLLER_MAX_RETRY_AFTER_MS", "8000"),
+        ],
+    )
+    .await;
+    fake.script_raw(429, Some("1e20"));
+    let hostile = pipeline
+        .create_instance("7311", &receiver.url(), &polling("polling"))
+        .await;
+    wait_until(Duration::from_secs(20), "the 429", || async {
+        !fake.requests_for("7311").is_empty()
+    })
+    .await;
+    let told_at = fake.requests_for("7311")[0].at;
+    let mut other = polling("polling");
+    other.retain(|(k, _)| *k != "ecwid.api.token");
+    other.push(("ecwid.api.token", "secret_another_token"));
+    pipeline
+        .create_instance("7312", &receiver.url(), &other)
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the other store polled",
+        || async {
+            fake.requests_for("7312")
+                .iter()
+                .any(|r| r.path == "latest-stats" && r.status == 200)
+        },
+    )
+    .await;
+    let shown = wait_poll_error(&pipeline, &hostile, "Retry-After", Duration::from_secs(20)).await;
+    assert_eq!(shown["pollerStatus"], "retrying", "{shown}");
+    // The hostile store is polled again, once the clamped wait is over and not before.
+    wait_until(
+        Duration::from_secs(30),
+        "the hostile store polled again",
+        || async { fake.requests_for("7311").len() >= 2 },
+    )
+    .await;
+    let again = fake.requests_for("7311")[1].at.duration_since(told_at);
+    assert!(
+        again >= Duration::from_millis(7900),
+        "asked again after {again:?}, within the 8 s pause"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the hostile store ok again",
+        || async { poller_status(&pipeline, &hostile).await["pollerStatus"] == "ok" },
+    )
+    .await;
+    poller.stop().await;
+    pipeline.stop().await;
+}
