@@ -50,6 +50,12 @@ pub struct Config {
     /// honoured for; a longer one (or `1e20`) is cut to this. Waits above 5 s end the cycle and
     /// pause the token's budget for every replica.
     pub max_retry_after: Duration,
+    /// `POLLER_CYCLE_MAX_PAGES`, default 100 (10 000 entities at 100 a page), and
+    /// `POLLER_CYCLE_MAX_MS`, default 300000: what one store's cycle (or one backfill) reads at
+    /// most. A cycle cut short keeps where it got to and the next one goes on from there; a
+    /// backfill cut short answers 422 (ask for a shorter window).
+    pub cycle_max_pages: u32,
+    pub cycle_max_time: Duration,
 }
 
 impl Config {
@@ -112,6 +118,13 @@ impl Config {
                 "must be at most 86400000 (a day)",
             ));
         }
+        let cycle_max_pages: u32 = vars.parse_or("POLLER_CYCLE_MAX_PAGES", 100)?;
+        if cycle_max_pages < 1 {
+            return Err(ConfigError::new(
+                "POLLER_CYCLE_MAX_PAGES",
+                "must be at least 1",
+            ));
+        }
         Ok(Self {
             common: CommonConfig::from_vars(vars)?,
             ops_listen: vars.addr_or("OPS_LISTEN", DEFAULT_OPS_LISTEN)?,
@@ -129,6 +142,8 @@ impl Config {
             concurrency,
             max_page_bytes,
             max_retry_after,
+            cycle_max_pages,
+            cycle_max_time: vars.millis_or("POLLER_CYCLE_MAX_MS", 300_000, 1_000)?,
         })
     }
 }
@@ -157,6 +172,8 @@ mod tests {
             ("POLLER_ERROR_BACKOFF_MAX_MS", "200"),
             ("POLLER_MAX_PAGE_BYTES", "100"),
             ("POLLER_MAX_RETRY_AFTER_MS", "100000000000"),
+            ("POLLER_CYCLE_MAX_PAGES", "0"),
+            ("POLLER_CYCLE_MAX_MS", "5"),
         ] {
             let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{var}={value}");

@@ -87,6 +87,8 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
         window_delay: config.window_delay,
         error_backoff: config.error_backoff,
         error_backoff_max: config.error_backoff_max,
+        cycle_max_pages: config.cycle_max_pages,
+        cycle_max_time: config.cycle_max_time,
     };
     if !ctx.directory.loaded(&cancel).await {
         return Ok(());
@@ -158,21 +160,26 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
                 continue;
             }
             due.insert(store.clone(), now + job.interval);
-            let (poller, job, held, cancel) = (
+            let (poller, job, held, directory, cancel) = (
                 poller.clone(),
                 job.clone(),
                 Arc::clone(&held),
+                ctx.directory.clone(),
                 cancel.clone(),
             );
             cycles.spawn(store.clone(), async move {
                 let store = job.store_id.clone();
-                let still_held = || {
-                    held.lock()
+                // Asked between pages: a store whose lease went, or whose last polling
+                // instance was deleted or stopped polling, is left at once.
+                let keep_going = || {
+                    let held = held
+                        .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .get(&store)
-                        .is_some_and(|exp| *exp > shared::time_fmt::now_unix_ms())
+                        .is_some_and(|exp| *exp > shared::time_fmt::now_unix_ms());
+                    held && poll::jobs(&directory.for_store(&store)).contains_key(&store)
                 };
-                poller.cycle(&job, still_held, &cancel).await
+                poller.cycle(&job, keep_going, &cancel).await
             });
         }
         let now_secs = shared::time_fmt::now_unix_ms() / 1000;

@@ -672,3 +672,139 @@ async fn a_huge_retry_after_is_clamped_and_frees_the_slot_for_other_stores() {
     poller.stop().await;
     pipeline.stop().await;
 }
+
+/// The list requests (`products`) the fake got for `store`, as (updatedTo, offset).
+fn product_pages(fake: &FakeEcwid, store: &str) -> Vec<(String, usize)> {
+    fake.requests_for(store)
+        .iter()
+        .filter(|r| r.path == "products")
+        .map(|r| {
+            (
+                r.query.get("updatedTo").cloned().unwrap_or_default(),
+                r.query
+                    .get("offset")
+                    .and_then(|o| o.parse().ok())
+                    .unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_total_that_keeps_growing_is_cut_short_and_the_next_cycle_goes_on() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7321", TOKEN);
+    fake.set_always_changed("7321");
+    fake.misbehave("7321", Misbehavior::GrowingTotal);
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(&nats.url(), &fake.url(), &[("POLLER_CYCLE_MAX_PAGES", "5")]).await;
+    let mut settings = polling("polling");
+    settings.push(("event.objects", "products"));
+    let id = pipeline
+        .create_instance("7321", &receiver.url(), &settings)
+        .await;
+    let shown = wait_poll_error(
+        &pipeline,
+        &id,
+        "POLLER_CYCLE_MAX_PAGES",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(shown["pollerStatus"], "behind", "{shown}");
+    // The next cycle reads the same window from where the first stopped.
+    wait_until(
+        Duration::from_secs(30),
+        "the second cycle's pages",
+        || async { product_pages(&fake, "7321").len() >= 10 },
+    )
+    .await;
+    let pages = product_pages(&fake, "7321");
+    let offsets: Vec<usize> = pages.iter().map(|(_, o)| *o).take(10).collect();
+    assert_eq!(offsets, [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]);
+    assert!(
+        pages[..10].iter().all(|(to, _)| *to == pages[0].0),
+        "one window: {pages:?}"
+    );
+    // Each cycle (one latest-stats each) read at most 5 pages.
+    let mut in_cycle = 0;
+    for r in fake.requests_for("7321") {
+        if r.path == "latest-stats" {
+            in_cycle = 0;
+        } else {
+            in_cycle += 1;
+            assert!(in_cycle <= 5, "more than 5 pages in one cycle");
+        }
+    }
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn an_endless_cycle_stops_when_its_instance_is_deleted_and_its_reads_are_not_dead_lettered() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7322", TOKEN);
+    fake.set_always_changed("7322");
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // Bounds far away: only the deletion can stop this cycle.
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_CYCLE_MAX_PAGES", "1000000"),
+            ("POLLER_CYCLE_MAX_MS", "3600000"),
+        ],
+    )
+    .await;
+    let mut settings = polling("polling");
+    settings.push(("event.objects", "products"));
+    let id = pipeline
+        .create_instance("7322", &receiver.url(), &settings)
+        .await;
+    // The first cycle sets the cursors; the pages grow from the second on.
+    wait_until(Duration::from_secs(20), "the first poll", || async {
+        fake.requests_for("7322")
+            .iter()
+            .any(|r| r.path == "latest-stats")
+    })
+    .await;
+    fake.misbehave("7322", Misbehavior::GrowingTotal);
+    wait_until(Duration::from_secs(30), "the endless pages", || async {
+        product_pages(&fake, "7322").len() >= 10
+    })
+    .await;
+    let (status, _) = pipeline
+        .admin_request(Method::DELETE, &format!("/instances/{id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    wait_until(
+        Duration::from_secs(15),
+        "no request for 2 s after the deletion",
+        || async {
+            fake.requests_for("7322")
+                .last()
+                .is_some_and(|r| r.at.elapsed() > Duration::from_secs(2))
+        },
+    )
+    .await;
+    // What the poller stored before it stopped is dropped by the normalizer, not dead-lettered
+    // as `no_instance` (letters nothing would ever expire).
+    integration_tests::wait_settled(&nats.url(), Duration::from_secs(30)).await;
+    let js = async_nats::jetstream::new(connect(&nats.url()).await);
+    let dead = js
+        .get_stream(shared::nats::DEAD_STREAM)
+        .await
+        .expect("dead stream");
+    let normalize = shared::nats::dead_subject("normalize", "7322");
+    assert!(
+        dead.get_last_raw_message_by_subject(&normalize)
+            .await
+            .is_err(),
+        "a dead letter on {normalize}"
+    );
+    poller.stop().await;
+    pipeline.stop().await;
+}
