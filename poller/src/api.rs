@@ -109,7 +109,7 @@ impl EcwidApi {
                             }
                             Err(e) => {
                                 self.count("error");
-                                format!("reading the answer failed: {e}")
+                                format!("reading the answer failed: {}", describe(e))
                             }
                         },
                         429 => {
@@ -171,7 +171,7 @@ impl EcwidApi {
                 }
                 Err(e) => {
                     self.count("error");
-                    format!("the request failed: {e}")
+                    format!("the request failed: {}", describe(e))
                 }
             };
             let Some(wait) = backoff.next() else {
@@ -188,6 +188,19 @@ impl EcwidApi {
     fn count(&self, outcome: &str) {
         self.metrics.requests.with_label_values(&[outcome]).inc();
     }
+}
+
+/// `e` and its causes, without the URL reqwest would print: `ECWID_API_URL` may carry
+/// credentials (user info, query values), and this text reaches the logs and `lastPollError`.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut parts = vec![e.to_string()];
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        parts.push(shared::instance::redact_url(&s.to_string()));
+        source = s.source();
+    }
+    parts.join(": ")
 }
 
 /// A body read up to a limit.

@@ -69,7 +69,10 @@ impl Config {
             _ => {
                 return Err(ConfigError::new(
                     "ECWID_API_URL",
-                    format!("expected an http(s) URL such as {DEFAULT_API_URL}, got `{api_url}`"),
+                    format!(
+                        "expected an http(s) URL such as {DEFAULT_API_URL}, got `{}`",
+                        shared::instance::redact_url(&api_url)
+                    ),
                 ))
             }
         }

@@ -808,3 +808,25 @@ async fn an_endless_cycle_stops_when_its_instance_is_deleted_and_its_reads_are_n
     poller.stop().await;
     pipeline.stop().await;
 }
+
+#[tokio::test]
+async fn credentials_in_the_api_url_are_not_shown_on_the_status() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // Nothing listens there: every request fails, and reqwest's error names the URL.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let api = format!("http://apiuser:pw-topsecret@{closed}/api/v3?key=q-topsecret");
+    let poller = start_poller(&nats.url(), &api, &[]).await;
+    let id = pipeline
+        .create_instance("7331", &receiver.url(), &polling("polling"))
+        .await;
+    let shown = wait_poll_error(&pipeline, &id, "request failed", Duration::from_secs(30)).await;
+    let text = shown.to_string();
+    assert!(!text.contains("topsecret"), "{text}");
+    assert!(!text.contains("apiuser"), "{text}");
+    poller.stop().await;
+    pipeline.stop().await;
+}
