@@ -830,3 +830,30 @@ async fn credentials_in_the_api_url_are_not_shown_on_the_status() {
     poller.stop().await;
     pipeline.stop().await;
 }
+
+#[tokio::test]
+async fn a_token_with_control_characters_is_refused_naming_the_key() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    for token in ["secret_abc\u{0}def", "secret_abc\r\nX-Injected: 1"] {
+        let body = json!({
+            "element": {"key": "ecwid"},
+            "name": "hostile token",
+            "configuration": {
+                "ecwid.store.id": "7341",
+                "event.notification.enabled": "true",
+                "event.notification.callback.url": receiver.url(),
+                "event.vendor.type": "polling",
+                "ecwid.api.token": token,
+            },
+        });
+        let (status, shown) = pipeline
+            .admin_request(Method::POST, "/instances", Some(body))
+            .await;
+        assert_eq!(status, 422, "{shown}");
+        assert_eq!(shown["field"], "configuration.ecwid.api.token", "{shown}");
+        assert!(!shown.to_string().contains("secret_abc"), "{shown}");
+    }
+    pipeline.stop().await;
+}
