@@ -90,6 +90,10 @@ SERVICE_ENV = {
         "POLLER_RETRY_MIN_MS",
         "POLLER_PUBLISH_TIMEOUT_MS",
         "POLLER_CONCURRENCY",
+        "POLLER_MAX_PAGE_BYTES",
+        "POLLER_MAX_RETRY_AFTER_MS",
+        "POLLER_CYCLE_MAX_PAGES",
+        "POLLER_CYCLE_MAX_MS",
     },
 }
 # Each service's config source: every variable it reads must be in SERVICE_ENV (so a
@@ -139,6 +143,10 @@ NUMERIC_ENV = {
     "POLLER_RETRY_MIN_MS",
     "POLLER_PUBLISH_TIMEOUT_MS",
     "POLLER_CONCURRENCY",
+    "POLLER_MAX_PAGE_BYTES",
+    "POLLER_MAX_RETRY_AFTER_MS",
+    "POLLER_CYCLE_MAX_PAGES",
+    "POLLER_CYCLE_MAX_MS",
 }
 ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
 # Durations as shared::config::parse_duration reads them: a number and a unit (ms, s, m, h, d;

@@ -18,8 +18,6 @@ use shared::envelope::RESPONSE_EXCERPT_BYTES;
 use shared::instance::Instance;
 use shared::netguard::{self, AllowList};
 
-use crate::policy::parse_retry_after;
-
 pub const USER_AGENT: &str = concat!("ecwid-events/", env!("CARGO_PKG_VERSION"));
 
 fn hmac_b64(key: &[u8], parts: &[&[u8]]) -> String {
@@ -295,7 +293,8 @@ impl Dispatcher {
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after);
+                    // Clamped to the schedule by policy::next_wait.
+                    .and_then(|v| shared::retry::parse_retry_after(v, shared::retry::MAX_WAIT));
                 let code = status.as_u16();
                 let answer = Answer {
                     status: code,

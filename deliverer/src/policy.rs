@@ -39,11 +39,6 @@ pub fn next_wait(
     })
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is read as absent).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
 /// At most `per_host` requests in flight to one host.
 #[derive(Debug)]
 pub struct HostLimits {
@@ -110,8 +105,6 @@ mod tests {
             next_wait(&schedule, 1, Some(Duration::from_secs(9999))),
             Some(Duration::from_secs(100))
         );
-        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
 
     #[tokio::test]

@@ -153,6 +153,18 @@ impl Worker {
                 Status::Dead,
             );
             record.last_error = Some(error.clone());
+            if normalized.format == Format::Poll {
+                // The poller read it for an instance that is gone (deleted, or no longer
+                // polling, while a cycle or backfill was under way): the user asked for no more
+                // of this store, so it is dropped, not dead-lettered (nothing would ever expire
+                // such letters). A webhook still dead-letters: Ecwid sent it, and it can be
+                // replayed once the store has an instance.
+                record.status = Status::Filtered;
+                return Outcome::Ack {
+                    outcome: "no_instance",
+                    records: vec![record],
+                };
+            }
             return Outcome::Dead {
                 reason: "no_instance",
                 error,

@@ -9,7 +9,8 @@ pub const DURATION: &str = "ecwid_normalizer_duration_seconds";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// outcome: normalized, filtered, dead_lettered, retried, order_wait.
+    /// outcome: normalized, filtered, no_instance (a poll message of a store with no instance
+    /// left: dropped), dead_lettered, retried, order_wait.
     pub messages: IntCounterVec,
     /// event_type: CREATED, UPDATED, DELETED, UNKNOWN.
     pub envelopes: IntCounterVec,

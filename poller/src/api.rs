@@ -2,7 +2,9 @@
 //! `Authorization: Bearer`, one shared budget token per request ([`crate::budget`]). A 429 waits
 //! its `Retry-After` (and pauses the token for every replica); 5xx, timeouts and connection
 //! errors are retried three times with a jittered, doubling wait; 401/402/403/404 stop at once
-//! as [`PollError::Refused`].
+//! as [`PollError::Refused`]. No body is read without a bound: a page stops at
+//! `POLLER_MAX_PAGE_BYTES` (the cycle fails, naming the limit), an error body at
+//! [`MAX_ERROR_BODY_BYTES`] (only its start is shown).
 
 use std::time::Duration;
 
@@ -11,14 +13,23 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
+use crate::config::Config;
 use crate::error::PollError;
 use crate::metrics::Metrics;
 
 /// 429s in a row after which a request is given up for this cycle.
 const MAX_RATE_LIMITED: u32 = 10;
-/// The longest `Retry-After` honoured as given; a longer one is capped (the cycle ends and the
-/// budget stays paused for the rest).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+/// The wait after a 429 without a readable `Retry-After` (before the clamp).
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The longest wait a cycle sits through (a 429's `Retry-After`, a token paused by another
+/// replica's 429). A longer one ends the cycle at once, so a store Ecwid asks to wait does not
+/// keep one of the `POLLER_CONCURRENCY` slots; the paused budget keeps every replica from asking
+/// before the wait is over.
+pub const MAX_IN_CYCLE_WAIT: Duration = Duration::from_secs(5);
+
+/// How much of an error body (401–404) is read: enough for Ecwid's `errorMessage`, of which
+/// the status shows 200 characters.
+pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct EcwidApi {
@@ -27,29 +38,32 @@ pub struct EcwidApi {
     budget: Budget,
     metrics: Metrics,
     retry_min: Duration,
+    max_page_bytes: usize,
+    max_retry_after: Duration,
 }
 
 impl EcwidApi {
+    /// The client for `config`'s API URL, timeouts and limits.
     pub fn new(
-        base: String,
+        config: &Config,
         user_agent: String,
-        timeout: Duration,
-        retry_min: Duration,
         budget: Budget,
         metrics: Metrics,
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(user_agent)
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             http,
-            base,
+            base: config.api_url.clone(),
             budget,
             metrics,
-            retry_min,
+            retry_min: config.retry_min,
+            max_page_bytes: config.max_page_bytes,
+            max_retry_after: config.max_retry_after,
         })
     }
 
@@ -79,21 +93,44 @@ impl EcwidApi {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     match status {
-                        200..=299 => match resp.bytes().await {
-                            Ok(body) => {
+                        200..=299 => match read_body(resp, self.max_page_bytes).await {
+                            Ok(Body::Whole(body)) => {
                                 self.count("ok");
                                 return Ok(body);
                             }
+                            Ok(Body::Cut(_)) => {
+                                // The same request would only bring the same answer again.
+                                self.count("too_large");
+                                return Err(PollError::Transient(format!(
+                                    "Ecwid's answer is larger than {} bytes \
+                                     (POLLER_MAX_PAGE_BYTES); not read further",
+                                    self.max_page_bytes
+                                )));
+                            }
                             Err(e) => {
                                 self.count("error");
-                                format!("reading the answer failed: {e}")
+                                format!("reading the answer failed: {}", describe(e))
                             }
                         },
                         429 => {
                             self.count("rate_limited");
                             rate_limited += 1;
-                            let wait = retry_after(resp.headers()).min(MAX_RETRY_AFTER);
+                            let wait = resp
+                                .headers()
+                                .get(reqwest::header::RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| {
+                                    shared::retry::parse_retry_after(v, self.max_retry_after)
+                                })
+                                .unwrap_or(DEFAULT_RETRY_AFTER.min(self.max_retry_after));
                             self.budget.pause(token, wait).await;
+                            if wait > MAX_IN_CYCLE_WAIT {
+                                return Err(PollError::Transient(format!(
+                                    "Ecwid answered 429 and asked to wait {} s (Retry-After, \
+                                     at most POLLER_MAX_RETRY_AFTER_MS); the token is paused",
+                                    wait.as_secs()
+                                )));
+                            }
                             if rate_limited >= MAX_RATE_LIMITED {
                                 return Err(PollError::Transient(format!(
                                     "rate limited {rate_limited} times in a row"
@@ -108,10 +145,14 @@ impl EcwidApi {
                         }
                         401..=404 => {
                             self.count("refused");
-                            let text = resp.text().await.unwrap_or_default();
+                            // Only its start: the message shown is 200 characters at most.
+                            let head = match read_body(resp, MAX_ERROR_BODY_BYTES).await {
+                                Ok(Body::Whole(b) | Body::Cut(b)) => b,
+                                Err(_) => Bytes::new(),
+                            };
                             return Err(PollError::Refused {
                                 status,
-                                message: ecwid_message(&text),
+                                message: ecwid_message(&String::from_utf8_lossy(&head)),
                             });
                         }
                         500..=599 => {
@@ -130,7 +171,7 @@ impl EcwidApi {
                 }
                 Err(e) => {
                     self.count("error");
-                    format!("the request failed: {e}")
+                    format!("the request failed: {}", describe(e))
                 }
             };
             let Some(wait) = backoff.next() else {
@@ -149,15 +190,42 @@ impl EcwidApi {
     }
 }
 
-/// `Retry-After` in seconds (Ecwid sends seconds); 60 s when absent or unreadable.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
-    headers
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(60))
+/// `e` and its causes, without the URL reqwest would print: `ECWID_API_URL` may carry
+/// credentials (user info, query values), and this text reaches the logs and `lastPollError`.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut parts = vec![e.to_string()];
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        parts.push(shared::instance::redact_url(&s.to_string()));
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// A body read up to a limit.
+#[derive(Debug)]
+enum Body {
+    /// All of it.
+    Whole(Bytes),
+    /// Its first `limit` bytes: the rest was not read.
+    Cut(Bytes),
+}
+
+/// Reads `response`'s body chunk by chunk and stops at `limit` bytes, so a hostile or broken
+/// answer (however long, whatever its `Content-Length` says) costs at most `limit` bytes of
+/// memory; the rest is never read (the connection is dropped).
+async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Body, reqwest::Error> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(Body::Cut(body.freeze()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Body::Whole(body.freeze()))
 }
 
 /// Ecwid's `errorMessage`, or the start of the body; bounded, one line.

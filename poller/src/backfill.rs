@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::PollError;
-use crate::poll::{Counts, Poller};
+use crate::poll::{Allowance, Counts, Poller, Resume, Window};
 
 /// Backfills one replica runs at once; more wait.
 const CONCURRENT_BACKFILLS: usize = 4;
@@ -129,23 +129,44 @@ async fn run(
         })
         .collect();
     let mut counts = Counts::default();
+    let mut allowance = Allowance::new(poller.cycle_max_pages, poller.cycle_max_time);
+    // A backfill of an instance deleted meanwhile stops at the next page.
+    let keep_going = || directory.get(&instance.id).is_some();
     for entity in entities {
+        let window = Window {
+            store,
+            token,
+            entity,
+            from: request.since,
+            to: request.until,
+            skip_seen: instance.takes_webhooks(),
+            named: Some(&instance.id),
+            start: Resume::default(),
+        };
         match poller
-            .poll_window(
-                store,
-                token,
-                entity,
-                request.since,
-                request.until,
-                instance.takes_webhooks(),
-                Some(&instance.id),
-                cancel,
-            )
+            .poll_window(&window, &mut allowance, &keep_going, cancel)
             .await
         {
-            Ok(c) => counts += c,
+            Ok((c, None)) => counts += c,
+            Ok((c, Some(_))) => {
+                counts += c;
+                return error(
+                    "invalid",
+                    format!(
+                        "the window holds more than one backfill reads ({} pages, \
+                         POLLER_CYCLE_MAX_PAGES, or {} s, POLLER_CYCLE_MAX_MS); {} stored so \
+                         far; ask again for shorter windows",
+                        poller.cycle_max_pages,
+                        poller.cycle_max_time.as_secs(),
+                        counts.stored
+                    ),
+                );
+            }
             Err(PollError::Refused { status, message }) => {
                 return error("refused", format!("Ecwid answered {status}: {message}"))
+            }
+            Err(PollError::Cancelled) if directory.get(&instance.id).is_none() => {
+                return error("invalid", "the instance was deleted meanwhile".into())
             }
             Err(e) => return error("unavailable", e.to_string()),
         }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::MAX_IN_CYCLE_WAIT;
 use crate::error::PollError;
 
 #[derive(Debug, Clone)]
@@ -73,7 +74,15 @@ impl Budget {
                 ),
             };
             let wait_ms = if state.at > now {
-                // Paused by a 429 until `at`.
+                // Paused by a 429 until `at`: a long pause ends the cycle rather than holding
+                // a slot (the next cycle finds the token still paused, or free).
+                let paused = Duration::from_millis((state.at - now) as u64);
+                if paused > MAX_IN_CYCLE_WAIT {
+                    return Err(PollError::Transient(format!(
+                        "the token is paused for {} s more after Ecwid answered 429",
+                        paused.as_secs()
+                    )));
+                }
                 (state.at - now) as f64 + ((1.0 - state.tokens).max(0.0) / self.rate)
             } else {
                 let tokens = (state.tokens + (now - state.at) as f64 * self.rate).min(self.burst);

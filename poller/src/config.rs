@@ -7,6 +7,8 @@ use shared::config::{CommonConfig, ConfigError, Vars};
 
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9103";
 pub const DEFAULT_API_URL: &str = "https://app.ecwid.com/api/v3";
+/// 16 MiB: a page of 100 entities is far smaller; a larger answer is not a page.
+pub const DEFAULT_MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -40,6 +42,20 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// `POLLER_CONCURRENCY`, default 8: stores one replica polls at once.
     pub concurrency: usize,
+    /// `POLLER_MAX_PAGE_BYTES`, default 16 MiB: the largest answer body read from Ecwid; a longer
+    /// one is not read further and the cycle fails with an error naming this variable. Error
+    /// bodies (401–404) are read to their first [`crate::api::MAX_ERROR_BODY_BYTES`] only.
+    pub max_page_bytes: usize,
+    /// `POLLER_MAX_RETRY_AFTER_MS`, default 120000: the longest wait a 429's `Retry-After` is
+    /// honoured for; a longer one (or `1e20`) is cut to this. Waits above 5 s end the cycle and
+    /// pause the token's budget for every replica.
+    pub max_retry_after: Duration,
+    /// `POLLER_CYCLE_MAX_PAGES`, default 100 (10 000 entities at 100 a page), and
+    /// `POLLER_CYCLE_MAX_MS`, default 300000: what one store's cycle (or one backfill) reads at
+    /// most. A cycle cut short keeps where it got to and the next one goes on from there; a
+    /// backfill cut short answers 422 (ask for a shorter window).
+    pub cycle_max_pages: u32,
+    pub cycle_max_time: Duration,
 }
 
 impl Config {
@@ -53,7 +69,10 @@ impl Config {
             _ => {
                 return Err(ConfigError::new(
                     "ECWID_API_URL",
-                    format!("expected an http(s) URL such as {DEFAULT_API_URL}, got `{api_url}`"),
+                    format!(
+                        "expected an http(s) URL such as {DEFAULT_API_URL}, got `{}`",
+                        shared::instance::redact_url(&api_url)
+                    ),
                 ))
             }
         }
@@ -87,6 +106,28 @@ impl Config {
                 "must be at least POLLER_ERROR_BACKOFF_MS",
             ));
         }
+        let max_page_bytes: usize =
+            vars.parse_or("POLLER_MAX_PAGE_BYTES", DEFAULT_MAX_PAGE_BYTES)?;
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&max_page_bytes) {
+            return Err(ConfigError::new(
+                "POLLER_MAX_PAGE_BYTES",
+                "must be between 65536 (64 KiB) and 1073741824 (1 GiB)",
+            ));
+        }
+        let max_retry_after = vars.millis_or("POLLER_MAX_RETRY_AFTER_MS", 120_000, 1_000)?;
+        if max_retry_after > Duration::from_secs(86_400) {
+            return Err(ConfigError::new(
+                "POLLER_MAX_RETRY_AFTER_MS",
+                "must be at most 86400000 (a day)",
+            ));
+        }
+        let cycle_max_pages: u32 = vars.parse_or("POLLER_CYCLE_MAX_PAGES", 100)?;
+        if cycle_max_pages < 1 {
+            return Err(ConfigError::new(
+                "POLLER_CYCLE_MAX_PAGES",
+                "must be at least 1",
+            ));
+        }
         Ok(Self {
             common: CommonConfig::from_vars(vars)?,
             ops_listen: vars.addr_or("OPS_LISTEN", DEFAULT_OPS_LISTEN)?,
@@ -102,6 +143,10 @@ impl Config {
             retry_min: vars.millis_or("POLLER_RETRY_MIN_MS", 500, 10)?,
             publish_timeout: vars.millis_or("POLLER_PUBLISH_TIMEOUT_MS", 5_000, 100)?,
             concurrency,
+            max_page_bytes,
+            max_retry_after,
+            cycle_max_pages,
+            cycle_max_time: vars.millis_or("POLLER_CYCLE_MAX_MS", 300_000, 1_000)?,
         })
     }
 }
@@ -119,6 +164,7 @@ mod tests {
             (c.rate_limit, c.rate_window),
             (600, Duration::from_secs(60))
         );
+        assert_eq!(c.max_page_bytes, 16 * 1024 * 1024);
         for (var, value) in [
             ("ECWID_API_URL", "ftp://x"),
             ("ECWID_API_URL", "not a url"),
@@ -127,6 +173,10 @@ mod tests {
             ("POLLER_REPLICA_ID", "a.b"),
             ("POLLER_CONCURRENCY", "0"),
             ("POLLER_ERROR_BACKOFF_MAX_MS", "200"),
+            ("POLLER_MAX_PAGE_BYTES", "100"),
+            ("POLLER_MAX_RETRY_AFTER_MS", "100000000000"),
+            ("POLLER_CYCLE_MAX_PAGES", "0"),
+            ("POLLER_CYCLE_MAX_MS", "5"),
         ] {
             let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{var}={value}");

@@ -10,24 +10,25 @@
 //! - [`api`]: the REST client: budget, 429 `Retry-After`, retries, refusals.
 //! - [`lease`]: which replica polls which store (KV leases, rendezvous sharing).
 //! - [`poll`]: one store's cycle: latest-stats, windows, paging, dedupe, cursors, status.
+//! - [`cycles`]: the cycles in flight; one that fails or panics frees its slot and backs off.
 //! - [`backfill`]: on-demand windows, asked over NATS request/reply by the admin API.
 
 pub mod api;
 pub mod backfill;
 pub mod budget;
 pub mod config;
+pub mod cycles;
 pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod poll;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shared::service::ServiceContext;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -74,15 +75,8 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
         shared::VERSION,
         config.replica_id
     );
-    let api = api::EcwidApi::new(
-        config.api_url.clone(),
-        user_agent,
-        config.request_timeout,
-        config.retry_min,
-        budget,
-        metrics.clone(),
-    )
-    .map_err(Error::Http)?;
+    let api =
+        api::EcwidApi::new(&config, user_agent, budget, metrics.clone()).map_err(Error::Http)?;
     let poller = poll::Poller {
         api,
         js: ctx.js.clone(),
@@ -93,6 +87,8 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
         window_delay: config.window_delay,
         error_backoff: config.error_backoff,
         error_backoff_max: config.error_backoff_max,
+        cycle_max_pages: config.cycle_max_pages,
+        cycle_max_time: config.cycle_max_time,
     };
     if !ctx.directory.loaded(&cancel).await {
         return Ok(());
@@ -111,19 +107,29 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
     let mut next_renewal = Instant::now();
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut oldest_cursor: HashMap<String, i64> = HashMap::new();
-    let mut running: HashSet<String> = HashSet::new();
-    let mut cycles: JoinSet<(String, Option<i64>)> = JoinSet::new();
+    let mut cycles = cycles::Cycles::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            Some(done) = cycles.join_next(), if !cycles.is_empty() => {
-                if let Ok((store, oldest)) = done {
-                    running.remove(&store);
-                    if let Some(o) = oldest {
-                        oldest_cursor.insert(store, o);
+            Some((store, ended, backoff)) = cycles.next(), if !cycles.is_empty() => {
+                match ended {
+                    cycles::Ended::Done(end) => {
+                        if let Some(o) = end.oldest {
+                            oldest_cursor.insert(store.clone(), o);
+                        }
                     }
+                    cycles::Ended::Crashed(message) => {
+                        tracing::error!(store_id = store, error = message, "A poll cycle crashed; the store is polled again after a backoff.");
+                        poller.record_crash(&store, message).await;
+                    }
+                }
+                if let Some(wait) = backoff {
+                    // Never sooner than the store's own interval (set when it started).
+                    let at = Instant::now() + wait;
+                    let next = due.entry(store).or_insert(at);
+                    *next = (*next).max(at);
                 }
                 continue;
             }
@@ -144,33 +150,36 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
             metrics.leases.set(map.len() as i64);
         }
         for (store, job) in &jobs {
-            if running.len() >= config.concurrency {
+            if cycles.len() >= config.concurrency {
                 break;
             }
-            if running.contains(store)
+            if cycles.is_running(store)
                 || !leases.holds(store)
                 || due.get(store).is_some_and(|at| *at > now)
             {
                 continue;
             }
             due.insert(store.clone(), now + job.interval);
-            running.insert(store.clone());
-            let (poller, job, held, cancel) = (
+            let (poller, job, held, directory, cancel) = (
                 poller.clone(),
                 job.clone(),
                 Arc::clone(&held),
+                ctx.directory.clone(),
                 cancel.clone(),
             );
-            cycles.spawn(async move {
+            cycles.spawn(store.clone(), async move {
                 let store = job.store_id.clone();
-                let still_held = || {
-                    held.lock()
+                // Asked between pages: a store whose lease went, or whose last polling
+                // instance was deleted or stopped polling, is left at once.
+                let keep_going = || {
+                    let held = held
+                        .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .get(&store)
-                        .is_some_and(|exp| *exp > shared::time_fmt::now_unix_ms())
+                        .is_some_and(|exp| *exp > shared::time_fmt::now_unix_ms());
+                    held && poll::jobs(&directory.for_store(&store)).contains_key(&store)
                 };
-                let oldest = poller.cycle(&job, still_held, &cancel).await;
-                (job.store_id, oldest)
+                poller.cycle(&job, keep_going, &cancel).await
             });
         }
         let now_secs = shared::time_fmt::now_unix_ms() / 1000;
@@ -184,7 +193,7 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
     }
     // The cycles see the cancellation and stop; their cursors stay where the last acked window
     // left them.
-    while cycles.join_next().await.is_some() {}
+    cycles.drain().await;
     leases.release_all().await;
     Ok(())
 }

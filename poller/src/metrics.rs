@@ -14,7 +14,8 @@ pub const LEASES: &str = "ecwid_poller_leases_held";
 #[derive(Debug, Clone)]
 pub struct Metrics {
     /// REST requests by outcome: `ok`, `rate_limited` (429), `refused` (401/402/403/404),
-    /// `server_error` (5xx), `timeout`, `error` (connection, other statuses).
+    /// `server_error` (5xx), `timeout`, `too_large` (a body above `POLLER_MAX_PAGE_BYTES`),
+    /// `error` (connection, other statuses).
     pub requests: IntCounterVec,
     /// Entities read from the REST API, by objectType.
     pub entities: IntCounterVec,

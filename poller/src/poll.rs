@@ -4,6 +4,12 @@
 //! to_date=`). Every entity becomes one `poll` message in `ECWID_RAW` with a dedupe id per
 //! version; a cursor moves to the window's end only after every message of the window is
 //! acknowledged. The store's outcome is kept in `status.<storeId>` for the admin API.
+//!
+//! A cycle reads at most `POLLER_CYCLE_MAX_PAGES` pages in `POLLER_CYCLE_MAX_MS` (an API whose
+//! `total` keeps growing would otherwise keep it going for ever): cut short, a window keeps where
+//! it got to in `resume.<storeId>.<type>` and the next cycle goes on from there, with the status
+//! `behind`. Between pages the cycle asks whether it should go on at all (the lease still held,
+//! a polling instance of the store still there).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -92,12 +98,23 @@ impl std::ops::AddAssign for Counts {
     }
 }
 
+/// What a cycle read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// latest-stats said nothing changed.
+    Unchanged,
+    Changed,
+    /// The cycle's allowance was spent: a window was left with a resume point.
+    CutShort,
+}
+
 /// The last poll's outcome of a store, as `GET /instances/{id}/poller` shows it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
-    /// `ok`, `error` (Ecwid refused: backing off until `retryAt`) or `retrying` (a transient
-    /// failure; the next cycle tries again).
+    /// `ok`, `error` (Ecwid refused: backing off until `retryAt`), `retrying` (a transient
+    /// failure; the next cycle tries again) or `behind` (the cycle was cut short at its bound;
+    /// the next one goes on from where it stopped).
     pub state: String,
     pub last_poll_at: Option<String>,
     pub last_poll_error: Option<LastError>,
@@ -120,6 +137,75 @@ pub struct LastError {
     pub at: String,
 }
 
+/// How one cycle of a store ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CycleEnd {
+    /// The oldest cursor of the store afterwards (for the lag gauge).
+    pub oldest: Option<i64>,
+    /// The cycle failed (a transient error): the store is polled again after a backoff.
+    pub failed: bool,
+}
+
+/// Where reading a window stopped: the list (0: changed, 1: deleted) and the offset in it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub list: usize,
+    pub offset: usize,
+}
+
+/// A window cut short, kept in `resume.<storeId>.<type>`: the window's end (so the next cycle
+/// reads the same window, whose offsets it knows) and where to go on.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct ResumePoint {
+    to: i64,
+    #[serde(flatten)]
+    at: Resume,
+}
+
+/// What one cycle (or one backfill) may still read.
+#[derive(Debug)]
+pub struct Allowance {
+    pages_left: u32,
+    until: std::time::Instant,
+}
+
+impl Allowance {
+    pub fn new(pages: u32, time: Duration) -> Self {
+        Self {
+            pages_left: pages,
+            until: std::time::Instant::now() + time,
+        }
+    }
+
+    /// Takes one page, or says the allowance is spent.
+    fn take_page(&mut self) -> bool {
+        if self.pages_left == 0 || std::time::Instant::now() >= self.until {
+            return false;
+        }
+        self.pages_left -= 1;
+        true
+    }
+}
+
+/// One window to read: a type of a store, `[from, to]`, from `start` on.
+#[derive(Debug, Clone, Copy)]
+pub struct Window<'a> {
+    pub store: &'a str,
+    pub token: &'a str,
+    pub entity: PollEntity,
+    pub from: i64,
+    pub to: i64,
+    pub skip_seen: bool,
+    /// The instance a backfill is for (its messages carry `Ecwid-Instance-Id` and their own
+    /// dedupe ids).
+    pub named: Option<&'a str>,
+    pub start: Resume,
+}
+
+pub fn resume_key(store_id: &str, entity: PollEntity) -> String {
+    format!("resume.{store_id}.{}", entity.path())
+}
+
 pub fn status_key(store_id: &str) -> String {
     format!("status.{store_id}")
 }
@@ -140,6 +226,9 @@ pub struct Poller {
     pub window_delay: Duration,
     pub error_backoff: Duration,
     pub error_backoff_max: Duration,
+    /// `POLLER_CYCLE_MAX_PAGES`, `POLLER_CYCLE_MAX_MS`: what one cycle or backfill reads at most.
+    pub cycle_max_pages: u32,
+    pub cycle_max_time: Duration,
 }
 
 fn now_secs() -> i64 {
@@ -168,14 +257,33 @@ impl Poller {
         }
     }
 
-    /// One cycle of a store this replica holds. `still_held` is asked before a cursor moves.
-    /// Returns the oldest cursor of the store (for the lag gauge).
+    /// Shows on the store's status that its cycle ended without a word (it panicked): the
+    /// next cycle, after a backoff, writes over it.
+    pub async fn record_crash(&self, store_id: &str, message: String) {
+        let previous = self.status(store_id).await.unwrap_or_default();
+        let status = Status {
+            state: "retrying".into(),
+            last_poll_at: Some(now_rfc3339()),
+            last_poll_error: Some(LastError {
+                status: None,
+                message,
+                at: now_rfc3339(),
+            }),
+            token_hash: previous.token_hash,
+            ..Status::default()
+        };
+        self.metrics.cycles.with_label_values(&["failed"]).inc();
+        self.put_status(store_id, &status).await;
+    }
+
+    /// One cycle of a store this replica holds. `keep_going` (the lease still held, a polling
+    /// instance of the store still there) is asked between pages and before a cursor moves.
     pub async fn cycle(
         &self,
         job: &StoreJob,
-        still_held: impl Fn() -> bool,
+        keep_going: impl Fn() -> bool + Sync,
         cancel: &CancellationToken,
-    ) -> Option<i64> {
+    ) -> CycleEnd {
         let store = job.store_id.as_str();
         let previous = self.status(store).await.unwrap_or_default();
         let hash = token_hash(&job.token);
@@ -187,22 +295,52 @@ impl Poller {
                 .cycles
                 .with_label_values(&["backing_off"])
                 .inc();
-            return None;
+            return CycleEnd::default();
         }
-        let result = self.poll_store(job, &still_held, cancel).await;
+        let result = self.poll_store(job, &keep_going, cancel).await;
         let mut status = Status {
             last_poll_at: Some(now_rfc3339()),
             token_hash: hash,
             ..Status::default()
         };
-        let oldest = match result {
-            Ok((oldest, changed)) => {
-                status.state = "ok".into();
-                let outcome = if changed { "ok" } else { "unchanged" };
-                self.metrics.cycles.with_label_values(&[outcome]).inc();
-                oldest
+        let end = match result {
+            Ok((oldest, Read::CutShort)) => {
+                let message = format!(
+                    "the cycle was cut short at its bound ({} pages, POLLER_CYCLE_MAX_PAGES, or \
+                     {} s, POLLER_CYCLE_MAX_MS); the next cycle goes on from there",
+                    self.cycle_max_pages,
+                    self.cycle_max_time.as_secs()
+                );
+                tracing::warn!(
+                    store_id = store,
+                    "Poll cycle cut short at its bound; the next one goes on."
+                );
+                status.state = "behind".into();
+                status.last_poll_error = Some(LastError {
+                    status: None,
+                    message,
+                    at: now_rfc3339(),
+                });
+                self.metrics.cycles.with_label_values(&["cut_short"]).inc();
+                CycleEnd {
+                    oldest,
+                    failed: false,
+                }
             }
-            Err(PollError::Cancelled) => return None,
+            Ok((oldest, read)) => {
+                status.state = "ok".into();
+                let outcome = if read == Read::Changed {
+                    "ok"
+                } else {
+                    "unchanged"
+                };
+                self.metrics.cycles.with_label_values(&[outcome]).inc();
+                CycleEnd {
+                    oldest,
+                    failed: false,
+                }
+            }
+            Err(PollError::Cancelled) => return CycleEnd::default(),
             Err(PollError::Refused {
                 status: code,
                 message,
@@ -229,7 +367,8 @@ impl Poller {
                     at: now_rfc3339(),
                 });
                 self.metrics.cycles.with_label_values(&["refused"]).inc();
-                None
+                // Its own backoff (retryAt) applies, not the failed cycles'.
+                CycleEnd::default()
             }
             Err(PollError::Transient(message)) => {
                 tracing::warn!(
@@ -244,20 +383,23 @@ impl Poller {
                     at: now_rfc3339(),
                 });
                 self.metrics.cycles.with_label_values(&["failed"]).inc();
-                None
+                CycleEnd {
+                    oldest: None,
+                    failed: true,
+                }
             }
         };
         self.put_status(store, &status).await;
-        oldest
+        end
     }
 
-    /// Returns (the oldest cursor after the cycle, whether any window was read).
+    /// Returns the oldest cursor after the cycle and what was read.
     async fn poll_store(
         &self,
         job: &StoreJob,
-        still_held: &impl Fn() -> bool,
+        keep_going: &(impl Fn() -> bool + Sync),
         cancel: &CancellationToken,
-    ) -> Result<(Option<i64>, bool), PollError> {
+    ) -> Result<(Option<i64>, Read), PollError> {
         let store = job.store_id.as_str();
         let to = now_secs() - self.window_delay.as_secs() as i64;
         let stats_body = self
@@ -266,9 +408,16 @@ impl Poller {
             .await?;
         let stats = ecwid::parse_latest_stats(&stats_body).unwrap_or_default();
         let mut oldest: Option<i64> = None;
-        let mut changed = false;
+        let mut read = Read::Unchanged;
+        let mut allowance = Allowance::new(self.cycle_max_pages, self.cycle_max_time);
+        // Types with a window cut short go last, so one endless type cannot starve the others.
+        let mut entities = Vec::with_capacity(job.entities.len());
         for entity in &job.entities {
-            let key = cursor_key(store, *entity);
+            entities.push((*entity, self.resume_point(store, *entity).await?));
+        }
+        entities.sort_by_key(|(_, resume)| resume.is_some());
+        for (entity, resume) in entities {
+            let key = cursor_key(store, entity);
             let entry = self
                 .state
                 .entry(&key)
@@ -293,55 +442,103 @@ impl Poller {
                 oldest = Some(oldest.map_or(to, |o| o.min(to)));
                 continue;
             };
-            if from >= to {
+            // A window cut short is finished first, with the end it had.
+            let (window_to, start) = match resume {
+                Some(r) if r.to > from => (r.to, r.at),
+                _ => (to, Resume::default()),
+            };
+            if from >= window_to {
                 oldest = Some(oldest.map_or(from, |o| o.min(from)));
                 continue;
             }
             // latest-stats says nothing of this type changed since the cursor: no request.
-            let unchanged = stats.get(entity).is_some_and(|t| *t < from);
+            let unchanged = resume.is_none() && stats.get(&entity).is_some_and(|t| *t < from);
             if !unchanged {
-                changed = true;
-                self.poll_window(
+                if read == Read::CutShort {
+                    // The allowance is spent: this type waits for the next cycle.
+                    oldest = Some(oldest.map_or(from, |o| o.min(from)));
+                    continue;
+                }
+                read = Read::Changed;
+                let window = Window {
                     store,
-                    &job.token,
-                    *entity,
+                    token: &job.token,
+                    entity,
                     from,
-                    to,
-                    job.skip_seen,
-                    None,
-                    cancel,
-                )
-                .await?;
+                    to: window_to,
+                    skip_seen: job.skip_seen,
+                    named: None,
+                    start,
+                };
+                let (_, cut) = self
+                    .poll_window(&window, &mut allowance, keep_going, cancel)
+                    .await?;
+                if let Some(at) = cut {
+                    let point = ResumePoint { to: window_to, at };
+                    let value = serde_json::to_vec(&point).unwrap_or_default();
+                    self.state
+                        .put(resume_key(store, entity), value.into())
+                        .await
+                        .map_err(|e| transient("resume point", e))?;
+                    read = Read::CutShort;
+                    oldest = Some(oldest.map_or(from, |o| o.min(from)));
+                    continue;
+                }
             }
-            if !still_held() {
+            if !keep_going() {
                 return Err(PollError::Transient(
                     "the lease was lost during the cycle".into(),
                 ));
             }
             self.state
-                .update(&key, to.to_string().into(), revision)
+                .update(&key, window_to.to_string().into(), revision)
                 .await
                 .map_err(|e| transient("cursor", e))?;
-            oldest = Some(oldest.map_or(to, |o| o.min(to)));
+            if resume.is_some() {
+                self.state
+                    .delete(resume_key(store, entity))
+                    .await
+                    .map_err(|e| transient("resume point", e))?;
+            }
+            oldest = Some(oldest.map_or(window_to, |o| o.min(window_to)));
         }
-        Ok((oldest, changed))
+        Ok((oldest, read))
     }
 
-    /// Reads `entity` changed in `[from, to]` (and deleted, where Ecwid lists deletions) and
-    /// stores every version not stored before. `named`: the instance a backfill is for (its
-    /// messages carry `Ecwid-Instance-Id` and their own dedupe ids).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn poll_window(
+    async fn resume_point(
         &self,
         store: &str,
-        token: &str,
         entity: PollEntity,
-        from: i64,
-        to: i64,
-        skip_seen: bool,
-        named: Option<&str>,
+    ) -> Result<Option<ResumePoint>, PollError> {
+        let value = self
+            .state
+            .get(resume_key(store, entity))
+            .await
+            .map_err(|e| transient("resume point", e))?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Reads `window.entity` changed in `[from, to]` (and deleted, where Ecwid lists deletions)
+    /// from `window.start` on, and stores every version not stored before. Stops when
+    /// `allowance` is spent (returning where it got to) or when `keep_going` says no
+    /// ([`PollError::Cancelled`]).
+    pub async fn poll_window(
+        &self,
+        window: &Window<'_>,
+        allowance: &mut Allowance,
+        keep_going: &(dyn Fn() -> bool + Sync),
         cancel: &CancellationToken,
-    ) -> Result<Counts, PollError> {
+    ) -> Result<(Counts, Option<Resume>), PollError> {
+        let Window {
+            store,
+            token,
+            entity,
+            from,
+            to,
+            skip_seen,
+            named,
+            start,
+        } = *window;
         let mut counts = Counts::default();
         let lists = [(false, "updatedFrom", "updatedTo", entity.path().to_owned())]
             .into_iter()
@@ -353,9 +550,15 @@ impl Poller {
                     format!("{}/deleted", entity.path()),
                 )
             }));
-        for (deleted, from_name, to_name, path) in lists {
-            let mut offset = 0usize;
+        for (list, (deleted, from_name, to_name, path)) in lists.enumerate().skip(start.list) {
+            let mut offset = if list == start.list { start.offset } else { 0 };
             loop {
+                if !keep_going() {
+                    return Err(PollError::Cancelled);
+                }
+                if !allowance.take_page() {
+                    return Ok((counts, Some(Resume { list, offset })));
+                }
                 let query = format!(
                     "{path}?{from_name}={from}&{to_name}={to}&offset={offset}&limit={PAGE_LIMIT}"
                 );
@@ -374,7 +577,7 @@ impl Poller {
                 }
             }
         }
-        Ok(counts)
+        Ok((counts, None))
     }
 
     async fn store_items(

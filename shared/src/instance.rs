@@ -362,6 +362,19 @@ impl Instance {
         if self.element.key != "ecwid" {
             return Err(FieldError::new("element.key", "must be \"ecwid\""));
         }
+        // Values that become an HTTP header (the API token's `Authorization`) or part of a URL
+        // (the callback and any other `*.url`, the store id in Ecwid's paths): a control
+        // character (NUL, CR, LF …) would fail every request later ("builder error") or split a
+        // header, so it is refused here, naming the key.
+        for (key, value) in &self.configuration {
+            let on_the_wire = key == keys::API_TOKEN || key == keys::STORE_ID || is_url_key(key);
+            if on_the_wire && value.chars().any(char::is_control) {
+                return Err(FieldError::new(
+                    &format!("configuration.{key}"),
+                    "must not hold control characters",
+                ));
+            }
+        }
         let store_field = "configuration.ecwid.store.id";
         match self.store_id() {
             None => {
@@ -969,6 +982,11 @@ mod tests {
             (keys::POLL_INTERVAL, "soon"),
             (keys::POLL_INTERVAL, "NaN"),
             (keys::API_TOKEN, "public_abc"),
+            (keys::API_TOKEN, "secret_abc\u{0}123"),
+            (keys::API_TOKEN, "secret_abc\u{7f}"),
+            (keys::STORE_ID, "1003\u{0}"),
+            (keys::CALLBACK_URL, "https://a.example/\u{0}hook"),
+            (keys::CALLBACK_URL, "https://a.example/\r\nX-Evil: 1"),
         ] {
             let mut bad = i.clone();
             bad.configuration.insert(key.into(), value.into());

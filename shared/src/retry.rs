@@ -1,6 +1,7 @@
 //! How long anything waits before it tries again, in one place: the start-up backoff against
 //! NATS, the waits after a transient failure of each stage, and the bounds a delivery retry
-//! schedule must keep so that no retry outlives its message.
+//! schedule must keep so that no retry outlives its message; a server's `Retry-After`, read once
+//! for every client (the poller's Ecwid requests, the deliverer's callbacks).
 //!
 //! Waits after a message failed are held by the NATS server (NAK with a delay), never by a sleep
 //! in the worker, so they survive restarts and cost nothing while they run.
@@ -72,6 +73,22 @@ pub const ATTEMPT_ALLOWANCE: Duration = Duration::from_secs(11 * 60);
 /// and redelivers at once when the delay does not fit.
 pub const MAX_WAIT: Duration = Duration::from_nanos(i64::MAX as u64);
 
+/// A server's `Retry-After` in seconds, as a wait of at most `max`; `None` when absent from the
+/// value's shape (the HTTP-date form, a negative or non-numeric value). The server is not
+/// trusted: any number of seconds, however large (`1e20`, twenty digits), becomes `max` rather
+/// than an overflow; fractions (`1.5`) are kept, as some servers send them.
+pub fn parse_retry_after(value: &str, max: Duration) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    if secs >= max.as_secs_f64() {
+        return Some(max);
+    }
+    // Below `max`, so it fits a Duration.
+    Some(Duration::from_secs_f64(secs))
+}
+
 /// Parses a delivery retry schedule (`5s,30s,2m`: the waits between attempts, so one attempt
 /// more than waits) and checks that it can be kept: every wait above zero and one the NATS
 /// server can hold, and the whole schedule, stretched by jitter and with [`ATTEMPT_ALLOWANCE`]
@@ -136,6 +153,27 @@ mod tests {
             .collect();
         assert_eq!(waits, [1, 1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(transient(Stage::Normalize, u64::MAX), NORMALIZE_MAX_WAIT);
+    }
+
+    #[test]
+    fn retry_after_is_read_once_and_clamped() {
+        let max = Duration::from_secs(120);
+        for (raw, want) in [
+            ("5", Some(Duration::from_secs(5))),
+            (" 120 ", Some(max)),
+            ("1.5", Some(Duration::from_millis(1500))),
+            ("0", Some(Duration::ZERO)),
+            ("1e20", Some(max)),
+            ("99999999999999999999999", Some(max)),
+            ("inf", Some(max)),
+            ("-5", None),
+            ("NaN", None),
+            ("", None),
+            ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+        ] {
+            assert_eq!(parse_retry_after(raw, max), want, "{raw:?}");
+        }
+        assert_eq!(parse_retry_after("1e300", MAX_WAIT), Some(MAX_WAIT));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use integration_tests::fake_ecwid::{now_secs, FakeEcwid};
+use integration_tests::fake_ecwid::{now_secs, FakeEcwid, Misbehavior};
 use integration_tests::procs::{process_env, Service, ServiceProc};
 use integration_tests::{
     connect, metric, test_vars, wait_until, Behavior, NatsServer, Pipeline, Receiver,
@@ -77,6 +77,30 @@ fn polling(vendor: &'static str) -> Vec<(&'static str, &'static str)> {
         ("event.poller.refresh_interval", "0.05"),
         ("ecwid.api.token", TOKEN),
     ]
+}
+
+/// `GET /instances/{id}/poller`.
+async fn poller_status(pipeline: &Pipeline, id: &str) -> Value {
+    let (status, shown) = pipeline
+        .admin_request(Method::GET, &format!("/instances/{id}/poller"), None)
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    shown
+}
+
+/// Waits until the store's status has a `lastPollError` whose message contains `needle`.
+async fn wait_poll_error(pipeline: &Pipeline, id: &str, needle: &str, within: Duration) -> Value {
+    wait_until(
+        within,
+        &format!("lastPollError with `{needle}`"),
+        || async {
+            poller_status(pipeline, id).await["lastPollError"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle))
+        },
+    )
+    .await;
+    poller_status(pipeline, id).await
 }
 
 fn order(id: &str, created: i64, updated: i64) -> Value {
@@ -484,6 +508,352 @@ async fn replicas_share_stores_and_take_over_from_a_killed_one() {
         runs.dedup();
         assert!(runs.len() <= 3, "store {store} went {runs:?}");
         assert_eq!(runs.last(), Some(&"b"));
+    }
+    pipeline.stop().await;
+}
+
+// Hostile Ecwid API: each case below is a fake that misbehaves on purpose.
+
+#[tokio::test]
+async fn a_page_that_never_ends_is_read_to_the_limit_and_shown_on_the_status() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7301", TOKEN);
+    fake.misbehave("7301", Misbehavior::EndlessBody { status: 200 });
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // A request timeout far beyond the wait below: only the bound can end the read in time.
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_MAX_PAGE_BYTES", "1048576"),
+            ("POLLER_REQUEST_TIMEOUT_MS", "120000"),
+        ],
+    )
+    .await;
+    let id = pipeline
+        .create_instance("7301", &receiver.url(), &polling("polling"))
+        .await;
+    let shown = wait_poll_error(
+        &pipeline,
+        &id,
+        "POLLER_MAX_PAGE_BYTES",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(shown["pollerStatus"], "retrying", "{shown}");
+    assert!(
+        shown["lastPollError"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("1048576")),
+        "{shown}"
+    );
+    // The poller hung up instead of reading on.
+    wait_until(
+        Duration::from_secs(10),
+        "the endless body dropped",
+        || async { fake.open_bodies() == 0 },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let text = poller.metrics(&http).await;
+    assert!(
+        metric(&text, "ecwid_poller_requests_total{outcome=\"too_large\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn an_error_body_that_never_ends_is_read_only_to_its_start() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7302", TOKEN);
+    fake.misbehave("7302", Misbehavior::EndlessBody { status: 403 });
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[("POLLER_REQUEST_TIMEOUT_MS", "120000")],
+    )
+    .await;
+    let id = pipeline
+        .create_instance("7302", &receiver.url(), &polling("polling"))
+        .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the refusal on the status",
+        || async { poller_status(&pipeline, &id).await["pollerStatus"] == "error" },
+    )
+    .await;
+    let shown = poller_status(&pipeline, &id).await;
+    assert_eq!(shown["lastPollError"]["status"], 403, "{shown}");
+    let message = shown["lastPollError"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.starts_with("{\"errorMessage\":\"aaa"), "{shown}");
+    assert!(message.len() <= 200, "{shown}");
+    wait_until(
+        Duration::from_secs(10),
+        "the endless body dropped",
+        || async { fake.open_bodies() == 0 },
+    )
+    .await;
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_is_clamped_and_frees_the_slot_for_other_stores() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7311", TOKEN);
+    fake.add_store("7312", "secret_another_token");
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // One slot: a store that keeps it starves every other.
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_CONCURRENCY", "1"),
+            ("POLLER_MAX_RETRY_AFTER_MS", "8000"),
+        ],
+    )
+    .await;
+    fake.script_raw(429, Some("1e20"));
+    let hostile = pipeline
+        .create_instance("7311", &receiver.url(), &polling("polling"))
+        .await;
+    wait_until(Duration::from_secs(20), "the 429", || async {
+        !fake.requests_for("7311").is_empty()
+    })
+    .await;
+    let told_at = fake.requests_for("7311")[0].at;
+    let mut other = polling("polling");
+    other.retain(|(k, _)| *k != "ecwid.api.token");
+    other.push(("ecwid.api.token", "secret_another_token"));
+    pipeline
+        .create_instance("7312", &receiver.url(), &other)
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the other store polled",
+        || async {
+            fake.requests_for("7312")
+                .iter()
+                .any(|r| r.path == "latest-stats" && r.status == 200)
+        },
+    )
+    .await;
+    let shown = wait_poll_error(&pipeline, &hostile, "Retry-After", Duration::from_secs(20)).await;
+    assert_eq!(shown["pollerStatus"], "retrying", "{shown}");
+    // The hostile store is polled again, once the clamped wait is over and not before.
+    wait_until(
+        Duration::from_secs(30),
+        "the hostile store polled again",
+        || async { fake.requests_for("7311").len() >= 2 },
+    )
+    .await;
+    let again = fake.requests_for("7311")[1].at.duration_since(told_at);
+    assert!(
+        again >= Duration::from_millis(7900),
+        "asked again after {again:?}, within the 8 s pause"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the hostile store ok again",
+        || async { poller_status(&pipeline, &hostile).await["pollerStatus"] == "ok" },
+    )
+    .await;
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+/// The list requests (`products`) the fake got for `store`, as (updatedTo, offset).
+fn product_pages(fake: &FakeEcwid, store: &str) -> Vec<(String, usize)> {
+    fake.requests_for(store)
+        .iter()
+        .filter(|r| r.path == "products")
+        .map(|r| {
+            (
+                r.query.get("updatedTo").cloned().unwrap_or_default(),
+                r.query
+                    .get("offset")
+                    .and_then(|o| o.parse().ok())
+                    .unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_total_that_keeps_growing_is_cut_short_and_the_next_cycle_goes_on() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7321", TOKEN);
+    fake.set_always_changed("7321");
+    fake.misbehave("7321", Misbehavior::GrowingTotal);
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    let poller = start_poller(&nats.url(), &fake.url(), &[("POLLER_CYCLE_MAX_PAGES", "5")]).await;
+    let mut settings = polling("polling");
+    settings.push(("event.objects", "products"));
+    let id = pipeline
+        .create_instance("7321", &receiver.url(), &settings)
+        .await;
+    let shown = wait_poll_error(
+        &pipeline,
+        &id,
+        "POLLER_CYCLE_MAX_PAGES",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(shown["pollerStatus"], "behind", "{shown}");
+    // The next cycle reads the same window from where the first stopped.
+    wait_until(
+        Duration::from_secs(30),
+        "the second cycle's pages",
+        || async { product_pages(&fake, "7321").len() >= 10 },
+    )
+    .await;
+    let pages = product_pages(&fake, "7321");
+    let offsets: Vec<usize> = pages.iter().map(|(_, o)| *o).take(10).collect();
+    assert_eq!(offsets, [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]);
+    assert!(
+        pages[..10].iter().all(|(to, _)| *to == pages[0].0),
+        "one window: {pages:?}"
+    );
+    // Each cycle (one latest-stats each) read at most 5 pages.
+    let mut in_cycle = 0;
+    for r in fake.requests_for("7321") {
+        if r.path == "latest-stats" {
+            in_cycle = 0;
+        } else {
+            in_cycle += 1;
+            assert!(in_cycle <= 5, "more than 5 pages in one cycle");
+        }
+    }
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn an_endless_cycle_stops_when_its_instance_is_deleted_and_its_reads_are_not_dead_lettered() {
+    let nats = NatsServer::start().await;
+    let fake = FakeEcwid::start().await;
+    fake.add_store("7322", TOKEN);
+    fake.set_always_changed("7322");
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // Bounds far away: only the deletion can stop this cycle.
+    let poller = start_poller(
+        &nats.url(),
+        &fake.url(),
+        &[
+            ("POLLER_CYCLE_MAX_PAGES", "1000000"),
+            ("POLLER_CYCLE_MAX_MS", "3600000"),
+        ],
+    )
+    .await;
+    let mut settings = polling("polling");
+    settings.push(("event.objects", "products"));
+    let id = pipeline
+        .create_instance("7322", &receiver.url(), &settings)
+        .await;
+    // The first cycle sets the cursors; the pages grow from the second on.
+    wait_until(Duration::from_secs(20), "the first poll", || async {
+        fake.requests_for("7322")
+            .iter()
+            .any(|r| r.path == "latest-stats")
+    })
+    .await;
+    fake.misbehave("7322", Misbehavior::GrowingTotal);
+    wait_until(Duration::from_secs(30), "the endless pages", || async {
+        product_pages(&fake, "7322").len() >= 10
+    })
+    .await;
+    let (status, _) = pipeline
+        .admin_request(Method::DELETE, &format!("/instances/{id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    wait_until(
+        Duration::from_secs(15),
+        "no request for 2 s after the deletion",
+        || async {
+            fake.requests_for("7322")
+                .last()
+                .is_some_and(|r| r.at.elapsed() > Duration::from_secs(2))
+        },
+    )
+    .await;
+    // What the poller stored before it stopped is dropped by the normalizer, not dead-lettered
+    // as `no_instance` (letters nothing would ever expire).
+    integration_tests::wait_settled(&nats.url(), Duration::from_secs(30)).await;
+    let js = async_nats::jetstream::new(connect(&nats.url()).await);
+    let dead = js
+        .get_stream(shared::nats::DEAD_STREAM)
+        .await
+        .expect("dead stream");
+    let normalize = shared::nats::dead_subject("normalize", "7322");
+    assert!(
+        dead.get_last_raw_message_by_subject(&normalize)
+            .await
+            .is_err(),
+        "a dead letter on {normalize}"
+    );
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_in_the_api_url_are_not_shown_on_the_status() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    // Nothing listens there: every request fails, and reqwest's error names the URL.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let api = format!("http://apiuser:pw-topsecret@{closed}/api/v3?key=q-topsecret");
+    let poller = start_poller(&nats.url(), &api, &[]).await;
+    let id = pipeline
+        .create_instance("7331", &receiver.url(), &polling("polling"))
+        .await;
+    let shown = wait_poll_error(&pipeline, &id, "request failed", Duration::from_secs(30)).await;
+    let text = shown.to_string();
+    assert!(!text.contains("topsecret"), "{text}");
+    assert!(!text.contains("apiuser"), "{text}");
+    poller.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_with_control_characters_is_refused_naming_the_key() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    let receiver = Receiver::start(Behavior::Status(200)).await;
+    for token in ["secret_abc\u{0}def", "secret_abc\r\nX-Injected: 1"] {
+        let body = json!({
+            "element": {"key": "ecwid"},
+            "name": "hostile token",
+            "configuration": {
+                "ecwid.store.id": "7341",
+                "event.notification.enabled": "true",
+                "event.notification.callback.url": receiver.url(),
+                "event.vendor.type": "polling",
+                "ecwid.api.token": token,
+            },
+        });
+        let (status, shown) = pipeline
+            .admin_request(Method::POST, "/instances", Some(body))
+            .await;
+        assert_eq!(status, 422, "{shown}");
+        assert_eq!(shown["field"], "configuration.ecwid.api.token", "{shown}");
+        assert!(!shown.to_string().contains("secret_abc"), "{shown}");
     }
     pipeline.stop().await;
 }

@@ -3,9 +3,13 @@
 //! searched by `updatedFrom`/`updatedTo` and paged by `offset`/`limit`, deletions under
 //! `/{type}/deleted?from_date=&to_date=`, and `latest-stats`. A wrong token is 403; scripted
 //! answers (429 with `Retry-After`, 5xx) come first when queued. Every request is recorded.
+//!
+//! For the hostile-API tests a store can misbehave on purpose ([`Misbehavior`]): bodies that
+//! never end, pages whose `total` keeps growing.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,6 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -40,20 +45,35 @@ struct StoreData {
     deleted: HashMap<String, Vec<Value>>,
     /// Report every type as changed now in latest-stats (so every cycle reads every list).
     always_changed: bool,
+    misbehavior: Option<Misbehavior>,
+}
+
+/// How a store's answers misbehave on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehavior {
+    /// Every request of the store (latest-stats too) answers `status` with a body that starts
+    /// like JSON and never ends.
+    EndlessBody { status: u16 },
+    /// Every list answers a full page of new entities (changed at the window's start) and a
+    /// `total` always two pages beyond it, however far the client reads.
+    GrowingTotal,
 }
 
 #[derive(Debug, Default)]
 struct FakeState {
     stores: HashMap<String, StoreData>,
     requests: Vec<ApiRequest>,
-    /// Answers to give before the real ones: (status, Retry-After seconds).
-    scripted: VecDeque<(u16, Option<u64>)>,
+    /// Answers to give before the real ones: (status, raw Retry-After).
+    scripted: VecDeque<(u16, Option<String>)>,
+    /// Endless bodies still being sent (the client has not hung up).
+    open_bodies: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
 pub struct FakeEcwid {
     pub addr: SocketAddr,
     state: Arc<Mutex<FakeState>>,
+    open_bodies: Arc<AtomicUsize>,
     cancel: CancellationToken,
 }
 
@@ -68,6 +88,7 @@ impl FakeEcwid {
             .expect("bind the fake Ecwid");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(FakeState::default()));
+        let open_bodies = Arc::clone(&state.lock().expect("lock").open_bodies);
         let app = Router::new()
             .route("/api/v3/{store}/latest-stats", get(stats))
             .route("/api/v3/{store}/{entity}", get(list))
@@ -78,6 +99,7 @@ impl FakeEcwid {
         Self {
             addr,
             state,
+            open_bodies,
             cancel,
         }
     }
@@ -96,6 +118,16 @@ impl FakeEcwid {
     pub fn set_always_changed(&self, store: &str) {
         let mut s = self.state.lock().expect("lock");
         s.stores.entry(store.to_owned()).or_default().always_changed = true;
+    }
+
+    pub fn misbehave(&self, store: &str, how: Misbehavior) {
+        let mut s = self.state.lock().expect("lock");
+        s.stores.entry(store.to_owned()).or_default().misbehavior = Some(how);
+    }
+
+    /// Endless bodies the fake is still sending: 0 once every client reading one hung up.
+    pub fn open_bodies(&self) -> usize {
+        self.open_bodies.load(Ordering::SeqCst)
     }
 
     /// Creates or replaces an item of `entity` (its `id`, or `cartId` for carts, must be set);
@@ -128,11 +160,17 @@ impl FakeEcwid {
 
     /// The next request (whatever it is) answers `status`, with `Retry-After` when given.
     pub fn script(&self, status: u16, retry_after: Option<u64>) {
+        self.script_raw(status, retry_after.map(|s| s.to_string()).as_deref());
+    }
+
+    /// The next request answers `status` with this `Retry-After` exactly as written (`1e20`,
+    /// `-5`, a date …).
+    pub fn script_raw(&self, status: u16, retry_after: Option<&str>) {
         self.state
             .lock()
             .expect("lock")
             .scripted
-            .push_back((status, retry_after));
+            .push_back((status, retry_after.map(str::to_owned)));
     }
 
     pub fn requests(&self) -> Vec<ApiRequest> {
@@ -192,12 +230,17 @@ fn admit(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let endless = match s.stores.get(store).and_then(|d| d.misbehavior) {
+        Some(Misbehavior::EndlessBody { status }) => Some(status),
+        _ => None,
+    };
     let (status, retry_after) = match s.scripted.pop_front() {
         Some(x) => x,
-        None => match s.stores.get(store) {
-            None => (404, None),
-            Some(d) if d.token != token => (403, None),
-            Some(_) => (200, None),
+        None => match (s.stores.get(store), endless) {
+            (_, Some(status)) => (status, None),
+            (None, _) => (404, None),
+            (Some(d), _) if d.token != token => (403, None),
+            (Some(_), _) => (200, None),
         },
     };
     s.requests.push(ApiRequest {
@@ -210,17 +253,45 @@ fn admit(
         user_agent,
         status,
     });
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if endless.is_some() {
+        return Err(Box::new(endless_body(code, Arc::clone(&s.open_bodies))));
+    }
     if status == 200 {
         return Ok(());
     }
-    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = Json(
         json!({"errorMessage": format!("fake Ecwid answers {status}"), "errorCode": status.to_string()}),
     );
     Err(Box::new(match retry_after {
-        Some(secs) => (code, [("retry-after", secs.to_string())], body).into_response(),
+        Some(value) => (code, [("retry-after", value)], body).into_response(),
         None => (code, body).into_response(),
     }))
+}
+
+/// Counts itself in `open` while the body it belongs to is being sent.
+struct OpenBody(Arc<AtomicUsize>);
+
+impl Drop for OpenBody {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `status` with a body that starts like Ecwid's JSON and never ends (no `Content-Length`).
+fn endless_body(status: StatusCode, open: Arc<AtomicUsize>) -> Response {
+    open.fetch_add(1, Ordering::SeqCst);
+    let guard = OpenBody(open);
+    let head = futures::stream::once(async {
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(b"{\"errorMessage\":\"a"))
+    });
+    let filler = bytes::Bytes::from(vec![b'a'; 64 * 1024]);
+    let tail = futures::stream::repeat_with(move || {
+        // Lives as long as the stream: dropped when the client hangs up.
+        let _alive = &guard;
+        Ok(filler.clone())
+    });
+    (status, axum::body::Body::from_stream(head.chain(tail))).into_response()
 }
 
 async fn stats(
@@ -284,6 +355,16 @@ fn page(items: Vec<Value>, q: &HashMap<String, String>) -> Value {
     json!({"total": total, "count": slice.len(), "offset": offset, "limit": limit, "items": slice})
 }
 
+/// A full page of entities that were not there a moment ago, and a `total` two pages further.
+fn growing_page(from: i64, q: &HashMap<String, String>) -> Value {
+    let offset = num(q, "offset").unwrap_or(0).max(0);
+    let limit = num(q, "limit").unwrap_or(100).clamp(1, 100);
+    let items: Vec<Value> = (offset..offset + limit)
+        .map(|n| json!({"id": n, "cartId": format!("c{n}"), "createTimestamp": from, "updateTimestamp": from}))
+        .collect();
+    json!({"total": offset + 3 * limit, "count": limit, "offset": offset, "limit": limit, "items": items})
+}
+
 async fn list(
     State(state): State<Shared>,
     Path((store, entity)): Path<(String, String)>,
@@ -296,6 +377,9 @@ async fn list(
     let from = num(&q, "updatedFrom").unwrap_or(i64::MIN);
     let to = num(&q, "updatedTo").unwrap_or(i64::MAX);
     let s = state.lock().expect("lock");
+    if s.stores.get(&store).and_then(|d| d.misbehavior) == Some(Misbehavior::GrowingTotal) {
+        return Json(growing_page(from, &q)).into_response();
+    }
     let items: Vec<Value> = s
         .stores
         .get(&store)
