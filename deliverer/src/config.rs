@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use model::netguard::AllowList;
+use model::retry::{self, parse_schedule, MAX_ATTEMPT_TIMEOUT};
 use shared::config::{CommonConfig, ConfigError, Vars};
-use shared::netguard::AllowList;
-use shared::retry::{self, parse_schedule, MAX_ATTEMPT_TIMEOUT};
 
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9102";
 pub const DEFAULT_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,9h";
@@ -72,7 +72,7 @@ impl Config {
         }
         let disable_after = vars.string_or("DELIVER_DISABLE_AFTER", DEFAULT_DISABLE_AFTER);
         let disable_after = Some(
-            shared::config::parse_duration(&disable_after)
+            model::units::parse_duration(&disable_after)
                 .map_err(|e| ConfigError::new("DELIVER_DISABLE_AFTER", e))?,
         )
         .filter(|d| !d.is_zero());
@@ -137,7 +137,7 @@ mod tests {
         // the server lets one attempt hold a message.
         let c = Config::from_vars(&Vars::from_pairs([("DELIVER_TIMEOUT_MS", "600000")])).unwrap();
         assert!(
-            c.ack_wait() <= shared::retry::ATTEMPT_ALLOWANCE,
+            c.ack_wait() <= model::retry::ATTEMPT_ALLOWANCE,
             "{:?}",
             c.ack_wait()
         );

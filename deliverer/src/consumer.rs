@@ -21,18 +21,19 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
+use model::instance::Instance;
+use model::retry::Stage;
+use model::retry::HOST_BUSY_WAIT;
+use model::state::{InstanceState, State};
+use model::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use shared::control::{InstanceState, State};
-use shared::dead::{self, DeadLetter, Stage};
-use shared::instance::Instance;
+use shared::dead::{self, DeadLetter};
 use shared::nats::{
     header, headers, subject_tail, CALLBACKS_BUCKET, DELIVERER_CONSUMER, EVENTS_PREFIX,
     EVENTS_STREAM, ORDERED_PREFIX,
 };
-use shared::retry::HOST_BUSY_WAIT;
 use shared::service::ServiceContext;
-use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -620,11 +621,7 @@ impl Worker {
 
     /// Moves the instance to `disabled` when its callback has failed without a success for
     /// `DELIVER_DISABLE_AFTER` (unless an operator paused or disabled it already).
-    async fn disable_if_failing(
-        &self,
-        instance_id: &str,
-        health: &shared::control::CallbackHealth,
-    ) {
+    async fn disable_if_failing(&self, instance_id: &str, health: &model::health::CallbackHealth) {
         let Some(after) = self.config.disable_after else {
             return;
         };
@@ -753,7 +750,7 @@ impl Worker {
                     let delivered = message
                         .info()
                         .map_or(1, |i| u64::try_from(i.delivered).unwrap_or(1));
-                    let wait = shared::retry::transient(Stage::Deliver, delivered);
+                    let wait = model::retry::transient(Stage::Deliver, delivered);
                     let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
                     return;
                 }
@@ -777,7 +774,7 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::dispatch::Answer;
-    use shared::envelope::Event;
+    use model::envelope::Event;
 
     fn answer(status: u16) -> Option<Answer> {
         Some(Answer {

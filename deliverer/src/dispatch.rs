@@ -11,12 +11,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use model::envelope::RESPONSE_EXCERPT_BYTES;
+use model::instance::Instance;
+use model::netguard::{self, AllowList};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use sha2::Sha256;
-use shared::envelope::RESPONSE_EXCERPT_BYTES;
-use shared::instance::Instance;
-use shared::netguard::{self, AllowList};
 
 pub const USER_AGENT: &str = concat!("ecwid-events/", env!("CARGO_PKG_VERSION"));
 
@@ -294,7 +294,7 @@ impl Dispatcher {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     // Clamped to the schedule by policy::next_wait.
-                    .and_then(|v| shared::retry::parse_retry_after(v, shared::retry::MAX_WAIT));
+                    .and_then(|v| model::retry::parse_retry_after(v, model::retry::MAX_WAIT));
                 let code = status.as_u16();
                 let answer = Answer {
                     status: code,
@@ -399,7 +399,7 @@ mod tests {
                 .unwrap()
         };
         let body = br#"{"message":{"eventId":"e1"}}"#;
-        let ts = shared::time_fmt::now_unix_ms() / 1000;
+        let ts = model::time_fmt::now_unix_ms() / 1000;
         let header = standard_signature(&[key(old), key(secret)], "e1", ts, body);
         assert_eq!(header.split(' ').count(), 2);
         let mut h = reqwest::header::HeaderMap::new();

@@ -1,4 +1,4 @@
-//! Callback health shared by every deliverer replica ([`shared::control::CallbackHealth`] in
+//! Callback health shared by every deliverer replica ([`model::health::CallbackHealth`] in
 //! `ECWID_CALLBACKS`): the circuit breaker per callback URL, its consecutive failures, the last
 //! success and failure, and success counts per minute.
 //!
@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use model::health::{callback_key, Admit, Breaker, CallbackHealth, Counts};
+use model::time_fmt::now_unix_ms;
 use prometheus::{IntCounterVec, IntGauge};
-use shared::control::{callback_key, Admit, Breaker, CallbackHealth, Counts};
 use shared::kvwatch::KvView;
-use shared::time_fmt::now_unix_ms;
 use tokio_util::sync::CancellationToken;
 
 /// How often a healthy URL's success counts are written.

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use shared::control::{self, State};
+use model::state::State;
+use shared::control::{self};
 use shared::nats::{subject_tail, HELD_PREFIX, HELD_STREAM};
 use shared::service::ServiceContext;
 use tokio::sync::Notify;

@@ -14,11 +14,12 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use model::envelope::EventType;
+use model::record::{Record, Status};
+use model::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use serde::Deserialize;
-use shared::envelope::EventType;
-use shared::eventlog::{self, EventLog, Record, Status};
+use shared::eventlog::EventLog;
 use shared::nats::{header, headers, subject_tail};
-use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 
 use crate::consumer::{MessageHead, Outcome};
 use crate::dispatch::Attempt;
@@ -78,7 +79,7 @@ fn base_record(message: &jetstream::Message, head: &MessageHead<'_>) -> Option<R
 }
 
 /// The log entry of attempt `number`.
-fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
+fn attempt_entry(number: u64, sent: &Sent) -> model::record::Attempt {
     let answer = sent.result.answer();
     let (error_class, error) = match &sent.result {
         Attempt::Delivered(_) | Attempt::Gone(_) => (None, None),
@@ -87,13 +88,13 @@ fn attempt_entry(number: u64, sent: &Sent) -> eventlog::Attempt {
             ((answer.is_none()).then_some(*class), Some(error.clone()))
         }
     };
-    eventlog::Attempt {
+    model::record::Attempt {
         number,
         started_at: unix_ms_to_rfc3339(sent.started_at_ms),
         duration_ms: u64::try_from(sent.duration.as_millis()).unwrap_or(u64::MAX),
         status: answer.map(|a| a.status),
         error_class: error_class.map(str::to_owned),
-        error: error.map(|e| eventlog::clip(&e, eventlog::MAX_ERROR_CHARS)),
+        error: error.map(|e| model::record::clip(&e, model::record::MAX_ERROR_CHARS)),
         response: answer.map(|a| a.excerpt.clone()).unwrap_or_default(),
     }
 }
@@ -142,7 +143,7 @@ pub(crate) async fn record(
         match outcome {
             Outcome::Ack => r.delivered_at = Some(unix_ms_to_rfc3339(now_ms)),
             Outcome::Dead { error, .. } if sent.is_none() => {
-                r.last_error = Some(eventlog::clip(error, eventlog::MAX_ERROR_CHARS));
+                r.last_error = Some(model::record::clip(error, model::record::MAX_ERROR_CHARS));
             }
             _ => {}
         }

@@ -32,9 +32,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt as _;
+use model::instance::Instance;
 use prometheus::IntGauge;
 use rand::Rng;
-use shared::instance::Instance;
 use shared::nats::{DEFERRALS_SUBJECT, DELIVERERS_BUCKET};
 use shared::service::ServiceContext;
 use tokio::time::Instant;

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use model::retry::JITTER_FRACTION;
 use rand::Rng;
-use shared::retry::JITTER_FRACTION;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long a delivery waits for a slot of its host before it is put back (without spending an

@@ -13,16 +13,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::StreamExt;
+use model::instance::{new_instance_id, Instance, InstancePatch};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use shared::instance::{new_instance_id, Instance, InstancePatch};
 use subtle::ConstantTimeEq;
 
 use crate::error::{self, ApiError, ApiId, ApiQuery};
 use crate::state::AppState;
 
 /// The largest admin request body. An instance within its field limits
-/// ([`shared::instance::limits`]) fits well inside; a larger body gets 413.
+/// ([`model::instance::limits`]) fits well inside; a larger body gets 413.
 pub const MAX_BODY_BYTES: usize = 512 * 1024;
 
 /// The longest instance id looked up; a longer one cannot exist (ids are UUIDs).
@@ -179,7 +179,7 @@ fn check(state: &AppState, instance: &Instance) -> Result<(), ApiError> {
 }
 
 fn now() -> String {
-    shared::time_fmt::unix_ms_to_rfc3339(shared::time_fmt::now_unix_ms())
+    model::time_fmt::unix_ms_to_rfc3339(model::time_fmt::now_unix_ms())
 }
 
 async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {

@@ -9,10 +9,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use model::ecwid::PollEntity;
+use model::instance::keys;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shared::ecwid::PollEntity;
-use shared::instance::keys;
 
 use crate::error::{ApiError, ApiId, JS_TIMEOUT};
 use crate::state::AppState;
@@ -60,7 +60,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
-    shared::time_fmt::rfc3339_to_unix_ms(value)
+    model::time_fmt::rfc3339_to_unix_ms(value)
         .map(|ms| ms.div_euclid(1000))
         .ok_or_else(|| {
             ApiError::unprocessable(
@@ -85,7 +85,7 @@ async fn backfill(
     }
     let since = time_field("since", &body.since)?;
     let until = time_field("until", &body.until)?;
-    let now = shared::time_fmt::now_unix_ms() / 1000;
+    let now = model::time_fmt::now_unix_ms() / 1000;
     if since >= until {
         return Err(ApiError::unprocessable("until", "must be later than since"));
     }
@@ -203,7 +203,7 @@ async fn poller_status(
             let at = std::str::from_utf8(&v)
                 .ok()
                 .and_then(|s| s.parse::<i64>().ok())
-                .and_then(shared::time_fmt::unix_secs_to_rfc3339);
+                .and_then(model::time_fmt::unix_secs_to_rfc3339);
             cursors.insert(entity.path().to_owned(), json!(at));
         }
     }

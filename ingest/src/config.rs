@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use model::netguard::AllowList;
 use shared::config::{CommonConfig, ConfigError, Secret, Vars};
-use shared::netguard::AllowList;
 use shared::ops::ServerLimits;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";

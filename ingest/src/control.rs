@@ -12,13 +12,15 @@ use async_nats::jetstream::kv;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use model::health::CallbackHealth;
+use model::instance::Instance;
+use model::state::{InstanceState, State as Mode};
+use model::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use serde_json::{json, Value};
-use shared::control::{self, CallbackHealth, InstanceState, State as Mode};
-use shared::instance::Instance;
+use shared::control::{self};
 use shared::nats::{
     dead_subject, events_subject, CALLBACKS_BUCKET, DEAD_STREAM, DELIVERER_CONSUMER, EVENTS_STREAM,
 };
-use shared::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 
 use crate::admin::existing;
 use crate::error::{self, ApiError, ApiId, JS_TIMEOUT};
@@ -120,7 +122,7 @@ async fn resume(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<
 
 async fn callback_health(state: &AppState, url: &str) -> Result<CallbackHealth, ApiError> {
     let store: kv::Store = within(state.inner.ctx.js.get_key_value(CALLBACKS_BUCKET)).await?;
-    let entry = within(store.entry(control::callback_key(url))).await?;
+    let entry = within(store.entry(model::health::callback_key(url))).await?;
     Ok(entry
         .filter(|e| e.operation == kv::Operation::Put)
         .and_then(|e| serde_json::from_slice(&e.value).ok())

@@ -202,8 +202,8 @@ pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-impl From<shared::ecwid::ParseError> for ApiError {
-    fn from(e: shared::ecwid::ParseError) -> Self {
+impl From<model::ecwid::ParseError> for ApiError {
+    fn from(e: model::ecwid::ParseError) -> Self {
         ApiError::bad_request(e.code(), e.to_string())
     }
 }

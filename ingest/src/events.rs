@@ -23,13 +23,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
+use model::envelope::{notification_id, Envelope, Event, EventType, Message, ELEMENT_KEY};
+use model::record::{Record, Status};
+use model::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use shared::envelope::{notification_id, Envelope, Event, EventType, Message, ELEMENT_KEY};
-use shared::eventlog::{self, IndexEntry, Record, Status, INDEX_STREAM};
+use shared::eventlog::{self, IndexEntry, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
-use shared::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 
 use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT, MAX_PAGE};
 use crate::state::AppState;
@@ -128,7 +129,7 @@ impl TryFrom<Search> for Query {
 
     fn try_from(s: Search) -> Result<Self, ApiError> {
         if let Some(store) = &s.store {
-            if !shared::ecwid::is_store_id(store) {
+            if !model::ecwid::is_store_id(store) {
                 return Err(bad("store must be the numeric store id"));
             }
         }
@@ -338,7 +339,7 @@ async fn search_listed(
             .map(|subject| log.get(eventlog::id_of_index_subject(subject)));
         for read in futures::future::join_all(reads).await {
             if let Some((r, _)) = read.map_err(unavailable)? {
-                if q.entry_matches(&r.index_entry()) && q.record_matches(&r) {
+                if q.entry_matches(&shared::eventlog::index_entry(&r)) && q.record_matches(&r) {
                     hits.push((0, r));
                 }
             }
@@ -477,7 +478,7 @@ async fn by_ecwid_event_id(
     let mut found = Vec::new();
     for id in ids {
         if let Some((record, _)) = log.get(&id).await.map_err(unavailable)? {
-            if q.entry_matches(&record.index_entry())
+            if q.entry_matches(&shared::eventlog::index_entry(&record))
                 && q.record_matches(&record)
                 && q.instance
                     .as_deref()

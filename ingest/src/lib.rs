@@ -6,7 +6,7 @@
 //! - [`error`]: [`error::ApiError`], every refusal as a status code and a JSON body.
 //! - [`metrics`]: request, publish and verification metrics.
 //! - [`verify`]: Ecwid's signature and who may send events for a store (pure). Parsing the
-//!   bodies is [`shared::ecwid`]'s, shared with the normalizer.
+//!   bodies is [`model::ecwid`]'s, shared with the normalizer.
 //! - [`routes`]: the webhook endpoints and the publish to `ECWID_RAW`.
 //! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
 //! - [`control`]: an instance's health, pause and resume.

@@ -1,5 +1,5 @@
 //! The webhook endpoints: `POST /events/ecwid` and its Open Connectors alias. A request is
-//! read (bounded in size and time), parsed by [`shared::ecwid`], routed to its store's
+//! read (bounded in size and time), parsed by [`model::ecwid`], routed to its store's
 //! instances, checked by [`crate::verify`], and answered 200 only after JetStream acknowledged
 //! the publish to `ecwid.raw.<storeId>`.
 
@@ -13,10 +13,10 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use model::ecwid::{self, Format};
+use model::instance::Instance;
 use serde_json::json;
 use shared::directory::Directory;
-use shared::ecwid::{self, Format};
-use shared::instance::Instance;
 use shared::nats::{headers, raw_subject, RAW_STREAM};
 use tracing::Instrument;
 
@@ -71,7 +71,7 @@ async fn receive_traced(
     traceparent: String,
 ) -> Response {
     let started = Instant::now();
-    let received_at = shared::time_fmt::now_unix_ms();
+    let received_at = model::time_fmt::now_unix_ms();
     let m = &state.inner.metrics;
     let mut format = "unknown";
     let result = async {
@@ -224,7 +224,7 @@ fn check_event_time(config: &Config, event_created: i64) -> Result<(), ApiError>
     let Some(max_age) = config.max_event_age else {
         return Ok(());
     };
-    let now = shared::time_fmt::now_unix_ms() / 1000;
+    let now = model::time_fmt::now_unix_ms() / 1000;
     let age = now - event_created;
     if age > max_age.as_secs() as i64 {
         return Err(ApiError::bad_request(

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use model::instance::{keys, Instance};
 use sha2::Sha256;
-use shared::instance::{keys, Instance};
 
 use crate::error::ApiError;
 

@@ -1,4 +1,4 @@
-//! Property tests for what the ingest reads of a request body with [`shared::ecwid`]: no input
+//! Property tests for what the ingest reads of a request body with [`model::ecwid`]: no input
 //! panics [`Format::of_request`], [`ecwid::parse_v3`] or [`ecwid::parse_ion_form`], and every
 //! refusal is a 4xx (Ecwid would retry a 5xx for 24 hours; input no retry can fix must be a 4xx).
 //! What the ingest accepts, the normalizer reads with the same functions; for ION the normalizer
@@ -8,10 +8,10 @@
 //! More cases: `PROPTEST_CASES=20000 cargo test -p ingest --test parse_props`.
 
 use ingest::error::ApiError;
+use model::ecwid::{self, Format};
+use model::strategies::{any_json, webhook_like};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
-use shared::ecwid::{self, Format};
-use shared::strategies::{any_json, webhook_like};
 
 /// A value: digits, a known event type, anything printable, or anything at all.
 fn form_value() -> impl Strategy<Value = String> {
@@ -92,7 +92,7 @@ fn check_v3(body: &[u8]) -> Result<(), TestCaseError> {
             prop_assert!(event.event_created >= 0);
             prop_assert!(!event.event_id.trim().is_empty() && !event.event_type.trim().is_empty());
             prop_assert!(header_safe(&event.msg_id()), "{:?}", event.msg_id());
-            prop_assert!(shared::time_fmt::unix_secs_to_rfc3339(event.event_created).is_some());
+            prop_assert!(model::time_fmt::unix_secs_to_rfc3339(event.event_created).is_some());
         }
     }
     Ok(())

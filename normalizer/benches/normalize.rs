@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use normalizer::normalize::{envelope, normalize_v3};
+use model::normalize::{envelope, normalize_v3};
 
 /// A realistic `order.updated` of about 1 KB: Ecwid's fields plus the kind of `data` a store
 /// integration adds.

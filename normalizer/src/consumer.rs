@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
-use shared::dead::{self, DeadLetter, Stage};
-use shared::ecwid::{Format, ParseError};
-use shared::eventlog::{Record, Status};
-use shared::instance::Instance;
+use model::ecwid::{Format, ParseError};
+use model::instance::Instance;
+use model::record::{Record, Status};
+use model::retry::Stage;
+use shared::dead::{self, DeadLetter};
 use shared::nats::{
     envelope_subject, header, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM,
 };
@@ -20,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::normalize::{self, Normalized};
 use crate::order::{Gate, ORDER_RETRY_WAIT};
+use model::normalize::{self, Normalized};
 
 /// What becomes of one raw message. `records` are the event log records to create before the
 /// message is acked: one per envelope, or the raw-stage outcome.
@@ -277,10 +278,10 @@ impl Worker {
     /// (README, "Webhooks and polling"). Best effort: a sighting that is not written only means
     /// the poller may deliver the same change once more.
     async fn record_sighting(&self, normalized: &Normalized<'_>) {
-        let Some(at_ms) = shared::time_fmt::rfc3339_to_unix_ms(&normalized.event.date) else {
+        let Some(at_ms) = model::time_fmt::rfc3339_to_unix_ms(&normalized.event.date) else {
             return;
         };
-        let key = shared::ecwid::sighting_key(
+        let key = model::ecwid::sighting_key(
             &normalized.store_id,
             &normalized.event.object_type,
             &normalized.event.object_id,
@@ -395,12 +396,12 @@ impl Worker {
     }
 }
 
-/// The wait after a transient failure, by delivery count: [`shared::retry::transient`].
+/// The wait after a transient failure, by delivery count: [`model::retry::transient`].
 fn retry_delay(message: &jetstream::Message) -> Duration {
     let delivered = message
         .info()
         .map_or(1, |i| u64::try_from(i.delivered).unwrap_or(1));
-    shared::retry::transient(Stage::Normalize, delivered)
+    model::retry::transient(Stage::Normalize, delivered)
 }
 
 /// The record id of a raw-stage outcome: one per Ecwid event.
@@ -420,7 +421,7 @@ fn log_record(
 ) -> Record {
     let received_at = header(h, headers::RECEIVED_AT)
         .and_then(|v| v.parse::<i64>().ok())
-        .map(shared::time_fmt::unix_ms_to_rfc3339)
+        .map(model::time_fmt::unix_ms_to_rfc3339)
         .unwrap_or_default();
     Record {
         id,

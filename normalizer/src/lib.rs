@@ -1,11 +1,11 @@
 //! The normalizer: raw Ecwid payloads from `ECWID_RAW` → one Open Connectors envelope per
 //! subscribed instance on `ECWID_EVENTS`. A raw message is acked only after all its envelopes are
-//! stored; what can never be normalized goes to `ECWID_DEAD`.
+//! stored; what can never be normalized goes to `ECWID_DEAD`. The mapping table and the pure
+//! payload → envelope functions are `model::normalize`.
 //!
 //! - [`config`]: the normalizer's environment variables.
 //! - [`error`]: the normalizer's error type.
 //! - [`metrics`]: messages by outcome, envelopes by event type.
-//! - [`normalize`]: the mapping table and the pure payload → envelope functions.
 //! - [`consumer`]: the durable pull consumer, fan-out and publishing, outcomes.
 //! - [`order`]: ordered instances' envelopes stored in the order the ingest accepted them.
 
@@ -13,7 +13,6 @@ pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod metrics;
-pub mod normalize;
 pub mod order;
 
 use shared::service::ServiceContext;

@@ -6,14 +6,14 @@
 //! More cases: `PROPTEST_CASES=20000 cargo test -p normalizer --test props`.
 
 use async_nats::HeaderMap;
+use model::ecwid::ParseError;
+use model::envelope::EventType;
+use model::normalize;
+use model::strategies::{any_json, field, webhook_like, EVENT_TYPES};
 use normalizer::consumer;
-use normalizer::normalize;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use shared::ecwid::ParseError;
-use shared::envelope::EventType;
 use shared::nats::headers;
-use shared::strategies::{any_json, field, webhook_like, EVENT_TYPES};
 
 /// Objects shaped like the ingest's ION bodies (form fields as strings), sometimes not.
 fn ion_like() -> impl Strategy<Value = Value> {
@@ -128,7 +128,7 @@ fn check(body: &[u8], h: Option<&HeaderMap>) -> Result<(), TestCaseError> {
             } else {
                 let prefix = format!("v3:{}:", n.store_id);
                 prop_assert!(n.event_key.starts_with(&prefix), "{:?}", n.event_key);
-                prop_assert!(shared::time_fmt::rfc3339_to_unix_ms(&n.event.date).is_some());
+                prop_assert!(model::time_fmt::rfc3339_to_unix_ms(&n.event.date).is_some());
             }
             // The raw value is the body itself, only surrounding white space dropped.
             let trimmed = std::str::from_utf8(body)
@@ -266,7 +266,7 @@ fn the_format_header_picks_the_parser() {
     let n = consumer::parse(ion, Some(&h)).unwrap();
     assert_eq!(
         n.event_key,
-        shared::ecwid::parse_ion_json(ion).unwrap().msg_id()
+        model::ecwid::parse_ion_json(ion).unwrap().msg_id()
     );
     assert_eq!(n.event.event_type, EventType::Created);
     assert_eq!(n.event.object_id, "42");

@@ -120,7 +120,7 @@ impl EcwidApi {
                                 .get(reqwest::header::RETRY_AFTER)
                                 .and_then(|v| v.to_str().ok())
                                 .and_then(|v| {
-                                    shared::retry::parse_retry_after(v, self.max_retry_after)
+                                    model::retry::parse_retry_after(v, self.max_retry_after)
                                 })
                                 .unwrap_or(DEFAULT_RETRY_AFTER.min(self.max_retry_after));
                             self.budget.pause(token, wait).await;
@@ -197,7 +197,7 @@ fn describe(e: reqwest::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
-        parts.push(shared::instance::redact_url(&s.to_string()));
+        parts.push(model::instance::redact_url(&s.to_string()));
         source = s.source();
     }
     parts.join(": ")

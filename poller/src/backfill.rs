@@ -10,9 +10,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use model::ecwid::PollEntity;
 use serde::{Deserialize, Serialize};
 use shared::directory::Directory;
-use shared::ecwid::PollEntity;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -123,7 +123,7 @@ async fn run(
     let entities: Vec<PollEntity> = PollEntity::ALL
         .into_iter()
         .filter(|e| {
-            let object_type = normalizer::normalize::poll_object_type(*e);
+            let object_type = model::normalize::poll_object_type(*e);
             instance.accepts_object(&object_type)
                 && wanted.as_ref().is_none_or(|w| w.contains(&object_type))
         })

@@ -41,7 +41,7 @@ pub fn budget_key(token: &str) -> String {
 
 /// A short hash of a token, to tell tokens apart without keeping them.
 pub fn token_hash(token: &str) -> String {
-    shared::hex::lower(&Sha256::digest(token.as_bytes())[..16])
+    model::hex::lower(&Sha256::digest(token.as_bytes())[..16])
 }
 
 impl Budget {
@@ -56,7 +56,7 @@ impl Budget {
         let key = budget_key(token);
         loop {
             let entry = self.kv.entry(&key).await.map_err(transient)?;
-            let now = shared::time_fmt::now_unix_ms();
+            let now = model::time_fmt::now_unix_ms();
             let (state, revision) = match &entry {
                 Some(e) if e.operation == kv::Operation::Put => (
                     serde_json::from_slice::<State>(&e.value).unwrap_or(State {
@@ -117,7 +117,7 @@ impl Budget {
     pub async fn pause(&self, token: &str, retry_after: Duration) {
         let state = State {
             tokens: 0.0,
-            at: shared::time_fmt::now_unix_ms() + retry_after.as_millis() as i64,
+            at: model::time_fmt::now_unix_ms() + retry_after.as_millis() as i64,
         };
         if let Ok(value) = serde_json::to_vec(&state) {
             if let Err(error) = self.kv.put(budget_key(token), value.into()).await {

@@ -71,7 +71,7 @@ impl Config {
                     "ECWID_API_URL",
                     format!(
                         "expected an http(s) URL such as {DEFAULT_API_URL}, got `{}`",
-                        shared::instance::redact_url(&api_url)
+                        model::instance::redact_url(&api_url)
                     ),
                 ))
             }

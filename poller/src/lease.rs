@@ -67,7 +67,7 @@ impl Leases {
     pub fn holds(&self, store_id: &str) -> bool {
         self.held
             .get(store_id)
-            .is_some_and(|(_, exp)| *exp > shared::time_fmt::now_unix_ms())
+            .is_some_and(|(_, exp)| *exp > model::time_fmt::now_unix_ms())
     }
 
     pub fn held(&self) -> impl Iterator<Item = &String> {
@@ -77,7 +77,7 @@ impl Leases {
     fn value(&self) -> bytes::Bytes {
         let lease = Lease {
             owner: self.me.clone(),
-            expires: shared::time_fmt::now_unix_ms() + self.ttl.as_millis() as i64,
+            expires: model::time_fmt::now_unix_ms() + self.ttl.as_millis() as i64,
         };
         serde_json::to_vec(&lease).unwrap_or_default().into()
     }
@@ -86,7 +86,7 @@ impl Leases {
     /// leases so that this replica holds what it should of `stores`. Errors of single keys are
     /// logged; a store whose lease could not be renewed is dropped from what this replica holds.
     pub async fn rebalance(&mut self, stores: &HashSet<String>) {
-        let now = shared::time_fmt::now_unix_ms();
+        let now = model::time_fmt::now_unix_ms();
         if let Err(error) = self.kv.put(replica_key(&self.me), self.value()).await {
             tracing::warn!(%error, "Could not announce this poller replica.");
         }
@@ -139,7 +139,7 @@ impl Leases {
             };
             match result {
                 Ok(revision) => {
-                    let expires = shared::time_fmt::now_unix_ms() + self.ttl.as_millis() as i64;
+                    let expires = model::time_fmt::now_unix_ms() + self.ttl.as_millis() as i64;
                     if self
                         .held
                         .insert(store.clone(), (revision, expires))

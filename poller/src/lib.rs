@@ -140,7 +140,7 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
         if now >= next_renewal {
             leases.rebalance(&jobs.keys().cloned().collect()).await;
             next_renewal = now + renew_every;
-            let expiry = shared::time_fmt::now_unix_ms() + config.lease_ttl.as_millis() as i64
+            let expiry = model::time_fmt::now_unix_ms() + config.lease_ttl.as_millis() as i64
                 - renew_every.as_millis() as i64;
             let mut map = held.lock().unwrap_or_else(|e| e.into_inner());
             map.clear();
@@ -176,13 +176,13 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .get(&store)
-                        .is_some_and(|exp| *exp > shared::time_fmt::now_unix_ms());
+                        .is_some_and(|exp| *exp > model::time_fmt::now_unix_ms());
                     held && poll::jobs(&directory.for_store(&store)).contains_key(&store)
                 };
                 poller.cycle(&job, keep_going, &cancel).await
             });
         }
-        let now_secs = shared::time_fmt::now_unix_ms() / 1000;
+        let now_secs = model::time_fmt::now_unix_ms() / 1000;
         let lag = oldest_cursor
             .iter()
             .filter(|(s, _)| leases.holds(s))

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
+use model::ecwid::{self, PollAction, PollEntity};
+use model::instance::Instance;
 use serde::{Deserialize, Serialize};
-use shared::ecwid::{self, PollAction, PollEntity};
-use shared::instance::Instance;
 use shared::nats::headers;
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +59,7 @@ pub fn jobs(instances: &[Arc<Instance>]) -> BTreeMap<String, StoreJob> {
         };
         let entities: BTreeSet<PollEntity> = PollEntity::ALL
             .into_iter()
-            .filter(|e| i.accepts_object(&normalizer::normalize::poll_object_type(*e)))
+            .filter(|e| i.accepts_object(&model::normalize::poll_object_type(*e)))
             .collect();
         let job = jobs.entry(store.to_owned()).or_insert_with(|| StoreJob {
             store_id: store.to_owned(),
@@ -232,11 +232,11 @@ pub struct Poller {
 }
 
 fn now_secs() -> i64 {
-    shared::time_fmt::now_unix_ms() / 1000
+    model::time_fmt::now_unix_ms() / 1000
 }
 
 fn now_rfc3339() -> String {
-    shared::time_fmt::unix_ms_to_rfc3339(shared::time_fmt::now_unix_ms())
+    model::time_fmt::unix_ms_to_rfc3339(model::time_fmt::now_unix_ms())
 }
 
 fn transient(what: &str, e: impl std::fmt::Display) -> PollError {
@@ -289,7 +289,7 @@ impl Poller {
         let hash = token_hash(&job.token);
         if previous.state == "error"
             && previous.token_hash == hash
-            && previous.retry_at_ms > shared::time_fmt::now_unix_ms()
+            && previous.retry_at_ms > model::time_fmt::now_unix_ms()
         {
             self.metrics
                 .cycles
@@ -355,12 +355,12 @@ impl Poller {
                     .error_backoff
                     .saturating_mul(1u32 << (failures - 1).min(16))
                     .min(self.error_backoff_max);
-                let retry_ms = shared::time_fmt::now_unix_ms() + wait.as_millis() as i64;
+                let retry_ms = model::time_fmt::now_unix_ms() + wait.as_millis() as i64;
                 tracing::warn!(store_id = store, status = code, message, retry_in = ?wait, "Ecwid refused the store's token; backing off.");
                 status.state = "error".into();
                 status.failures = failures;
                 status.retry_at_ms = retry_ms;
-                status.retry_at = Some(shared::time_fmt::unix_ms_to_rfc3339(retry_ms));
+                status.retry_at = Some(model::time_fmt::unix_ms_to_rfc3339(retry_ms));
                 status.last_poll_error = Some(LastError {
                     status: Some(code),
                     message,
@@ -589,7 +589,7 @@ impl Poller {
         skip_seen: bool,
         named: Option<&str>,
     ) -> Result<Counts, PollError> {
-        let object_type = normalizer::normalize::poll_object_type(entity);
+        let object_type = model::normalize::poll_object_type(entity);
         let mut counts = Counts::default();
         let mut publishes = Vec::new();
         for item in items {
@@ -639,7 +639,7 @@ impl Poller {
             h.insert(headers::STORE_ID, store);
             h.insert(
                 headers::RECEIVED_AT,
-                shared::time_fmt::now_unix_ms().to_string().as_str(),
+                model::time_fmt::now_unix_ms().to_string().as_str(),
             );
             if let Some(instance) = named {
                 h.insert(headers::INSTANCE_ID, instance);

@@ -8,24 +8,10 @@ use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
+use model::retry::Stage;
+
 use crate::nats::{dead_subject, headers};
 use crate::Error;
-
-/// The stage that gave up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Normalize,
-    Deliver,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Normalize => "normalize",
-            Stage::Deliver => "deliver",
-        }
-    }
-}
 
 /// One message on its way to the dead-letter stream.
 #[derive(Debug)]
@@ -71,7 +57,7 @@ pub async fn publish(
     h.insert(headers::DEAD_ERROR, header_safe(&letter.error));
     h.insert(
         headers::DEAD_AT,
-        crate::time_fmt::unix_ms_to_rfc3339(crate::time_fmt::now_unix_ms()),
+        model::time_fmt::unix_ms_to_rfc3339(model::time_fmt::now_unix_ms()),
     );
     h.insert(headers::ORIGINAL_SUBJECT, letter.original_subject);
     for (name, value) in letter.extra {

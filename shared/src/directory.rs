@@ -13,7 +13,7 @@ use prometheus::IntGauge;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::instance::Instance;
+use model::instance::Instance;
 
 #[derive(Debug, Default)]
 struct Snapshot {

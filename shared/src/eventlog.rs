@@ -29,6 +29,8 @@ use prometheus::{IntCounter, IntCounterVec, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use model::record::{Record, NO_INSTANCE};
+
 use crate::nats::PublishError;
 
 /// Record snapshots, one per subject.
@@ -37,14 +39,6 @@ pub const LOG_STREAM: &str = "ECWID_LOG";
 pub const INDEX_STREAM: &str = "ECWID_LOG_INDEX";
 pub const LOG_PREFIX: &str = "ecwid.log";
 pub const INDEX_PREFIX: &str = "ecwid.logidx";
-/// The instance token of raw-stage outcomes (no instance).
-pub const NO_INSTANCE: &str = "_";
-
-pub use crate::envelope::RESPONSE_EXCERPT_BYTES;
-/// Attempts a record keeps: the first few and the latest (the count says how many there were).
-pub const MAX_ATTEMPTS_KEPT: usize = 50;
-/// The longest `lastError` / attempt error text kept.
-pub const MAX_ERROR_CHARS: usize = 512;
 /// The largest record snapshot the stream takes.
 pub const MAX_RECORD_BYTES: i32 = 128 * 1024;
 
@@ -68,141 +62,7 @@ pub fn id_of_index_subject(subject: &str) -> &str {
 
 /// A subject token for an objectId (any text): 16 hex digits of its SHA-256.
 pub fn object_hash(object_id: &str) -> String {
-    crate::hex::lower(&Sha256::digest(object_id.as_bytes())[..8])
-}
-
-/// Where an envelope (or an Ecwid event) stands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Stored, not attempted yet (or redelivery requested).
-    #[default]
-    Pending,
-    /// An attempt failed; the next one is scheduled (`nextAttemptAt`).
-    Retrying,
-    Delivered,
-    /// Dead-lettered: by the deliverer after its last attempt, or by the normalizer.
-    Dead,
-    /// Raw stage: every instance of the store filtered it out (`event.objects`, disabled).
-    Filtered,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Retrying => "retrying",
-            Status::Delivered => "delivered",
-            Status::Dead => "dead",
-            Status::Filtered => "filtered",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Status::Pending,
-            Status::Retrying,
-            Status::Delivered,
-            Status::Dead,
-            Status::Filtered,
-        ]
-        .into_iter()
-        .find(|v| v.as_str() == s)
-    }
-}
-
-/// One delivery attempt. Never request or response headers, never a secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Attempt {
-    /// 1-based, across redeliveries.
-    pub number: u64,
-    pub started_at: String,
-    pub duration_ms: u64,
-    /// The HTTP status, when the callback answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    /// Without an answer: `timeout`, `connect_error`, `refused_address`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_class: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The first [`RESPONSE_EXCERPT_BYTES`] of the response body, UTF-8 (lossy).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub response: String,
-}
-
-/// A record: one envelope (Ecwid event × instance), or one Ecwid event's raw-stage outcome.
-/// `Default` is a pending record with no attempts: writers fill in what they know.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Record {
-    /// `message.eventId` of the envelope = `Elements-Webhook-Id`.
-    pub id: String,
-    /// `None` for a raw-stage outcome.
-    pub instance_id: Option<String>,
-    pub store_id: String,
-    pub object_type: String,
-    pub object_id: String,
-    pub event_type: String,
-    /// Ecwid's v3 `eventId`; for ION, the dedupe id.
-    pub ecwid_event_id: String,
-    pub format: String,
-    pub verified: bool,
-    pub request_id: String,
-    pub received_at: String,
-    pub status: Status,
-    /// How many attempts were made (the list keeps at most [`MAX_ATTEMPTS_KEPT`]).
-    pub attempts: u64,
-    /// The last HTTP status, or the error class of the last attempt.
-    pub last_status: Option<String>,
-    pub last_error: Option<String>,
-    pub last_attempt_at: Option<String>,
-    pub next_attempt_at: Option<String>,
-    pub delivered_at: Option<String>,
-    /// The envelope's sequence in `ECWID_EVENTS` (its body, exactly as POSTed, is read there).
-    pub envelope_seq: Option<u64>,
-    pub attempt_log: Vec<Attempt>,
-}
-
-impl Record {
-    /// Appends `attempt`, keeping the first few and the latest ones.
-    pub fn push_attempt(&mut self, attempt: Attempt) {
-        self.attempts = self.attempts.max(attempt.number);
-        self.last_status = Some(match (attempt.status, &attempt.error_class) {
-            (Some(s), _) => s.to_string(),
-            (None, Some(class)) => class.clone(),
-            (None, None) => "unknown".to_owned(),
-        });
-        self.last_error = attempt.error.clone();
-        self.last_attempt_at = Some(attempt.started_at.clone());
-        self.attempt_log.push(attempt);
-        if self.attempt_log.len() > MAX_ATTEMPTS_KEPT {
-            // Keep the first five: how it started matters as much as how it is going.
-            self.attempt_log.remove(5);
-        }
-    }
-
-    /// The index entry written when the record is created.
-    pub fn index_entry(&self) -> IndexEntry {
-        IndexEntry {
-            id: self.id.clone(),
-            received_at_ms: crate::time_fmt::rfc3339_to_unix_ms(&self.received_at).unwrap_or(0),
-            object_type: self.object_type.clone(),
-            object_id: self.object_id.clone(),
-            event_type: self.event_type.clone(),
-            ecwid_event_id: self.ecwid_event_id.clone(),
-        }
-    }
-
-    pub fn index_subject(&self) -> String {
-        index_subject(
-            self.instance_id.as_deref().unwrap_or(NO_INSTANCE),
-            &self.store_id,
-            &object_hash(&self.object_id),
-            &self.id,
-        )
-    }
+    model::hex::lower(&Sha256::digest(object_id.as_bytes())[..8])
 }
 
 /// What an index entry holds: enough to filter on without reading the record.
@@ -221,15 +81,25 @@ pub struct IndexEntry {
     pub ecwid_event_id: String,
 }
 
-/// Text cut to at most `max` characters.
-pub fn clip(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+/// The index entry written when `record` is created.
+pub fn index_entry(record: &Record) -> IndexEntry {
+    IndexEntry {
+        id: record.id.clone(),
+        received_at_ms: model::time_fmt::rfc3339_to_unix_ms(&record.received_at).unwrap_or(0),
+        object_type: record.object_type.clone(),
+        object_id: record.object_id.clone(),
+        event_type: record.event_type.clone(),
+        ecwid_event_id: record.ecwid_event_id.clone(),
+    }
 }
 
-/// A response body excerpt: the first [`RESPONSE_EXCERPT_BYTES`], UTF-8, lossy.
-pub fn excerpt(body: &[u8]) -> String {
-    let cut = &body[..body.len().min(RESPONSE_EXCERPT_BYTES)];
-    String::from_utf8_lossy(cut).into_owned()
+pub fn record_index_subject(record: &Record) -> String {
+    index_subject(
+        record.instance_id.as_deref().unwrap_or(NO_INSTANCE),
+        &record.store_id,
+        &object_hash(&record.object_id),
+        &record.id,
+    )
 }
 
 /// The two streams' settings. Records and index entries live `retention`.
@@ -389,8 +259,13 @@ impl EventLog {
         if !self.enabled {
             return Ok(());
         }
-        let entry = serde_json::to_vec(&record.index_entry()).unwrap_or_default();
-        let index = self.publish(record.index_subject(), HeaderMap::new(), entry, "index");
+        let entry = serde_json::to_vec(&index_entry(record)).unwrap_or_default();
+        let index = self.publish(
+            record_index_subject(record),
+            HeaderMap::new(),
+            entry,
+            "index",
+        );
         let mut h = HeaderMap::new();
         h.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let body = serde_json::to_vec(record).unwrap_or_default();
@@ -521,7 +396,7 @@ mod tests {
     #[test]
     fn subjects_are_tokens_whatever_the_object_id() {
         let r = record();
-        let subject = r.index_subject();
+        let subject = record_index_subject(&r);
         assert_eq!(subject.split('.').count(), 6, "{subject}");
         assert!(subject.starts_with("ecwid.logidx.inst.1003."));
         assert!(subject.ends_with(".0f3c"));
@@ -531,40 +406,23 @@ mod tests {
         assert_eq!(record_subject("0f3c"), "ecwid.log.0f3c");
         let mut raw = record();
         raw.instance_id = None;
-        assert!(raw.index_subject().starts_with("ecwid.logidx._.1003."));
+        assert!(record_index_subject(&raw).starts_with("ecwid.logidx._.1003."));
     }
 
     #[test]
-    fn attempts_are_bounded_and_summarised() {
+    fn a_record_with_its_most_attempts_fits_the_stream() {
         let mut r = record();
         for n in 1..=60 {
-            r.push_attempt(Attempt {
+            r.push_attempt(model::record::Attempt {
                 number: n,
                 started_at: format!("t{n}"),
                 duration_ms: 5,
                 status: Some(503),
                 error_class: None,
                 error: Some("HTTP 503".into()),
-                response: excerpt(&vec![b'x'; 5000]),
+                response: model::record::excerpt(&vec![b'x'; 5000]),
             });
         }
-        assert_eq!(r.attempts, 60);
-        assert_eq!(r.attempt_log.len(), MAX_ATTEMPTS_KEPT);
-        assert_eq!(r.attempt_log[0].number, 1);
-        assert_eq!(r.attempt_log[4].number, 5);
-        assert_eq!(r.attempt_log.last().map(|a| a.number), Some(60));
-        assert_eq!(r.attempt_log[0].response.len(), RESPONSE_EXCERPT_BYTES);
-        assert_eq!(r.last_status.as_deref(), Some("503"));
         assert!(serde_json::to_vec(&r).unwrap().len() < MAX_RECORD_BYTES as usize);
-        let json = serde_json::to_value(&r).unwrap();
-        assert_eq!(json["status"], "pending");
-        assert_eq!(json["ecwidEventId"], "e-1");
-    }
-
-    #[test]
-    fn excerpts_are_lossy_utf8() {
-        assert_eq!(excerpt(b"ok \xff"), "ok \u{fffd}");
-        assert_eq!(Status::parse("delivered"), Some(Status::Delivered));
-        assert_eq!(Status::parse("nope"), None);
     }
 }

@@ -59,7 +59,7 @@ pub const RETRYING_STREAM: &str = "ECWID_RETRYING";
 /// Instance states (`active`, `paused`, `disabled`), keyed by instance id; no key = active.
 pub const STATE_BUCKET: &str = "ECWID_INSTANCE_STATE";
 /// Callback health shared by the deliverer replicas (breaker, failures, success counts), keyed
-/// by a hash of the callback URL ([`crate::control::callback_key`]).
+/// by a hash of the callback URL ([`model::health::callback_key`]).
 pub const CALLBACKS_BUCKET: &str = "ECWID_CALLBACKS";
 
 /// Durable pull consumer of the normalizer replicas on [`RAW_STREAM`].
@@ -70,11 +70,6 @@ pub const DELIVERER_CONSUMER: &str = "deliverer";
 /// Durable pull consumers of ordered instances, one each: `<prefix>-<instanceId>`, filtered to
 /// [`ordered_subject`] (see [`crate::ordered`]).
 pub const ORDERED_CONSUMER_PREFIX: &str = "ordered";
-
-/// How long raw messages and envelopes are kept at least: longer than any retry schedule may
-/// last. Envelopes are kept as long as the event log's records too (a record points to its
-/// envelope for redelivery), when that is longer.
-pub const WORK_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Subject prefixes: `<prefix>.<token>`; a stream's subjects are `<prefix>.>`.
 pub const RAW_PREFIX: &str = "ecwid.raw";
@@ -266,7 +261,7 @@ pub mod headers {
 }
 
 /// Connects to NATS (any one of `servers`: async-nats tries them in turn, and learns the rest
-/// of a cluster from the server), retrying with [`crate::retry::backoff`] until one answers or
+/// of a cluster from the server), retrying with [`startup_backoff`] until one answers or
 /// `cancel` fires. The client reconnects on its own after that, to any server of the cluster.
 pub async fn connect(
     servers: &NatsServers,
@@ -283,7 +278,7 @@ pub async fn connect(
             .await
     };
     let retried = attempt
-        .retry(crate::retry::backoff().without_max_times())
+        .retry(startup_backoff().without_max_times())
         .notify(|err, wait| {
             tracing::warn!(error = %err, %url, retry_in = ?wait, "NATS is not reachable yet; retrying.");
         });
@@ -291,6 +286,17 @@ pub async fn connect(
         result = retried => result.map_err(|source| Error::Connect { url: url.clone(), source }),
         () = cancel.cancelled() => Err(Error::Cancelled),
     }
+}
+
+/// The backoff for start-up steps against NATS (connecting, setting up the topology):
+/// [`model::retry::BACKOFF_MIN`] doubling to [`model::retry::BACKOFF_MAX`], each wait stretched by
+/// up to 100 % (backon's jitter) so that replicas started together do not retry in step. The
+/// caller says how many times (connect: until cancelled; topology: a bounded number).
+pub fn startup_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(model::retry::BACKOFF_MIN)
+        .with_max_delay(model::retry::BACKOFF_MAX)
+        .with_jitter()
 }
 
 /// The JetStream context every service uses.

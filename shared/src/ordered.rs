@@ -15,9 +15,10 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use serde::{Deserialize, Serialize};
 
-use crate::eventlog::{record_subject, Record, Status, LOG_STREAM};
+use crate::eventlog::{record_subject, LOG_STREAM};
 use crate::nats::{ordered_subject, EVENTS_STREAM, ORDERED_CONSUMER_PREFIX};
 use crate::Error;
+use model::record::{Record, Status};
 
 /// `ordered-<instanceId>`: the durable consumer of one ordered instance's lane.
 pub fn consumer_name(instance_id: &str) -> String {

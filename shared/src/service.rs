@@ -9,7 +9,6 @@ use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CommonConfig;
-use crate::control::{InstanceState, State};
 use crate::directory::Directory;
 use crate::eventlog::{EventLog, LogMetrics};
 use crate::kvwatch::KvView;
@@ -18,9 +17,10 @@ use crate::nats::STATE_BUCKET;
 use crate::ops::OpsState;
 use crate::topology::{setup_topology, TopologyConfig, TopologyReport};
 use crate::Error;
+use model::state::{InstanceState, State};
 
 /// How many times start-up retries setting up the topology (75 to 150 s of waits with
-/// [`crate::retry::backoff`]) before the service gives up and exits.
+/// [`crate::nats::startup_backoff`]) before the service gives up and exits.
 const TOPOLOGY_TRIES: usize = 20;
 
 /// A started service's shared parts.
@@ -58,7 +58,7 @@ impl ServiceContext {
         let setup = || setup_topology(&js, &topology, &report);
         let kv = tokio::select! {
             result = setup
-                .retry(crate::retry::backoff().with_max_times(TOPOLOGY_TRIES))
+                .retry(crate::nats::startup_backoff().with_max_times(TOPOLOGY_TRIES))
                 .notify(|error, wait| {
                     tracing::warn!(%error, retry_in = ?wait, "JetStream topology not ready; retrying.");
                 }) => result?,

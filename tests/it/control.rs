@@ -389,7 +389,7 @@ async fn a_paused_ordered_instance_keeps_its_lane_in_order_and_resumes_it() {
 #[tokio::test]
 async fn a_burst_of_results_lands_whole_and_one_request_takes_the_probe() {
     use deliverer::health::{Admitted, Callbacks};
-    use shared::control::{Breaker, CallbackHealth};
+    use model::health::{Breaker, CallbackHealth};
 
     const BURST: usize = 200;
     let nats = NatsServer::start().await;
@@ -423,7 +423,7 @@ async fn a_burst_of_results_lands_whole_and_one_request_takes_the_probe() {
     let cancel = tokio_util::sync::CancellationToken::new();
     callbacks.spawn(cancel.clone());
     let url = "http://127.0.0.1:9/hook";
-    let key = shared::control::callback_key(url);
+    let key = model::health::callback_key(url);
     let stored = || async {
         let entry = kv.entry(&key).await.expect("read").expect("an entry");
         serde_json::from_slice::<CallbackHealth>(&entry.value).expect("health")

@@ -528,7 +528,8 @@ async fn a_deliverer_killed_mid_attempt_leaves_a_record_that_converges() {
 /// twice included), newest first, across pages.
 #[tokio::test]
 async fn an_object_with_thousands_of_records_pages_newest_first() {
-    use shared::eventlog::{record_subject, Record, Status};
+    use model::record::{Record, Status};
+    use shared::eventlog::record_subject;
     let nats = NatsServer::start().await;
     let pipeline = Pipeline::start(&nats.url(), &[]).await;
     let js = jetstream::new(connect(&nats.url()).await);
@@ -551,8 +552,8 @@ async fn an_object_with_thousands_of_records_pages_newest_first() {
         };
         for (subject, body) in [
             (
-                record.index_subject(),
-                serde_json::to_vec(&record.index_entry()).unwrap(),
+                shared::eventlog::record_index_subject(&record),
+                serde_json::to_vec(&shared::eventlog::index_entry(&record)).unwrap(),
             ),
             (
                 record_subject(&record.id),
@@ -563,11 +564,14 @@ async fn an_object_with_thousands_of_records_pages_newest_first() {
         }
         if i == 8 {
             // A retried creation: the same entry again, which searches count once.
-            let entry = serde_json::to_vec(&record.index_entry()).unwrap();
+            let entry = serde_json::to_vec(&shared::eventlog::index_entry(&record)).unwrap();
             acks.push(
-                js.publish(record.index_subject(), entry.into())
-                    .await
-                    .expect("publish"),
+                js.publish(
+                    shared::eventlog::record_index_subject(&record),
+                    entry.into(),
+                )
+                .await
+                .expect("publish"),
             );
         }
     }

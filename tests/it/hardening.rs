@@ -478,7 +478,7 @@ async fn future_events_are_refused_when_a_maximum_age_is_set() {
     .await;
     let receiver = Receiver::start(Behavior::Status(200)).await;
     pipeline.create_instance("8007", &receiver.url(), &[]).await;
-    let now = shared::time_fmt::now_unix_ms() / 1000;
+    let now = model::time_fmt::now_unix_ms() / 1000;
     let at = |event_id: &str, created: i64| {
         let mut e = order_created(8007, event_id);
         e["eventCreated"] = json!(created);

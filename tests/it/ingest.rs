@@ -347,7 +347,7 @@ async fn stale_events_are_refused_when_a_maximum_age_is_set() {
     assert_eq!(status, 400);
     assert_eq!(body["error"], "stale_event");
     let mut fresh = order_created(3005, "fresh");
-    fresh["eventCreated"] = json!(shared::time_fmt::now_unix_ms() / 1000);
+    fresh["eventCreated"] = json!(model::time_fmt::now_unix_ms() / 1000);
     assert_eq!(pipeline.post_json(&fresh, None).await.0, 200);
     pipeline.stop().await;
 }

@@ -34,7 +34,7 @@ fn json_field(plausible: BoxedStrategy<Value>) -> impl Strategy<Value = Option<V
         1 => Just(None),
         16 => plausible.prop_map(Some),
         2 => text().prop_map(|t| Some(Value::String(t))),
-        1 => shared::strategies::any_json().prop_map(Some),
+        1 => model::strategies::any_json().prop_map(Some),
     ]
 }
 
@@ -46,7 +46,7 @@ fn v3_body() -> impl Strategy<Value = Value> {
         json_field((0i64..4_000_000_000).prop_map(Value::from).boxed()),
         json_field(Just(Value::from(STORE)).boxed()),
         json_field(
-            prop::sample::select(shared::strategies::EVENT_TYPES)
+            prop::sample::select(model::strategies::EVENT_TYPES)
                 .prop_map(Value::from)
                 .boxed(),
         ),

@@ -365,8 +365,8 @@ async fn a_backfill_stores_a_past_window_once() {
             .any(|r| r.path == "latest-stats")
     })
     .await;
-    let since = shared::time_fmt::unix_secs_to_rfc3339(past - 60).unwrap();
-    let until = shared::time_fmt::unix_secs_to_rfc3339(past + 60).unwrap();
+    let since = model::time_fmt::unix_secs_to_rfc3339(past - 60).unwrap();
+    let until = model::time_fmt::unix_secs_to_rfc3339(past + 60).unwrap();
     let body = json!({"since": since, "until": until, "objects": ["orders"]});
     let path = format!("/instances/{id}/backfill");
     let (status, first) = pipeline

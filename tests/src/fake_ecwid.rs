@@ -78,7 +78,7 @@ pub struct FakeEcwid {
 }
 
 pub fn now_secs() -> i64 {
-    shared::time_fmt::now_unix_ms() / 1000
+    model::time_fmt::now_unix_ms() / 1000
 }
 
 impl FakeEcwid {
@@ -194,7 +194,7 @@ impl Drop for FakeEcwid {
 type Shared = Arc<Mutex<FakeState>>;
 
 fn iso(t: i64) -> String {
-    let s = shared::time_fmt::unix_secs_to_rfc3339(t).unwrap_or_default();
+    let s = model::time_fmt::unix_secs_to_rfc3339(t).unwrap_or_default();
     // latest-stats writes +0000, not Z.
     s.trim_end_matches('Z').to_owned() + "+0000"
 }
@@ -245,7 +245,7 @@ fn admit(
     };
     s.requests.push(ApiRequest {
         at: Instant::now(),
-        at_ms: shared::time_fmt::now_unix_ms(),
+        at_ms: model::time_fmt::now_unix_ms(),
         store: store.to_owned(),
         path: path.to_owned(),
         query: query.clone(),

@@ -17,7 +17,8 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use shared::eventlog::{self, Attempt, Record, Status};
+use model::record::{Attempt, Record, Status};
+use shared::eventlog::{self};
 
 /// Acks in flight while filling.
 const WINDOW: usize = 4096;
@@ -64,7 +65,7 @@ fn envelope_seq(i: u64, envelopes: &Envelopes) -> u64 {
 }
 
 fn record(i: u64, objects: u64, envelopes: &Envelopes, now_ms: i64) -> Record {
-    let at = shared::time_fmt::unix_ms_to_rfc3339(now_ms);
+    let at = model::time_fmt::unix_ms_to_rfc3339(now_ms);
     let mut r = Record {
         id: id_of(i),
         instance_id: Some("bench-log-instance".to_owned()),
@@ -97,17 +98,17 @@ fn record(i: u64, objects: u64, envelopes: &Envelopes, now_ms: i64) -> Record {
 /// Publishes `n` records and their index entries, `WINDOW` acks in flight. Returns the
 /// sequences of `ECWID_EVENTS` their envelopes point at.
 async fn fill(js: &jetstream::Context, n: u64, objects: u64) -> anyhow::Result<Envelopes> {
-    let now_ms = shared::time_fmt::now_unix_ms();
+    let now_ms = model::time_fmt::now_unix_ms();
     let mut events = js.get_stream(shared::nats::EVENTS_STREAM).await?;
     let held = &events.info().await?.state;
     let envelopes = held.first_sequence.max(1)..=held.last_sequence;
     let mut acks = FuturesUnordered::new();
     for i in 0..n {
         let r = record(i, objects, &envelopes, now_ms);
-        let entry = serde_json::to_vec(&r.index_entry())?;
+        let entry = serde_json::to_vec(&shared::eventlog::index_entry(&r))?;
         let body = serde_json::to_vec(&r)?;
         for (subject, payload) in [
-            (r.index_subject(), entry),
+            (shared::eventlog::record_index_subject(&r), entry),
             (eventlog::record_subject(&r.id), body),
         ] {
             let ack = js.publish(subject, payload.into()).await?;

@@ -1,5 +1,5 @@
-//! How long anything waits before it tries again, in one place: the start-up backoff against
-//! NATS, the waits after a transient failure of each stage, and the bounds a delivery retry
+//! How long anything waits before it tries again, in one place: the waits after a transient
+//! failure of each stage, and the bounds a delivery retry
 //! schedule must keep so that no retry outlives its message; a server's `Retry-After`, read once
 //! for every client (the poller's Ecwid requests, the deliverer's callbacks).
 //!
@@ -8,25 +8,31 @@
 
 use std::time::Duration;
 
-use backon::ExponentialBuilder;
-
-use crate::dead::Stage;
-use crate::nats::WORK_STREAM_MAX_AGE;
-
-/// The first wait of the start-up backoff ([`backoff`]).
+/// The first wait of the start-up backoff (connecting to NATS, setting up the topology: the
+/// runtime's `shared::nats::startup_backoff`).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest wait of the start-up backoff before jitter.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// The backoff for start-up steps against NATS (connecting, setting up the topology): 100 ms
-/// doubling to 5 s, each wait stretched by up to 100 % (backon's jitter) so that replicas started
-/// together do not retry in step. The caller says how many times (connect: until cancelled;
-/// topology: a bounded number).
-pub fn backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(BACKOFF_MIN)
-        .with_max_delay(BACKOFF_MAX)
-        .with_jitter()
+/// How long raw messages and envelopes are kept at least (the work streams' `max_age`): longer
+/// than any retry schedule may last. Envelopes are kept as long as the event log's records too
+/// (a record points to its envelope for redelivery), when that is longer.
+pub const WORK_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The stage that gave up on a message (or waits before it tries again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Normalize,
+    Deliver,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Normalize => "normalize",
+            Stage::Deliver => "deliver",
+        }
+    }
 }
 
 /// The normalizer's first wait after its envelopes (or its dead letter) were not stored.
@@ -98,7 +104,7 @@ pub fn parse_retry_after(value: &str, max: Duration) -> Option<Duration> {
 /// The deliverer's `DELIVER_RETRY_SCHEDULE` and an instance's
 /// `event.notification.retry.schedule` both go through here.
 pub fn parse_schedule(raw: &str) -> Result<Vec<Duration>, String> {
-    let schedule = crate::config::parse_duration_list(raw)?;
+    let schedule = crate::units::parse_duration_list(raw)?;
     for wait in &schedule {
         if wait.is_zero() {
             return Err("every wait must be longer than zero".into());

@@ -4,9 +4,9 @@
 //! [`event_type_of`] says which action becomes which `eventType`. Unknown families and actions
 //! still flow: the family keeps its own name and the action becomes `UNKNOWN`.
 
+use crate::ecwid::{self, Format, ParseError};
+use crate::envelope::{Envelope, Event, EventType, Message, ELEMENT_KEY};
 use serde_json::value::RawValue;
-use shared::ecwid::{self, Format, ParseError};
-use shared::envelope::{Envelope, Event, EventType, Message, ELEMENT_KEY};
 
 /// Ecwid event family (as spelled after folding case and underscores) → `objectType`.
 /// `unfinished_order` becomes `abandonedCarts`: that is what Ecwid's own control panel calls
@@ -81,7 +81,7 @@ pub fn poll_object_type(entity: ecwid::PollEntity) -> String {
 /// Whether `instance` takes an event that arrived in `format`: webhook formats go to instances
 /// whose `event.vendor.type` names webhooks, polled ones to those that poll. A poll message that
 /// names an instance (`Ecwid-Instance-Id`, set by a backfill) goes to that instance only.
-pub fn takes(format: Format, instance: &shared::instance::Instance, named: Option<&str>) -> bool {
+pub fn takes(format: Format, instance: &crate::instance::Instance, named: Option<&str>) -> bool {
     match format {
         Format::V3 | Format::Ion => instance.takes_webhooks(),
         Format::Poll => match named {
@@ -119,7 +119,7 @@ impl Normalized<'_> {
     }
 }
 
-/// Normalizes a raw message of `format`. The only way it fails is that [`shared::ecwid`] cannot
+/// Normalizes a raw message of `format`. The only way it fails is that [`crate::ecwid`] cannot
 /// parse the payload; the ingest parses with the same functions before it stores anything.
 pub fn normalize(
     format: Format,
@@ -133,7 +133,7 @@ pub fn normalize(
     }
 }
 
-/// Normalizes an entity the poller read (`poll` format, see [`shared::ecwid::parse_poll`]):
+/// Normalizes an entity the poller read (`poll` format, see [`crate::ecwid::parse_poll`]):
 /// CREATED when its creation and update times are equal, UPDATED otherwise, DELETED from a
 /// `/deleted` list. `objectId` is the id webhooks use, `date` the update (or deletion) time, and
 /// `raw` the entity exactly as the REST API returned it.
@@ -144,7 +144,7 @@ pub fn normalize_poll(body: &[u8]) -> Result<Normalized<'_>, ParseError> {
         ecwid::PollAction::Updated => EventType::Updated,
         ecwid::PollAction::Deleted => EventType::Deleted,
     };
-    let date = shared::time_fmt::unix_secs_to_rfc3339(poll.changed_at).unwrap_or_default();
+    let date = crate::time_fmt::unix_secs_to_rfc3339(poll.changed_at).unwrap_or_default();
     Ok(Normalized {
         format: Format::Poll,
         event_key: poll.msg_id(),
@@ -175,7 +175,7 @@ pub fn normalize_v3(body: &[u8]) -> Result<Normalized<'_>, ParseError> {
         .or_else(|| v3.entity_id.clone())
         .unwrap_or_default();
     // parse_v3 bounds eventCreated to what a date can show.
-    let date = shared::time_fmt::unix_secs_to_rfc3339(v3.event_created).unwrap_or_default();
+    let date = crate::time_fmt::unix_secs_to_rfc3339(v3.event_created).unwrap_or_default();
     Ok(Normalized {
         format: Format::V3,
         event_key: v3.msg_id(),
@@ -210,7 +210,7 @@ pub fn normalize_ion(
         .date
         .as_deref()
         .and_then(ion_date)
-        .or_else(|| received_at_ms.map(shared::time_fmt::unix_ms_to_rfc3339))
+        .or_else(|| received_at_ms.map(crate::time_fmt::unix_ms_to_rfc3339))
         .unwrap_or_default();
     Ok(Normalized {
         format: Format::Ion,
@@ -233,10 +233,10 @@ fn ion_date(s: &str) -> Option<String> {
     let t = time::PrimitiveDateTime::parse(s, &format)
         .ok()?
         .assume_utc();
-    shared::time_fmt::unix_secs_to_rfc3339(t.unix_timestamp())
+    crate::time_fmt::unix_secs_to_rfc3339(t.unix_timestamp())
 }
 
-pub use shared::envelope::notification_id;
+pub use crate::envelope::notification_id;
 
 /// The envelope for one instance. `raw` is the payload exactly as received; `verified` says
 /// whether the ingest checked Ecwid's signature.
@@ -687,7 +687,7 @@ mod tests {
             (&status_change, EventType::Updated),
         ] {
             let normalized = normalize_ion(body, Some(1)).unwrap();
-            let key = shared::ecwid::parse_ion_json(body).unwrap().msg_id();
+            let key = crate::ecwid::parse_ion_json(body).unwrap().msg_id();
             assert_eq!(normalized.store_id, "1003");
             assert_eq!(normalized.event_key, key);
             assert_eq!(
@@ -731,7 +731,7 @@ mod tests {
     #[test]
     fn an_ion_is_keyed_by_the_id_the_ingest_stored_it_under() {
         let form = b"owner_id=1003&event_type=new_order&order_id=42";
-        let stored = shared::ecwid::parse_ion_form(form).unwrap();
+        let stored = crate::ecwid::parse_ion_form(form).unwrap();
         let body = stored.to_json();
         let key = normalize_ion(&body, None).unwrap().event_key;
         assert_eq!(key, stored.msg_id());
@@ -993,7 +993,7 @@ mod tests {
 
     #[test]
     fn polled_entities_become_the_same_envelopes_as_webhooks() {
-        use shared::ecwid::{poll_body, PollEntity};
+        use crate::ecwid::{poll_body, PollEntity};
         use EventType::{Created, Deleted, Updated};
         let cases: &[(PollEntity, bool, &str, Event)] = &[
             (
@@ -1059,7 +1059,7 @@ mod tests {
 
     #[test]
     fn vendor_types_decide_which_instances_take_which_format() {
-        use shared::instance::{keys, Instance};
+        use crate::instance::{keys, Instance};
         let with = |vendor: Option<&str>| {
             let mut i: Instance = serde_json::from_str(r#"{"configuration":{}}"#).unwrap();
             i.id = "i-1".into();
