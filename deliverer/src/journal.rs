@@ -21,8 +21,8 @@ use serde::Deserialize;
 use shared::eventlog::EventLog;
 use shared::nats::{header, headers, subject_tail};
 
-use crate::consumer::{MessageHead, Outcome};
 use crate::dispatch::Attempt;
+use crate::outcome::{MessageHead, Outcome};
 
 /// A write that fails is tried this many times before the attempt moves on without it.
 const TRIES: usize = 3;

@@ -14,7 +14,9 @@
 //!   enforces its share; replicas count each other in a KV bucket).
 //! - [`deferrals`]: how often each message was put back without an attempt, shared by replicas.
 //! - [`journal`]: the event log snapshot written after every attempt.
-//! - [`consumer`]: the durable pull consumer and the outcome of each attempt.
+//! - [`consumer`]: the durable pull consumer on `ECWID_EVENTS`: set-up and the pull loop.
+//! - [`worker`]: one envelope's delivery, start to end, for the pull loop and the lanes.
+//! - [`outcome`]: what becomes of an envelope after an attempt, and what is read of its body.
 //! - [`ordered`]: the lanes of instances with ordered delivery, one envelope in flight each.
 
 pub mod config;
@@ -28,7 +30,9 @@ pub mod journal;
 pub mod limits;
 pub mod metrics;
 pub mod ordered;
+pub mod outcome;
 pub mod policy;
+pub mod worker;
 
 use shared::service::ServiceContext;
 use tokio::net::TcpListener;

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::consumer::Worker;
+use crate::worker::{Worker, HELD_RECHECK};
 
 /// "Is this instance held?" (paused): its lane then pulls nothing.
 pub type Held = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -35,8 +35,6 @@ pub type Held = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 /// How long one pull waits for the lane's message; also how often a lane looks at whether it
 /// should stop or is held.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// How often a held lane looks again.
-pub(crate) const HELD_RECHECK: Duration = Duration::from_secs(1);
 /// How often the lanes of instances no longer ordered (or deleted) are looked for, to drain.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 

@@ -49,6 +49,12 @@ pub const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 /// the attempt is not spent).
 pub const HOST_BUSY_WAIT: Duration = Duration::from_secs(1);
 
+/// The longest wait a poller cycle sits through (a 429's `Retry-After`, a token paused by another
+/// replica's 429). A longer one ends the cycle at once, so a store Ecwid asks to wait does not
+/// keep one of the `POLLER_CONCURRENCY` slots; the paused budget keeps every replica from asking
+/// before the wait is over.
+pub const POLL_MAX_IN_CYCLE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a message of `stage` waits after a transient failure (NATS did not store what the
 /// stage produced), given the message's delivery count (1 on the first delivery).
 ///

@@ -12,6 +12,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use model::retry::POLL_MAX_IN_CYCLE_WAIT;
+
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::error::PollError;
@@ -21,12 +23,6 @@ use crate::metrics::Metrics;
 const MAX_RATE_LIMITED: u32 = 10;
 /// The wait after a 429 without a readable `Retry-After` (before the clamp).
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
-/// The longest wait a cycle sits through (a 429's `Retry-After`, a token paused by another
-/// replica's 429). A longer one ends the cycle at once, so a store Ecwid asks to wait does not
-/// keep one of the `POLLER_CONCURRENCY` slots; the paused budget keeps every replica from asking
-/// before the wait is over.
-pub const MAX_IN_CYCLE_WAIT: Duration = Duration::from_secs(5);
-
 /// How much of an error body (401–404) is read: enough for Ecwid's `errorMessage`, of which
 /// the status shows 200 characters.
 pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
@@ -124,7 +120,7 @@ impl EcwidApi {
                                 })
                                 .unwrap_or(DEFAULT_RETRY_AFTER.min(self.max_retry_after));
                             self.budget.pause(token, wait).await;
-                            if wait > MAX_IN_CYCLE_WAIT {
+                            if wait > POLL_MAX_IN_CYCLE_WAIT {
                                 return Err(PollError::Transient(format!(
                                     "Ecwid answered 429 and asked to wait {} s (Retry-After, \
                                      at most POLLER_MAX_RETRY_AFTER_MS); the token is paused",

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::MAX_IN_CYCLE_WAIT;
 use crate::error::PollError;
+use model::retry::POLL_MAX_IN_CYCLE_WAIT;
 
 #[derive(Debug, Clone)]
 pub struct Budget {
@@ -77,7 +77,7 @@ impl Budget {
                 // Paused by a 429 until `at`: a long pause ends the cycle rather than holding
                 // a slot (the next cycle finds the token still paused, or free).
                 let paused = Duration::from_millis((state.at - now) as u64);
-                if paused > MAX_IN_CYCLE_WAIT {
+                if paused > POLL_MAX_IN_CYCLE_WAIT {
                     return Err(PollError::Transient(format!(
                         "the token is paused for {} s more after Ecwid answered 429",
                         paused.as_secs()
