@@ -38,6 +38,7 @@ tools:
 	bash deploy/check.sh --install-only
 
 lint:
+	python3 scripts/check-structure.py
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 

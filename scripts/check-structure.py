@@ -4,7 +4,9 @@
 1. No service depends on another service: the crates a service binary is built from
    (`cargo metadata`) are libraries (`shared`, `model`, `admin`), never `ingest`, `normalizer`,
    `deliverer` or `poller`. (The test harness and the bench may depend on every service.)
-2. No import circle inside a crate: the modules of each workspace crate's `src/` (a file, or a
+2. The model stays pure: `model` depends on no runtime crate (tokio, async-nats, axum, hyper,
+   reqwest, prometheus, backon).
+3. No import circle inside a crate: the modules of each workspace crate's `src/` (a file, or a
    folder with its `mod.rs`), linked by the `crate::<module>` paths their code names (in `use`
    lines and inline), must form no cycle. Comments, doc comments and `#[cfg(test)] mod tests`
    blocks are left out: a test may look at anything.
@@ -21,6 +23,7 @@ import subprocess
 import sys
 
 SERVICES = {"ingest", "normalizer", "deliverer", "poller"}
+RUNTIME = {"tokio", "async-nats", "axum", "hyper", "hyper-util", "reqwest", "prometheus", "backon"}
 # Crates allowed to depend on services: they test or measure them.
 HARNESSES = {"integration-tests", "bench"}
 
@@ -46,6 +49,16 @@ def service_edges(meta: dict) -> list[str]:
             if dep["name"] in SERVICES and dep["name"] in members and dep.get("kind") != "dev":
                 broken.append(f"{package['name']} depends on the service {dep['name']}")
     return broken
+
+
+def impure_model(meta: dict) -> list[str]:
+    return [
+        f"model depends on the runtime crate {dep['name']}"
+        for package in meta["packages"]
+        if package["name"] == "model"
+        for dep in package["dependencies"]
+        if dep["name"] in RUNTIME and dep.get("kind") != "dev"
+    ]
 
 
 COMMENT = re.compile(r"//[^\n]*")
@@ -172,7 +185,7 @@ def module_circles(root: pathlib.Path, meta: dict) -> tuple[int, list[str]]:
 def main() -> int:
     root = pathlib.Path(__file__).resolve().parent.parent
     meta = metadata(root)
-    broken = service_edges(meta)
+    broken = service_edges(meta) + impure_model(meta)
     crates, circles = module_circles(root, meta)
     broken += circles
     for line in broken:
@@ -180,7 +193,8 @@ def main() -> int:
     if broken:
         return 1
     print(
-        f"check-structure: {len(meta['packages'])} crates, no service depends on another; "
+        f"check-structure: {len(meta['packages'])} crates, no service depends on another, model "
+        f"has no runtime dependency; "
         f"{crates} crates' modules, no import circle"
     )
     return 0

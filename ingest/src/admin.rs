@@ -18,15 +18,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::error::{self, ApiError, ApiId, ApiQuery};
+use crate::error::{self, parse_json, ApiError, ApiId, ApiQuery};
 use crate::state::AppState;
+use crate::stored::{existing, load};
 
 /// The largest admin request body. An instance within its field limits
 /// ([`model::instance::limits`]) fits well inside; a larger body gets 413.
 pub const MAX_BODY_BYTES: usize = 512 * 1024;
-
-/// The longest instance id looked up; a longer one cannot exist (ids are UUIDs).
-const MAX_ID_LEN: usize = 128;
 
 pub fn router(state: AppState) -> Router {
     let panics = state.inner.ctx.common.http_panics.clone();
@@ -141,29 +139,10 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::unavailable(WHAT, e)
 }
 
-pub(crate) fn not_found(id: &str) -> ApiError {
-    let shown: String = id.chars().take(MAX_ID_LEN).collect();
-    ApiError::NotFound {
-        code: "not_found",
-        message: format!("no instance {shown}"),
-    }
-}
-
 async fn within<T, E: std::fmt::Display>(
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, ApiError> {
     error::within(WHAT, f).await
-}
-
-/// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::unprocessable("body", e.to_string())
-        } else {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        }
-    })
 }
 
 fn check(state: &AppState, instance: &Instance) -> Result<(), ApiError> {
@@ -233,38 +212,6 @@ async fn list(
         shown.push(with_state(&state, &instance).await?);
     }
     Ok(Json(json!({"instances": shown})))
-}
-
-pub(crate) async fn load(store: &kv::Store, id: &str) -> Result<Option<(Instance, u64)>, ApiError> {
-    if !is_valid_key(id) {
-        return Ok(None);
-    }
-    let entry = within(store.entry(id)).await?;
-    Ok(entry.and_then(|e| {
-        if e.operation != kv::Operation::Put {
-            return None;
-        }
-        let mut instance: Instance = serde_json::from_slice(&e.value).ok()?;
-        instance.id = id.to_owned();
-        Some((instance, e.revision))
-    }))
-}
-
-/// The instance `id` and its revision, or 404.
-pub(crate) async fn existing(store: &kv::Store, id: &str) -> Result<(Instance, u64), ApiError> {
-    load(store, id).await?.ok_or_else(|| not_found(id))
-}
-
-/// Keys the bucket can hold (`[-/_=.a-zA-Z0-9]`, not starting or ending with a dot), no longer
-/// than an id can be.
-fn is_valid_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= MAX_ID_LEN
-        && !key.starts_with('.')
-        && !key.ends_with('.')
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
 }
 
 /// The instance as the API shows it: redacted, with its `state` (active, paused, disabled).

@@ -75,8 +75,8 @@ async fn backfill(
     ApiId(id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let body: BackfillBody = crate::admin::parse_json(&body)?;
-    let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
+    let body: BackfillBody = crate::error::parse_json(&body)?;
+    let (instance, _) = crate::stored::existing(&state.inner.ctx.kv, &id).await?;
     if instance.api_token().is_none() {
         return Err(ApiError::unprocessable(
             format!("configuration.{}", keys::API_TOKEN),
@@ -172,7 +172,7 @@ async fn poller_status(
     State(state): State<AppState>,
     ApiId(id): ApiId,
 ) -> Result<Json<Value>, ApiError> {
-    let (instance, _) = crate::admin::existing(&state.inner.ctx.kv, &id).await?;
+    let (instance, _) = crate::stored::existing(&state.inner.ctx.kv, &id).await?;
     let store = instance.store_id().unwrap_or_default().to_owned();
     let bucket = crate::error::within(
         WHAT,

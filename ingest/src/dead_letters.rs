@@ -370,7 +370,7 @@ async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value
     let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayRequest::default()
     } else {
-        crate::admin::parse_json(&body)?
+        crate::error::parse_json(&body)?
     };
     let (seqs, more) = match request.selection()? {
         Selection::Listed(seqs) => (seqs, false),
@@ -436,7 +436,7 @@ mod tests {
         let request: ReplayRequest = if body.is_empty() {
             ReplayRequest::default()
         } else {
-            crate::admin::parse_json(body.as_bytes())?
+            crate::error::parse_json(body.as_bytes())?
         };
         request.selection()
     }

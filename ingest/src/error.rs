@@ -189,6 +189,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ApiError::unprocessable("body", e.to_string())
+        } else {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        }
+    })
+}
+
 /// 404 for unknown paths, as JSON.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound {

@@ -680,7 +680,7 @@ async fn replay(
     ApiId(instance_id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let request: ReplayRequest = crate::admin::parse_json(&body)?;
+    let request: ReplayRequest = crate::error::parse_json(&body)?;
     if state.inner.ctx.directory.get(&instance_id).is_none() {
         return Err(ApiError::NotFound {
             code: "not_found",

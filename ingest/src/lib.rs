@@ -9,6 +9,7 @@
 //!   bodies is [`model::ecwid`]'s, shared with the normalizer.
 //! - [`routes`]: the webhook endpoints and the publish to `ECWID_RAW`.
 //! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
+//! - [`stored`]: an instance read from the bucket by id, or a 404.
 //! - [`control`]: an instance's health, pause and resume.
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
 //! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
@@ -26,6 +27,7 @@ pub mod events;
 pub mod metrics;
 pub mod routes;
 pub mod state;
+pub mod stored;
 pub mod verify;
 
 use shared::service::ServiceContext;
