@@ -1,9 +1,9 @@
 """Structural checks of deploy/, run by deploy/check.sh inside .tools/venv.
 
 Each subcommand prints one line per thing it checked and exits 1 if anything
-is wrong. The contract (ports, environment variables, metric names, JetStream
-names) is written out below, once; when the services' contract changes, change
-it here too.
+is wrong. The variables and metric names come from the binaries themselves
+(`<service> --print-contract`, gathered by deploy/check.sh into ECWID_CONTRACT);
+ports, value rules and JetStream names are written out below.
 
     check_deploy.py k8s-files DIR                 every manifest file under DIR
     check_deploy.py k8s-rendered NAME FILE        one rendered overlay
@@ -13,7 +13,7 @@ it here too.
     check_deploy.py metric-names FILE...           every ecwid_* name is in the contract
     check_deploy.py dashboard FILE OUT_RULES       also writes its queries as a rules file for promtool
     check_deploy.py dockerfile FILE
-    check_deploy.py config-source ROOT             SERVICE_ENV against the services' config.rs
+    check_deploy.py readme ROOT                    the README's tables against the binaries' contract
     check_deploy.py metric-source ROOT             the metric names against the services' code
 """
 
@@ -31,74 +31,19 @@ import yaml
 
 # --------------------------------------------------------------------------- contract
 
-COMMON_ENV = {
-    "NATS_URL",
-    "LOG_FORMAT",
-    "RUST_LOG",
-    "STREAM_REPLICAS",
-    "SHUTDOWN_GRACE_MS",
-    # Stream settings every service applies at start-up.
-    "RAW_DUPLICATE_WINDOW_SECS",
-    "EVENT_LOG",
-    "EVENT_LOG_RETENTION",
-    "STREAM_MAX_BYTES",
-    "STREAM_MAX_MSGS",
-}
-SERVICE_ENV = {
-    "ingest": COMMON_ENV
-    | {
-        "INGEST_LISTEN",
-        "ADMIN_LISTEN",
-        "ADMIN_TOKEN",
-        "INGEST_MAX_BODY_BYTES",
-        "INGEST_PUBLISH_TIMEOUT_MS",
-        "INGEST_REQUIRE_SIGNATURE",
-        "INGEST_MAX_EVENT_AGE_SECS",
-        "INGEST_MAX_CLOCK_SKEW_SECS",
-        "INGEST_HEADER_TIMEOUT_MS",
-        "INGEST_BODY_TIMEOUT_MS",
-        "INGEST_MAX_CONNECTIONS",
-        "DELIVER_ALLOW_NETWORKS",
-    },
-    "normalizer": COMMON_ENV | {"OPS_LISTEN", "NORMALIZER_CONCURRENCY", "NORMALIZER_PUBLISH_TIMEOUT_MS"},
-    "deliverer": COMMON_ENV
-    | {
-        "OPS_LISTEN",
-        "DELIVER_CONNECT_TIMEOUT_MS",
-        "DELIVER_TIMEOUT_MS",
-        "DELIVER_RETRY_SCHEDULE",
-        "DELIVER_MAX_IN_FLIGHT",
-        "DELIVER_MAX_IN_FLIGHT_PER_HOST",
-        "DELIVER_BREAKER_FAILURES",
-        "DELIVER_BREAKER_COOLDOWN_MS",
-        "DELIVER_ALLOW_NETWORKS",
-        "DELIVER_DISABLE_AFTER",
-    },
-    # Checked against what poller/src/config.rs reads (poller-source check).
-    "poller": COMMON_ENV
-    | {
-        "OPS_LISTEN",
-        "ECWID_API_URL",
-        "POLLER_REPLICA_ID",
-        "POLLER_LEASE_TTL_MS",
-        "POLLER_RATE_LIMIT",
-        "POLLER_RATE_WINDOW_MS",
-        "POLLER_REQUEST_TIMEOUT_MS",
-        "POLLER_WINDOW_DELAY_MS",
-        "POLLER_ERROR_BACKOFF_MS",
-        "POLLER_ERROR_BACKOFF_MAX_MS",
-        "POLLER_RETRY_MIN_MS",
-        "POLLER_PUBLISH_TIMEOUT_MS",
-        "POLLER_CONCURRENCY",
-        "POLLER_MAX_PAGE_BYTES",
-        "POLLER_MAX_RETRY_AFTER_MS",
-        "POLLER_CYCLE_MAX_PAGES",
-        "POLLER_CYCLE_MAX_MS",
-    },
-}
-# Each service's config source: every variable it reads must be in SERVICE_ENV (so a
-# manifest may set it) and every variable listed there must still be read.
-CONFIG_SOURCE = {"poller": "poller/src/config.rs", "deliverer": "deliverer/src/config.rs"}
+def load_contract() -> dict:
+    """The services' contract as the binaries print it (`<service> --print-contract`, gathered by
+    deploy/check.sh into the JSON list named by ECWID_CONTRACT): what each reads and exports.
+    Nothing here keeps its own list of variables or metric names."""
+    path = os.environ.get("ECWID_CONTRACT")
+    if not path:
+        sys.exit("ECWID_CONTRACT is not set: run deploy/check.sh, which gathers the binaries' --print-contract")
+    return {c["service"]: c for c in json.loads(pathlib.Path(path).read_text(encoding="utf-8"))}
+
+
+CONTRACT = load_contract()
+# Every variable each service reads.
+SERVICE_ENV = {svc: set(c["variables"]) for svc, c in CONTRACT.items()}
 # Containers that are not ours, and the variables their manifests may set.
 OTHER_ENV = {"nats": {"POD_NAME", "GOMEMLIMIT"}, "exporter": set()}
 
@@ -114,39 +59,12 @@ LISTEN_VALUE = {
 # Settings a manifest must set for a service, beyond its listen addresses: the
 # poller's API URL, so where it sends store tokens is written down, not defaulted.
 REQUIRED_ENV = {"poller": {"ECWID_API_URL"}}
+# Variables whose default is a whole number take only whole numbers.
 NUMERIC_ENV = {
-    "STREAM_REPLICAS",
-    "SHUTDOWN_GRACE_MS",
-    "INGEST_MAX_BODY_BYTES",
-    "INGEST_PUBLISH_TIMEOUT_MS",
-    "INGEST_MAX_EVENT_AGE_SECS",
-    "INGEST_MAX_CLOCK_SKEW_SECS",
-    "INGEST_HEADER_TIMEOUT_MS",
-    "INGEST_BODY_TIMEOUT_MS",
-    "INGEST_MAX_CONNECTIONS",
-    "RAW_DUPLICATE_WINDOW_SECS",
-    "NORMALIZER_CONCURRENCY",
-    "NORMALIZER_PUBLISH_TIMEOUT_MS",
-    "DELIVER_CONNECT_TIMEOUT_MS",
-    "DELIVER_TIMEOUT_MS",
-    "DELIVER_MAX_IN_FLIGHT",
-    "DELIVER_MAX_IN_FLIGHT_PER_HOST",
-    "DELIVER_BREAKER_FAILURES",
-    "DELIVER_BREAKER_COOLDOWN_MS",
-    "POLLER_LEASE_TTL_MS",
-    "POLLER_RATE_LIMIT",
-    "POLLER_RATE_WINDOW_MS",
-    "POLLER_REQUEST_TIMEOUT_MS",
-    "POLLER_WINDOW_DELAY_MS",
-    "POLLER_ERROR_BACKOFF_MS",
-    "POLLER_ERROR_BACKOFF_MAX_MS",
-    "POLLER_RETRY_MIN_MS",
-    "POLLER_PUBLISH_TIMEOUT_MS",
-    "POLLER_CONCURRENCY",
-    "POLLER_MAX_PAGE_BYTES",
-    "POLLER_MAX_RETRY_AFTER_MS",
-    "POLLER_CYCLE_MAX_PAGES",
-    "POLLER_CYCLE_MAX_MS",
+    name
+    for c in CONTRACT.values()
+    for name, read in c["variables"].items()
+    if re.fullmatch(r"\d+", read.get("default") or "")
 }
 ENUM_ENV = {"LOG_FORMAT": {"text", "json"}, "INGEST_REQUIRE_SIGNATURE": {"true", "false"}}
 # Durations as shared::config::parse_duration reads them: a number and a unit (ms, s, m, h, d;
@@ -190,51 +108,14 @@ def parse_compose_duration(value: Any) -> float | None:
 # JetStream: stream -> its durable pull consumer.
 CONSUMERS = {"ECWID_RAW": "normalizer", "ECWID_EVENTS": "deliverer"}
 
-COUNTERS = {
-    "ecwid_dead_letters_total",
-    "ecwid_ingest_requests_total",
-    "ecwid_ingest_unverified_total",
-    "ecwid_normalizer_messages_total",
-    "ecwid_normalizer_envelopes_total",
-    "ecwid_deliver_attempts_total",
-    "ecwid_deliver_retries_total",
-    "ecwid_deliver_deferred_total",
-    "ecwid_deliver_breaker_transitions_total",
-    "ecwid_deliver_held_total",
-    "ecwid_deliver_released_total",
-    "ecwid_instance_transitions_total",
-    "ecwid_event_log_writes_total",
-    "ecwid_event_log_write_failures_total",
-    "ecwid_http_panics_total",
-    "ecwid_topology_writes_total",
-    "ecwid_poller_requests_total",
-    "ecwid_poller_entities_seen_total",
-    "ecwid_poller_events_emitted_total",
-    "ecwid_poller_events_skipped_total",
-    "ecwid_poller_cycles_total",
-}
-GAUGES = {
-    "ecwid_build_info",
-    "ecwid_nats_connected",
-    "ecwid_instances",
-    "ecwid_instances_revision",
-    "ecwid_consumer_pending_messages",
-    "ecwid_consumer_ack_pending_messages",
-    "ecwid_deliver_in_flight",
-    "ecwid_deliver_breakers_open",
-    "ecwid_poller_lag_seconds",
-    "ecwid_poller_leases_held",
-    "ecwid_stream_usage_ratio",
-    "ecwid_deliver_replicas",
-    "ecwid_deliver_ordered_lanes",
-}
-HISTOGRAMS = {
-    "ecwid_ingest_request_duration_seconds",
-    "ecwid_ingest_publish_duration_seconds",
-    "ecwid_normalizer_duration_seconds",
-    "ecwid_deliver_attempt_duration_seconds",
-    "ecwid_deliver_end_to_end_seconds",
-}
+# Metric names by type, as the binaries register them.
+def metrics_of(kind: str) -> set[str]:
+    return {name for c in CONTRACT.values() for name, k in c["metrics"].items() if k == kind}
+
+
+COUNTERS = metrics_of("counter")
+GAUGES = metrics_of("gauge")
+HISTOGRAMS = metrics_of("histogram")
 METRIC_NAMES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 # Label values the contract fixes, for selectors that name them.
 LABEL_VALUES = {
@@ -923,22 +804,39 @@ def cmd_dashboard(path: str, out_rules: str) -> int:
     return rep.exit()
 
 
-ENV_READ_RE = re.compile(r"vars\s*\.\s*[a-z_]+\(\s*\"([A-Z][A-Z0-9_]*)\"")
 
 
-def cmd_config_source(root: str) -> int:
-    """What each service's config.rs reads against SERVICE_ENV: a setting added to the
-    code but not here would be refused in every manifest; one removed from the code
-    would be set without effect."""
+def readme_table_names(text: str, heading: str, pattern: str) -> set[str]:
+    """The backticked names matching `pattern` in the first column of the tables under
+    `## heading` (up to the next `## `)."""
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first = line.split("|")[1]
+            names |= {n for n in re.findall(r"`([^`]+)`", first) if re.fullmatch(pattern, n)}
+    return names
+
+
+def cmd_readme(root: str) -> int:
+    """The README's configuration and metrics tables against what the binaries read and export
+    (their --print-contract): a variable or metric added to a binary and not to the README, or a
+    row the binaries no longer have, fails. Also the value rules above name only variables some
+    service reads."""
     rep = Report()
-    for svc, rel in sorted(CONFIG_SOURCE.items()):
-        path = pathlib.Path(root) / rel
-        if not rep.check(path.is_file(), f"{rel} exists"):
-            continue
-        read = set(ENV_READ_RE.findall(path.read_text(encoding="utf-8")))
-        listed = SERVICE_ENV[svc] - COMMON_ENV
-        rep.check(bool(read) and not (read - listed), f"{rel}: every variable {svc} reads is in the contract", f"not listed {sorted(read - listed)}")
-        rep.check(not (listed - read), f"{rel}: every {svc} variable of the contract is read", f"not read {sorted(listed - read)}")
+    text = (pathlib.Path(root) / "README.md").read_text(encoding="utf-8")
+    read = set().union(*SERVICE_ENV.values())
+    listed = readme_table_names(text, "Configuration", r"[A-Z][A-Z0-9_]+")
+    rep.check(not (read - listed), f"README: every variable the binaries read ({len(read)}) has a row", f"no row for {sorted(read - listed)}")
+    rep.check(not (listed - read), f"README: every variable row ({len(listed)}) is read by a binary", f"read by none {sorted(listed - read)}")
+    exported = COUNTERS | GAUGES | HISTOGRAMS
+    rows = readme_table_names(text, "Metrics", r"ecwid_[a-z0-9_]+")
+    rep.check(not (exported - rows), f"README: every metric the binaries export ({len(exported)}) has a row", f"no row for {sorted(exported - rows)}")
+    rep.check(not (rows - exported), f"README: every metric row ({len(rows)}) is exported by a binary", f"exported by none {sorted(rows - exported)}")
+    ruled = set(ENUM_ENV) | DURATION_ENV | {v for (_, v) in LISTEN_VALUE} | set().union(*REQUIRED_ENV.values())
+    rep.check(not (ruled - read), "the value rules name only variables the binaries read", f"read by none {sorted(ruled - read)}")
+    for (svc, var) in LISTEN_VALUE:
+        rep.check(var in SERVICE_ENV.get(svc, set()), f"{svc} reads {var}")
     return rep.exit()
 
 
@@ -1026,8 +924,8 @@ def main(argv: list[str]) -> int:
         return cmd_dashboard(*args)
     if cmd == "dockerfile":
         return cmd_dockerfile(*args)
-    if cmd == "config-source":
-        return cmd_config_source(*args)
+    if cmd == "readme":
+        return cmd_readme(*args)
     if cmd == "metric-source":
         return cmd_metric_source(*args)
     print(f"unknown subcommand {cmd}\n{__doc__}")
