@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::error::{self, parse_json, ApiError, ApiId, ApiQuery};
 use crate::state::AppState;
 use crate::stored::{existing, load};
+use shared::http::{self as error, parse_json, ApiError, ApiId, ApiQuery};
 
 /// The largest admin request body. An instance within its field limits
 /// ([`model::instance::limits`]) fits well inside; a larger body gets 413.

@@ -14,8 +14,8 @@ use model::instance::keys;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::{ApiError, ApiId, JS_TIMEOUT};
 use crate::state::AppState;
+use shared::http::{ApiError, ApiId, JS_TIMEOUT};
 
 /// How long a backfill may take before the answer is 504 (the poller finishes it anyway; asking
 /// again stores nothing twice).
@@ -75,7 +75,7 @@ async fn backfill(
     ApiId(id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let body: BackfillBody = crate::error::parse_json(&body)?;
+    let body: BackfillBody = shared::http::parse_json(&body)?;
     let (instance, _) = crate::stored::existing(&state.inner.ctx.kv, &id).await?;
     if instance.api_token().is_none() {
         return Err(ApiError::unprocessable(
@@ -174,7 +174,7 @@ async fn poller_status(
 ) -> Result<Json<Value>, ApiError> {
     let (instance, _) = crate::stored::existing(&state.inner.ctx.kv, &id).await?;
     let store = instance.store_id().unwrap_or_default().to_owned();
-    let bucket = crate::error::within(
+    let bucket = shared::http::within(
         WHAT,
         state
             .inner

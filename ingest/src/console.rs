@@ -55,7 +55,7 @@ pub fn routes() -> Router<AppState> {
 
 fn file(name: &str) -> Response {
     let Some((_, content_type, body)) = FILES.iter().find(|(n, _, _)| *n == name) else {
-        return crate::error::ApiError::NotFound {
+        return shared::http::ApiError::NotFound {
             code: "not_found",
             message: "no such file".into(),
         }

@@ -22,9 +22,9 @@ use shared::nats::{
     dead_subject, events_subject, CALLBACKS_BUCKET, DEAD_STREAM, DELIVERER_CONSUMER, EVENTS_STREAM,
 };
 
-use crate::error::{self, ApiError, ApiId, JS_TIMEOUT};
 use crate::state::AppState;
 use crate::stored::existing;
+use shared::http::{self as error, ApiError, ApiId, JS_TIMEOUT};
 /// Compare-and-set tries before a pause or resume answers 409.
 const TRIES: usize = 5;
 

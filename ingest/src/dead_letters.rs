@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 
-use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
 use crate::state::AppState;
+use shared::http::{self as error, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
 
 const MAX_REPLAY: usize = 1000;
 
@@ -370,7 +370,7 @@ async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value
     let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayRequest::default()
     } else {
-        crate::error::parse_json(&body)?
+        shared::http::parse_json(&body)?
     };
     let (seqs, more) = match request.selection()? {
         Selection::Listed(seqs) => (seqs, false),
@@ -419,7 +419,7 @@ async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
         JS_TIMEOUT,
     )
     .await
-    .map_err(|e| ApiError::Unavailable(crate::routes::error_chain(&e)))?;
+    .map_err(|e| ApiError::Unavailable(shared::http::error_chain(&e)))?;
     let stream = dead_stream(state).await?;
     if let Err(error) = stream.delete_message(seq).await {
         // The republish is stored; a second replay of this letter is dropped as a duplicate.
@@ -436,7 +436,7 @@ mod tests {
         let request: ReplayRequest = if body.is_empty() {
             ReplayRequest::default()
         } else {
-            crate::error::parse_json(body.as_bytes())?
+            shared::http::parse_json(body.as_bytes())?
         };
         request.selection()
     }

@@ -32,8 +32,8 @@ use serde_json::{json, Value};
 use shared::eventlog::{self, IndexEntry, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 
-use crate::error::{self, ApiError, ApiId, ApiQuery, JS_TIMEOUT, MAX_PAGE};
 use crate::state::AppState;
+use shared::http::{self as error, ApiError, ApiId, ApiQuery, JS_TIMEOUT, MAX_PAGE};
 
 const DEFAULT_PAGE: usize = 50;
 /// Events one replay call sends again; `more` says when the window holds more.
@@ -654,7 +654,7 @@ async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiErro
                 r
             })
             .await;
-        return Err(ApiError::Unavailable(crate::routes::error_chain(&e)));
+        return Err(ApiError::Unavailable(shared::http::error_chain(&e)));
     }
     Ok(pending)
 }
@@ -680,7 +680,7 @@ async fn replay(
     ApiId(instance_id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let request: ReplayRequest = crate::error::parse_json(&body)?;
+    let request: ReplayRequest = shared::http::parse_json(&body)?;
     if state.inner.ctx.directory.get(&instance_id).is_none() {
         return Err(ApiError::NotFound {
             code: "not_found",
@@ -783,7 +783,7 @@ async fn test(
         JS_TIMEOUT,
     )
     .await
-    .map_err(|e| ApiError::Unavailable(crate::routes::error_chain(&e)))?;
+    .map_err(|e| ApiError::Unavailable(shared::http::error_chain(&e)))?;
     let answer = tokio::time::timeout(TEST_TIMEOUT, answers.next())
         .await
         .ok()

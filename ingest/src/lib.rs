@@ -3,7 +3,6 @@
 //!
 //! - [`config`]: the ingest's environment variables.
 //! - [`state`]: [`state::AppState`], what every handler shares.
-//! - [`error`]: [`error::ApiError`], every refusal as a status code and a JSON body.
 //! - [`metrics`]: request, publish and verification metrics.
 //! - [`verify`]: Ecwid's signature and who may send events for a store (pure). Parsing the
 //!   bodies is [`model::ecwid`]'s, shared with the normalizer.
@@ -22,7 +21,6 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod dead_letters;
-pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod routes;

@@ -21,9 +21,9 @@ use shared::nats::{headers, raw_subject, RAW_STREAM};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::error::{self, ApiError};
 use crate::state::AppState;
 use crate::verify::{self, Claim};
+use shared::http::{self as error, ApiError};
 
 pub const WEBHOOK_PATH: &str = "/events/ecwid";
 pub const OPEN_CONNECTORS_PATH: &str = "/elements/api-v2/events/ecwid";
@@ -321,7 +321,7 @@ async fn publish(
     )
     .await
     .map_err(|e| {
-        let chain = error_chain(&e);
+        let chain = shared::http::error_chain(&e);
         if shared::nats::is_stream_full(&chain) {
             ApiError::StreamFull(RAW_STREAM)
         } else {
@@ -334,18 +334,6 @@ async fn publish(
         .publish_duration
         .observe(started.elapsed().as_secs_f64());
     Ok(ack.duplicate)
-}
-
-/// An error and its causes, for a log line.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The caller's `X-Request-Id` when it is short and printable, otherwise a new one.

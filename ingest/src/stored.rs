@@ -4,7 +4,7 @@
 use async_nats::jetstream::kv;
 use model::instance::Instance;
 
-use crate::error::{self, ApiError};
+use shared::http::{self as error, ApiError};
 
 /// The longest instance id looked up; a longer one cannot exist (ids are UUIDs).
 const MAX_ID_LEN: usize = 128;

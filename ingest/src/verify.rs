@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use model::instance::{keys, Instance};
 use sha2::Sha256;
 
-use crate::error::ApiError;
+use shared::http::ApiError;
 
 pub const SIGNATURE_HEADER: &str = "x-ecwid-webhook-signature";
 

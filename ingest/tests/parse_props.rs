@@ -7,11 +7,11 @@
 //!
 //! More cases: `PROPTEST_CASES=20000 cargo test -p ingest --test parse_props`.
 
-use ingest::error::ApiError;
 use model::ecwid::{self, Format};
 use model::strategies::{any_json, webhook_like};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
+use shared::http::ApiError;
 
 /// A value: digits, a known event type, anything printable, or anything at all.
 fn form_value() -> impl Strategy<Value = String> {

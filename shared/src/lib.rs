@@ -14,6 +14,7 @@
 //! - [`ordered`]: ordered delivery's lanes (one consumer per ordered instance) and what blocks one.
 //! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
+//! - [`http`]: the HTTP vocabulary: one error shape, the path-id, query and body extractors, paging.
 //! - [`parse_errors`]: JSON bodies for the 400/414/431 hyper answers before any router runs.
 //! - [`service`]: start-up common to every service (topology, instances watch, metrics), the
 //!   service's `main`, and `--print-contract`.
@@ -28,6 +29,7 @@ pub mod dead;
 pub mod directory;
 pub mod error;
 pub mod eventlog;
+pub mod http;
 pub mod kvwatch;
 pub mod metrics;
 pub mod nats;

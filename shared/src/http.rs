@@ -1,5 +1,7 @@
-//! Every refusal of the ingest: a status code and a JSON body `{"error", "message"}`. 5xx bodies
-//! say nothing internal. [`ApiId`] and [`ApiQuery`] answer their parse failures the same way,
+//! The HTTP vocabulary of every listener the product serves (webhooks, admin API): one refusal
+//! shape, a status code and a JSON body `{"error", "message"}` ([`ApiError`]; 5xx bodies say
+//! nothing internal), one path-id extractor ([`ApiId`]), one query extractor ([`ApiQuery`]), one
+//! JSON body parse ([`parse_json`]), one paging rule ([`page_limit`]). [`ApiId`] and [`ApiQuery`] answer their parse failures the same way,
 //! and [`json_errors`] turns any other error a layer below us writes as text into that shape.
 
 use axum::body::Body;
@@ -190,7 +192,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             ApiError::unprocessable("body", e.to_string())
@@ -198,6 +200,18 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
             ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
         }
     })
+}
+
+/// An error and its causes, for a log line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// 404 for unknown paths, as JSON.
@@ -220,7 +234,7 @@ impl From<model::ecwid::ParseError> for ApiError {
 }
 
 /// The id in an admin route's path (`/instances/{id}`, `/events/{id}`, `/dead-letters/{seq}`),
-/// checked before any store sees it: 1 to [`shared::nats::MAX_TOKEN_BYTES`] letters, digits,
+/// checked before any store sees it: 1 to [`crate::nats::MAX_TOKEN_BYTES`] letters, digits,
 /// `-` or `_` (every id becomes part of a subject or a key), then parsed as `T`. Anything else is
 /// 400 `invalid_path` as JSON, so an id of thousands of characters never reaches NATS.
 #[derive(Debug)]
@@ -239,14 +253,14 @@ impl<S: Send + Sync, T: std::str::FromStr + Send> FromRequestParts<S> for ApiId<
                 "invalid_path",
                 format!(
                     "the id in the path {what}; ids are 1 to {} letters, digits, '-' or '_'",
-                    shared::nats::MAX_TOKEN_BYTES
+                    crate::nats::MAX_TOKEN_BYTES
                 ),
             )
         };
-        if raw.len() > shared::nats::MAX_TOKEN_BYTES {
+        if raw.len() > crate::nats::MAX_TOKEN_BYTES {
             return Err(invalid(&format!("is {} bytes long", raw.len())));
         }
-        if !shared::nats::is_subject_token(&raw) {
+        if !crate::nats::is_subject_token(&raw) {
             return Err(invalid("holds characters no id has"));
         }
         raw.parse()
