@@ -60,7 +60,7 @@ deny:
 # openapi-spec-validator, pinned in scripts/openapi-validator.txt). That the document matches
 # the routes is tests/it/openapi.rs, part of `cargo test`.
 openapi:
-	"$$(scripts/ensure-openapi-validator.sh)" ingest/openapi.json
+	"$$(scripts/ensure-openapi-validator.sh)" admin/openapi.json
 
 # Refreshes the console's screenshots in docs/ (the browser test writes them there).
 screenshots:

@@ -842,7 +842,7 @@ def cmd_readme(root: str) -> int:
 
 METRIC_CONST_RE = re.compile(r'"(ecwid_[a-z0-9_]+)"')
 # Where the services name their metrics (constants; shared::metrics and each crate's metrics.rs).
-METRIC_SOURCES = ("shared/src", "ingest/src", "normalizer/src", "deliverer/src", "poller/src")
+METRIC_SOURCES = ("model/src", "shared/src", "admin/src", "ingest/src", "normalizer/src", "deliverer/src", "poller/src")
 
 
 def cmd_metric_source(root: str) -> int:

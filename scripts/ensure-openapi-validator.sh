@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the OpenAPI validator that checks ingest/openapi.json (PyPI's openapi-spec-validator,
+# Installs the OpenAPI validator that checks admin/openapi.json (PyPI's openapi-spec-validator,
 # written by others, supports 3.1) into .tools/openapi/ with the versions pinned in
 # scripts/openapi-validator.txt. Idempotent. Prints the validator's path.
 set -euo pipefail

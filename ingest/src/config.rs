@@ -3,8 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use model::netguard::AllowList;
-use shared::config::{CommonConfig, ConfigError, Secret, Vars};
+use shared::config::{CommonConfig, ConfigError, Vars};
 use shared::ops::ServerLimits;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -17,11 +16,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `ADMIN_LISTEN`: admin API, `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
-    /// `ADMIN_TOKEN` (required): the bearer token of the admin API.
-    pub admin_token: Secret,
-    /// `ADMIN_READ_TOKEN` (optional): a second bearer token that may call every `GET` of the
-    /// admin API and nothing else (the console signed in with it shows no actions).
-    pub admin_read_token: Option<Secret>,
+    /// The admin API's own settings (tokens, allowed networks, search budget).
+    pub admin: admin::Config,
     /// `INGEST_MAX_BODY_BYTES`, default 256 KiB.
     pub max_body_bytes: usize,
     /// `INGEST_PUBLISH_TIMEOUT_MS`, default 2000: how long to wait for JetStream's ack before 503.
@@ -38,39 +34,10 @@ pub struct Config {
     pub server_limits: ServerLimits,
     /// `INGEST_BODY_TIMEOUT_MS`, default 10000: the whole body must arrive within this (408).
     pub body_timeout: Duration,
-    /// `DELIVER_ALLOW_NETWORKS`: literal callback addresses the admin API accepts.
-    pub allow_networks: AllowList,
-    /// `EVENT_SEARCH_SCAN_BUDGET`, default 20000: how many index entries (stream sequences) one
-    /// `GET /events` walks back through at most; a search the budget does not finish answers what
-    /// it found with a `next` cursor to go on from.
-    pub search_scan_budget: u64,
 }
 
 impl Config {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        let token = vars.required("ADMIN_TOKEN")?;
-        if token.len() < 16 {
-            return Err(ConfigError::new(
-                "ADMIN_TOKEN",
-                "must be at least 16 characters",
-            ));
-        }
-        let read_token = vars.get("ADMIN_READ_TOKEN").filter(|t| !t.is_empty());
-        if let Some(read) = read_token {
-            if read.len() < 16 {
-                return Err(ConfigError::new(
-                    "ADMIN_READ_TOKEN",
-                    "must be at least 16 characters",
-                ));
-            }
-            if read == token {
-                return Err(ConfigError::new(
-                    "ADMIN_READ_TOKEN",
-                    "must differ from ADMIN_TOKEN",
-                ));
-            }
-        }
-        let admin_read_token = read_token.map(Secret::new);
         let max_body_bytes: usize = vars.parse_or("INGEST_MAX_BODY_BYTES", 256 * 1024)?;
         if !(1024..=64 * 1024 * 1024).contains(&max_body_bytes) {
             return Err(ConfigError::new(
@@ -96,20 +63,11 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
-        let search_scan_budget: u64 = vars.parse_or("EVENT_SEARCH_SCAN_BUDGET", 20_000)?;
-        if !(100..=10_000_000).contains(&search_scan_budget) {
-            return Err(ConfigError::new(
-                "EVENT_SEARCH_SCAN_BUDGET",
-                "must be between 100 and 10000000",
-            ));
-        }
         Ok(Self {
-            search_scan_budget,
+            admin: admin::Config::from_vars(vars)?,
             common: CommonConfig::from_vars(vars)?,
             listen: vars.addr_or("INGEST_LISTEN", DEFAULT_LISTEN)?,
             admin_listen: vars.addr_or("ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN)?,
-            admin_token: Secret::new(token),
-            admin_read_token,
             max_body_bytes,
             publish_timeout,
             require_signature: vars.bool_or("INGEST_REQUIRE_SIGNATURE", false)?,
@@ -120,8 +78,6 @@ impl Config {
                 max_connections,
             },
             body_timeout,
-            allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
-                .map_err(|e| ConfigError::new("DELIVER_ALLOW_NETWORKS", e))?,
         })
     }
 }
@@ -146,24 +102,7 @@ mod tests {
         assert_eq!(c.server_limits.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.body_timeout, Duration::from_secs(10));
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
-        assert!(c.admin_read_token.is_none());
-        assert_eq!(c.search_scan_budget, 20_000);
-    }
-
-    #[test]
-    fn read_token_is_optional_long_and_distinct() {
-        let read = ("ADMIN_READ_TOKEN", "read-only-token-0123");
-        let c = Config::from_vars(&Vars::from_pairs([TOKEN, read])).unwrap();
-        assert_eq!(
-            c.admin_read_token.as_ref().map(|s| s.expose()),
-            Some("read-only-token-0123")
-        );
-        assert!(!format!("{c:?}").contains("read-only-token-0123"));
-        for bad in ["short", "0123456789abcdef"] {
-            let err = Config::from_vars(&Vars::from_pairs([TOKEN, ("ADMIN_READ_TOKEN", bad)]))
-                .unwrap_err();
-            assert_eq!(err.var, "ADMIN_READ_TOKEN", "{bad}");
-        }
+        assert_eq!(c.admin.search_scan_budget, 20_000);
     }
 
     #[test]

@@ -7,25 +7,14 @@
 //! - [`verify`]: Ecwid's signature and who may send events for a store (pure). Parsing the
 //!   bodies is [`model::ecwid`]'s, shared with the normalizer.
 //! - [`routes`]: the webhook endpoints and the publish to `ECWID_RAW`.
-//! - [`admin`]: the admin API (bearer token): instances, and the routes of [`dead_letters`].
-//! - [`stored`]: an instance read from the bucket by id, or a 404.
-//! - [`control`]: an instance's health, pause and resume.
-//! - [`dead_letters`]: list, show, replay and delete dead letters.
-//! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
-//! - [`backfill`]: the poller's routes: backfill a window, show a store's last poll.
-//! - [`console`]: the operators' console (`/ui/`) and the OpenAPI document, embedded.
+//!
+//! The binary also mounts the admin API (the `admin` crate) on `ADMIN_LISTEN`, beside the ops
+//! endpoints, with a NATS connection of its own.
 
-pub mod admin;
-pub mod backfill;
 pub mod config;
-pub mod console;
-pub mod control;
-pub mod dead_letters;
-pub mod events;
 pub mod metrics;
 pub mod routes;
 pub mod state;
-pub mod stored;
 pub mod verify;
 
 use shared::service::ServiceContext;
@@ -87,8 +76,9 @@ pub async fn run(
     let grace = config.common.shutdown_grace;
     let limits = config.server_limits;
     let ops = shared::ops::router(ctx.ops_state());
-    let state = AppState::new(config.clone(), ctx, metrics.clone());
-    let admin_state = AppState::new(config, admin_ctx, metrics);
+    let admin_metrics = admin::metrics::Metrics::register(&ctx.registry);
+    let admin_state = admin::AdminState::new(config.admin.clone(), admin_ctx, admin_metrics);
+    let state = AppState::new(config, ctx, metrics);
     let webhooks = routes::router(state);
     let admin = admin::router(admin_state).merge(ops);
     tracing::info!(

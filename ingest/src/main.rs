@@ -11,6 +11,7 @@ fn main() -> std::process::ExitCode {
         |c| &c.common,
         |registry| {
             ingest::metrics::Metrics::register(registry);
+            admin::metrics::Metrics::register(registry);
         },
         start,
     )

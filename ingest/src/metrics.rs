@@ -24,8 +24,6 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub publish_duration: Histogram,
     pub unverified: IntCounterVec,
-    /// to: paused, active (the admin API's pause and resume).
-    pub instance_transitions: IntCounterVec,
     /// stream: each stream with a `STREAM_MAX_BYTES` or `STREAM_MAX_MSGS` limit.
     pub stream_usage: GaugeVec,
 }
@@ -55,12 +53,6 @@ impl Metrics {
                 UNVERIFIED_TOTAL,
                 "Accepted events whose signature could not be checked (no client secret, or ION).",
                 &["format"],
-            ),
-            instance_transitions: counter_vec(
-                reg,
-                shared::metrics::INSTANCE_TRANSITIONS_TOTAL,
-                "Instance state changes, by new state.",
-                &["to"],
             ),
             stream_usage: shared::metrics::float_gauge_vec(
                 reg,

@@ -15,7 +15,7 @@ const READ_TOKEN: &str = "read-only-token-0123456789";
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
 fn spec() -> Value {
-    serde_json::from_str(ingest::console::OPENAPI_JSON).expect("openapi.json is JSON")
+    serde_json::from_str(admin::console::OPENAPI_JSON).expect("openapi.json is JSON")
 }
 
 /// (METHOD, path) for every operation the document describes.

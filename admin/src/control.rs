@@ -22,13 +22,13 @@ use shared::nats::{
     dead_subject, events_subject, CALLBACKS_BUCKET, DEAD_STREAM, DELIVERER_CONSUMER, EVENTS_STREAM,
 };
 
-use crate::state::AppState;
+use crate::state::AdminState;
 use crate::stored::existing;
 use shared::http::{self as error, ApiError, ApiId, JS_TIMEOUT};
 /// Compare-and-set tries before a pause or resume answers 409.
 const TRIES: usize = 5;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/instances/{id}/health", get(health))
         .route("/instances/{id}/pause", post(pause))
@@ -49,7 +49,7 @@ async fn within<T, E: std::fmt::Display>(
 
 /// The stored state of `id`: active since its creation when nothing is stored.
 pub async fn state_of(
-    state: &AppState,
+    state: &AdminState,
     instance: &Instance,
 ) -> Result<(InstanceState, u64), ApiError> {
     let (stored, revision) = within(control::read_state(
@@ -68,7 +68,7 @@ pub async fn state_of(
 }
 
 /// Moves `id` to `to` (from any other state), answering the new state and what is held.
-async fn set(state: &AppState, id: &str, to: Mode) -> Result<Json<Value>, ApiError> {
+async fn set(state: &AdminState, id: &str, to: Mode) -> Result<Json<Value>, ApiError> {
     let (instance, _) = existing(&state.inner.ctx.kv, id).await?;
     let store = &state.inner.ctx.states_kv;
     for _ in 0..TRIES {
@@ -112,15 +112,18 @@ async fn set(state: &AppState, id: &str, to: Mode) -> Result<Json<Value>, ApiErr
     )))
 }
 
-async fn pause(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
+async fn pause(State(state): State<AdminState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
     set(&state, &id, Mode::Paused).await
 }
 
-async fn resume(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
+async fn resume(
+    State(state): State<AdminState>,
+    ApiId(id): ApiId,
+) -> Result<Json<Value>, ApiError> {
     set(&state, &id, Mode::Active).await
 }
 
-async fn callback_health(state: &AppState, url: &str) -> Result<CallbackHealth, ApiError> {
+async fn callback_health(state: &AdminState, url: &str) -> Result<CallbackHealth, ApiError> {
     let store: kv::Store = within(state.inner.ctx.js.get_key_value(CALLBACKS_BUCKET)).await?;
     let entry = within(store.entry(model::health::callback_key(url))).await?;
     Ok(entry
@@ -131,7 +134,7 @@ async fn callback_health(state: &AppState, url: &str) -> Result<CallbackHealth, 
 
 /// Envelopes of `id` no deliverer has taken yet: those past the deliverer consumer's delivered
 /// sequence, or, for an ordered instance, those its lane has not handed out.
-async fn waiting(state: &AppState, instance: &Instance) -> Result<u64, ApiError> {
+async fn waiting(state: &AdminState, instance: &Instance) -> Result<u64, ApiError> {
     let id = instance.id.as_str();
     let js = &state.inner.ctx.js;
     if instance.ordered() {
@@ -176,7 +179,10 @@ fn time(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, |ms| Value::String(unix_ms_to_rfc3339(ms)))
 }
 
-async fn health(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
+async fn health(
+    State(state): State<AdminState>,
+    ApiId(id): ApiId,
+) -> Result<Json<Value>, ApiError> {
     let (instance, _) = existing(&state.inner.ctx.kv, &id).await?;
     let (current, _) = state_of(&state, &instance).await?;
     let callback = match instance.callback_url() {

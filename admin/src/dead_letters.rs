@@ -19,13 +19,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
 
-use crate::state::AppState;
+use crate::state::AdminState;
 use shared::http::{self as error, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
 
 const MAX_REPLAY: usize = 1000;
 
-/// The dead-letter routes, mounted by [`crate::admin::router`] behind the token.
-pub fn routes() -> Router<AppState> {
+/// The dead-letter routes, mounted by [`crate::router`] behind the token.
+pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/dead-letters", get(list))
         .route("/dead-letters/replay", post(replay))
@@ -103,7 +103,7 @@ impl Filter {
     }
 }
 
-async fn dead_stream(state: &AppState) -> Result<jetstream::stream::Stream, ApiError> {
+async fn dead_stream(state: &AdminState) -> Result<jetstream::stream::Stream, ApiError> {
     error::within(
         "Reading the dead letters",
         state.inner.ctx.js.get_stream(DEAD_STREAM),
@@ -114,7 +114,7 @@ async fn dead_stream(state: &AppState) -> Result<jetstream::stream::Stream, ApiE
 /// Reads the dead letters matching `filter`, oldest first, up to `limit`. Returns them and
 /// whether more match.
 async fn scan(
-    state: &AppState,
+    state: &AdminState,
     filter: &Filter,
     limit: usize,
 ) -> Result<(Vec<StreamMessage>, bool), ApiError> {
@@ -220,7 +220,7 @@ fn describe(m: &StreamMessage, with_payload: bool) -> Value {
 }
 
 async fn list(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiQuery(filter): ApiQuery<Filter>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = error::page_limit(filter.limit, 100)?;
@@ -236,7 +236,7 @@ async fn list(
     })))
 }
 
-async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> {
+async fn get_one(state: &AdminState, seq: u64) -> Result<StreamMessage, ApiError> {
     let missing = || ApiError::NotFound {
         code: "not_found",
         message: format!("no dead letter {seq}"),
@@ -257,14 +257,14 @@ async fn get_one(state: &AppState, seq: u64) -> Result<StreamMessage, ApiError> 
 }
 
 async fn show(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiId(seq): ApiId<u64>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(describe(&get_one(&state, seq).await?, true)))
 }
 
 async fn remove(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiId(seq): ApiId<u64>,
 ) -> Result<StatusCode, ApiError> {
     get_one(&state, seq).await?;
@@ -366,7 +366,7 @@ impl ReplayRequest {
     }
 }
 
-async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn replay(State(state): State<AdminState>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayRequest::default()
     } else {
@@ -399,7 +399,7 @@ async fn replay(State(state): State<AppState>, body: Bytes) -> Result<Json<Value
     ))
 }
 
-async fn replay_one(state: &AppState, seq: u64) -> Result<(), ApiError> {
+async fn replay_one(state: &AdminState, seq: u64) -> Result<(), ApiError> {
     let letter = get_one(state, seq).await?;
     let h = &letter.headers;
     let target = header(h, headers::ORIGINAL_SUBJECT)

@@ -1,5 +1,5 @@
 //! The operators' console at `/ui/` and the admin API's OpenAPI document at `/openapi.json`,
-//! both on the admin listener. The console is three plain files (`ingest/console/`: HTML, CSS
+//! both on the admin listener. The console is three plain files (`admin/console/`: HTML, CSS
 //! and one JavaScript module, no build step) compiled into the binary, so it works offline and
 //! matches the API it ships with. They hold no data and are served without a token; every call
 //! the page makes to the API carries the token the operator signs in with.
@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::state::AppState;
+use crate::state::AdminState;
 
 /// The OpenAPI 3.1 document of the admin listener, kept by hand beside the code; the tests
 /// check it against the routes and an independent validator checks the document.
@@ -39,8 +39,8 @@ const FILES: &[(&str, &str, &str)] = &[
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 
-/// Mounted by [`crate::admin::router`] outside the token check.
-pub fn routes() -> Router<AppState> {
+/// Mounted by [`crate::router`] outside the token check.
+pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
         .route("/ui/", get(|| async { file("index.html") }))

@@ -14,7 +14,7 @@ use model::instance::keys;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::state::AppState;
+use crate::state::AdminState;
 use shared::http::{ApiError, ApiId, JS_TIMEOUT};
 
 /// How long a backfill may take before the answer is 504 (the poller finishes it anyway; asking
@@ -30,7 +30,7 @@ pub const POLLED_OBJECTS: [&str; 6] = [
     "reviews",
 ];
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/instances/{id}/backfill", post(backfill))
         .route("/instances/{id}/poller", get(poller_status))
@@ -71,7 +71,7 @@ fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
 }
 
 async fn backfill(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiId(id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -169,7 +169,7 @@ async fn backfill(
 }
 
 async fn poller_status(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiId(id): ApiId,
 ) -> Result<Json<Value>, ApiError> {
     let (instance, _) = crate::stored::existing(&state.inner.ctx.kv, &id).await?;

@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use shared::eventlog::{self, IndexEntry, INDEX_STREAM};
 use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
 
-use crate::state::AppState;
+use crate::state::AdminState;
 use shared::http::{self as error, ApiError, ApiId, ApiQuery, JS_TIMEOUT, MAX_PAGE};
 
 const DEFAULT_PAGE: usize = 50;
@@ -41,8 +41,8 @@ const MAX_REPLAY: usize = 1000;
 /// How long `POST /instances/{id}/test` waits for a deliverer to make the attempt.
 const TEST_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// The event log routes, mounted by [`crate::admin::router`] behind the token.
-pub fn routes() -> Router<AppState> {
+/// The event log routes, mounted by [`crate::router`] behind the token.
+pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/events", get(list))
         .route("/events/{id}", get(show))
@@ -221,7 +221,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::unavailable(WHAT, e)
 }
 
-async fn stream(state: &AppState, name: &str) -> Result<Stream, ApiError> {
+async fn stream(state: &AdminState, name: &str) -> Result<Stream, ApiError> {
     error::within(WHAT, state.inner.ctx.js.get_stream(name)).await
 }
 
@@ -296,7 +296,10 @@ async fn listed_subjects(
 
 /// The latest index entry on `subject`, with its sequence, read over the log's next reading
 /// connection (like the records: a search's reads go out at once).
-async fn entry_on(state: &AppState, subject: &str) -> Result<Option<(u64, IndexEntry)>, ApiError> {
+async fn entry_on(
+    state: &AdminState,
+    subject: &str,
+) -> Result<Option<(u64, IndexEntry)>, ApiError> {
     use async_nats::jetstream::stream::DirectGetErrorKind;
     let stream = state
         .inner
@@ -321,7 +324,7 @@ async fn entry_on(state: &AppState, subject: &str) -> Result<Option<(u64, IndexE
 /// An objectId search through the subject index: `None` when the objectId has too many records
 /// for that (then the caller scans). Newest first by index sequence, like every search.
 async fn search_listed(
-    state: &AppState,
+    state: &AdminState,
     reader: &Stream<()>,
     q: &Query,
 ) -> Result<Option<Page>, ApiError> {
@@ -368,7 +371,7 @@ async fn search_listed(
 
 /// Reads the records of `entries` (newest first), concurrently; drops those gone.
 async fn records_of(
-    state: &AppState,
+    state: &AdminState,
     entries: &[(u64, IndexEntry)],
 ) -> Result<Vec<(u64, Record)>, ApiError> {
     let log = &state.inner.ctx.log;
@@ -390,7 +393,7 @@ async fn records_of(
 /// back through at most `q.budget` index entries: a filter the index subjects cannot narrow
 /// (`eventType` alone) over a large log stops there and answers what it found, with `next` at
 /// the point it reached, instead of reading the whole log in one request.
-async fn search(state: &AppState, q: &Query) -> Result<Page, ApiError> {
+async fn search(state: &AdminState, q: &Query) -> Result<Page, ApiError> {
     if let Some(found) = by_ecwid_event_id(state, q).await? {
         return Ok(Page::full(found));
     }
@@ -457,7 +460,7 @@ async fn search(state: &AppState, q: &Query) -> Result<Page, ApiError> {
 /// event and the store's instances, so they are read directly. `None` when that does not apply
 /// or finds nothing (an instance since deleted): the caller scans.
 async fn by_ecwid_event_id(
-    state: &AppState,
+    state: &AdminState,
     q: &Query,
 ) -> Result<Option<Vec<(u64, Record)>>, ApiError> {
     let (Some(eid), Some(store), None) = (&q.ecwid_event_id, &q.store, q.after) else {
@@ -497,7 +500,7 @@ async fn by_ecwid_event_id(
 }
 
 async fn list(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiQuery(search_query): ApiQuery<Search>,
 ) -> Result<Json<Value>, ApiError> {
     let q = Query {
@@ -521,7 +524,7 @@ fn not_found(id: &str) -> ApiError {
     }
 }
 
-async fn record(state: &AppState, id: &str) -> Result<Record, ApiError> {
+async fn record(state: &AdminState, id: &str) -> Result<Record, ApiError> {
     state
         .inner
         .ctx
@@ -536,7 +539,7 @@ async fn record(state: &AppState, id: &str) -> Result<Record, ApiError> {
 /// The envelope of `record` as it was stored (and POSTed), with its headers; `None` once the
 /// events stream no longer holds it.
 async fn envelope_of(
-    state: &AppState,
+    state: &AdminState,
     record: &Record,
 ) -> Result<Option<(HeaderMap, Bytes)>, ApiError> {
     let Some(seq) = record.envelope_seq else {
@@ -566,7 +569,7 @@ async fn envelope_of(
     }
 }
 
-async fn show(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
+async fn show(State(state): State<AdminState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {
     let record = record(&state, &id).await?;
     let envelope = envelope_of(&state, &record)
         .await?
@@ -580,7 +583,7 @@ async fn show(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Json<Va
 
 /// Publishes `record`'s envelope again, with the same body (so the same `Elements-Webhook-Id`
 /// and `webhook-id`) and a fresh attempt budget; its attempts number on from the record's.
-async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiError> {
+async fn send_again(state: &AdminState, record: &Record) -> Result<Record, ApiError> {
     let Some(instance_id) = record.instance_id.as_deref() else {
         return Err(ApiError::unprocessable(
             "id",
@@ -659,7 +662,10 @@ async fn send_again(state: &AppState, record: &Record) -> Result<Record, ApiErro
     Ok(pending)
 }
 
-async fn redeliver(State(state): State<AppState>, ApiId(id): ApiId) -> Result<Response, ApiError> {
+async fn redeliver(
+    State(state): State<AdminState>,
+    ApiId(id): ApiId,
+) -> Result<Response, ApiError> {
     let record = record(&state, &id).await?;
     let record = send_again(&state, &record).await?;
     tracing::info!(event_id = %id, "Event redelivery requested.");
@@ -676,7 +682,7 @@ struct ReplayRequest {
 }
 
 async fn replay(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiId(instance_id): ApiId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -730,7 +736,7 @@ async fn replay(
 }
 
 async fn test(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     ApiId(instance_id): ApiId,
 ) -> Result<Json<Value>, ApiError> {
     let ctx = &state.inner.ctx;
