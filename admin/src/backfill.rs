@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use model::ecwid::PollEntity;
 use model::instance::keys;
+use model::time_fmt::Rfc3339Time;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -39,8 +40,8 @@ pub fn routes() -> Router<AdminState> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackfillBody {
-    since: String,
-    until: String,
+    since: Rfc3339Time,
+    until: Rfc3339Time,
     #[serde(default)]
     objects: Option<Objects>,
 }
@@ -59,17 +60,6 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::unavailable(WHAT, e)
 }
 
-fn time_field(field: &str, value: &str) -> Result<i64, ApiError> {
-    model::time_fmt::rfc3339_to_unix_ms(value)
-        .map(|ms| ms.div_euclid(1000))
-        .ok_or_else(|| {
-            ApiError::unprocessable(
-                field,
-                "must be an RFC 3339 time such as 2026-01-31T00:00:00Z",
-            )
-        })
-}
-
 async fn backfill(
     State(state): State<AdminState>,
     ApiId(id): ApiId,
@@ -83,8 +73,8 @@ async fn backfill(
             "is required to backfill: the poller reads Ecwid's REST API with it",
         ));
     }
-    let since = time_field("since", &body.since)?;
-    let until = time_field("until", &body.until)?;
+    let since = body.since.unix_ms().div_euclid(1000);
+    let until = body.until.unix_ms().div_euclid(1000);
     let now = model::time_fmt::now_unix_ms() / 1000;
     if since >= until {
         return Err(ApiError::unprocessable("until", "must be later than since"));

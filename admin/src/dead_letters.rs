@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures::StreamExt;
+use model::time_fmt::Rfc3339Time;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
@@ -42,10 +43,10 @@ pub struct Filter {
     pub instance: Option<String>,
     /// Store id (normalize stage).
     pub store: Option<String>,
-    /// RFC 3339: dead-lettered at or after.
-    pub since: Option<String>,
-    /// RFC 3339: dead-lettered before.
-    pub until: Option<String>,
+    /// Dead-lettered at or after.
+    pub since: Option<Rfc3339Time>,
+    /// Dead-lettered before.
+    pub until: Option<Rfc3339Time>,
     /// Page cursor: only sequences greater than this.
     pub after: Option<u64>,
     pub limit: Option<usize>,
@@ -83,24 +84,6 @@ impl Filter {
         };
         Ok(format!("{DEAD_PREFIX}.{stage}.{id}"))
     }
-
-    fn time(
-        &self,
-        raw: Option<&str>,
-        name: &str,
-    ) -> Result<Option<time::OffsetDateTime>, ApiError> {
-        raw.map(|s| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(
-                |_| {
-                    ApiError::bad_request(
-                        "invalid_query",
-                        format!("{name} must be an RFC 3339 time such as 2026-11-22T10:00:00Z"),
-                    )
-                },
-            )
-        })
-        .transpose()
-    }
 }
 
 async fn dead_stream(state: &AdminState) -> Result<jetstream::stream::Stream, ApiError> {
@@ -119,8 +102,8 @@ async fn scan(
     limit: usize,
 ) -> Result<(Vec<StreamMessage>, bool), ApiError> {
     let subject = filter.subject()?;
-    let since = filter.time(filter.since.as_deref(), "since")?;
-    let until = filter.time(filter.until.as_deref(), "until")?;
+    let since = filter.since.map(Rfc3339Time::to_offset);
+    let until = filter.until.map(Rfc3339Time::to_offset);
     let deliver_policy = match (filter.after, since) {
         (Some(after), _) => DeliverPolicy::ByStartSequence {
             start_sequence: after.checked_add(1).ok_or_else(|| {
@@ -291,8 +274,8 @@ struct ReplayRequest {
     stage: Option<String>,
     instance: Option<String>,
     store: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
+    since: Option<Rfc3339Time>,
+    until: Option<Rfc3339Time>,
 }
 
 /// Which dead letters a replay names: listed, or matching a filter (the empty filter only when

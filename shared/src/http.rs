@@ -192,14 +192,29 @@ impl IntoResponse for ApiError {
 }
 
 /// Parses a JSON body: malformed → 400, well-formed with wrong types → 422.
+/// The field a 422 names is the path of the value that was wrong (`since`,
+/// `configuration.event.objects`), or `body` when the body as a whole was.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::unprocessable("body", e.to_string())
-        } else {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    let malformed = |e: serde_json::Error| {
+        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if !inner.is_data() {
+            return malformed(inner);
         }
-    })
+        let field = if path == "." || path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        };
+        ApiError::unprocessable(field, inner.to_string())
+    })?;
+    // Characters after the value make the body malformed.
+    de.end().map_err(malformed)?;
+    Ok(value)
 }
 
 /// An error and its causes, for a log line.

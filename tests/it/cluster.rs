@@ -29,22 +29,16 @@ async fn wait_leader(
     not: &[&str],
     nats: &NatsCluster,
 ) -> (String, Vec<String>) {
-    let deadline = Instant::now() + RECOVER;
-    loop {
-        if let Some((leader, replicas)) =
-            NatsCluster::stream_leader(client, shared::nats::RAW_STREAM).await
-        {
-            if !not.contains(&leader.as_str()) {
-                return (leader, replicas);
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ECWID_RAW has no leader outside {not:?} after {RECOVER:?}:\n{}",
-            nats.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        RECOVER,
+        || format!("a leader of ECWID_RAW outside {not:?}:\n{}", nats.logs()),
+        || async {
+            NatsCluster::stream_leader(client, shared::nats::RAW_STREAM)
+                .await
+                .filter(|(leader, _)| !not.contains(&leader.as_str()))
+        },
+    )
+    .await
 }
 
 #[tokio::test]

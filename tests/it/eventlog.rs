@@ -374,7 +374,8 @@ async fn attempts_are_recorded_then_delivered_and_can_be_sent_again() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["replayed"], 1, "{body}");
+    // The replay answer names what it replayed, as the dead letters' does (a count before).
+    assert_eq!(body["replayed"], json!([id]), "{body}");
     assert_eq!(body["more"], false);
     let again = receiver.wait_for(5, WAIT).await;
     assert_eq!(again[4].body, got[2].body);

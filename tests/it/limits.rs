@@ -109,22 +109,25 @@ impl Recorder {
 
     /// Waits until every one of `ids` arrived at least once.
     async fn wait_all(&self, ids: &[String], timeout: Duration, cluster: &Cluster) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let arrived: std::collections::HashSet<String> =
-                self.arrivals().into_iter().map(|(_, id)| id).collect();
-            let missing = ids.iter().filter(|id| !arrived.contains(*id)).count();
-            if missing == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{missing} of {} events not delivered within {timeout:?}\n{}",
-                ids.len(),
-                cluster.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for(
+            timeout,
+            || {
+                let arrived: std::collections::HashSet<String> =
+                    self.arrivals().into_iter().map(|(_, id)| id).collect();
+                let missing = ids.iter().filter(|id| !arrived.contains(*id)).count();
+                format!(
+                    "every event: {missing} of {} not delivered\n{}",
+                    ids.len(),
+                    cluster.logs()
+                )
+            },
+            || async {
+                let arrived: std::collections::HashSet<String> =
+                    self.arrivals().into_iter().map(|(_, id)| id).collect();
+                ids.iter().all(|id| arrived.contains(id)).then_some(())
+            },
+        )
+        .await
     }
 }
 
@@ -186,26 +189,24 @@ fn p99(recorder: &Recorder, sent: &std::collections::HashMap<String, Instant>) -
 
 /// Every event log record of `instance`, waiting until there are `n` and all are delivered.
 async fn delivered_records(cluster: &Cluster, instance: &str, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = cluster
-            .admin_request(
-                Method::GET,
-                &format!("/events?instance={instance}&limit=500"),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let events = body["events"].as_array().cloned().unwrap_or_default();
-        if events.len() == n && events.iter().all(|e| e["status"] == "delivered") {
-            return events;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the event log does not show {n} delivered events: {events:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        Duration::from_secs(20),
+        || format!("the event log to show {n} delivered events of {instance}"),
+        || async {
+            let (status, body) = cluster
+                .admin_request(
+                    Method::GET,
+                    &format!("/events?instance={instance}&limit=500"),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let events = body["events"].as_array().cloned().unwrap_or_default();
+            (events.len() == n && events.iter().all(|e| e["status"] == "delivered"))
+                .then_some(events)
+        },
+    )
+    .await
 }
 
 /// Dead letters of `instance` (the API's first page).

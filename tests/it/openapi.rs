@@ -32,16 +32,16 @@ fn documented(spec: &Value) -> BTreeSet<(String, String)> {
 }
 
 /// (METHOD, path) for every `.route("…", get(…).post(…))` in the code the admin listener serves:
-/// the ingest's admin modules and the shared ops router (tests excluded).
+/// the admin crate's modules and the shared ops router (tests excluded).
 fn routed_in_code() -> BTreeSet<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    // Every ingest module (the admin listener mounts their routes; the webhook routes are
-    // filtered out below), so a new module's routes cannot be missed.
-    let mut files: Vec<String> = std::fs::read_dir(root.join("ingest/src"))
-        .expect("ingest/src")
+    // Every admin module (the admin listener mounts their routes), so a new module's routes
+    // cannot be missed.
+    let mut files: Vec<String> = std::fs::read_dir(root.join("admin/src"))
+        .expect("admin/src")
         .filter_map(|e| e.ok())
-        .map(|e| format!("ingest/src/{}", e.file_name().to_string_lossy()))
-        .filter(|f| f.ends_with(".rs") && !f.ends_with("/routes.rs"))
+        .map(|e| format!("admin/src/{}", e.file_name().to_string_lossy()))
+        .filter(|f| f.ends_with(".rs"))
         .collect();
     files.sort();
     files.push("shared/src/ops.rs".to_owned());

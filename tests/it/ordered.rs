@@ -250,28 +250,24 @@ async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill
     ordered_rx.wait_for(before + 1, WAIT).await;
     // The replica whose request hangs: the only one with a request in flight, once the
     // unordered deliveries' gauges (decremented after their answers) have settled.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let holder = loop {
-        let mut in_flight = Vec::new();
-        for deliverer in &cluster.deliverers {
-            in_flight.push(sample_sum(
-                &deliverer.metrics().await,
-                "ecwid_deliver_in_flight",
-                &[],
-            ));
-        }
-        if in_flight.iter().sum::<f64>() == 1.0 {
-            break in_flight
-                .iter()
-                .position(|n| *n == 1.0)
-                .expect("one replica");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not one request in flight in one replica: {in_flight:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let holder = wait_for(
+        Duration::from_secs(3),
+        || "one request in flight in one replica".to_owned(),
+        || async {
+            let mut in_flight = Vec::new();
+            for deliverer in &cluster.deliverers {
+                in_flight.push(sample_sum(
+                    &deliverer.metrics().await,
+                    "ecwid_deliver_in_flight",
+                    &[],
+                ));
+            }
+            (in_flight.iter().sum::<f64>() == 1.0)
+                .then(|| in_flight.iter().position(|n| *n == 1.0))
+                .flatten()
+        },
+    )
+    .await;
     let killed_at = Instant::now();
     cluster.deliverers[holder].kill().await;
     ordered_rx.set_behavior(Behavior::Status(200));
@@ -378,18 +374,13 @@ async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill
         5,
         "the ingest took every webhook: {sent:?}"
     );
-    let deadline = Instant::now() + WAIT;
-    while blocked_head(&js, &ordered)
-        .await
-        .expect("blocked_head reads")
-        .is_none_or(|b| b.waiting != 4)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the d events never queued behind their head"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(WAIT, "the d events to queue behind their head", || async {
+        blocked_head(&js, &ordered)
+            .await
+            .expect("blocked_head reads")
+            .is_some_and(|b| b.waiting == 4)
+    })
+    .await;
     let (status, body) = cluster
         .admin_request(
             reqwest::Method::PATCH,

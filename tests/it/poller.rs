@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use integration_tests::fake_ecwid::{now_secs, FakeEcwid, Misbehavior};
-use integration_tests::procs::{process_env, Service, ServiceProc};
+use integration_tests::procs::{process_env, sample_sum, Service, ServiceProc};
 use integration_tests::{
     connect, metric, test_vars, wait_until, Behavior, NatsServer, Pipeline, Receiver,
 };
@@ -327,10 +327,25 @@ async fn a_429_is_waited_out_and_a_refused_token_is_shown_without_a_tight_loop()
         .await;
     assert_eq!(shown["lastPollError"]["status"], 403, "{shown}");
     assert!(shown["retryAt"].is_string(), "{shown}");
-    // Several refresh intervals (3 s each) later, still the one refused request.
+    // Two cycles of the refused store later (each one backing off instead of asking), still the
+    // one refused request.
     let refused = || fake.requests_for("7005").len();
     let before = refused();
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    let http = reqwest::Client::new();
+    let backing_off = || async {
+        sample_sum(
+            &poller.metrics(&http).await,
+            "ecwid_poller_cycles_total",
+            &[("outcome", "backing_off")],
+        )
+    };
+    let skipped = backing_off().await;
+    wait_until(
+        Duration::from_secs(30),
+        "two cycles backing off",
+        || async { backing_off().await >= skipped + 2.0 },
+    )
+    .await;
     assert_eq!(refused(), before, "no request during the backoff");
     assert!(before <= 2, "{before} requests for a refused token");
     poller.stop().await;

@@ -520,13 +520,32 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    wait_for(
+        timeout,
+        || what.to_owned(),
+        || {
+            let done = check();
+            async move { done.await.then_some(()) }
+        },
+    )
+    .await
+}
+
+/// Polls `check` until it gives a value, and returns it; after `timeout`, panics with what
+/// `what` says then (it may read the state that did not come, or the services' logs).
+pub async fn wait_for<T, W, F, Fut>(timeout: Duration, what: W, mut check: F) -> T
+where
+    W: FnOnce() -> String,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        if check().await {
-            return;
+        if let Some(value) = check().await {
+            return value;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!("timed out after {timeout:?} waiting for {}", what());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

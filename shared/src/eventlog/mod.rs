@@ -29,6 +29,8 @@ use prometheus::{IntCounter, IntCounterVec, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod search;
+
 use model::record::{Record, NO_INSTANCE};
 
 use crate::nats::PublishError;
