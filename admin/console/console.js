@@ -254,7 +254,7 @@ function replayForm(i, out) {
       confirm: `Redeliver every event of "${dash(i.name)}" received between ${since.value} and ${until.value}${status.value ? ` with status ${status.value}` : ''}? Its callback receives them again, oldest first (up to 1000).`,
       okLabel: 'Replay',
       run: () => api('POST', `/instances/${encodeURIComponent(i.id)}/replay`, body),
-      describe: (b) => [`${b.replayed} event(s) sent again.`, b.failed.length ? `${b.failed.length} failed: ${b.failed.map((f) => `${f.id}: ${f.message}`).join('; ')}` : 'None failed.', b.more ? 'The window holds more: replay again to send the rest.' : 'That was the whole window.'],
+      describe: (b) => [`${b.replayed.length} event(s) sent again.`, b.failed.length ? `${b.failed.length} failed: ${b.failed.map((f) => `${f.id}: ${f.message}`).join('; ')}` : 'None failed.', b.more ? 'The window holds more: replay again to send the rest.' : 'That was the whole window.'],
     });
   } },
   h('label', { for: 'replay-since' }, 'Received from (local time)', since),

@@ -107,7 +107,7 @@ impl Config {
     /// How long the server waits for an ack: the longest a message can be in work (waiting for a
     /// host slot, then the whole request) plus a margin, so it is never worked on twice at once.
     pub fn ack_wait(&self) -> Duration {
-        crate::policy::HOST_SLOT_WAIT + self.timeout + Duration::from_secs(15)
+        model::retry::HOST_SLOT_WAIT + self.timeout + Duration::from_secs(15)
     }
 }
 

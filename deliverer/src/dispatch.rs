@@ -293,7 +293,7 @@ impl Dispatcher {
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    // Clamped to the schedule by policy::next_wait.
+                    // Clamped to the schedule by model::retry::next_wait.
                     .and_then(|v| model::retry::parse_retry_after(v, model::retry::MAX_WAIT));
                 let code = status.as_u16();
                 let answer = Answer {

@@ -27,8 +27,6 @@ use crate::metrics::Metrics;
 pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How long moving one envelope may wait for JetStream's ack.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The wait before a message whose move failed is offered again.
-const MOVE_RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct Hold {
@@ -70,7 +68,9 @@ impl Hold {
         .await;
         if let Err(error) = moved {
             tracing::warn!(instance_id, seq, %error, "Could not hold an envelope; it is offered again shortly.");
-            let _ = message.ack_with(AckKind::Nak(Some(MOVE_RETRY))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(model::retry::HOLD_MOVE_RETRY)))
+                .await;
             return false;
         }
         self.metrics.held.inc();

@@ -26,7 +26,6 @@ use crate::outcome::{MessageHead, Outcome};
 
 /// A write that fails is tried this many times before the attempt moves on without it.
 const TRIES: usize = 3;
-const TRY_WAIT: Duration = Duration::from_millis(200);
 
 /// An attempt that was made: when, how long, and how it went.
 #[derive(Debug)]
@@ -164,7 +163,7 @@ pub(crate) async fn record(
             Err(error) => {
                 log.failed(&error);
                 if try_number < TRIES {
-                    tokio::time::sleep(TRY_WAIT).await;
+                    tokio::time::sleep(model::retry::LOG_WRITE_RETRY_WAIT).await;
                 }
             }
         }

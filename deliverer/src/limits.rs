@@ -53,15 +53,6 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(12);
 /// others follow the bucket and count it as soon as its entry arrives (milliseconds); this is
 /// the margin for one whose watch is being re-established.
 pub const JOIN_WAIT: Duration = Duration::from_millis(3_000);
-/// The first put-back of a delivery whose instance has no free in-flight slot here; each further
-/// put-back of the same message doubles it, up to [`BUSY_WAIT_MAX`].
-pub const BUSY_WAIT_MIN: Duration = Duration::from_millis(200);
-pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(5);
-/// The longest put-back under a rate limit; a longer queue comes back and queues again.
-pub const RATE_WAIT_MAX: Duration = Duration::from_secs(60);
-/// The shortest put-back under a rate limit: long enough for the note that tells the other
-/// replicas about it ([`crate::deferrals`]) to arrive before the message can.
-pub const RATE_WAIT_MIN: Duration = Duration::from_millis(100);
 
 /// How often the start-up looks for the replicas' bucket before it gives up.
 const BUCKET_TRIES: u32 = 8;
@@ -454,8 +445,9 @@ impl InstanceLimits {
                 let interval = Duration::from_secs_f64(1.0 / rate);
                 let token_free = now + Duration::from_secs_f64((1.0 - entry.tokens) / per_second);
                 let ticket = token_free.max(entry.next_ticket);
-                entry.next_ticket = (ticket + interval).min(now + RATE_WAIT_MAX);
-                let wait = (ticket - now).clamp(RATE_WAIT_MIN, RATE_WAIT_MAX);
+                entry.next_ticket = (ticket + interval).min(now + model::retry::RATE_WAIT_MAX);
+                let wait =
+                    (ticket - now).clamp(model::retry::RATE_WAIT_MIN, model::retry::RATE_WAIT_MAX);
                 // Later, never earlier, than the token: a little spread so the queue does not
                 // arrive in step.
                 let stretch = rand::rng().random_range(0.0..0.2) * interval.as_secs_f64();
@@ -469,10 +461,12 @@ impl InstanceLimits {
 }
 
 /// The put-back of a delivery whose instance has no free slot here, after `deferrals` earlier
-/// put-backs: [`BUSY_WAIT_MIN`] doubling to [`BUSY_WAIT_MAX`], ±20 %.
+/// put-backs: [`model::retry::BUSY_WAIT_MIN`] doubling to [`model::retry::BUSY_WAIT_MAX`], ±20 %.
 pub fn busy_wait(deferrals: u64) -> Duration {
     let doublings = u32::try_from(deferrals.min(8)).unwrap_or(8);
-    crate::policy::jitter((BUSY_WAIT_MIN * (1 << doublings)).min(BUSY_WAIT_MAX))
+    model::retry::jitter(
+        (model::retry::BUSY_WAIT_MIN * (1 << doublings)).min(model::retry::BUSY_WAIT_MAX),
+    )
 }
 
 #[cfg(test)]
@@ -518,7 +512,7 @@ mod tests {
         let Err((Busy::InFlight, wait)) = l.admit_with("i", 4, None, 0) else {
             panic!("the fifth is put back");
         };
-        assert!(wait <= BUSY_WAIT_MIN.mul_f64(1.2));
+        assert!(wait <= model::retry::BUSY_WAIT_MIN.mul_f64(1.2));
         assert!(
             l.admit_with("other", 4, None, 0).is_ok(),
             "instances are apart"
@@ -579,9 +573,12 @@ mod tests {
     #[test]
     fn busy_waits_grow_and_stop_growing() {
         let first = busy_wait(0);
-        assert!(first >= BUSY_WAIT_MIN.mul_f64(0.8) && first <= BUSY_WAIT_MIN.mul_f64(1.2));
-        assert!(busy_wait(1) >= BUSY_WAIT_MIN.mul_f64(1.6));
-        assert!(busy_wait(1_000) <= BUSY_WAIT_MAX.mul_f64(1.2));
-        assert!(busy_wait(1_000) >= BUSY_WAIT_MAX.mul_f64(0.8));
+        assert!(
+            first >= model::retry::BUSY_WAIT_MIN.mul_f64(0.8)
+                && first <= model::retry::BUSY_WAIT_MIN.mul_f64(1.2)
+        );
+        assert!(busy_wait(1) >= model::retry::BUSY_WAIT_MIN.mul_f64(1.6));
+        assert!(busy_wait(1_000) <= model::retry::BUSY_WAIT_MAX.mul_f64(1.2));
+        assert!(busy_wait(1_000) >= model::retry::BUSY_WAIT_MAX.mul_f64(0.8));
     }
 }

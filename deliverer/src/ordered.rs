@@ -27,7 +27,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::worker::{Worker, HELD_RECHECK};
+use crate::worker::Worker;
+use model::retry::HELD_RECHECK;
 
 /// "Is this instance held?" (paused): its lane then pulls nothing.
 pub type Held = Arc<dyn Fn(&str) -> bool + Send + Sync>;

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::dispatch::Attempt;
-use crate::policy::next_wait;
+use model::retry::next_wait;
 
 /// What becomes of one envelope after an attempt (or instead of one).
 #[derive(Debug, PartialEq)]

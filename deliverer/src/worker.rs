@@ -36,17 +36,14 @@ use crate::hold::Hold;
 use crate::journal::{self, Sent};
 use crate::limits::{InstanceLimits, InstanceSlot};
 use crate::metrics::Metrics;
-use crate::policy::{jitter, HostLimits};
+use crate::policy::HostLimits;
+use model::retry::jitter;
 
 use crate::outcome::{decide, read_head, MessageHead, Outcome};
 
 /// How long a dead letter's publish may wait for JetStream's ack before the envelope is put
 /// back to try again.
 const DEAD_LETTER_ACK_WAIT: Duration = Duration::from_secs(5);
-
-/// How long an ordered lane's envelope pulled just before its instance was held goes back for,
-/// and how often a held lane looks again.
-pub(crate) const HELD_RECHECK: Duration = Duration::from_secs(1);
 
 /// What every attempt needs; shared by the pull loop and the ordered lanes ([`crate::ordered`]).
 pub(crate) struct Worker {
@@ -120,7 +117,9 @@ impl Worker {
             // the next event overtake it. This one was pulled just before the pause; it goes
             // back, first in line, without an attempt.
             self.deferrals.note(seq).await;
-            let _ = message.ack_with(AckKind::Nak(Some(HELD_RECHECK))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(model::retry::HELD_RECHECK)))
+                .await;
             return;
         }
         if self.ctx.state_of(&instance_id).holds() {

@@ -1,5 +1,5 @@
-//! How long anything waits before it tries again, in one place: the waits after a transient
-//! failure of each stage, and the bounds a delivery retry
+//! How long anything waits before it tries again, in one place: every put-back, retry and
+//! backoff wait of every service, the waits after a transient failure of each stage, and the bounds a delivery retry
 //! schedule must keep so that no retry outlives its message; a server's `Retry-After`, read once
 //! for every client (the poller's Ecwid requests, the deliverer's callbacks).
 //!
@@ -7,6 +7,8 @@
 //! in the worker, so they survive restarts and cost nothing while they run.
 
 use std::time::Duration;
+
+use rand::Rng;
 
 /// The first wait of the start-up backoff (connecting to NATS, setting up the topology: the
 /// runtime's `shared::nats::startup_backoff`).
@@ -55,6 +57,64 @@ pub const HOST_BUSY_WAIT: Duration = Duration::from_secs(1);
 /// before the wait is over.
 pub const POLL_MAX_IN_CYCLE_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a delivery waits for a slot of its host before it is put back (without spending an
+/// attempt).
+pub const HOST_SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// The first put-back of a delivery whose instance has no free in-flight slot here; each further
+/// put-back of the same message doubles it, up to [`BUSY_WAIT_MAX`].
+pub const BUSY_WAIT_MIN: Duration = Duration::from_millis(200);
+
+/// The longest such put-back.
+pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// The longest put-back under a rate limit; a longer queue comes back and queues again.
+pub const RATE_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// The shortest put-back under a rate limit: long enough for the note that tells the other
+/// replicas about it (the deliverer's deferrals) to arrive before the message can.
+pub const RATE_WAIT_MIN: Duration = Duration::from_millis(100);
+
+/// How long an ordered lane's envelope pulled just before its instance was held goes back for,
+/// and how often a held lane looks again.
+pub const HELD_RECHECK: Duration = Duration::from_secs(1);
+
+/// The wait before the deliverer tries an event log write again (a few tries, then it is
+/// counted and left to the next attempt's snapshot).
+pub const LOG_WRITE_RETRY_WAIT: Duration = Duration::from_millis(200);
+
+/// The wait before a message whose move failed is offered again.
+pub const HOLD_MOVE_RETRY: Duration = Duration::from_secs(2);
+
+/// How long one message waits for its turn while the floor does not move before it is put back
+/// (NAK with [`ORDER_RETRY_WAIT`]); bounded so that waiters never hold every work slot while the
+/// message they wait for sits in this replica's buffer or waits for a retry.
+pub const ORDER_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest one message waits for its turn at all, well within the consumer's `ack_wait`
+/// (at least 20 s), so the server never hands it to another replica while it waits here.
+pub const MAX_TURN_WAIT: Duration = Duration::from_secs(10);
+
+/// The wait of a message put back because its turn had not come.
+pub const ORDER_RETRY_WAIT: Duration = Duration::from_millis(200);
+
+/// The first wait before a store whose cycle failed is polled again (never shorter than its
+/// refresh interval).
+pub const POLL_FAILED_BACKOFF_MIN: Duration = Duration::from_secs(1);
+
+/// The longest such wait.
+pub const POLL_FAILED_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The wait after a 429 without a readable `Retry-After` (before the clamp).
+pub const POLL_DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The first wait of an event log compare-and-set that lost to another writer (doubling,
+/// jittered, up to [`LOG_CONTENTION_WAIT_MAX`]).
+pub const LOG_CONTENTION_WAIT_MIN: Duration = Duration::from_millis(2);
+
+/// The longest such wait.
+pub const LOG_CONTENTION_WAIT_MAX: Duration = Duration::from_millis(100);
+
 /// How long a message of `stage` waits after a transient failure (NATS did not store what the
 /// stage produced), given the message's delivery count (1 on the first delivery).
 ///
@@ -99,6 +159,31 @@ pub fn parse_retry_after(value: &str, max: Duration) -> Option<Duration> {
     }
     // Below `max`, so it fits a Duration.
     Some(Duration::from_secs_f64(secs))
+}
+
+/// `delay` ± [`JITTER_FRACTION`] (20 %), so retries of many events that failed together do not
+/// arrive together.
+pub fn jitter(delay: Duration) -> Duration {
+    let factor = rand::rng().random_range(1.0 - JITTER_FRACTION..=1.0 + JITTER_FRACTION);
+    delay.mul_f64(factor)
+}
+
+/// The wait after failed attempt number `attempt` (1-based), or `None` when the schedule is spent
+/// and the event goes to the dead-letter stream. A receiver's `Retry-After` is honoured, clamped
+/// to the schedule's shortest and longest waits.
+pub fn next_wait(
+    schedule: &[Duration],
+    attempt: u64,
+    retry_after: Option<Duration>,
+) -> Option<Duration> {
+    let index = usize::try_from(attempt).ok()?.checked_sub(1)?;
+    let planned = *schedule.get(index)?;
+    let min = schedule.iter().min().copied().unwrap_or(planned);
+    let max = schedule.iter().max().copied().unwrap_or(planned);
+    Some(match retry_after {
+        Some(asked) => asked.clamp(min, max),
+        None => jitter(planned),
+    })
 }
 
 /// Parses a delivery retry schedule (`5s,30s,2m`: the waits between attempts, so one attempt
@@ -157,6 +242,38 @@ pub fn log_outlasts(schedule: &[Duration], retention: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedule_has_jitter_and_an_end() {
+        let schedule = [Duration::from_secs(10), Duration::from_secs(100)];
+        for _ in 0..100 {
+            let w = next_wait(&schedule, 1, None).unwrap();
+            assert!(
+                w >= Duration::from_secs(8) && w <= Duration::from_secs(12),
+                "{w:?}"
+            );
+        }
+        assert!(next_wait(&schedule, 2, None).unwrap() >= Duration::from_secs(80));
+        assert_eq!(next_wait(&schedule, 3, None), None);
+        assert_eq!(next_wait(&schedule, 0, None), None);
+    }
+
+    #[test]
+    fn retry_after_is_clamped_to_the_schedule() {
+        let schedule = [Duration::from_secs(10), Duration::from_secs(100)];
+        assert_eq!(
+            next_wait(&schedule, 1, Some(Duration::from_secs(50))),
+            Some(Duration::from_secs(50))
+        );
+        assert_eq!(
+            next_wait(&schedule, 1, Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            next_wait(&schedule, 1, Some(Duration::from_secs(9999))),
+            Some(Duration::from_secs(100))
+        );
+    }
 
     #[test]
     fn normalize_waits_double_to_thirty_seconds() {

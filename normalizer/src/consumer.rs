@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::order::{Gate, ORDER_RETRY_WAIT};
+use crate::order::Gate;
 use model::normalize::{self, Normalized};
+use model::retry::ORDER_RETRY_WAIT;
 
 /// What becomes of one raw message. `records` are the event log records to create before the
 /// message is acked: one per envelope, or the raw-stage outcome.

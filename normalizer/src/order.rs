@@ -24,15 +24,6 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How long one message waits for its turn while the floor does not move before it is put back
-/// (NAK with [`ORDER_RETRY_WAIT`]); bounded so that waiters never hold every work slot while the
-/// message they wait for sits in this replica's buffer or waits for a retry.
-pub const ORDER_WAIT: Duration = Duration::from_secs(1);
-/// The longest one message waits for its turn at all, well within the consumer's `ack_wait`
-/// (at least 20 s), so the server never hands it to another replica while it waits here.
-pub const MAX_TURN_WAIT: Duration = Duration::from_secs(10);
-/// The wait of a message put back because its turn had not come.
-pub const ORDER_RETRY_WAIT: Duration = Duration::from_millis(200);
 /// How often the floor is read while somebody waits.
 const FLOOR_REFRESH: Duration = Duration::from_millis(5);
 /// How long a waiter trusts the floor alone before it checks its own store directly.
@@ -94,7 +85,7 @@ impl Gate {
 
     /// Waits until raw message `seq` of `raw_subject` (its store's subject) may publish its
     /// ordered envelopes: every earlier raw message of that store is done. `false` when the floor
-    /// stood still for [`ORDER_WAIT`], or [`MAX_TURN_WAIT`] passed: the message is to be put back.
+    /// stood still for [`model::retry::ORDER_WAIT`], or [`model::retry::MAX_TURN_WAIT`] passed: the message is to be put back.
     pub async fn wait_turn(&self, raw_subject: &str, seq: u64) -> bool {
         let before = seq.saturating_sub(1);
         if *self.floor.borrow() >= before {
@@ -109,8 +100,8 @@ impl Gate {
         let mut seen = *floor.borrow();
         // Given up only when the floor stands still that long: a long backlog of one store
         // moves it one message at a time, and each of those steps is progress.
-        let give_up = Instant::now() + MAX_TURN_WAIT;
-        let mut deadline = Instant::now() + ORDER_WAIT;
+        let give_up = Instant::now() + model::retry::MAX_TURN_WAIT;
+        let mut deadline = Instant::now() + model::retry::ORDER_WAIT;
         loop {
             // The floor alone, for a moment: in a steady flow it passes `seq - 1` quickly.
             let check_at = (Instant::now() + STORE_CHECK_AFTER).min(deadline);
@@ -125,7 +116,7 @@ impl Gate {
                 // Moving: our turn is coming, and nothing is read meanwhile (in a burst of one
                 // store every waiter would otherwise read at every step).
                 seen = now_floor;
-                deadline = (Instant::now() + ORDER_WAIT).min(give_up);
+                deadline = (Instant::now() + model::retry::ORDER_WAIT).min(give_up);
                 continue;
             }
             // The floor stands still: is it this store that has something pending before `seq`,

@@ -21,8 +21,6 @@ use crate::metrics::Metrics;
 
 /// 429s in a row after which a request is given up for this cycle.
 const MAX_RATE_LIMITED: u32 = 10;
-/// The wait after a 429 without a readable `Retry-After` (before the clamp).
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How much of an error body (401–404) is read: enough for Ecwid's `errorMessage`, of which
 /// the status shows 200 characters.
 pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
@@ -118,7 +116,10 @@ impl EcwidApi {
                                 .and_then(|v| {
                                     model::retry::parse_retry_after(v, self.max_retry_after)
                                 })
-                                .unwrap_or(DEFAULT_RETRY_AFTER.min(self.max_retry_after));
+                                .unwrap_or(
+                                    model::retry::POLL_DEFAULT_RETRY_AFTER
+                                        .min(self.max_retry_after),
+                                );
                             self.budget.pause(token, wait).await;
                             if wait > POLL_MAX_IN_CYCLE_WAIT {
                                 return Err(PollError::Transient(format!(

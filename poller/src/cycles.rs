@@ -12,12 +12,6 @@ use tokio::task::{Id, JoinSet};
 
 use crate::poll::CycleEnd;
 
-/// The first wait before a store whose cycle failed is polled again (never shorter than its
-/// refresh interval).
-pub const FAILED_BACKOFF_MIN: Duration = Duration::from_secs(1);
-/// The longest such wait.
-pub const FAILED_BACKOFF_MAX: Duration = Duration::from_secs(300);
-
 /// How a store's cycle ended.
 #[derive(Debug)]
 pub enum Ended {
@@ -83,11 +77,11 @@ impl Cycles {
     }
 }
 
-/// [`FAILED_BACKOFF_MIN`] doubling per failure in a row, up to [`FAILED_BACKOFF_MAX`].
+/// [`model::retry::POLL_FAILED_BACKOFF_MIN`] doubling per failure in a row, up to [`model::retry::POLL_FAILED_BACKOFF_MAX`].
 pub fn backoff(failures: u32) -> Duration {
-    FAILED_BACKOFF_MIN
+    model::retry::POLL_FAILED_BACKOFF_MIN
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(FAILED_BACKOFF_MAX)
+        .min(model::retry::POLL_FAILED_BACKOFF_MAX)
 }
 
 fn crash_message(e: tokio::task::JoinError) -> String {
@@ -119,7 +113,7 @@ mod tests {
                 matches!(&ended, Ended::Crashed(m) if m.contains("cannot convert float seconds")),
                 "{ended:?}"
             );
-            assert_eq!(wait, Some(FAILED_BACKOFF_MIN * (1 << n)));
+            assert_eq!(wait, Some(model::retry::POLL_FAILED_BACKOFF_MIN * (1 << n)));
             assert!(!cycles.is_running("7") && cycles.is_empty());
         }
         // A good cycle resets the count.
@@ -131,14 +125,17 @@ mod tests {
                 ..CycleEnd::default()
             }
         });
-        assert_eq!(cycles.next().await.unwrap().2, Some(FAILED_BACKOFF_MIN));
+        assert_eq!(
+            cycles.next().await.unwrap().2,
+            Some(model::retry::POLL_FAILED_BACKOFF_MIN)
+        );
     }
 
     #[test]
     fn the_backoff_doubles_to_its_cap() {
         assert_eq!(backoff(1), Duration::from_secs(1));
         assert_eq!(backoff(4), Duration::from_secs(8));
-        assert_eq!(backoff(40), FAILED_BACKOFF_MAX);
-        assert_eq!(backoff(u32::MAX), FAILED_BACKOFF_MAX);
+        assert_eq!(backoff(40), model::retry::POLL_FAILED_BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), model::retry::POLL_FAILED_BACKOFF_MAX);
     }
 }

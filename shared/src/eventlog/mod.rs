@@ -334,8 +334,8 @@ impl EventLog {
     ) -> Result<Record, LogError> {
         use backon::BackoffBuilder as _;
         let mut waits = backon::ExponentialBuilder::default()
-            .with_min_delay(CONTENTION_WAIT_MIN)
-            .with_max_delay(CONTENTION_WAIT_MAX)
+            .with_min_delay(model::retry::LOG_CONTENTION_WAIT_MIN)
+            .with_max_delay(model::retry::LOG_CONTENTION_WAIT_MAX)
             .with_jitter()
             .with_max_times(UPDATE_TRIES)
             .build();
@@ -369,10 +369,9 @@ impl EventLog {
 }
 
 /// Compare-and-set tries of one [`EventLog::update`] before it gives up, and the waits between
-/// them (doubling, jittered): enough for dozens of writers of one record at once.
+/// them (`model::retry::LOG_CONTENTION_WAIT_*`, doubling, jittered): enough for dozens of
+/// writers of one record at once.
 const UPDATE_TRIES: usize = 40;
-const CONTENTION_WAIT_MIN: Duration = Duration::from_millis(2);
-const CONTENTION_WAIT_MAX: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
