@@ -15,6 +15,7 @@ pub const HELD_TOTAL: &str = "ecwid_deliver_held_total";
 pub const RELEASED_TOTAL: &str = "ecwid_deliver_released_total";
 pub const ORDERED_LANES: &str = "ecwid_deliver_ordered_lanes";
 pub const REPLICAS: &str = "ecwid_deliver_replicas";
+pub const DROPPED_TOTAL: &str = "ecwid_deliver_dropped_total";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -40,6 +41,8 @@ pub struct Metrics {
     pub ordered_lanes: IntGauge,
     /// Live deliverer replicas as this one counts them (the instance limits are split by it).
     pub replicas: IntGauge,
+    /// reason: no_instance (the envelope's instance was deleted; nothing can deliver it).
+    pub dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -105,6 +108,12 @@ impl Metrics {
                 reg,
                 REPLICAS,
                 "Live deliverer replicas this one counts; instance limits are shared among them.",
+            ),
+            dropped: counter_vec(
+                reg,
+                DROPPED_TOTAL,
+                "Envelopes dropped instead of dead-lettered, by reason (no_instance: the instance was deleted).",
+                &["reason"],
             ),
         }
     }

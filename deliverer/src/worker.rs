@@ -46,6 +46,9 @@ use crate::outcome::{decide, read_head, MessageHead, Outcome};
 const DEAD_LETTER_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// What every attempt needs; shared by the pull loop and the ordered lanes ([`crate::ordered`]).
+/// The reason of an envelope whose instance no longer exists: dropped, not dead-lettered.
+const NO_INSTANCE: &str = "no_instance";
+
 pub(crate) struct Worker {
     pub(crate) config: Config,
     pub(crate) ctx: ServiceContext,
@@ -302,7 +305,7 @@ impl Worker {
         };
         let Some(instance) = self.ctx.directory.get(instance_id) else {
             return Err(dead(
-                "no_instance",
+                NO_INSTANCE,
                 format!("instance {instance_id} does not exist (any more)"),
             ));
         };
@@ -530,6 +533,22 @@ impl Worker {
                 }
                 if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(instance_id, seq, %error, "NAK failed; the server redelivers after ack_wait.");
+                }
+            }
+            Outcome::Dead {
+                reason: NO_INSTANCE,
+                error,
+                ..
+            } => {
+                // The instance was deleted: its envelope can never be delivered (instance ids are
+                // never reused), and a dead letter of it could only be replayed into the same
+                // answer. Dropped and counted instead of kept for ever; its record says why.
+                self.deferrals.forget(seq).await;
+                self.unmark_retrying(instance_id, seq, attempt).await;
+                tracing::warn!(instance_id, seq, %error, "Envelope of a deleted instance dropped.");
+                self.metrics.dropped.with_label_values(&[NO_INSTANCE]).inc();
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(instance_id, seq, %error, "Ack failed; the envelope may be dropped again.");
                 }
             }
             Outcome::Dead {

@@ -28,6 +28,10 @@ use model::retry::WORK_STREAM_MAX_AGE;
 
 use crate::Error;
 
+/// The most dead letters `ECWID_DEAD` keeps of one stage and instance (deliver) or store
+/// (normalize); the oldest of them go first.
+pub const DEAD_LETTERS_PER_SUBJECT: i64 = 100_000;
+
 /// Stream and bucket settings.
 #[derive(Debug, Clone)]
 pub struct TopologyConfig {
@@ -136,8 +140,11 @@ pub async fn setup_topology(
             )
         },
         stream::Config {
-            // Dead letters stay until an operator replays or deletes them.
+            // Dead letters stay until an operator replays or deletes them, at most
+            // DEAD_LETTERS_PER_SUBJECT of one stage and instance (or store): past that the
+            // oldest of that subject go, so one runaway receiver cannot fill the stream.
             max_age: Duration::ZERO,
+            max_messages_per_subject: DEAD_LETTERS_PER_SUBJECT,
             ..work_stream(
                 DEAD_STREAM,
                 &format!("{DEAD_PREFIX}.>"),

@@ -692,3 +692,54 @@ async fn credentials_in_a_callback_url_stay_out_of_dead_letters() {
     }
     pipeline.stop().await;
 }
+
+#[tokio::test]
+async fn envelopes_of_a_deleted_instance_are_dropped_not_dead_lettered() {
+    let nats = NatsServer::start().await;
+    let pipeline = Pipeline::start(&nats.url(), &[]).await;
+    // Failing, so the envelopes wait for their retries when the instance goes.
+    let receiver = Receiver::start(Behavior::Status(503)).await;
+    let id = pipeline.create_instance("4011", &receiver.url(), &[]).await;
+    for n in 0..3 {
+        let (status, _) = pipeline
+            .post_json(&order_created(4011, &format!("orphan-{n}")), None)
+            .await;
+        assert_eq!(status, 200);
+    }
+    wait_until(WAIT, "a first attempt of each", || async {
+        receiver.count() >= 3
+    })
+    .await;
+    let (status, _) = pipeline
+        .admin_request(Method::DELETE, &format!("/instances/{id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    let dropped = || async {
+        metric(
+            &pipeline.metrics_text(pipeline.deliverer_ops).await,
+            r#"ecwid_deliver_dropped_total{reason="no_instance"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    wait_until(WAIT, "the three envelopes dropped", || async {
+        dropped().await >= 3.0
+    })
+    .await;
+    wait_settled(&nats.url(), WAIT).await;
+    // Nothing kept that nothing could deliver: no dead letter of the instance.
+    assert!(
+        dead_letters(&pipeline, &format!("?stage=deliver&instance={id}"))
+            .await
+            .is_empty(),
+        "dead letters of a deleted instance"
+    );
+    let metrics = pipeline.metrics_text(pipeline.deliverer_ops).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"ecwid_dead_letters_total{reason="no_instance",stage="deliver"}"#
+        ),
+        None
+    );
+    pipeline.stop().await;
+}
