@@ -80,7 +80,10 @@ pub async fn run(
     let admin_state = admin::AdminState::new(config.admin.clone(), admin_ctx, admin_metrics);
     let state = AppState::new(config, ctx, metrics);
     let webhooks = routes::router(state);
-    let admin = admin::router(admin_state).merge(ops);
+    // After the merge, so that the ops routes answer a wrong method with JSON too.
+    let admin = admin::router(admin_state)
+        .merge(ops)
+        .method_not_allowed_fallback(shared::http::method_not_allowed);
     tracing::info!(
         webhooks = %listeners.webhooks.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %listeners.admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -344,7 +344,9 @@ where
     let ops_cancel = cancel.child_token();
     let ops = tokio::spawn(crate::ops::serve(
         ops_listener,
-        crate::ops::router(ops_state),
+        crate::ops::router(ops_state)
+            .fallback(crate::http::not_found)
+            .method_not_allowed_fallback(crate::http::method_not_allowed),
         ops_cancel.clone(),
     ));
     // A scrape on a kept-alive connection must not hold the process past its budget.

@@ -903,6 +903,37 @@ async fn requests_too_broken_for_any_router_get_json_errors_on_every_listener() 
             answer.starts_with(&format!("HTTP/1.1 {sane_status} ")),
             "GET {path} on the {listener} listener: {answer:.300}"
         );
+        // A path no router has is a JSON 404 on every listener, the workers' ops ones included
+        // (the admin listener asks for its token first: a 401, JSON too).
+        let (status, error) = if listener == "admin" {
+            (401, "unauthorized")
+        } else {
+            (404, "not_found")
+        };
+        let request = "GET /no-such-path HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let answer = raw_exchange(addr, request.as_bytes().to_vec()).await;
+        let context = format!("an unknown path on the {listener} listener: {answer:.300}");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{context}"
+        );
+        let (_, body) = answer.split_once("\r\n\r\n").expect(&context);
+        let body: Value = serde_json::from_str(body).expect(&context);
+        assert_eq!(body["error"], error, "{context}");
+    }
+    // A method the path does not take is a JSON 405 on the listeners that serve /healthz.
+    for (listener, addr) in [
+        ("admin", pipeline.admin),
+        ("normalizer ops", pipeline.normalizer_ops),
+        ("deliverer ops", pipeline.deliverer_ops),
+    ] {
+        let request = "DELETE /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let answer = raw_exchange(addr, request.as_bytes().to_vec()).await;
+        let context = format!("DELETE /healthz on the {listener} listener: {answer:.300}");
+        assert!(answer.starts_with("HTTP/1.1 405 "), "{context}");
+        let (_, body) = answer.split_once("\r\n\r\n").expect(&context);
+        let body: Value = serde_json::from_str(body).expect(&context);
+        assert_eq!(body["error"], "method_not_allowed", "{context}");
     }
     pipeline.stop().await;
 }
