@@ -691,9 +691,12 @@ pub fn parse_poll(body: &[u8]) -> Result<PollEvent<'_>, ParseError> {
     } else {
         entity.id_fields()
     };
+    // Ids from the item's own text: parsed into numbers first, 10^40 would become `1e+40`.
+    let raw_fields: std::collections::HashMap<String, &RawValue> =
+        serde_json::from_str(item.get()).map_err(|e| ParseError::Json(e.to_string()))?;
     let object_id = id_fields
         .iter()
-        .find_map(|f| fields.get(*f).and_then(id_string))
+        .find_map(|f| raw_fields.get(*f).copied().and_then(raw_id_string))
         .filter(|id| is_header_text(id))
         .ok_or(ParseError::field("item.id", NOT_TEXT))?;
     let (action, changed_at) = if deleted {
@@ -774,6 +777,20 @@ pub fn sighting_key(store_id: &str, object_type: &str, object_id: &str) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polled_integer_ids_stay_exact_as_text() {
+        let item: Box<RawValue> = serde_json::from_str(
+            r#"{"id":10000000000000000000000000000000000000000,"updateTimestamp":1764000000,"createTimestamp":1764000000}"#,
+        )
+        .unwrap();
+        let body = poll_body(PollEntity::Products, "1003", false, &item).unwrap();
+        let event = parse_poll(&body).unwrap();
+        assert_eq!(event.object_id, "10000000000000000000000000000000000000000");
+        assert!(event
+            .msg_id()
+            .contains(":10000000000000000000000000000000000000000:"));
+    }
 
     #[test]
     fn parses_the_documented_webhook() {

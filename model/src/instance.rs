@@ -540,8 +540,18 @@ fn is_url_key(key: &str) -> bool {
 /// logs (`https://********:********@host/hook?token=********`). Text that is not a URL is
 /// returned unchanged; it holds no credentials a URL parser would find either.
 pub fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return url.to_owned();
+    let parsed = url::Url::parse(url).ok().filter(|_| url.contains("://"));
+    let Some(mut parsed) = parsed else {
+        // Not a URL that parses (`user:pass@host:4222`, `nats://u:p@host:99999`, a bare
+        // `host:port`): what comes before the last `@` can only be credentials.
+        let (scheme, rest) = match url.split_once("://") {
+            Some((scheme, rest)) => (format!("{scheme}://"), rest),
+            None => (String::new(), url),
+        };
+        return match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}{REDACTED}@{host}"),
+            None => url.to_owned(),
+        };
     };
     if parsed.username().is_empty() && parsed.password().is_none() && parsed.query().is_none() {
         return url.to_owned();

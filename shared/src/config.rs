@@ -245,13 +245,13 @@ impl NatsServers {
             if entry.is_empty() {
                 return Err(format!(
                     "an empty entry in `{}`; expected nats://host:port, comma-separated for a cluster",
-                    redact(raw)
+                    model::instance::redact_url(raw)
                 ));
             }
             let addr: async_nats::ServerAddr = entry.parse().map_err(|e| {
                 format!(
                     "`{}` is not a NATS server address (nats://host:port or tls://host:port): {e}",
-                    redact(entry)
+                    model::instance::redact_url(entry)
                 )
             })?;
             // Async-nats also takes ws:// and wss://: not part of the documented contract, and
@@ -259,12 +259,15 @@ impl NatsServers {
             if !matches!(addr.scheme(), "nats" | "tls") {
                 return Err(format!(
                     "`{}`: the scheme must be nats:// or tls://, not {}://",
-                    redact(entry),
+                    model::instance::redact_url(entry),
                     addr.scheme()
                 ));
             }
             if addr.host().is_empty() {
-                return Err(format!("`{}` names no host", redact(entry)));
+                return Err(format!(
+                    "`{}` names no host",
+                    model::instance::redact_url(entry)
+                ));
             }
             servers.push(addr);
         }
@@ -278,16 +281,6 @@ impl NatsServers {
 }
 
 /// `scheme://host:port` of an entry whatever it carries besides, for messages and logs.
-fn redact(entry: &str) -> String {
-    match entry.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://<credentials>@{host}"),
-            None => entry.to_owned(),
-        },
-        None => entry.to_owned(),
-    }
-}
-
 impl fmt::Display for NatsServers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, addr) in self.0.iter().enumerate() {
@@ -616,7 +609,8 @@ mod tests {
             ("http://nats:4222", "http://nats:4222"),
             ("ws://nats:443", "ws://nats:443"),
             ("nats://", "nats://"),
-            ("nats://user:hunter2@a:99999", "<credentials>@a:99999"),
+            ("nats://user:hunter2@a:99999", "nats://********@a:99999"),
+            ("user:hunter2@a:99999", "********@a:99999"),
         ] {
             let err = CommonConfig::from_vars(&Vars::from_pairs([("NATS_URL", raw)])).unwrap_err();
             assert_eq!(err.var, "NATS_URL", "{raw}");
