@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 CARGO_INCREMENTAL ?= 0
 export CARGO_INCREMENTAL
 
-.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held bench-isolation bench-pglog clean
+.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held bench-isolation bench-admin-reads bench-pglog clean
 
 run:
 	scripts/run-local.sh
@@ -88,6 +88,12 @@ bench-held:
 bench-isolation:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench isolation
+
+# Admin reads at full speed (six event-log searches the index cannot narrow) beside webhooks at
+# a fixed rate: the webhooks' p50 with the readers against without; ~1 min.
+bench-admin-reads:
+	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
+	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench admin-reads
 
 # Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
 # `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.

@@ -14,20 +14,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::state::AdminState;
-use crate::stored::{existing, load};
+use crate::stored::{existing, load, unavailable, within};
 use shared::http::{self as error, parse_json, ApiError, ApiId, ApiQuery};
-
-const WHAT: &str = "An instances bucket operation";
-
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::unavailable(WHAT, e)
-}
-
-async fn within<T, E: std::fmt::Display>(
-    f: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, ApiError> {
-    error::within(WHAT, f).await
-}
 
 fn check(state: &AdminState, instance: &Instance) -> Result<(), ApiError> {
     let config = &state.inner.config;

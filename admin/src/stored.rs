@@ -12,10 +12,16 @@ const MAX_ID_LEN: usize = 128;
 /// How an instances bucket call that failed is logged.
 const WHAT: &str = "An instances bucket operation";
 
-async fn within<T, E: std::fmt::Display>(
+/// An instances bucket call within the admin API's JetStream timeout (503 otherwise).
+pub(crate) async fn within<T, E: std::fmt::Display>(
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, ApiError> {
     error::within(WHAT, f).await
+}
+
+/// An instances bucket call that failed, as a 503 (logged with its cause).
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::unavailable(WHAT, e)
 }
 
 pub(crate) fn not_found(id: &str) -> ApiError {

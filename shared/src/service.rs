@@ -45,6 +45,40 @@ pub struct ServiceContext {
     pub topology: std::sync::Arc<TopologyReport>,
 }
 
+/// What every HTTP handler of a listener shares, cheap to clone: the listener's configuration
+/// `C`, the started service's NATS handles and instance directory, and its metrics `M`.
+#[derive(Debug)]
+pub struct HandlerState<C, M> {
+    pub inner: std::sync::Arc<HandlerInner<C, M>>,
+}
+
+#[derive(Debug)]
+pub struct HandlerInner<C, M> {
+    pub config: C,
+    pub ctx: ServiceContext,
+    pub metrics: M,
+}
+
+impl<C, M> HandlerState<C, M> {
+    pub fn new(config: C, ctx: ServiceContext, metrics: M) -> Self {
+        Self {
+            inner: std::sync::Arc::new(HandlerInner {
+                config,
+                ctx,
+                metrics,
+            }),
+        }
+    }
+}
+
+impl<C, M> Clone for HandlerState<C, M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: std::sync::Arc::clone(&self.inner),
+        }
+    }
+}
+
 impl ServiceContext {
     pub async fn start(
         client: async_nats::Client,

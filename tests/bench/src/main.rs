@@ -17,6 +17,7 @@
 //! each flag also reads `BENCH_<FLAG>` (for example `BENCH_FIXED_SECS=5`).
 //! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N]`: see [`cpu`].
 
+mod admin_reads;
 mod cpu;
 mod eventlog;
 mod floors;
@@ -221,6 +222,7 @@ fn main() -> ExitCode {
         "cpu" => cpu::CpuOpts::parse(&args[2..]).and_then(|opts| runtime.block_on(cpu::run(opts))),
         "held" => runtime.block_on(held::run()),
         "isolation" => runtime.block_on(isolation::run()),
+        "admin-reads" => runtime.block_on(admin_reads::run()),
         "log" => Opts::parse_from(&args[2..]).and_then(|opts| runtime.block_on(log_only(opts))),
         _ => Opts::parse().and_then(|opts| {
             if opts.soak {
