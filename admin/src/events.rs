@@ -87,6 +87,14 @@ async fn envelope_of(
         .map_err(searched)
 }
 
+/// Searches run at once by this process; more wait their turn (for at most [`SEARCH_QUEUE_WAIT`],
+/// then 503). A search may walk `EVENT_SEARCH_SCAN_BUDGET` index entries: run six at once on a
+/// two-core machine and the webhooks this process also serves slowed from 0.8 to 5 ms at p50
+/// (`make bench-admin-reads`). Process-wide: one process serves one admin API.
+static SEARCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+/// How long a search waits for its turn before it answers 503 (retry later).
+const SEARCH_QUEUE_WAIT: Duration = Duration::from_secs(10);
+
 async fn list(
     State(state): State<AdminState>,
     ApiQuery(search_query): ApiQuery<Search>,
@@ -94,6 +102,10 @@ async fn list(
     let limit = error::page_limit(search_query.limit, DEFAULT_PAGE)?;
     let budget = state.inner.config.search_scan_budget;
     let q = Query::new(search_query, limit, budget).map_err(searched)?;
+    let _turn = tokio::time::timeout(SEARCH_QUEUE_WAIT, SEARCHES.acquire())
+        .await
+        .map_err(|_| ApiError::unavailable("An event log search", "other searches took its turn"))?
+        .map_err(|e| ApiError::unavailable("An event log search", e))?;
     let page = search(reads(&state), &q).await.map_err(searched)?;
     Ok(Json(json!({
         "events": page.hits.iter().map(|(_, r)| summary(r)).collect::<Vec<_>>(),
