@@ -261,17 +261,17 @@ async fn a_callback_receiver_down_for_a_while_gets_everything_within_the_retry_s
     .await;
 
     // Back on the same port.
-    let deadline = Instant::now() + WAIT;
-    let listener = loop {
-        match TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(%e, "port not free yet");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("cannot bind {addr} again: {e}"),
-        }
-    };
+    let listener = wait_for(
+        WAIT,
+        || format!("{addr} to be free to bind again"),
+        || async {
+            TcpListener::bind(addr)
+                .await
+                .inspect_err(|e| tracing::debug!(%e, "port not free yet"))
+                .ok()
+        },
+    )
+    .await;
     let back_at = Instant::now();
     let second = Receiver::serve(listener, Behavior::Status(200)).await;
     let done = wait_delivered(

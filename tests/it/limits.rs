@@ -460,25 +460,33 @@ async fn a_joining_replica_is_ready_only_once_the_others_count_it() {
     joiner.spawn();
     let http = reqwest::Client::new();
     let readyz = format!("http://{}/readyz", joiner.ops);
-    let mut starting_seen = false;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Ok(r) = http.get(&readyz).send().await {
-            if r.status() == 200 {
-                break;
+    let starting_seen = std::cell::Cell::new(false);
+    wait_for(
+        READY_TIMEOUT,
+        || {
+            format!(
+                "the joining deliverer to be ready:\n{}",
+                joiner.log_tail(20)
+            )
+        },
+        || {
+            let (http, readyz, seen) = (http.clone(), readyz.clone(), &starting_seen);
+            async move {
+                let r = http.get(&readyz).send().await.ok()?;
+                if r.status() == 200 {
+                    return Some(());
+                }
+                let body: Value = r.json().await.unwrap_or_default();
+                if body["reason"] == "starting" {
+                    seen.set(true);
+                }
+                None
             }
-            let body: Value = r.json().await.unwrap_or_default();
-            starting_seen |= body["reason"] == "starting";
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the joining deliverer never got ready:\n{}",
-            joiner.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        },
+    )
+    .await;
     assert!(
-        starting_seen,
+        starting_seen.get(),
         "the joiner was never seen waiting for the others (503 starting)"
     );
     // Ready now: the others have shrunk their shares for it already.

@@ -173,27 +173,30 @@ async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill
     let started = Instant::now();
     wait_delivered(&[&unordered_rx], &first_ids, WAIT, || cluster.logs()).await;
     // The head is blocked, visibly: failed at least once, the other 29 waiting behind it.
-    let deadline = Instant::now() + WAIT;
     // Read through the instance's health, as an operator would.
-    let blocked = loop {
-        let (status, health) = cluster
-            .admin_request(
-                reqwest::Method::GET,
-                &format!("/instances/{ordered}/health"),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{health}");
-        assert_eq!(health["ordered"], true, "{health}");
-        let head = &health["blockedEvent"];
-        match head["waiting"].as_u64() {
-            Some(29) => break head.clone(),
-            _ if Instant::now() > deadline => {
-                panic!("no blocked head with 29 waiting within {WAIT:?}: {health}")
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    let blocked = wait_for(
+        WAIT,
+        || format!("a blocked head with 29 waiting: {}", last.borrow()),
+        || {
+            let (cluster, last, ordered) = (&cluster, &last, &ordered);
+            async move {
+                let (status, health) = cluster
+                    .admin_request(
+                        reqwest::Method::GET,
+                        &format!("/instances/{ordered}/health"),
+                        None,
+                    )
+                    .await;
+                assert_eq!(status, 200, "{health}");
+                assert_eq!(health["ordered"], true, "{health}");
+                let head = health["blockedEvent"].clone();
+                *last.borrow_mut() = health;
+                (head["waiting"].as_u64() == Some(29)).then_some(head)
             }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+        },
+    )
+    .await;
     assert!(blocked["attempts"].as_u64() >= Some(1), "{blocked}");
     assert!(blocked["eventId"].is_string(), "{blocked}");
     let so_far = arrivals(&ordered_rx);
