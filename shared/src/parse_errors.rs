@@ -49,6 +49,12 @@ fn body_for(status: u16) -> Option<serde_json::Value> {
 /// If `written` is a whole response head hyper wrote on its own (see the module's doc), the
 /// response to send instead: the same status line and headers, a JSON body.
 fn replacement(written: &[u8]) -> Option<Vec<u8>> {
+    // Every response of every connection passes here: look at the status first (12 bytes), and
+    // scan for the head's end only for the three statuses hyper answers on its own.
+    let status = written.get(9..12)?;
+    if !(written.starts_with(b"HTTP/1.") && matches!(status, b"400" | b"414" | b"431")) {
+        return None;
+    }
     let head_len = written.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     if head_len != written.len() {
         return None;
