@@ -395,7 +395,7 @@ impl DatabaseConfig {
         } else {
             "DATABASE_URL"
         };
-        crate::eventlog::pg::parse_url(&url).map_err(|e| ConfigError::new(var, e))?;
+        parse_database_url(&url).map_err(|e| ConfigError::new(var, e))?;
         Ok(Some(Self { url, pool, ca_file }))
     }
 }
@@ -568,6 +568,25 @@ impl CommonConfig {
         }
         Ok(self)
     }
+}
+
+/// `url` as tokio-postgres takes it. libpq's `sslmode=verify-ca` and `verify-full` are taken as
+/// `require`: TLS here always verifies the certificate and the host name.
+pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    let mut url = url.to_owned();
+    for strict in ["sslmode=verify-full", "sslmode=verify-ca"] {
+        url = url.replace(strict, "sslmode=require");
+    }
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| format!("not a PostgreSQL URL: {e}"))?;
+    if config.get_hosts().is_empty() {
+        return Err("names no host".to_owned());
+    }
+    if config.get_dbname().is_none() {
+        return Err("names no database (postgres://user:password@host:5432/database)".to_owned());
+    }
+    Ok(config)
 }
 
 /// Prints a configuration error and exits with [`EXIT_CONFIG`]. For `main` only.

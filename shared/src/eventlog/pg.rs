@@ -51,24 +51,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
     }
 }
 
-/// `url` as tokio-postgres takes it. libpq's `sslmode=verify-ca` and `verify-full` are taken as
-/// `require`: TLS here always verifies the certificate and the host name.
-pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
-    let mut url = url.to_owned();
-    for strict in ["sslmode=verify-full", "sslmode=verify-ca"] {
-        url = url.replace(strict, "sslmode=require");
-    }
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| format!("not a PostgreSQL URL: {e}"))?;
-    if config.get_hosts().is_empty() {
-        return Err("names no host".to_owned());
-    }
-    if config.get_dbname().is_none() {
-        return Err("names no database (postgres://user:password@host:5432/database)".to_owned());
-    }
-    Ok(config)
-}
+pub use crate::config::parse_database_url as parse_url;
 
 fn tls(config: &DatabaseConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
     use rustls::pki_types::pem::PemObject as _;
