@@ -12,7 +12,7 @@ export CARGO_INCREMENTAL
 run:
 	scripts/run-local.sh
 
-# Installs what the tests need (nats-server, cargo-deny, Chromium + playwright-core for the
+# Installs what the tests need (nats-server, PostgreSQL's server binaries, cargo-deny, Chromium + playwright-core for the
 # console's browser test, the OpenAPI validator; the deploy checks install their own tools),
 # then lints, vets the dependencies, validates the OpenAPI document, and runs every test on the
 # pinned nats-server (scripts/nats-versions.env), the tests that start a nats-server again on the
@@ -32,6 +32,7 @@ test-nats-min:
 tools:
 	@echo "nats-server (pinned): $$(scripts/ensure-nats-server.sh)"
 	@echo "nats-server (minimum supported): $$(scripts/ensure-nats-server.sh --min)"
+	@echo "postgresql (server binaries for the tests' private server): $$(scripts/ensure-postgres.sh)"
 	@echo "cargo-deny: $$(scripts/ensure-cargo-deny.sh)"
 	@echo "chromium: $$(scripts/ensure-browser.sh)"
 	@echo "openapi-spec-validator: $$(scripts/ensure-openapi-validator.sh)"

@@ -425,6 +425,41 @@ impl EventLog {
     }
 }
 
+/// Deletes `store_id`'s records (with `object`, only that object's): their attempt rows, then
+/// their event rows. How many of each went.
+pub async fn purge(
+    log: &EventLog,
+    store_id: &str,
+    object: Option<&(String, String)>,
+) -> Result<(u64, u64), LogError> {
+    let read = |e: &dyn std::fmt::Display| LogError::Read(e.to_string());
+    let pool = log.pool()?;
+    let mut client = pool.get().await.map_err(|e| read(&e))?;
+    let tx = client.transaction().await.map_err(|e| read(&e))?;
+    let (object_type, object_id) = object.cloned().unzip();
+    let filter =
+        "e.store_id = $1 AND ($2::text IS NULL OR (e.object_type = $2 AND e.object_id = $3))";
+    let attempts = tx
+        .execute(
+            &format!(
+                "DELETE FROM event_log_attempts a USING event_log_events e \
+                 WHERE a.event_id = e.id AND a.received_at = e.received_at AND {filter}"
+            ),
+            &[&store_id, &object_type, &object_id],
+        )
+        .await
+        .map_err(|e| read(&e))?;
+    let events = tx
+        .execute(
+            &format!("DELETE FROM event_log_events e WHERE {filter}"),
+            &[&store_id, &object_type, &object_id],
+        )
+        .await
+        .map_err(|e| read(&e))?;
+    tx.commit().await.map_err(|e| read(&e))?;
+    Ok((events, attempts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
