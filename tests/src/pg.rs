@@ -61,6 +61,12 @@ fn command(bin: &Path, tool: &str) -> Command {
     c
 }
 
+/// `ECWID_TEST_PG_DURABLE=1` (the bench's make targets set it): the server commits durably, as a
+/// deployment's does, so that its CPU and latency are what production would see.
+fn durable() -> bool {
+    std::env::var("ECWID_TEST_PG_DURABLE").is_ok_and(|v| v == "1")
+}
+
 /// A running PostgreSQL of this test binary.
 #[derive(Debug)]
 pub struct Postgres {
@@ -120,22 +126,25 @@ impl Postgres {
             .arg(self.dir.path().join("data"))
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(self.dir.path())
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=400"])
+            .args(if durable() {
+                // The bench: PostgreSQL as deployed (durable commits), with room for its cache.
+                ["-c", "shared_buffers=1GB", "-c", "max_wal_size=8GB"].as_slice()
+            } else {
                 // Tests: durability across a machine crash is not what they check (a killed
                 // server still recovers from its WAL).
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=400",
-                "-c",
-                "shared_buffers=64MB",
-            ])
+                [
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "shared_buffers=64MB",
+                ]
+                .as_slice()
+            })
             .stdout(Stdio::null())
             .stderr(log);
         // Started by a thread that lives as long as the server: the parent-death signal follows
@@ -248,10 +257,16 @@ impl Drop for Postgres {
     }
 }
 
+/// The shared server's pid, when this process started it (the bench counts its CPU).
+pub fn running_pid() -> Option<u32> {
+    SHARED.get().and_then(|pg| pg.child.as_ref().map(|(pid, _)| *pid))
+}
+
+static SHARED: OnceLock<Postgres> = OnceLock::new();
+
 /// The test binary's server, started on first use.
 pub fn shared() -> &'static Postgres {
-    static SERVER: OnceLock<Postgres> = OnceLock::new();
-    SERVER.get_or_init(Postgres::start)
+    SHARED.get_or_init(Postgres::start)
 }
 
 /// The event log database of the pipeline on `nats_url`: one per NATS server, made on first use.

@@ -351,15 +351,57 @@ impl Child {
 #[derive(Debug, Clone)]
 struct Pids(Vec<(String, u32)>);
 
+/// The name under which PostgreSQL (the postmaster and its backends together) is reported.
+const POSTGRES: &str = "postgres";
+
 impl Pids {
+    /// The pipeline's processes, with the event log's PostgreSQL when it runs.
+    fn pipeline(cluster: &Cluster) -> Self {
+        let mut pids = vec![
+            ("ingest".into(), cluster.ingest.pid().unwrap_or(0)),
+            (
+                "normalizer".into(),
+                cluster.normalizers[0].pid().unwrap_or(0),
+            ),
+            ("deliverer".into(), cluster.deliverers[0].pid().unwrap_or(0)),
+        ];
+        if let Some(pid) = integration_tests::pg::running_pid() {
+            pids.push((POSTGRES.into(), pid));
+        }
+        Self(pids)
+    }
+
+    fn with(mut self, more: &[(&str, u32)]) -> Self {
+        self.0
+            .extend(more.iter().map(|(name, pid)| ((*name).to_owned(), *pid)));
+        self
+    }
+
+    /// Every pid, PostgreSQL's backends included.
     fn ids(&self) -> Vec<u32> {
-        self.0.iter().map(|(_, pid)| *pid).collect()
+        self.0
+            .iter()
+            .flat_map(|(name, pid)| {
+                let mut ids = vec![*pid];
+                if name == POSTGRES {
+                    ids.extend(procinfo::children(*pid));
+                }
+                ids
+            })
+            .collect()
     }
 
     fn read(&self) -> BTreeMap<String, Usage> {
         self.0
             .iter()
-            .map(|(name, pid)| (name.clone(), procinfo::read(*pid).unwrap_or_default()))
+            .map(|(name, pid)| {
+                let usage = if name == POSTGRES {
+                    procinfo::read_tree(*pid)
+                } else {
+                    procinfo::read(*pid)
+                };
+                (name.clone(), usage.unwrap_or_default())
+            })
             .collect()
     }
 }
@@ -898,15 +940,9 @@ async fn restart_services(
     let cluster = Cluster::start(&setup.nats_url, settings, 1).await;
     cluster.wait_instances_seen().await;
     pipeline.ctx.ingest = cluster.ingest.webhook.context("ingest webhook address")?;
-    pipeline.ctx.pids = Pids(vec![
-        ("ingest".into(), cluster.ingest.pid().unwrap_or(0)),
-        (
-            "normalizer".into(),
-            cluster.normalizers[0].pid().unwrap_or(0),
-        ),
-        ("deliverer".into(), cluster.deliverers[0].pid().unwrap_or(0)),
-        ("nats-server".into(), setup.nats.pid()),
-        ("bench".into(), std::process::id()),
+    pipeline.ctx.pids = Pids::pipeline(&cluster).with(&[
+        ("nats-server", setup.nats.pid()),
+        ("bench", std::process::id()),
     ]);
     pipeline.cluster = cluster;
     Ok(())
@@ -1330,15 +1366,9 @@ async fn start_pipeline_with(
             )
             .await;
     }
-    let pids = Pids(vec![
-        ("ingest".into(), cluster.ingest.pid().unwrap_or(0)),
-        (
-            "normalizer".into(),
-            cluster.normalizers[0].pid().unwrap_or(0),
-        ),
-        ("deliverer".into(), cluster.deliverers[0].pid().unwrap_or(0)),
-        ("nats-server".into(), setup.nats.pid()),
-        ("bench".into(), std::process::id()),
+    let pids = Pids::pipeline(&cluster).with(&[
+        ("nats-server", setup.nats.pid()),
+        ("bench", std::process::id()),
     ]);
     let ctx = Ctx {
         ingest: cluster.ingest.webhook.context("ingest webhook address")?,
