@@ -533,9 +533,10 @@ def check_database_env(rep: Report, cwho: str, c: dict, env: dict, env_secrets: 
         f"{cwho}: volume {mounts[0]['name']} (a Secret or ConfigMap) provides {file_name}",
     )
     if clusters and src is not None:
+        # The Secret also holds the CA's private key (ca.key): mount ca.crt alone.
         want = {CNPG_SECRETS[1].format(n) for n in clusters}
-        rep.check(vol.get("secret", {}).get("secretName") in want and any(i.get("key") == "ca.crt" for i in items or []),
-                  f"{cwho}: {DATABASE_CA_ENV} is ca.crt of the Cluster's Secret {sorted(want)[0]}")
+        rep.check(vol.get("secret", {}).get("secretName") in want and [i.get("key") for i in items or []] == ["ca.crt"],
+                  f"{cwho}: {DATABASE_CA_ENV} is ca.crt of the Cluster's Secret {sorted(want)[0]}, mounted alone (not its ca.key)")
 
 
 def max_pods(by_kind: dict, deployment: dict) -> int:
