@@ -72,15 +72,27 @@ async fn postgres_down_for_a_minute_holds_no_delivery_back_and_loses_no_record()
     );
 
     postgres.restart();
-    wait_until(
-        Duration::from_secs(90),
-        "every record delivered in the log",
-        || async {
-            let found = events(&pipeline, "store=9401").await;
-            found.len() == sent && found.iter().all(|e| e["status"] == "delivered")
-        },
-    )
-    .await;
+    assert_eq!(
+        postgres.psql("postgres", "SELECT 1"),
+        "1",
+        "{}",
+        postgres.log_tail()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let found = events(&pipeline, "store=9401").await;
+        if found.len() == sent && found.iter().all(|e| e["status"] == "delivered") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every record delivered in the log: {} of {sent} found; PostgreSQL running: {}; its log ends:\n{}",
+            found.len(),
+            postgres.is_running(),
+            postgres.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     wait_until(WAIT, "the spool to be empty and the lag 0", || async {
         let m = pipeline.metrics_text(pipeline.deliverer_ops).await;
         metric(&m, "ecwid_event_log_spooled") == Some(0.0)

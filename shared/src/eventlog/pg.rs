@@ -250,7 +250,7 @@ pub async fn upkeep(
                     done.created.push(name);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, partition = name, "Event log partition not created; its rows stay in the default partition.");
+                    tracing::warn!(error = %crate::http::error_chain(&error), partition = name, "Event log partition not created; its rows stay in the default partition.");
                     sp.rollback().await?;
                 }
             }
@@ -318,7 +318,7 @@ pub async fn keep_partitions(
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "Event log partition upkeep failed; trying again later.")
+                tracing::warn!(error = %crate::http::error_chain(&error), "Event log partition upkeep failed; trying again later.")
             }
         }
         tokio::select! {

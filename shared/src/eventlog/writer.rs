@@ -151,7 +151,7 @@ impl Store {
                     return Ok(());
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(%error, rows = rows.len(), "Event log rows not written to PostgreSQL; spooling them.");
+                    tracing::warn!(error = %crate::http::error_chain(&error), rows = rows.len(), "Event log rows not written to PostgreSQL; spooling them.");
                 }
                 Err(_) => {
                     tracing::warn!(rows = rows.len(), timeout = ?WRITE_TIMEOUT, "PostgreSQL did not take the event log rows in time; spooling them.");
@@ -236,7 +236,7 @@ pub(super) async fn prepare(store: Arc<Store>, retention: Duration, cancel: Canc
                 break;
             }
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?wait, "The event log's database is not ready; retrying.");
+                tracing::warn!(error = %crate::http::error_chain(&error), retry_in = ?wait, "The event log's database is not ready; retrying.");
             }
         }
         tokio::select! {
@@ -247,7 +247,7 @@ pub(super) async fn prepare(store: Arc<Store>, retention: Duration, cancel: Canc
     }
     // Today's partitions before the first write.
     if let Err(error) = pg::upkeep(&store.pool, retention, time::OffsetDateTime::now_utc()).await {
-        tracing::warn!(%error, "Event log partitions not kept; trying again later.");
+        tracing::warn!(error = %crate::http::error_chain(&error), "Event log partitions not kept; trying again later.");
     }
     store.ready.store(true, Ordering::Release);
     pg::keep_partitions(
@@ -376,7 +376,7 @@ pub(super) async fn drain_spool(store: Arc<Store>, cancel: CancellationToken) {
                 }
                 failed => {
                     if let Ok(Err(error)) = failed {
-                        tracing::warn!(%error, "Spooled event log rows not written yet; PostgreSQL is unavailable.");
+                        tracing::warn!(error = %crate::http::error_chain(&error), "Spooled event log rows not written yet; PostgreSQL is unavailable.");
                     }
                     store.mark_down();
                     let _ = message.ack_with(AckKind::Nak(Some(DOWN_FOR))).await;
