@@ -778,6 +778,10 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     let mut line = report(&opts, &floors, &phases, &usage, &pipeline.anomalies);
     line.push_str(&format!(" idle_cpu_pct={idle_cpu_pct:.2}"));
     line.push_str(&report_event_log(&phases, &lookups));
+    line.push_str(&format!(
+        " nats_subjects_max={}",
+        nats_subjects_max(&setup.nats_url).await?
+    ));
     println!("\nBENCH {line}");
     drop(pipeline);
     Ok(())
@@ -948,6 +952,28 @@ async fn restart_services(
     Ok(())
 }
 
+/// The largest subject count of any stream (a bucket's included) at the end of the run: what
+/// nats-server keeps in memory per subject, bounded by instances and stores where state is not
+/// per event.
+async fn nats_subjects_max(nats_url: &str) -> anyhow::Result<String> {
+    let js = async_nats::jetstream::new(integration_tests::connect(nats_url).await);
+    let mut names = js.stream_names();
+    let mut largest = (0, String::new());
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        let name = name?;
+        let mut stream = js.get_stream(&name).await?;
+        let subjects = stream.info().await?.state.subjects_count;
+        if subjects >= largest.0 {
+            largest = (subjects, name);
+        }
+    }
+    println!(
+        "\nLargest subject count of any stream: {} ({})",
+        largest.0, largest.1
+    );
+    Ok(format!("{}", largest.0))
+}
+
 /// The event log's figures: its cost (end to end at max load, log on against off, same run)
 /// and its lookups at size; returns them for the BENCH line.
 fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
@@ -960,6 +986,20 @@ fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
     let on = (rate(MAX_ON) + rate(MAX_ON_AGAIN)) / 2.0;
     let off = (rate(MAX_OFF) + rate(MAX_OFF_AGAIN)) / 2.0;
     let cost = on / off;
+    // CPU per event of every process of the pipeline, PostgreSQL included, while the load ran.
+    let cpu_us = |name: &str| {
+        phases.iter().find(|p| p.name == name).map_or(f64::NAN, |p| {
+            ["ingest", "normalizer", "deliverer", "nats-server", POSTGRES]
+                .iter()
+                .map(|k| p.cpu_load.get(*k).copied().unwrap_or(0.0))
+                .sum::<f64>()
+                * 1e6
+                / p.load.ok.max(1) as f64
+        })
+    };
+    let cpu_on = (cpu_us(MAX_ON) + cpu_us(MAX_ON_AGAIN)) / 2.0;
+    let cpu_off = (cpu_us(MAX_OFF) + cpu_us(MAX_OFF_AGAIN)) / 2.0;
+    let log_cpu_share = (cpu_on - cpu_off) / cpu_off;
     let lookup = quantile_ms(&lookups.by_id_us, 0.99);
     let search = quantile_ms(&lookups.by_object_us, 0.99);
     let status = quantile_ms(&lookups.by_status_us, 0.99);
@@ -973,6 +1013,11 @@ fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
         rate(MAX_OFF),
         rate(MAX_OFF_AGAIN),
         target(cost >= 0.9, "≥ 0.9".into())
+    );
+    println!(
+        "| CPU µs per event at max load, every process (PostgreSQL included), log on / off | {cpu_on:.0} / {cpu_off:.0}: the log adds {:.0} % | {} |",
+        log_cpu_share * 100.0,
+        target(log_cpu_share <= 0.10, "≤ 10 %".into())
     );
     println!(
         "| GET /events/{{id}} p99, {} records | {} ms | {} |",
@@ -999,7 +1044,7 @@ fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
         lookups.nats_rss_after >> 20
     );
     format!(
-        " log_cost={cost:.2} lookup_p99_ms={lookup:.1} search_p99_ms={search:.1} status_search_p99_ms={status:.1} log_records={} db_mb_per_million={:.0}",
+        " log_cost={cost:.2} log_cpu_share={log_cpu_share:.2} lookup_p99_ms={lookup:.1} search_p99_ms={search:.1} status_search_p99_ms={status:.1} log_records={} db_mb_per_million={:.0}",
         lookups.records,
         lookups.bytes_per_million / 1e6
     )
