@@ -91,7 +91,7 @@ impl EventRow {
     pub fn of(r: &Record) -> Self {
         Self {
             id: r.id.clone(),
-            received_at_ms: model::time_fmt::rfc3339_to_unix_ms(&r.received_at).unwrap_or(0),
+            received_at_ms: received_ms(&r.received_at),
             instance_id: r.instance_id.clone(),
             store_id: r.store_id.clone(),
             object_type: r.object_type.clone(),
@@ -138,7 +138,7 @@ impl AttemptRow {
         let now = model::time_fmt::now_unix_ms();
         Self {
             event_id: record.id.clone(),
-            received_at_ms: model::time_fmt::rfc3339_to_unix_ms(&record.received_at).unwrap_or(0),
+            received_at_ms: received_ms(&record.received_at),
             key: new_key(),
             store_id: record.store_id.clone(),
             attempted: false,
@@ -154,6 +154,12 @@ impl AttemptRow {
             envelope_seq: None,
         }
     }
+}
+
+/// A record's receipt in unix ms; now when it has none (a message without the ingest's header),
+/// so that its rows land in today's partition rather than in 1970's.
+fn received_ms(received_at: &str) -> i64 {
+    model::time_fmt::rfc3339_to_unix_ms(received_at).unwrap_or_else(model::time_fmt::now_unix_ms)
 }
 
 /// A fresh row key.

@@ -988,14 +988,17 @@ fn report_event_log(phases: &[Phase], lookups: &eventlog::Lookups) -> String {
     let cost = on / off;
     // CPU per event of every process of the pipeline, PostgreSQL included, while the load ran.
     let cpu_us = |name: &str| {
-        phases.iter().find(|p| p.name == name).map_or(f64::NAN, |p| {
-            ["ingest", "normalizer", "deliverer", "nats-server", POSTGRES]
-                .iter()
-                .map(|k| p.cpu_load.get(*k).copied().unwrap_or(0.0))
-                .sum::<f64>()
-                * 1e6
-                / p.load.ok.max(1) as f64
-        })
+        phases
+            .iter()
+            .find(|p| p.name == name)
+            .map_or(f64::NAN, |p| {
+                ["ingest", "normalizer", "deliverer", "nats-server", POSTGRES]
+                    .iter()
+                    .map(|k| p.cpu_load.get(*k).copied().unwrap_or(0.0))
+                    .sum::<f64>()
+                    * 1e6
+                    / p.load.ok.max(1) as f64
+            })
     };
     let cpu_on = (cpu_us(MAX_ON) + cpu_us(MAX_ON_AGAIN)) / 2.0;
     let cpu_off = (cpu_us(MAX_OFF) + cpu_us(MAX_OFF_AGAIN)) / 2.0;
