@@ -87,6 +87,36 @@ impl Filter {
     }
 }
 
+/// Parsed filters by their text, so that an expression is parsed once and not per event.
+/// Bounded: emptied when it would hold more than [`MAX_CACHED`].
+#[derive(Debug, Default)]
+pub struct FilterCache(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Filter>>>);
+
+const MAX_CACHED: usize = 4096;
+
+impl FilterCache {
+    /// Whether the event passes `source` (a filter that no longer parses lets nothing through).
+    pub fn check(&self, source: &str, subject: &Subject<'_>) -> Result<(), Dropped> {
+        let filter = {
+            let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match cached.get(source) {
+                Some(f) => std::sync::Arc::clone(f),
+                None => {
+                    let parsed = Filter::parse(source)
+                        .map_err(|e| Dropped(format!("event.notification.filter {e}")))?;
+                    if cached.len() >= MAX_CACHED {
+                        cached.clear();
+                    }
+                    let parsed = std::sync::Arc::new(parsed);
+                    cached.insert(source.to_owned(), std::sync::Arc::clone(&parsed));
+                    parsed
+                }
+            }
+        };
+        filter.check(subject)
+    }
+}
+
 /// A JSON value as CEL sees it: numbers that are whole stay integers (`raw.storeId == 1003`),
 /// others are doubles.
 fn json_to_cel(v: &serde_json::Value) -> Value {

@@ -303,6 +303,10 @@ fn der_item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, contents, after))
 }
 
+/// How long before its client certificate expires an instance counts as expiring (the
+/// `ecwid_deliver_client_certificates_expiring` gauge, and its alert).
+pub const CERTIFICATE_WARNING_SECS: i64 = 14 * 86_400;
+
 /// When a cached OAuth2 access token that `expires_in` seconds after it was issued stops being
 /// used: a minute early, or a tenth of its life early when it lives less than ten minutes, so
 /// that no request goes out with a token about to expire on the way.
