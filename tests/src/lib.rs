@@ -5,6 +5,7 @@
 
 pub mod fake_ecwid;
 pub mod procs;
+pub mod receivers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
