@@ -4,7 +4,7 @@
 //! body are read. No error text carries the callback URL, which may hold credentials
 //! (`user:pass@`, `?token=`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +22,9 @@ use reqwest::header::{
 };
 use sha2::Sha256;
 
+use crate::guard::{guarded_lookup, RefusedAddress};
 use crate::oauth2::Tokens;
-use crate::route::{BoxError, ProxyFailure, RouteClient, RouteSpec, Routes};
+use crate::route::{ProxyFailure, RouteClient, RouteSpec, Routes};
 
 pub const USER_AGENT: &str = concat!("ecwid-events/", env!("CARGO_PKG_VERSION"));
 
@@ -210,10 +211,6 @@ struct GuardedResolver {
     allow: AllowList,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct RefusedAddress(String);
-
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let allow = self.allow.clone();
@@ -222,32 +219,6 @@ impl Resolve for GuardedResolver {
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
     }
-}
-
-/// The addresses `host` resolves to that the SSRF guard allows; [`RefusedAddress`] when it
-/// allows none. Literal addresses are judged the same way.
-pub(crate) async fn guarded_lookup(
-    host: &str,
-    port: u16,
-    allow: &AllowList,
-) -> Result<Vec<SocketAddr>, BoxError> {
-    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-    let mut refusal = None;
-    let allowed: Vec<SocketAddr> = resolved
-        .into_iter()
-        .filter(|a| match netguard::check(a.ip(), allow) {
-            Ok(()) => true,
-            Err(why) => {
-                refusal = Some(why);
-                false
-            }
-        })
-        .collect();
-    if allowed.is_empty() {
-        let why = refusal.unwrap_or_else(|| format!("{host} did not resolve"));
-        return Err(Box::new(RefusedAddress(format!("{host}: {why}"))));
-    }
-    Ok(allowed)
 }
 
 /// Parsed callback URLs by their text: parsing one (IDNA included) cost more than the rest of
@@ -752,6 +723,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn parsed_urls_are_the_parser_s_and_errors_are_not_kept() {

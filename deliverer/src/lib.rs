@@ -7,6 +7,7 @@
 //! - [`metrics`]: attempts, latencies, retries, dead letters, breakers, in-flight requests.
 //! - [`dispatch`]: signing (Open Connectors and Standard Webhooks) and the HTTP POST, with the
 //!   SSRF guard at connect time.
+//! - [`guard`]: the SSRF guard at connect time (names resolved, only allowed addresses kept).
 //! - [`route`]: the way to receivers that need a proxy (HTTP CONNECT), a client certificate or
 //!   their own CA; the SSRF guard judges the target before the CONNECT.
 //! - [`oauth2`]: OAuth2 access tokens (client credentials), cached and shared by the workers.
@@ -27,6 +28,7 @@ pub mod consumer;
 pub mod deferrals;
 pub mod dispatch;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod hold;
 pub mod journal;

@@ -30,7 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::dispatch::guarded_lookup;
+use crate::guard::{guarded_lookup, BoxError};
 
 /// The longest answer a proxy may give to a CONNECT before the tunnel.
 const MAX_CONNECT_ANSWER: usize = 16 * 1024;
@@ -302,8 +302,6 @@ struct Inner {
 /// Opens connections for a route's client (hyper-util's connector).
 #[derive(Debug, Clone)]
 pub(crate) struct Connector(Arc<Inner>);
-
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower::Service<hyper::Uri> for Connector {
     type Response = Tunnel;

@@ -123,8 +123,7 @@ pub mod limits {
     }
 }
 
-/// What a secret value looks like in a response. Sending it back in a PATCH keeps the old value.
-pub const REDACTED: &str = "********";
+pub use crate::redact::REDACTED;
 
 /// Whether the value under `key` is a secret: the seed's API keys, and any key that names a
 /// secret, key, token or password.

@@ -8,6 +8,7 @@
 //! - [`instance`]: the connector instance (the seed's instance JSON), validation and redaction.
 //! - [`receiver`]: how an instance's receiver is reached: custom headers, proxy, client
 //!   certificate, OAuth2 client credentials; their checks and the certificate's expiry.
+//! - [`redact`]: the marker secrets are shown as.
 //! - [`filter`]: payload filters (`event.notification.filter`, CEL).
 //! - [`envelope`]: the Open Connectors envelope the callbacks receive.
 //! - [`record`]: the event log's records and attempts.
@@ -30,6 +31,7 @@ pub mod netguard;
 pub mod normalize;
 pub mod receiver;
 pub mod record;
+pub mod redact;
 pub mod retry;
 pub mod state;
 #[cfg(feature = "strategies")]

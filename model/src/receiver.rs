@@ -6,7 +6,7 @@
 
 use base64::Engine as _;
 
-use crate::instance::REDACTED;
+use crate::redact::REDACTED;
 
 /// At most this many custom headers.
 pub const MAX_HEADERS: usize = 32;
