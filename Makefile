@@ -97,6 +97,8 @@ bench-admin-reads:
 
 # Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
 # `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.
+# A payload filter's cost per event: the normalizer's figure with
+# BENCH_CPU_ARGS="--filter \"objectType != ''\"" less the figure without it.
 bench-cpu:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	scripts/bench-cpu.sh $(BENCH_CPU_ARGS)

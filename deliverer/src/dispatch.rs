@@ -570,7 +570,26 @@ impl Dispatcher {
                 })
             }
         };
-        // User info stays out of the request line: hyper would refuse it.
+        // User info stays out of the request line (hyper would refuse it) and goes as Basic
+        // auth, as reqwest sends it on the plain way, unless the instance sets Authorization.
+        if !url.username().is_empty() && !headers.contains_key(AUTHORIZATION) {
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("v={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            let pair = format!(
+                "{}:{}",
+                decode(url.username()),
+                decode(url.password().unwrap_or(""))
+            );
+            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
+            if let Ok(mut value) = HeaderValue::from_str(&format!("Basic {basic}")) {
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+        }
         let uri = match (uri.scheme(), uri.authority()) {
             (Some(scheme), Some(authority)) if authority.as_str().contains('@') => {
                 let host = authority.as_str().rsplit('@').next().unwrap_or_default();

@@ -512,3 +512,73 @@ pub(crate) fn spawn_certificate_watch(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client.example".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn tls_settings_take_a_matching_certificate_and_key_and_refuse_the_rest() {
+        let (cert, key) = identity();
+        assert!(tls_config(Some((&cert, &key)), Some(&cert)).is_ok());
+        assert!(tls_config(None, None).is_ok());
+        let (_, other_key) = identity();
+        let err = tls_config(Some((&cert, &other_key)), None).unwrap_err();
+        assert!(err.contains("client certificate and key"), "{err}");
+        assert!(
+            !err.contains("PRIVATE KEY"),
+            "the key is never quoted: {err}"
+        );
+        assert!(tls_config(None, Some("not pem")).is_err());
+    }
+
+    #[test]
+    fn proxy_credentials_become_basic_auth_and_stay_out_of_debug() {
+        let p = Proxy::parse("http://us%40er:p%3Ass@proxy.example:3128").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.https),
+            ("proxy.example", 3128, false)
+        );
+        let expected = base64::engine::general_purpose::STANDARD.encode("us@er:p:ss");
+        assert_eq!(p.authorization, Some(format!("Basic {expected}")));
+        assert!(!format!("{p:?}").contains("p:ss"));
+        let p = Proxy::parse("https://[::1]").unwrap();
+        assert_eq!((p.host.as_str(), p.port, p.https), ("::1", 443, true));
+        assert_eq!(p.authorization, None);
+        let err = Proxy::parse("socks5://user:secret@p.example").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn routes_are_built_once_per_settings() {
+        let routes = Routes::new(
+            AllowList::default(),
+            AllowList::default(),
+            Duration::from_secs(1),
+        );
+        let spec = RouteSpec {
+            proxy: Some("http://proxy.example:3128"),
+            ..Default::default()
+        };
+        assert!(routes.client(&spec).is_ok());
+        assert!(routes.client(&spec).is_ok());
+        assert_eq!(routes.clients.lock().unwrap().len(), 1);
+        let (cert, _) = identity();
+        let (_, key) = identity();
+        let bad = RouteSpec {
+            identity: Some((&cert, &key)),
+            ..Default::default()
+        };
+        assert!(routes.client(&bad).is_err());
+        assert_eq!(routes.clients.lock().unwrap().len(), 2);
+    }
+}
