@@ -19,7 +19,7 @@ const CONFIG_KEYS = [
   ['event.objects', 'Object types to deliver (comma-separated, empty = all)'],
   ['event.notification.filter', 'Filter: CEL expression over the envelope, e.g. raw.data.newPaymentStatus == \'PAID\' (empty = every event)'],
   ['event.notification.headers', 'Custom headers: JSON object {"X-Api-Key":"…"} (values secret)'],
-  ['event.notification.proxy.url', 'Outbound proxy URL http://[user:password@]host:port (overrides DELIVER_PROXY_URL)'],
+  ['event.notification.proxy.url', 'Outbound proxy URL, scheme http or https, [user:password@]host:port (overrides DELIVER_PROXY_URL)'],
   ['event.notification.tls.client.certificate', 'Client certificate, PEM (secret)', 'pem'],
   ['event.notification.tls.client.key', 'Client certificate key, PEM (secret)', 'pem'],
   ['event.notification.tls.ca', 'CA certificates to trust for this receiver, PEM', 'pem'],

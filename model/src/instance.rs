@@ -1261,7 +1261,7 @@ mod tests {
             (keys::HEADERS, r#"{"X-Api-Key":"hk-1"}"#.to_owned()),
             (
                 keys::PROXY_URL,
-                "http://pu:pp@proxy.example:3128".to_owned(),
+                "http://pu:proxy-pw-77@proxy.example:3128".to_owned(),
             ),
             (keys::TLS_CLIENT_CERTIFICATE, cert.pem()),
             (keys::TLS_CLIENT_KEY, key.serialize_pem()),
@@ -1290,7 +1290,7 @@ mod tests {
         let shown = serde_json::to_string(&i.redacted()).unwrap();
         for secret in [
             "hk-1",
-            "pp",
+            "proxy-pw-77",
             "cs-1",
             "PRIVATE KEY",
             "BEGIN CERTIFICATE-----\nMII",
