@@ -1,8 +1,11 @@
-//! One delivery attempt: the request headers and signatures, and the POST. No redirects are
-//! followed; callback addresses are checked against the SSRF guard after DNS resolution, at
-//! connect time. Of the answer only the status and the first [`RESPONSE_EXCERPT_BYTES`] of the
-//! body are read. No error text carries the callback URL, which may hold credentials
-//! (`user:pass@`, `?token=`).
+//! One delivery attempt: the request headers and signatures, the instance's own headers and its
+//! OAuth2 access token ([`crate::oauth2`]), and the POST, by the shared client or, for an
+//! instance with a proxy, a client certificate or its own CA, by its [`crate::route`]. No
+//! redirects are followed; callback addresses are checked against the SSRF guard after DNS
+//! resolution, at connect time ([`crate::guard`]). Of the answer only the status and the first
+//! [`RESPONSE_EXCERPT_BYTES`] of the body are read. No error text carries the callback URL, which
+//! may hold credentials (`user:pass@`, `?token=`), nor a token, a secret or the token endpoint's
+//! URL.
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -5,8 +5,8 @@
 //! - [`config`]: the deliverer's environment variables.
 //! - [`error`]: the deliverer's error type.
 //! - [`metrics`]: attempts, latencies, retries, dead letters, breakers, in-flight requests.
-//! - [`dispatch`]: signing (Open Connectors and Standard Webhooks) and the HTTP POST, with the
-//!   SSRF guard at connect time.
+//! - [`dispatch`]: signing (Open Connectors and Standard Webhooks), the instance's own headers and
+//!   OAuth2 token, and the HTTP POST, with the SSRF guard at connect time.
 //! - [`guard`]: the SSRF guard at connect time (names resolved, only allowed addresses kept).
 //! - [`route`]: the way to receivers that need a proxy (HTTP CONNECT), a client certificate or
 //!   their own CA; the SSRF guard judges the target before the CONNECT.
