@@ -7,12 +7,12 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 CARGO_INCREMENTAL ?= 0
 export CARGO_INCREMENTAL
 
-.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held bench-isolation bench-admin-reads bench-pglog clean
+.PHONY: run test test-nats-min tools lint deny openapi screenshots fmt bench bench-cpu bench-held bench-isolation bench-admin-reads bench-pglog bench-log clean
 
 run:
 	scripts/run-local.sh
 
-# Installs what the tests need (nats-server, cargo-deny, Chromium + playwright-core for the
+# Installs what the tests need (nats-server, PostgreSQL's server binaries, cargo-deny, Chromium + playwright-core for the
 # console's browser test, the OpenAPI validator; the deploy checks install their own tools),
 # then lints, vets the dependencies, validates the OpenAPI document, and runs every test on the
 # pinned nats-server (scripts/nats-versions.env), the tests that start a nats-server again on the
@@ -32,6 +32,7 @@ test-nats-min:
 tools:
 	@echo "nats-server (pinned): $$(scripts/ensure-nats-server.sh)"
 	@echo "nats-server (minimum supported): $$(scripts/ensure-nats-server.sh --min)"
+	@echo "postgresql (server binaries for the tests' private server): $$(scripts/ensure-postgres.sh)"
 	@echo "cargo-deny: $$(scripts/ensure-cargo-deny.sh)"
 	@echo "chromium: $$(scripts/ensure-browser.sh)"
 	@echo "openapi-spec-validator: $$(scripts/ensure-openapi-validator.sh)"
@@ -75,25 +76,33 @@ fmt:
 # and how to read them in tests/bench/RESULTS.md.
 bench:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
-	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench $(BENCH_ARGS)
+	ECWID_TEST_PG_DURABLE=1 NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench $(BENCH_ARGS)
 
 # What a paused instance's 10,000 held events cost (CPU of nats-server and the services against
 # idle) and how fast they are released; ~2 min. Not part of `make bench` (which has its own idle
 # figure): run it when the hold changes.
 bench-held:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
-	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench held
+	ECWID_TEST_PG_DURABLE=1 NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench held
 
 # A stalled instance beside a healthy one: the healthy one's p99 alone and beside it; ~1.5 min.
 bench-isolation:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
-	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench isolation
+	ECWID_TEST_PG_DURABLE=1 NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench isolation
 
 # Admin reads at full speed (six event-log searches the index cannot narrow) beside webhooks at
 # a fixed rate: the webhooks' p50 with the readers against without; ~1 min.
 bench-admin-reads:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
-	NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench admin-reads
+	ECWID_TEST_PG_DURABLE=1 NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench admin-reads
+
+# The event log at size: 10,000,000 records in the pipeline's PostgreSQL (the same rows the
+# writer makes, filled server-side), then the admin API's lookups by id, objectId and
+# instance+status+window, timed; the database's size per million records and nats-server's
+# memory before and after. `make bench-log BENCH_LOG_ARGS="--log-records 1000000"` for less.
+bench-log:
+	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
+	ECWID_TEST_PG_DURABLE=1 NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench log --log-records 10000000 $(BENCH_LOG_ARGS)
 
 # Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
 # `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.

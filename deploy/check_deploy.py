@@ -134,8 +134,7 @@ LABEL_VALUES = {
     "consumer": {"normalizer", "deliverer"},
     "state": {"active", "paused", "disabled"},  # ecwid_instances
     "stream": {  # ecwid_stream_usage_ratio: the streams STREAM_MAX_BYTES / STREAM_MAX_MSGS name
-        "ECWID_RAW", "ECWID_EVENTS", "ECWID_DEAD", "ECWID_HELD", "ECWID_RETRYING", "ECWID_LOG",
-        "ECWID_LOG_INDEX",
+        "ECWID_RAW", "ECWID_EVENTS", "ECWID_DEAD", "ECWID_HELD", "ECWID_RETRYING", "ECWID_LOG_SPOOL",
     },
     # ecwid_deliver_breaker_transitions_total; ecwid_instance_transitions_total
     "to": {"open", "half_open", "closed", "paused", "active", "disabled"},
@@ -149,21 +148,123 @@ def pinned_nats_tag() -> str:
     return f"{found.group(1) if found else 'missing-from-scripts/nats-versions.env'}-alpine"
 
 
+# The event log's PostgreSQL in compose: a pinned release of the official image.
+POSTGRES_COMPOSE_TAG = "17.6-alpine"
 # Images each deployment may use (repository -> allowed tags, None = any tag).
 COMPOSE_IMAGES = {
     "ecwid-events": {"latest"},
     "nats": {pinned_nats_tag()},
+    "postgres": {POSTGRES_COMPOSE_TAG},
     "prom/prometheus": None,
     "natsio/prometheus-nats-exporter": None,
 }
 
 BUILTIN_KINDS_SKIPPED = set()
-CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule", "Cluster"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "StorageClass", "PersistentVolume"}
 # Oldest supported Kubernetes (preStop `sleep` needs 1.30) and the newest schemas shipped.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-# Created by the operator, not by any overlay (see overlays/production/*.example.yaml).
-EXTERNAL_SECRETS = {"ecwid-events-admin"}
+# Created by the operator, not by any overlay (see overlays/*/*.example.yaml).
+EXTERNAL_SECRETS = {"ecwid-events-admin", "ecwid-events-database"}
+
+# --------------------------------------------------------------------------- the event log's database
+
+# The variables naming the database (EVENT_LOG_DATABASE_URL wins; DATABASE_URL is the fallback).
+DATABASE_URL_ENV = ("EVENT_LOG_DATABASE_URL", "DATABASE_URL")
+DATABASE_CA_ENV = "EVENT_LOG_DATABASE_CA_FILE"
+DATABASE_POOL_ENV = "EVENT_LOG_DATABASE_POOL"
+DEFAULT_DATABASE_POOL = 8
+# What a URL may say (the services' parser: scheme, sslmode).
+DATABASE_URL_RE = re.compile(r"^postgres(ql)?://[^\s/@]+(:[^\s/@]*)?@[^\s/:@?]+(:\d{1,5})?/[A-Za-z0-9_]+(\?\S*)?$")
+SSLMODES = {"disable", "prefer", "require", "verify-ca", "verify-full"}
+# PostgreSQL port, and what a CloudNativePG cluster's pods are labelled with.
+POSTGRES_PORT = 5432
+CNPG_CLUSTER_LABEL = "cnpg.io/cluster"
+# CloudNativePG's instance manager status port: the operator and the other instances reach it.
+CNPG_STATUS_PORT = 8000
+# The namespace the CloudNativePG operator runs in (its default).
+CNPG_OPERATOR_NAMESPACE = "cnpg-system"
+# Connections a CloudNativePG cluster keeps for itself besides the services' pools:
+# superuser_reserved_connections (3) and the instance manager's own (a few per instance).
+CNPG_RESERVED_CONNECTIONS = 10
+# The fields of a CloudNativePG Cluster's spec these manifests may use (postgresql.cnpg.io/v1,
+# operator 1.25+). A name outside the list is a typo the API server would prune in silence.
+CNPG_CLUSTER_SPEC_FIELDS = {
+    "instances", "imageName", "imagePullPolicy", "primaryUpdateStrategy", "primaryUpdateMethod",
+    "bootstrap", "postgresql", "storage", "walStorage", "resources", "affinity", "backup",
+    "plugins", "monitoring", "certificates", "enableSuperuserAccess", "superuserSecret",
+    "managed", "description", "inheritedMetadata", "priorityClassName", "startDelay", "stopDelay",
+    "smartShutdownTimeout", "switchoverDelay", "failoverDelay", "logLevel", "enablePDB",
+    "topologySpreadConstraints", "env", "envFrom", "serviceAccountTemplate", "projectedVolumeTemplate",
+    "ephemeralVolumeSource", "ephemeralVolumesSizeLimit", "tablespaces", "externalClusters",
+    "replica", "replicationSlots", "maxSyncReplicas", "minSyncReplicas", "postgresUID", "postgresGID",
+    "seccompProfile", "probes", "livenessProbeTimeout",
+}
+CNPG_POSTGRESQL_FIELDS = {
+    "parameters", "synchronous", "pg_hba", "pg_ident", "shared_preload_libraries", "ldap",
+    "promotionTimeout", "enableAlterSystem", "syncReplicaElectionConstraint", "extensions",
+}
+QUANTITY_RE = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+# initdb names the Secret `<cluster>-app` after the owner's credentials; `<cluster>-ca` is the CA.
+CNPG_SECRETS = ("{}-app", "{}-ca")
+
+
+def cluster_secrets(cluster: dict) -> set[str]:
+    """The Secrets the operator creates for one Cluster and the services may use."""
+    name = dig(cluster, "metadata", "name")
+    made = {CNPG_SECRETS[1].format(name)}
+    if not dig(cluster, "spec", "bootstrap", "initdb", "secret", "name"):
+        made.add(CNPG_SECRETS[0].format(name))
+    return made
+
+
+def validate_cnpg_cluster(doc: dict) -> str | None:
+    """The CloudNativePG Cluster's fields these manifests rely on, checked without the CRD's schema."""
+    spec = doc.get("spec") or {}
+    if doc.get("apiVersion") != "postgresql.cnpg.io/v1":
+        return "apiVersion must be postgresql.cnpg.io/v1"
+    unknown = sorted(set(spec) - CNPG_CLUSTER_SPEC_FIELDS)
+    if unknown:
+        return f"spec has fields CloudNativePG does not define: {unknown}"
+    instances = spec.get("instances")
+    if not (isinstance(instances, int) and instances >= 1):
+        return "spec.instances must be an integer >= 1"
+    image = spec.get("imageName")
+    if image is not None:
+        tag = image.rsplit(":", 1)[1] if ":" in image.split("/")[-1] else ""
+        if not re.match(r"^\d+(\.\d+)?", tag):
+            return f"spec.imageName {image!r}: the tag must start with the PostgreSQL version (the operator reads the major from it)"
+    if spec.get("primaryUpdateStrategy", "unsupervised") not in ("unsupervised", "supervised"):
+        return "spec.primaryUpdateStrategy must be unsupervised or supervised"
+    if not QUANTITY_RE.match(str(dig(spec, "storage", "size", default=""))):
+        return "spec.storage.size must be a quantity such as 20Gi"
+    initdb = dig(spec, "bootstrap", "initdb")
+    if not isinstance(initdb, dict) or not initdb.get("database") or not initdb.get("owner"):
+        return "spec.bootstrap.initdb needs database and owner"
+    pg = spec.get("postgresql") or {}
+    unknown = sorted(set(pg) - CNPG_POSTGRESQL_FIELDS)
+    if unknown:
+        return f"spec.postgresql has fields CloudNativePG does not define: {unknown}"
+    params = pg.get("parameters") or {}
+    bad = sorted(k for k, v in params.items() if not isinstance(v, str))
+    if bad:
+        return f"spec.postgresql.parameters must be strings (the CRD is a map of strings): {bad}"
+    sync = pg.get("synchronous")
+    if sync is not None:
+        if sync.get("method") not in ("any", "first"):
+            return "spec.postgresql.synchronous.method must be any or first"
+        number = sync.get("number")
+        if not (isinstance(number, int) and 1 <= number < instances):
+            return f"spec.postgresql.synchronous.number must be 1..instances-1 ({instances - 1})"
+        if sync.get("dataDurability", "required") not in ("required", "preferred"):
+            return "spec.postgresql.synchronous.dataDurability must be required or preferred"
+    anti = dig(spec, "affinity", "podAntiAffinityType", default="preferred")
+    if anti not in ("preferred", "required"):
+        return "spec.affinity.podAntiAffinityType must be preferred or required"
+    res = spec.get("resources") or {}
+    if not (dig(res, "requests", "memory") and dig(res, "limits", "memory")):
+        return "spec.resources needs a memory request and limit"
+    return None
 
 # --------------------------------------------------------------------------- reporting
 
@@ -238,6 +339,8 @@ def validate_crd(doc: dict) -> str | None:
     kind, spec = doc.get("kind"), doc.get("spec") or {}
     if not dig(doc, "metadata", "name"):
         return "metadata.name missing"
+    if kind == "Cluster":
+        return validate_cnpg_cluster(doc)
     if kind == "ScaledObject":
         if doc.get("apiVersion") != "keda.sh/v1alpha1":
             return "apiVersion must be keda.sh/v1alpha1"
@@ -384,6 +487,137 @@ def policy_allows(policies: Iterable[dict], direction: str, labels: dict, port: 
     return False
 
 
+def uses_database(svc: str, env: dict) -> bool:
+    """Whether a service needs the event log's database: it reads the URL (its contract) and
+    the log is on (EVENT_LOG, default on)."""
+    return DATABASE_URL_ENV[0] in SERVICE_ENV.get(svc, set()) and str(env.get("EVENT_LOG", "on")) != "off"
+
+
+def check_database_url(rep: Report, who: str, url: str) -> None:
+    """A literal URL (compose): the form the services parse, and an sslmode they know."""
+    ok = bool(DATABASE_URL_RE.match(url))
+    mode = re.search(r"[?&]sslmode=([^&]*)", url)
+    rep.check(ok and (mode is None or mode.group(1) in SSLMODES),
+              f"{who}: the database URL is postgres://user:password@host:port/db[?sslmode={'|'.join(sorted(SSLMODES))}]",
+              f"got {re.sub(r':[^:@/]*@', ':***@', url)!r}")
+
+
+def check_database_env(rep: Report, cwho: str, c: dict, env: dict, env_secrets: dict, volumes: dict, clusters: dict) -> None:
+    """One container of a service that uses the event log's database (Kubernetes)."""
+    url_var = next((v for v in DATABASE_URL_ENV if v in env), None)
+    if not rep.check(url_var is not None, f"{cwho}: the event log is on and {' or '.join(DATABASE_URL_ENV)} is set"):
+        return
+    ref = env_secrets.get(url_var)
+    rep.check(ref is not None, f"{cwho}: {url_var} comes from a Secret (it carries the password), not a ConfigMap or a literal")
+    if ref is not None and clusters:
+        wanted = {(CNPG_SECRETS[0].format(n), "uri") for n in clusters}
+        rep.check(ref in wanted, f"{cwho}: {url_var} is the Cluster's Secret {sorted(wanted)[0][0]}, key uri", f"got {ref}")
+    elif ref is not None:
+        rep.check(ref[0] in EXTERNAL_SECRETS and ref[1] == "uri",
+                  f"{cwho}: {url_var} is key uri of a Secret documented as external (no Cluster in this rendering)", f"got {ref}")
+    ca = env.get(DATABASE_CA_ENV)
+    if clusters:
+        # The operator signs the server's certificate with its own CA, which no system store has.
+        rep.check(ca is not None, f"{cwho}: {DATABASE_CA_ENV} is set (the Cluster's certificate is signed by its own CA)")
+    if ca is None:
+        return
+    mounts = [m for m in c.get("volumeMounts") or [] if str(ca).startswith(m["mountPath"].rstrip("/") + "/")]
+    if not rep.check(len(mounts) == 1, f"{cwho}: {DATABASE_CA_ENV}={ca} lies in a mounted volume"):
+        return
+    vol = volumes.get(mounts[0]["name"]) or {}
+    src = vol.get("secret") or vol.get("configMap")
+    file_name = str(ca)[len(mounts[0]["mountPath"].rstrip("/")) + 1:]
+    items = (src or {}).get("items")
+    rep.check(
+        src is not None and (items is None or any(i.get("path") == file_name for i in items)),
+        f"{cwho}: volume {mounts[0]['name']} (a Secret or ConfigMap) provides {file_name}",
+    )
+    if clusters and src is not None:
+        # The Secret also holds the CA's private key (ca.key): mount ca.crt alone.
+        want = {CNPG_SECRETS[1].format(n) for n in clusters}
+        rep.check(vol.get("secret", {}).get("secretName") in want and [i.get("key") for i in items or []] == ["ca.crt"],
+                  f"{cwho}: {DATABASE_CA_ENV} is ca.crt of the Cluster's Secret {sorted(want)[0]}, mounted alone (not its ca.key)")
+
+
+def max_pods(by_kind: dict, deployment: dict) -> int:
+    """The most pods a Deployment runs at once: its autoscaler's maximum (or replicas), plus the
+    rolling update's surge."""
+    dep_name = deployment["metadata"]["name"]
+    most = dig(deployment, "spec", "replicas", default=1)
+    for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
+        if dig(hpa, "spec", "scaleTargetRef", "name") == dep_name:
+            most = dig(hpa, "spec", "maxReplicas", default=most)
+    for so in by_kind.get("ScaledObject", {}).values():
+        if dig(so, "spec", "scaleTargetRef", "name") == dep_name:
+            most = dig(so, "spec", "maxReplicaCount", default=100)
+    surge = dig(deployment, "spec", "strategy", "rollingUpdate", "maxSurge", default="25%")
+    extra = -(-most * int(surge[:-1]) // 100) if isinstance(surge, str) and surge.endswith("%") else int(surge)
+    return most + extra
+
+
+def check_database_rendered(rep: Report, name: str, by_kind: dict, clusters: dict, db_users: dict) -> None:
+    """The database against the services that use it: connections, network paths."""
+    policies = list(by_kind.get("NetworkPolicy", {}).values())
+    for cl_name, cl in clusters.items():
+        pods = {CNPG_CLUSTER_LABEL: cl_name}
+        limit = int(dig(cl, "spec", "postgresql", "parameters", "max_connections", default="100"))
+        need = sum(max_pods(by_kind, dep) * pool for dep, pool, _ in db_users.values())
+        rep.check(
+            need + CNPG_RESERVED_CONNECTIONS <= limit,
+            f"{name}: Cluster {cl_name}: max_connections {limit} >= the services' pools at their most pods "
+            f"(rolling updates included) {need} + {CNPG_RESERVED_CONNECTIONS} for the operator",
+        )
+        if not policies:
+            continue
+        for svc, (_, _, labels) in sorted(db_users.items()):
+            rep.check(
+                policy_allows(policies, "egress", labels, POSTGRES_PORT,
+                              lambda peer: "podSelector" in peer and selector_matches(peer["podSelector"], pods)),
+                f"{name}: NetworkPolicy lets {svc} out to the Cluster {cl_name} on {POSTGRES_PORT}",
+            )
+            rep.check(
+                policy_allows(policies, "ingress", pods, POSTGRES_PORT,
+                              lambda peer, l=labels: "podSelector" in peer and "namespaceSelector" not in peer
+                              and selector_matches(peer["podSelector"], l)),
+                f"{name}: NetworkPolicy lets the Cluster {cl_name} admit {svc} on {POSTGRES_PORT}",
+            )
+        for port in (POSTGRES_PORT, CNPG_STATUS_PORT):
+            rep.check(
+                policy_allows(policies, "ingress", pods, port,
+                              lambda peer: dig(peer, "namespaceSelector", "matchLabels", "kubernetes.io/metadata.name") == CNPG_OPERATOR_NAMESPACE),
+                f"{name}: NetworkPolicy lets the operator ({CNPG_OPERATOR_NAMESPACE}) reach the Cluster {cl_name} on {port}",
+            )
+            rep.check(
+                policy_allows(policies, "ingress", pods, port,
+                              lambda peer: "podSelector" in peer and "namespaceSelector" not in peer and selector_matches(peer["podSelector"], pods))
+                and policy_allows(policies, "egress", pods, port,
+                                  lambda peer: "podSelector" in peer and selector_matches(peer["podSelector"], pods)),
+                f"{name}: NetworkPolicy lets the Cluster {cl_name}'s instances reach each other on {port}",
+            )
+        rep.check(
+            policy_allows(policies, "egress", pods, 443, lambda peer: "ipBlock" in peer) or
+            policy_allows(policies, "egress", pods, 6443, lambda peer: "ipBlock" in peer),
+            f"{name}: NetworkPolicy lets the Cluster {cl_name} out to the Kubernetes API",
+        )
+    if not clusters and db_users and policies:
+        for svc, (_, _, labels) in sorted(db_users.items()):
+            rep.check(
+                policy_allows(policies, "egress", labels, POSTGRES_PORT, lambda peer: "ipBlock" in peer),
+                f"{name}: no Cluster: NetworkPolicy lets {svc} out to the external database on {POSTGRES_PORT}",
+            )
+
+
+def check_stream_limits(rep: Report, who: str, env: dict) -> None:
+    """STREAM_MAX_BYTES / STREAM_MAX_MSGS name only streams that take a limit."""
+    for var in ("STREAM_MAX_BYTES", "STREAM_MAX_MSGS"):
+        value = env.get(var)
+        if not value:
+            continue
+        names = {pair.split("=", 1)[0].strip() for pair in str(value).split(",") if pair.strip()}
+        unknown = sorted(names - LABEL_VALUES["stream"])
+        rep.check(not unknown, f"{who}: {var} names only streams that take a limit", f"unknown {unknown}")
+
+
 def cmd_k8s_rendered(name: str, path: str) -> int:
     rep = Report()
     docs = load_docs(pathlib.Path(path))
@@ -404,7 +638,13 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
     rep.check("ecwid-events" in by_kind.get("Namespace", {}), f"{name}: defines Namespace ecwid-events")
 
     configmaps = by_kind.get("ConfigMap", {})
+    clusters = by_kind.get("Cluster", {})
     secrets = set(by_kind.get("Secret", {})) | EXTERNAL_SECRETS
+    for cluster in clusters.values():
+        secrets |= cluster_secrets(cluster)
+    rep.check(len(clusters) <= 1, f"{name}: at most one PostgreSQL Cluster", f"found {sorted(clusters)}")
+    # Services that use the event log's database: deployment, pool size, their pod labels.
+    db_users: dict[str, tuple[dict, int, dict]] = {}
     services_seen = set()
     service_labels: dict[str, dict] = {}
     common = None
@@ -426,6 +666,11 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
             f"{who}: selector matches its pod template",
         )
         grace = spec.get("terminationGracePeriodSeconds", 30)
+        volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+        for vol_name, vol in volumes.items():
+            sec = dig(vol, "secret", "secretName")
+            if sec is not None:
+                rep.check(sec in secrets, f"{who}: Secret {sec} of volume {vol_name} exists or is documented as external")
         for c in spec.get("containers", []):
             cwho = f"{who} container {c['name']}"
             sc = c.get("securityContext") or {}
@@ -450,10 +695,12 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
                             env_names[k] = v
                 else:
                     rep.fail(f"{cwho}: envFrom other than a ConfigMap")
+            env_secrets: dict[str, tuple[str, str]] = {}
             for e in c.get("env") or []:
                 env_names[e["name"]] = e.get("value")
                 sk = dig(e, "valueFrom", "secretKeyRef", "name")
                 if sk is not None:
+                    env_secrets[e["name"]] = (sk, dig(e, "valueFrom", "secretKeyRef", "key"))
                     rep.check(sk in secrets, f"{cwho}: Secret {sk} for {e['name']} exists or is documented as external")
             allowed = SERVICE_ENV.get(svc) if svc else OTHER_ENV.get(c["name"])
             if allowed is None:
@@ -485,6 +732,11 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
             for var in sorted({v for (s, v) in LISTEN_VALUE if s == svc} | REQUIRED_ENV.get(svc, set())):
                 rep.check(env_names.get(var) is not None, f"{cwho}: sets {var}", "missing from its ConfigMaps and env")
             rep.check(env_names.get("LOG_FORMAT") == "json", f"{cwho}: LOG_FORMAT=json")
+            if uses_database(svc, env_names):
+                check_database_env(rep, cwho, c, env_names, env_secrets, volumes, clusters)
+                pool = env_names.get(DATABASE_POOL_ENV)
+                db_users[svc] = (owner, int(pool) if str(pool or "").isdigit() else DEFAULT_DATABASE_POOL,
+                                 dig(tmpl, "metadata", "labels", default={}))
             ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
             ops = OPS_PORT[svc]
             rep.check(ops in ports.values(), f"{cwho}: exposes ops port {ops}")
@@ -507,6 +759,9 @@ def cmd_k8s_rendered(name: str, path: str) -> int:
                 f"{cwho}: NATS_URL={nats_url} is nats://host:port (comma-separated for a cluster)",
             )
     rep.check(services_seen == set(OPS_PORT), f"{name}: runs {', '.join(sorted(OPS_PORT))}", f"found {sorted(services_seen)}")
+    if common is not None:
+        check_stream_limits(rep, f"{name}: ConfigMap ecwid-common", common)
+    check_database_rendered(rep, name, by_kind, clusters, db_users)
 
     # NetworkPolicies: each service reaches NATS and NATS admits it; Prometheus reaches
     # its ops port; the poller reaches HTTPS (Ecwid's API). A service added without
@@ -643,6 +898,39 @@ def split_image(image: str) -> tuple[str, str]:
     return repo, tag
 
 
+# Containers in compose that are not ours, and the variables they may get.
+OTHER_COMPOSE_ENV = {"postgres": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}}
+COMPOSE_DEFAULT_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def compose_default(value: str) -> str:
+    """A compose value with each ${VAR:-default} replaced by its default (what runs when unset)."""
+    return COMPOSE_DEFAULT_RE.sub(lambda m: m.group(2) or "", str(value))
+
+
+def check_compose_database(rep: Report, who: str, svc: dict, env: dict, postgres: dict) -> None:
+    """A compose service that uses the event log's database: its URL names the postgres service,
+    with that service's user, database and password, and it waits for it to be healthy."""
+    url_var = next((v for v in DATABASE_URL_ENV if v in env), None)
+    if not rep.check(url_var is not None, f"{who}: the event log is on and {' or '.join(DATABASE_URL_ENV)} is set"):
+        return
+    raw = str(env[url_var])
+    url = compose_default(raw)
+    check_database_url(rep, who, url)
+    m = re.match(r"^postgres(?:ql)?://([^:/@]+):([^@]*)@([^:/?]+)(?::(\d+))?/([^?]+)", url)
+    host = m.group(3) if m else None
+    pg = postgres.get(host)
+    if not rep.check(pg is not None, f"{who}: {url_var} points at the compose service running postgres", f"host {host!r}"):
+        return
+    pg_env = pg.get("environment") or {}
+    rep.check(m.group(1) == compose_default(pg_env.get("POSTGRES_USER", "postgres"))
+              and m.group(5) == compose_default(pg_env.get("POSTGRES_DB", pg_env.get("POSTGRES_USER", "postgres"))),
+              f"{who}: {url_var} uses the postgres service's POSTGRES_USER and POSTGRES_DB")
+    pw = str(pg_env.get("POSTGRES_PASSWORD", ""))
+    rep.check(bool(pw) and f":{pw}@" in raw, f"{who}: {url_var} carries the postgres service's POSTGRES_PASSWORD ({pw})")
+    rep.check(dig(svc, "depends_on", host, "condition") == "service_healthy", f"{who}: waits for {host} to be healthy")
+
+
 def cmd_compose(path: str) -> int:
     rep = Report()
     text = pathlib.Path(path).read_text(encoding="utf-8")
@@ -654,9 +942,10 @@ def cmd_compose(path: str) -> int:
     rep.ok(f"{path}: parses")
     services = doc.get("services") or {}
     rep.check(
-        {"nats", "ingest", "normalizer", "deliverer", "poller", "prometheus"} <= set(services),
-        f"{path}: has nats, ingest, normalizer, deliverer, poller, prometheus",
+        {"nats", "postgres", "ingest", "normalizer", "deliverer", "poller", "prometheus"} <= set(services),
+        f"{path}: has nats, postgres, ingest, normalizer, deliverer, poller, prometheus",
     )
+    postgres = {n: s for n, s in services.items() if split_image(str(s.get("image", "")))[0] == "postgres"}
     for name, svc in services.items():
         image = svc.get("image")
         if not rep.check(bool(image), f"{path}: {name} names an image"):
@@ -694,8 +983,20 @@ def cmd_compose(path: str) -> int:
                 rep.check(bool(env.get(var)), f"{path}: {name}: sets {var}")
             if binary == "ingest":
                 rep.check("ADMIN_TOKEN" in env, f"{path}: ingest gets ADMIN_TOKEN")
+            check_stream_limits(rep, f"{path}: {name}", env)
+            if uses_database(binary, env):
+                check_compose_database(rep, f"{path}: {name}", svc, env, postgres)
         else:
-            rep.check(not env, f"{path}: {name} sets no environment variables", f"sets {sorted(env)}")
+            allowed_env = OTHER_COMPOSE_ENV.get(repo, set())
+            rep.check(not (set(env) - allowed_env), f"{path}: {name} sets no environment variables but {sorted(allowed_env)}",
+                      f"sets {sorted(set(env) - allowed_env)}")
+        if repo == "postgres":
+            rep.check(any(str(v).endswith(":/var/lib/postgresql/data") for v in svc.get("volumes") or []),
+                      f"{path}: {name} keeps /var/lib/postgresql/data on a volume")
+            hc = dig(svc, "healthcheck", "test", default=[])
+            rep.check(hc[:2] == ["CMD", "pg_isready"], f"{path}: {name}: health check is pg_isready")
+            for var in ("POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD"):
+                rep.check(bool(env.get(var)), f"{path}: {name}: sets {var}")
         if repo == "nats":
             rep.check(
                 cmd[:4] == ["-js", "-sd", "/data", "-m"] and str(cmd[4]) == "8222",
@@ -787,6 +1088,8 @@ def cmd_dashboard(path: str, out_rules: str) -> int:
         ("ecwid_poller_requests_total", "poller requests by outcome"),
         ("ecwid_poller_events_emitted_total", "poll events emitted"),
         ("ecwid_poller_lag_seconds", "poll lag"),
+        ("ecwid_event_log_lag_seconds", "event log lag"),
+        ("ecwid_event_log_spooled", "event log rows spooled"),
     ):
         rep.check(metric in text, f"{path}: shows {what} ({metric})")
     for q in ("0.5", "0.9", "0.99"):

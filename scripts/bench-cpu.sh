@@ -18,4 +18,4 @@ if ! command -v valgrind >/dev/null 2>&1 || ! command -v callgrind_control >/dev
 fi
 NATS_SERVER_BIN="${NATS_SERVER_BIN:-$(scripts/ensure-nats-server.sh)}"
 export NATS_SERVER_BIN
-exec ./target/release/bench cpu "$@"
+ECWID_TEST_PG_DURABLE=1 exec ./target/release/bench cpu "$@"

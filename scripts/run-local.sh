@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: the whole pipeline on this machine. Starts a nats-server with JetStream when
-# NATS_URL is unset and nothing answers on 127.0.0.1:$NATS_PORT (store in .data/nats), builds the
+# NATS_URL is unset and nothing answers on 127.0.0.1:$NATS_PORT (store in .data/nats), and a
+# private PostgreSQL for the event log when EVENT_LOG_DATABASE_URL (and DATABASE_URL) is unset and
+# EVENT_LOG is not off (data in .data/postgres, a socket there and 127.0.0.1:$PG_PORT [5433];
+# never the machine's own server; Debian's binaries, scripts/ensure-postgres.sh), builds the
 # four services and an echo receiver, starts them, waits until each answers /readyz, and prints
 # how to try it. Ctrl-C stops everything.
 #
@@ -54,6 +57,41 @@ if [ -z "${NATS_URL:-}" ]; then
       fail "nats-server did not listen on 127.0.0.1:$nats_port; its log (.data/nats.log) ends:
 $(tail -n 5 .data/nats.log)"
   fi
+fi
+
+if [ -z "${EVENT_LOG_DATABASE_URL:-}${DATABASE_URL:-}" ] && [ "${EVENT_LOG:-on}" != off ]; then
+  pg_port="${PG_PORT:-5433}"
+  pg_bin="$(scripts/ensure-postgres.sh)"
+  pg_data="$root/.data/postgres"
+  # PostgreSQL refuses to run as root: then it runs as the `postgres` user.
+  as_pg=()
+  if [ "$(id -u)" = 0 ]; then
+    id postgres >/dev/null 2>&1 || fail "running as root needs a postgres user to run PostgreSQL as"
+    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+  fi
+  mkdir -p "$pg_data"
+  [ "$(id -u)" = 0 ] && chown postgres: "$pg_data"
+  if [ ! -f "$pg_data/PG_VERSION" ]; then
+    echo "Creating a private PostgreSQL in .data/postgres."
+    "${as_pg[@]}" "$pg_bin/initdb" -D "$pg_data" -A trust -U postgres >.data/postgres-init.log 2>&1 ||
+      fail "initdb failed; see .data/postgres-init.log"
+  fi
+  if "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"; then
+    echo "Using the PostgreSQL already on 127.0.0.1:$pg_port."
+  else
+    echo "Starting PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') (data: .data/postgres, port $pg_port)."
+    "${as_pg[@]}" "$pg_bin/postgres" -D "$pg_data" -p "$pg_port" -k "$pg_data" \
+      -c listen_addresses=127.0.0.1 >.data/postgres.log 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 0.1; done
+    "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" ||
+      fail "PostgreSQL did not start; its log (.data/postgres.log) ends:
+$(tail -n 5 .data/postgres.log)"
+  fi
+  "$pg_bin/psql" -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -tAc \
+    "SELECT 1 FROM pg_database WHERE datname = 'ecwid_events'" | grep -q 1 ||
+    "$pg_bin/psql" -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -c "CREATE DATABASE ecwid_events"
+  export EVENT_LOG_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/ecwid_events?sslmode=disable"
 fi
 
 services=(ingest normalizer deliverer poller)
@@ -112,6 +150,7 @@ ecwid-events is running:
   poller     http://$(local_addr "$poller_ops")/metrics
   receiver   http://$receiver/               (prints what it receives)
   NATS       $NATS_URL
+  event log  ${EVENT_LOG_DATABASE_URL:-${DATABASE_URL:-off}}
 
 Try it:
   curl -s -X POST http://$admin/instances -H "Authorization: Bearer $ADMIN_TOKEN" \\

@@ -55,7 +55,7 @@ impl Config {
             ));
         }
         Ok(Self {
-            common: CommonConfig::from_vars(vars)?,
+            common: CommonConfig::from_vars(vars)?.with_event_log_database(vars)?,
             admin_token: Secret::new(token),
             admin_read_token,
             allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
@@ -69,24 +69,30 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `pairs` with the event log's database named (required with `EVENT_LOG=on`).
+    fn vars<const N: usize>(pairs: [(&str, &str); N]) -> Vars {
+        Vars::from_pairs(
+            pairs
+                .into_iter()
+                .chain([("EVENT_LOG_DATABASE_URL", "postgres://ecwid@db:5432/ecwid")]),
+        )
+    }
+
     const TOKEN: (&str, &str) = ("ADMIN_TOKEN", "0123456789abcdef");
 
     #[test]
     fn defaults_and_errors_name_the_variable() {
-        let c = Config::from_vars(&Vars::from_pairs([TOKEN])).unwrap();
+        let c = Config::from_vars(&vars([TOKEN])).unwrap();
         assert!(c.admin_read_token.is_none());
         assert_eq!(c.search_scan_budget, 20_000);
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
-        assert_eq!(
-            Config::from_vars(&Vars::default()).unwrap_err().var,
-            "ADMIN_TOKEN"
-        );
+        assert_eq!(Config::from_vars(&vars([])).unwrap_err().var, "ADMIN_TOKEN");
         for (var, value) in [
             ("ADMIN_TOKEN", "short"),
             ("EVENT_SEARCH_SCAN_BUDGET", "10"),
             ("DELIVER_ALLOW_NETWORKS", "10.0.0.0/40"),
         ] {
-            let err = Config::from_vars(&Vars::from_pairs([TOKEN, (var, value)])).unwrap_err();
+            let err = Config::from_vars(&vars([TOKEN, (var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value}");
         }
     }
@@ -94,15 +100,14 @@ mod tests {
     #[test]
     fn read_token_is_optional_long_and_distinct() {
         let read = ("ADMIN_READ_TOKEN", "read-only-token-0123");
-        let c = Config::from_vars(&Vars::from_pairs([TOKEN, read])).unwrap();
+        let c = Config::from_vars(&vars([TOKEN, read])).unwrap();
         assert_eq!(
             c.admin_read_token.as_ref().map(|s| s.expose()),
             Some("read-only-token-0123")
         );
         assert!(!format!("{c:?}").contains("read-only-token-0123"));
         for bad in ["short", "0123456789abcdef"] {
-            let err = Config::from_vars(&Vars::from_pairs([TOKEN, ("ADMIN_READ_TOKEN", bad)]))
-                .unwrap_err();
+            let err = Config::from_vars(&vars([TOKEN, ("ADMIN_READ_TOKEN", bad)])).unwrap_err();
             assert_eq!(err.var, "ADMIN_READ_TOKEN", "{bad}");
         }
     }

@@ -198,7 +198,7 @@ async fn health(
         waiting(&state, &instance),
     )?;
     let blocked = if instance.ordered() {
-        within(shared::ordered::blocked_head(js, &id)).await?
+        within(shared::ordered::blocked_head(js, &state.inner.ctx.log, &id)).await?
     } else {
         None
     };

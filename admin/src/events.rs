@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use shared::eventlog::search::{self, search, Page, Query, Reads, Search, SearchError};
+use shared::eventlog::{AttemptRow, Rows};
 use shared::nats::{envelope_subject, events_subject, headers};
 
 use crate::state::AdminState;
@@ -72,7 +73,7 @@ fn searched(e: SearchError) -> ApiError {
 }
 
 async fn record(state: &AdminState, id: &str) -> Result<Record, ApiError> {
-    search::record(reads(state), id)
+    search::record(&state.inner.ctx.log, id)
         .await
         .map_err(searched)?
         .ok_or_else(|| not_found(id))
@@ -158,25 +159,23 @@ async fn send_again(state: &AdminState, record: &Record) -> Result<Record, ApiEr
             ),
         })?;
     // The record says `pending` before the envelope goes, not after: the deliverer may take it
-    // at once, and its snapshot must be the last word, not be undone by this one.
+    // at once, and its row must be the last word, not be undone by this one.
     let log = &state.inner.ctx.log;
-    let fallback = record.clone();
-    let pending = log
-        .update(&record.id, |current| {
-            let mut r = current.unwrap_or_else(|| fallback.clone());
-            r.status = Status::Pending;
-            r.next_attempt_at = None;
-            r
+    let mut pending = record.clone();
+    let marked = log
+        .append(Rows {
+            events: Vec::new(),
+            attempts: vec![AttemptRow::status_change(record, Status::Pending, None)],
         })
         .await;
-    let pending = match pending {
-        Ok(r) => r,
-        Err(error) => {
-            // Not marked; the deliverer's next snapshot says where it stands.
-            log.failed(&error);
-            record.clone()
+    match marked {
+        Ok(()) => {
+            pending.status = Status::Pending;
+            pending.next_attempt_at = None;
         }
-    };
+        // Not marked; the deliverer's next row says where it stands.
+        Err(error) => log.failed(&error),
+    }
     let mut h = HeaderMap::new();
     headers::carry(&original, &mut h);
     h.insert(
@@ -201,16 +200,18 @@ async fn send_again(state: &AdminState, record: &Record) -> Result<Record, ApiEr
     .await;
     if let Err(e) = published {
         // Nothing was sent: put the status back (best effort) and say so.
-        let previous = record.status;
-        let _ = log
-            .update(&record.id, |current| {
-                let mut r = current.unwrap_or_else(|| record.clone());
-                if r.status == Status::Pending {
-                    r.status = previous;
-                }
-                r
-            })
-            .await;
+        if pending.status != record.status {
+            let _ = log
+                .append(Rows {
+                    events: Vec::new(),
+                    attempts: vec![AttemptRow::status_change(
+                        record,
+                        record.status,
+                        record.last_error.clone(),
+                    )],
+                })
+                .await;
+        }
         return Err(ApiError::Unavailable(shared::http::error_chain(&e)));
     }
     Ok(pending)

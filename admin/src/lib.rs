@@ -13,6 +13,7 @@
 //! - [`dead_letters`]: list, show, replay and delete dead letters.
 //! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
 //! - [`backfill`]: the poller's routes: backfill a window, show a store's last poll.
+//! - [`purge`]: `DELETE /stores/{storeId}/data`: a store's (or one object's) data removed.
 //! - [`console`]: the operators' console (`/ui/`) and the OpenAPI document, embedded.
 
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod dead_letters;
 pub mod events;
 pub mod instances;
 pub mod metrics;
+pub mod purge;
 pub mod state;
 pub mod stored;
 
@@ -55,6 +57,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(crate::events::routes())
         .merge(crate::control::routes())
         .merge(crate::backfill::routes())
+        .merge(crate::purge::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -92,7 +92,7 @@ impl Config {
                     .map_err(|e| ConfigError::new("DELIVER_PROXY_URL", e))
             })
             .transpose()?;
-        let common = CommonConfig::from_vars(vars)?;
+        let common = CommonConfig::from_vars(vars)?.with_event_log_database(vars)?;
         // A record must outlive the retries it describes, or a retrying event would vanish from
         // the log while still being delivered.
         if common.event_log && !retry::log_outlasts(&schedule, common.event_log_retention) {
@@ -136,9 +136,18 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `pairs` with the event log's database named (required with `EVENT_LOG=on`).
+    fn vars<const N: usize>(pairs: [(&str, &str); N]) -> Vars {
+        Vars::from_pairs(
+            pairs
+                .into_iter()
+                .chain([("EVENT_LOG_DATABASE_URL", "postgres://ecwid@db:5432/ecwid")]),
+        )
+    }
+
     #[test]
     fn defaults() {
-        let c = Config::from_vars(&Vars::default()).unwrap();
+        let c = Config::from_vars(&vars([])).unwrap();
         assert_eq!(c.ops_listen.to_string(), "0.0.0.0:9102");
         assert_eq!(c.schedule.len(), 10);
         assert!(c.schedule.iter().sum::<Duration>() >= Duration::from_secs(24 * 3600));
@@ -148,7 +157,7 @@ mod tests {
         );
         assert!(c.ack_wait() > c.timeout);
         assert_eq!(c.disable_after, Some(Duration::from_secs(72 * 3600)));
-        let never = Config::from_vars(&Vars::from_pairs([("DELIVER_DISABLE_AFTER", "0")])).unwrap();
+        let never = Config::from_vars(&vars([("DELIVER_DISABLE_AFTER", "0")])).unwrap();
         assert_eq!(never.disable_after, None);
     }
 
@@ -156,14 +165,13 @@ mod tests {
     fn the_longest_attempt_fits_the_schedule_allowance() {
         // parse_schedule budgets ATTEMPT_ALLOWANCE per attempt: it must cover the longest time
         // the server lets one attempt hold a message.
-        let c = Config::from_vars(&Vars::from_pairs([("DELIVER_TIMEOUT_MS", "600000")])).unwrap();
+        let c = Config::from_vars(&vars([("DELIVER_TIMEOUT_MS", "600000")])).unwrap();
         assert!(
             c.ack_wait() <= model::retry::ATTEMPT_ALLOWANCE,
             "{:?}",
             c.ack_wait()
         );
-        let err =
-            Config::from_vars(&Vars::from_pairs([("DELIVER_TIMEOUT_MS", "600001")])).unwrap_err();
+        let err = Config::from_vars(&vars([("DELIVER_TIMEOUT_MS", "600001")])).unwrap_err();
         assert_eq!(err.var, "DELIVER_TIMEOUT_MS");
     }
 
@@ -187,7 +195,7 @@ mod tests {
             ("EVENT_LOG_RETENTION", "24h"),
             ("EVENT_LOG_RETENTION", "forever"),
         ] {
-            let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
+            let err = Config::from_vars(&vars([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value}");
         }
     }

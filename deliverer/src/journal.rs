@@ -1,14 +1,12 @@
 //! What the deliverer writes to the event log ([`shared::eventlog`]): after every attempt, and
-//! when an envelope is dead-lettered without one, the record's new snapshot. It is written
+//! when an envelope is dead-lettered without one, an attempt row (the record's status after it,
+//! and the attempt itself). It is written, and durable (in PostgreSQL or the log's spool),
 //! before the message is settled: a deliverer that dies before writing leaves the message to be
-//! redelivered, and the next attempt's snapshot says what really happened.
+//! redelivered, and the next attempt's row says what really happened.
 //!
-//! Every snapshot is a compare-and-set write onto the stored one
-//! ([`EventLog::update`](shared::eventlog::EventLog::update)), and an attempt is numbered from
-//! the stored record at that moment (its count plus one), not from what this message was told
-//! when it was published: copies of one envelope delivered at once (concurrent redeliveries and
-//! replays) then neither lose each other's attempts nor repeat a number. That costs the first
-//! attempt a read it once skipped; a write it could not make exact was not worth the saving.
+//! Rows are appended, never read first: an attempt's number is its place among the record's
+//! attempt rows, counted when the record is read, so copies of one envelope delivered at once
+//! (concurrent redeliveries and replays) neither lose each other's attempts nor repeat a number.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -18,14 +16,11 @@ use model::envelope::EventType;
 use model::record::{Record, Status};
 use model::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use serde::Deserialize;
-use shared::eventlog::EventLog;
+use shared::eventlog::{AttemptRow, EventLog, LogError, Rows};
 use shared::nats::{header, headers, subject_tail};
 
 use crate::dispatch::Attempt;
 use crate::outcome::{MessageHead, Outcome};
-
-/// A write that fails is tried this many times before the attempt moves on without it.
-const TRIES: usize = 3;
 
 /// An attempt that was made: when, how long, and how it went.
 #[derive(Debug)]
@@ -98,74 +93,61 @@ fn attempt_entry(number: u64, sent: &Sent) -> model::record::Attempt {
     }
 }
 
-/// Writes the snapshot that follows `outcome` for `message`, whose body's head is `head` (`None`
-/// when it is not an envelope). A deferral (no attempt) writes nothing. Failures are counted and
-/// tried again a few times; the delivery goes on regardless.
+/// Writes the attempt row that follows `outcome` for `message`, whose body's head is `head`
+/// (`None` when it is not an envelope). A deferral (no attempt) writes nothing. `Err` when the
+/// row could be made durable neither in PostgreSQL nor in the spool (counted): the caller puts
+/// the message back instead of settling it.
 pub(crate) async fn record(
     log: &EventLog,
     message: &jetstream::Message,
     head: Option<&MessageHead<'_>>,
     sent: Option<&Sent>,
     outcome: &Outcome,
-) {
+) -> Result<(), LogError> {
     if !log.enabled() {
-        return;
+        return Ok(());
     }
     let now_ms = now_unix_ms();
-    let (status, next_attempt_at) = match outcome {
+    let (status, next_attempt_at_ms) = match outcome {
         Outcome::Ack => (Status::Delivered, None),
         Outcome::Retry {
             spends_attempt: false,
             ..
-        } => return,
+        } => return Ok(()),
         Outcome::Retry { delay, .. } => (
             Status::Retrying,
-            Some(unix_ms_to_rfc3339(
-                now_ms + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2),
-            )),
+            Some(now_ms + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2)),
         ),
         Outcome::Dead { .. } => (Status::Dead, None),
     };
     let Some(base) = head.and_then(|head| base_record(message, head)) else {
-        // Not an envelope: it is dead-lettered as unparseable, and has no record to update.
-        return;
+        // Not an envelope: it is dead-lettered as unparseable, and has no record.
+        return Ok(());
     };
-    let envelope_seq = base.envelope_seq;
-    let apply = |mut r: Record| {
-        r.status = status;
-        r.next_attempt_at = next_attempt_at.clone();
-        if let Some(sent) = sent {
-            // Numbered on from the snapshot this write replaces: unique however many copies of
-            // the envelope are attempted at once.
-            r.push_attempt(attempt_entry(r.attempts + 1, sent));
+    let mut row = AttemptRow::status_change(&base, status, None);
+    row.settled_at_ms = now_ms;
+    row.next_attempt_at_ms = next_attempt_at_ms;
+    row.envelope_seq = base.envelope_seq.and_then(|s| i64::try_from(s).ok());
+    match sent {
+        Some(sent) => {
+            let entry = attempt_entry(0, sent);
+            row.attempted = true;
+            row.started_at_ms = sent.started_at_ms;
+            row.duration_ms = i32::try_from(entry.duration_ms).unwrap_or(i32::MAX);
+            row.http_status = entry.status.map(i32::from);
+            row.error_class = entry.error_class;
+            row.error = entry.error;
+            row.response = entry.response;
         }
-        match outcome {
-            Outcome::Ack => r.delivered_at = Some(unix_ms_to_rfc3339(now_ms)),
-            Outcome::Dead { error, .. } if sent.is_none() => {
-                r.last_error = Some(model::record::clip(error, model::record::MAX_ERROR_CHARS));
-            }
-            _ => {}
-        }
-        if r.envelope_seq.is_none() {
-            r.envelope_seq = envelope_seq;
-        }
-        r
-    };
-    for try_number in 1..=TRIES {
-        let written = log
-            .update(&base.id, |current| {
-                apply(current.unwrap_or_else(|| base.clone()))
-            })
-            .await
-            .map(drop);
-        match written {
-            Ok(()) => return,
-            Err(error) => {
-                log.failed(&error);
-                if try_number < TRIES {
-                    tokio::time::sleep(model::retry::LOG_WRITE_RETRY_WAIT).await;
-                }
+        None => {
+            if let Outcome::Dead { error, .. } = outcome {
+                row.error = Some(model::record::clip(error, model::record::MAX_ERROR_CHARS));
             }
         }
     }
+    let rows = Rows {
+        events: Vec::new(),
+        attempts: vec![row],
+    };
+    log.append(rows).await.inspect_err(|e| log.failed(e))
 }

@@ -137,7 +137,7 @@ impl Worker {
         let (outcome, sent) = self
             .attempt(&message, &head, &instance_id, attempt, deferred)
             .await;
-        journal::record(
+        let logged = journal::record(
             &self.ctx.log,
             &message,
             head.as_ref().ok(),
@@ -145,6 +145,14 @@ impl Worker {
             &outcome,
         )
         .await;
+        if logged.is_err() {
+            // Not settled without its row: the message comes back, and its next attempt (or a
+            // receiver's deduplication by webhook-id) says what happened.
+            let _ = message
+                .ack_with(AckKind::Nak(Some(model::retry::LOG_WRITE_RETRY_WAIT)))
+                .await;
+            return;
+        }
         self.settle(
             &message,
             &instance_id,
@@ -177,11 +185,14 @@ impl Worker {
         let Some(head) = head else {
             return local;
         };
-        match self.ctx.log.get(&head.event_id).await {
-            Ok(Some((record, _))) if record.attempts >= offset => record.attempts - offset + 1,
-            Ok(_) => local,
-            Err(error) => {
-                tracing::debug!(seq, %error, "Event log unreadable; counting attempts from deliveries.");
+        match self.ctx.log.attempts_of(&head.event_id).await {
+            Some(attempts) if attempts >= offset => attempts - offset + 1,
+            Some(_) => local,
+            None => {
+                tracing::debug!(
+                    seq,
+                    "Event log unreadable; counting attempts from deliveries."
+                );
                 local
             }
         }

@@ -65,7 +65,7 @@ impl Config {
         }
         Ok(Self {
             admin: admin::Config::from_vars(vars)?,
-            common: CommonConfig::from_vars(vars)?,
+            common: CommonConfig::from_vars(vars)?.with_event_log_database(vars)?,
             listen: vars.addr_or("INGEST_LISTEN", DEFAULT_LISTEN)?,
             admin_listen: vars.addr_or("ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN)?,
             max_body_bytes,
@@ -86,11 +86,20 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `pairs` with the event log's database named (required with `EVENT_LOG=on`).
+    fn vars<const N: usize>(pairs: [(&str, &str); N]) -> Vars {
+        Vars::from_pairs(
+            pairs
+                .into_iter()
+                .chain([("EVENT_LOG_DATABASE_URL", "postgres://ecwid@db:5432/ecwid")]),
+        )
+    }
+
     const TOKEN: (&str, &str) = ("ADMIN_TOKEN", "0123456789abcdef");
 
     #[test]
     fn defaults() {
-        let c = Config::from_vars(&Vars::from_pairs([TOKEN])).unwrap();
+        let c = Config::from_vars(&vars([TOKEN])).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.max_body_bytes, 262_144);
@@ -107,7 +116,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        let err = Config::from_vars(&Vars::default()).unwrap_err();
+        let err = Config::from_vars(&vars([])).unwrap_err();
         assert_eq!(err.var, "ADMIN_TOKEN");
         for (var, value) in [
             ("INGEST_LISTEN", "8080"),
@@ -122,7 +131,7 @@ mod tests {
             ("DELIVER_ALLOW_NETWORKS", "10.0.0.0/40"),
             ("NATS_URL", "http://localhost"),
         ] {
-            let err = Config::from_vars(&Vars::from_pairs([TOKEN, (var, value)])).unwrap_err();
+            let err = Config::from_vars(&vars([TOKEN, (var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value}");
         }
     }

@@ -24,10 +24,6 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use state::AppState;
 
-/// NATS connections the event log's reads take turns on (the admin API's searches read many
-/// records at once; the server serves each connection's requests in order).
-const LOG_READERS: usize = 4;
-
 /// The name of the admin API's own NATS connection (in nats-server's `connz`).
 pub const ADMIN_CONNECTION: &str = "ecwid-ingest-admin";
 
@@ -53,19 +49,7 @@ pub async fn run(
     // reads (or a bad one) must never queue behind, or break, the webhooks' publishes.
     let admin_client =
         shared::nats::connect(&config.common.nats_url, ADMIN_CONNECTION, &cancel).await?;
-    let mut admin_ctx = ctx.on_connection(admin_client.clone()).await?;
-    let mut readers = Vec::new();
-    // With the log off nothing is read: no extra connections.
-    let extra = if config.common.event_log {
-        LOG_READERS - 1
-    } else {
-        0
-    };
-    for _ in 0..extra {
-        let reader = shared::nats::connect(&config.common.nats_url, "ecwid-ingest-reads", &cancel);
-        readers.push(shared::nats::jetstream(reader.await?));
-    }
-    admin_ctx.log = admin_ctx.log.with_readers(readers);
+    let admin_ctx = ctx.on_connection(admin_client.clone()).await?;
     let metrics = metrics::Metrics::register(&ctx.registry);
     metrics::spawn_stream_usage(
         ctx.js.clone(),

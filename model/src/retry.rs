@@ -79,9 +79,9 @@ pub const RATE_WAIT_MIN: Duration = Duration::from_millis(100);
 /// and how often a held lane looks again.
 pub const HELD_RECHECK: Duration = Duration::from_secs(1);
 
-/// The wait before the deliverer tries an event log write again (a few tries, then it is
-/// counted and left to the next attempt's snapshot).
-pub const LOG_WRITE_RETRY_WAIT: Duration = Duration::from_millis(200);
+/// The wait before a message whose event log row could be written neither to PostgreSQL nor to
+/// the log's spool is offered again (it is not settled without its row).
+pub const LOG_WRITE_RETRY_WAIT: Duration = Duration::from_secs(2);
 
 /// The wait before a message whose move failed is offered again.
 pub const HOLD_MOVE_RETRY: Duration = Duration::from_secs(2);
@@ -107,13 +107,6 @@ pub const POLL_FAILED_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// The wait after a 429 without a readable `Retry-After` (before the clamp).
 pub const POLL_DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
-
-/// The first wait of an event log compare-and-set that lost to another writer (doubling,
-/// jittered, up to [`LOG_CONTENTION_WAIT_MAX`]).
-pub const LOG_CONTENTION_WAIT_MIN: Duration = Duration::from_millis(2);
-
-/// The longest such wait.
-pub const LOG_CONTENTION_WAIT_MAX: Duration = Duration::from_millis(100);
 
 /// How long a message of `stage` waits after a transient failure (NATS did not store what the
 /// stage produced), given the message's delivery count (1 on the first delivery).

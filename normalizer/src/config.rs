@@ -28,7 +28,7 @@ impl Config {
             ));
         }
         Ok(Self {
-            common: CommonConfig::from_vars(vars)?,
+            common: CommonConfig::from_vars(vars)?.with_event_log_database(vars)?,
             ops_listen: vars.addr_or("OPS_LISTEN", DEFAULT_OPS_LISTEN)?,
             concurrency,
             publish_timeout: vars.millis_or("NORMALIZER_PUBLISH_TIMEOUT_MS", 5_000, 100)?,
@@ -45,20 +45,25 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `pairs` with the event log's database named (required with `EVENT_LOG=on`).
+    fn vars<const N: usize>(pairs: [(&str, &str); N]) -> Vars {
+        Vars::from_pairs(
+            pairs
+                .into_iter()
+                .chain([("EVENT_LOG_DATABASE_URL", "postgres://ecwid@db:5432/ecwid")]),
+        )
+    }
+
     #[test]
     fn defaults_and_errors() {
-        let c = Config::from_vars(&Vars::default()).unwrap();
+        let c = Config::from_vars(&vars([])).unwrap();
         assert_eq!(c.ops_listen.to_string(), "0.0.0.0:9101");
         assert_eq!(c.concurrency, 256);
         assert!(c.ack_wait() > c.publish_timeout);
-        let err =
-            Config::from_vars(&Vars::from_pairs([("NORMALIZER_CONCURRENCY", "0")])).unwrap_err();
+        let err = Config::from_vars(&vars([("NORMALIZER_CONCURRENCY", "0")])).unwrap_err();
         assert_eq!(err.var, "NORMALIZER_CONCURRENCY");
-        let err = Config::from_vars(&Vars::from_pairs([(
-            "NORMALIZER_PUBLISH_TIMEOUT_MS",
-            "soon",
-        )]))
-        .unwrap_err();
+        let err =
+            Config::from_vars(&vars([("NORMALIZER_PUBLISH_TIMEOUT_MS", "soon")])).unwrap_err();
         assert_eq!(err.var, "NORMALIZER_PUBLISH_TIMEOUT_MS");
     }
 }

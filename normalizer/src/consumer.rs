@@ -337,23 +337,25 @@ impl Worker {
         }
     }
 
-    /// Creates the log records; `false` (counted) when a write failed, and the raw message is
-    /// then NAK-ed so that it comes back: its envelopes are deduplicated, its records written.
+    /// Creates the log records (their event rows); `false` (counted) when they could be written
+    /// neither to the database nor to its spool, and the raw message is then NAK-ed so that it
+    /// comes back: its envelopes are deduplicated, its records written.
     async fn write_log(&self, message: &jetstream::Message, records: &[Record]) -> bool {
         let log = &self.ctx.log;
-        let writes = records.iter().map(|r| log.create(r));
-        let failed = futures::future::join_all(writes)
-            .await
-            .into_iter()
-            .filter_map(Result::err)
-            .inspect(|e| log.failed(e))
-            .count();
-        if failed > 0 {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(retry_delay(message))))
-                .await;
+        let rows = shared::eventlog::Rows {
+            events: records.iter().map(shared::eventlog::EventRow::of).collect(),
+            attempts: Vec::new(),
+        };
+        match log.append(rows).await {
+            Ok(()) => true,
+            Err(error) => {
+                log.failed(&error);
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(retry_delay(message))))
+                    .await;
+                false
+            }
         }
-        failed == 0
     }
 
     async fn settle(&self, message: &jetstream::Message, outcome: Outcome) {

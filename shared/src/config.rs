@@ -326,6 +326,78 @@ pub struct CommonConfig {
     pub event_log_retention: Duration,
     /// `STREAM_MAX_BYTES` and `STREAM_MAX_MSGS`: limits per stream (none by default).
     pub stream_limits: StreamLimits,
+    /// Where the event log is stored: set by the services that write or read it
+    /// ([`CommonConfig::with_event_log_database`]); `None` in the others and with the log off.
+    pub event_log_database: Option<DatabaseConfig>,
+}
+
+/// The event log's PostgreSQL database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    /// `EVENT_LOG_DATABASE_URL`, or `DATABASE_URL`: `postgres://user:password@host:port/db`,
+    /// with `sslmode=disable|prefer|require|verify-ca|verify-full` (TLS, when used, is always
+    /// verified: `require` checks the certificate as `verify-full` does).
+    pub url: String,
+    /// `EVENT_LOG_DATABASE_POOL`, default 8: connections per process.
+    pub pool: usize,
+    /// `EVENT_LOG_DATABASE_CA_FILE`: PEM certificates to trust for the server (default: the
+    /// webpki roots).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    /// The URL without its password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = url::Url::parse(&self.url)
+            .map(|mut u| {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("redacted"));
+                }
+                u.to_string()
+            })
+            .unwrap_or_else(|_| "<unparseable>".to_owned());
+        f.debug_struct("DatabaseConfig")
+            .field("url", &shown)
+            .field("pool", &self.pool)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl DatabaseConfig {
+    /// The database settings; `None` when no URL is set.
+    pub fn from_vars(vars: &Vars) -> Result<Option<Self>, ConfigError> {
+        let url = vars
+            .get("EVENT_LOG_DATABASE_URL")
+            .or_else(|| vars.get("DATABASE_URL"))
+            .map(str::to_owned);
+        let pool: usize = vars.parse_or("EVENT_LOG_DATABASE_POOL", 8)?;
+        if !(1..=256).contains(&pool) {
+            return Err(ConfigError::new(
+                "EVENT_LOG_DATABASE_POOL",
+                "must be between 1 and 256",
+            ));
+        }
+        let ca_file = vars
+            .get("EVENT_LOG_DATABASE_CA_FILE")
+            .map(std::path::PathBuf::from);
+        if let Some(path) = &ca_file {
+            if !vars.contract && !path.is_file() {
+                return Err(ConfigError::new(
+                    "EVENT_LOG_DATABASE_CA_FILE",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        let Some(url) = url else { return Ok(None) };
+        let var = if vars.get("EVENT_LOG_DATABASE_URL").is_some() {
+            "EVENT_LOG_DATABASE_URL"
+        } else {
+            "DATABASE_URL"
+        };
+        parse_database_url(&url).map_err(|e| ConfigError::new(var, e))?;
+        Ok(Some(Self { url, pool, ca_file }))
+    }
 }
 
 /// Byte and message limits per stream, from `STREAM_MAX_BYTES` and `STREAM_MAX_MSGS`
@@ -337,15 +409,18 @@ pub struct StreamLimits {
 }
 
 /// The streams whose limits can be set.
-pub const LIMITED_STREAMS: [&str; 7] = [
+pub const LIMITED_STREAMS: [&str; 6] = [
     "ECWID_RAW",
     "ECWID_EVENTS",
     "ECWID_DEAD",
     "ECWID_HELD",
     "ECWID_RETRYING",
-    "ECWID_LOG",
-    "ECWID_LOG_INDEX",
+    "ECWID_LOG_SPOOL",
 ];
+
+/// Streams of earlier releases (the JetStream event log) that a limit may still name, and that
+/// are ignored: a deployment's `STREAM_MAX_BYTES` keeps working across the upgrade.
+pub const RETIRED_STREAMS: [&str; 2] = ["ECWID_LOG", "ECWID_LOG_INDEX"];
 
 impl StreamLimits {
     pub fn parse(max_bytes: &str, max_msgs: &str) -> Result<Self, ConfigError> {
@@ -381,6 +456,10 @@ fn parse_limits(
             .split_once('=')
             .ok_or_else(|| ConfigError::new(var, format!("`{item}` is not STREAM=LIMIT")))?;
         let name = name.trim();
+        if RETIRED_STREAMS.contains(&name) {
+            // The JetStream event log's streams: no longer written, so no longer limited.
+            continue;
+        }
         if !LIMITED_STREAMS.contains(&name) {
             return Err(ConfigError::new(
                 var,
@@ -465,8 +544,49 @@ impl CommonConfig {
             log_format,
             event_log,
             event_log_retention,
+            event_log_database: None,
         })
     }
+
+    /// For the services that write or read the event log (ingest's admin API, normalizer,
+    /// deliverer): with `EVENT_LOG=on` its database must be named.
+    pub fn with_event_log_database(mut self, vars: &Vars) -> Result<Self, ConfigError> {
+        let database = DatabaseConfig::from_vars(vars)?;
+        if self.event_log {
+            if vars.contract {
+                self.event_log_database = database;
+                return Ok(self);
+            }
+            let database = database.ok_or_else(|| {
+                ConfigError::new(
+                    "EVENT_LOG_DATABASE_URL",
+                    "is required with EVENT_LOG=on (a PostgreSQL URL; DATABASE_URL also works), \
+                     or set EVENT_LOG=off to run without the event log",
+                )
+            })?;
+            self.event_log_database = Some(database);
+        }
+        Ok(self)
+    }
+}
+
+/// `url` as tokio-postgres takes it. libpq's `sslmode=verify-ca` and `verify-full` are taken as
+/// `require`: TLS here always verifies the certificate and the host name.
+pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    let mut url = url.to_owned();
+    for strict in ["sslmode=verify-full", "sslmode=verify-ca"] {
+        url = url.replace(strict, "sslmode=require");
+    }
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| format!("not a PostgreSQL URL: {e}"))?;
+    if config.get_hosts().is_empty() {
+        return Err("names no host".to_owned());
+    }
+    if config.get_dbname().is_none() {
+        return Err("names no database (postgres://user:password@host:5432/database)".to_owned());
+    }
+    Ok(config)
 }
 
 /// Prints a configuration error and exits with [`EXIT_CONFIG`]. For `main` only.
@@ -620,6 +740,35 @@ mod tests {
     }
 
     #[test]
+    fn the_event_log_needs_its_database_unless_it_is_off() {
+        let err = CommonConfig::from_vars(&Vars::default())
+            .unwrap()
+            .with_event_log_database(&Vars::default())
+            .unwrap_err();
+        assert_eq!(err.var, "EVENT_LOG_DATABASE_URL");
+        let off = Vars::from_pairs([("EVENT_LOG", "off")]);
+        let c = CommonConfig::from_vars(&off)
+            .unwrap()
+            .with_event_log_database(&off)
+            .unwrap();
+        assert!(c.event_log_database.is_none());
+        let on = Vars::from_pairs([("DATABASE_URL", "postgresql://u:hunter2@db/ecwid")]);
+        let c = CommonConfig::from_vars(&on)
+            .unwrap()
+            .with_event_log_database(&on)
+            .unwrap();
+        let db = c.event_log_database.expect("named");
+        assert_eq!(db.pool, 8);
+        assert!(!format!("{db:?}").contains("hunter2"), "{db:?}");
+        let bad = Vars::from_pairs([("EVENT_LOG_DATABASE_URL", "postgres://u@db")]);
+        let err = CommonConfig::from_vars(&bad)
+            .unwrap()
+            .with_event_log_database(&bad)
+            .unwrap_err();
+        assert_eq!(err.var, "EVENT_LOG_DATABASE_URL");
+    }
+
+    #[test]
     fn stream_limits_name_known_streams_with_sizes() {
         let l = StreamLimits::parse(
             "ECWID_RAW=1500MB, ECWID_EVENTS=2GiB,ECWID_LOG=1",
@@ -630,6 +779,11 @@ mod tests {
         assert_eq!(l.of("ECWID_EVENTS"), (2 << 30, -1));
         assert_eq!(l.of("ECWID_DEAD"), (-1, 1000));
         assert_eq!(l.of("ECWID_HELD"), (-1, -1));
+        assert_eq!(
+            l.of("ECWID_LOG"),
+            (-1, -1),
+            "a retired stream's limit is ignored"
+        );
         assert_eq!(
             StreamLimits::parse("", "").unwrap(),
             StreamLimits::default()

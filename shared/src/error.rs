@@ -23,6 +23,8 @@ pub enum Error {
     Timeout(std::time::Duration),
     #[error("start-up was cancelled")]
     Cancelled,
+    #[error("the event log's database: {0}")]
+    Database(String),
 }
 
 impl Error {

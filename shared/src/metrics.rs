@@ -35,7 +35,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// leaves out a labelled metric until it has a series). Bounded by the names in the code.
 static DECLARED: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
 
-fn declare(name: &str, kind: &'static str) {
+pub fn declare(name: &str, kind: &'static str) {
     DECLARED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -15,10 +15,10 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use serde::{Deserialize, Serialize};
 
-use crate::eventlog::{record_subject, LOG_STREAM};
+use crate::eventlog::EventLog;
 use crate::nats::{ordered_subject, EVENTS_STREAM, ORDERED_CONSUMER_PREFIX};
 use crate::Error;
-use model::record::{Record, Status};
+use model::record::Status;
 
 /// `ordered-<instanceId>`: the durable consumer of one ordered instance's lane.
 pub fn consumer_name(instance_id: &str) -> String {
@@ -87,6 +87,7 @@ struct HeadMessage {
 /// server redelivered the head.
 pub async fn blocked_head(
     js: &jetstream::Context,
+    log: &EventLog,
     instance_id: &str,
 ) -> Result<Option<BlockedHead>, Error> {
     let stream = js
@@ -119,7 +120,11 @@ pub async fn blocked_head(
         return Ok(None);
     };
     let event_id = head.message.event_id;
-    let record = log_record(js, &event_id).await?;
+    // The log unreadable (down, or off) counts as no record: the lane's state still shows.
+    let record = crate::eventlog::search::record(log, &event_id)
+        .await
+        .ok()
+        .flatten();
     let (attempts, last_status, next_attempt_at) = match record {
         Some(r) if r.status == Status::Retrying && r.attempts > 0 => {
             (r.attempts, r.last_status, r.next_attempt_at)
@@ -136,25 +141,6 @@ pub async fn blocked_head(
         next_attempt_at,
         waiting: info.num_pending,
     }))
-}
-
-/// The event log's latest record of `event_id`, if the log has one.
-async fn log_record(js: &jetstream::Context, event_id: &str) -> Result<Option<Record>, Error> {
-    if !crate::nats::is_subject_token(event_id) {
-        return Ok(None);
-    }
-    let stream = js
-        .get_stream_no_info(LOG_STREAM)
-        .await
-        .map_err(Error::jetstream)?;
-    match stream
-        .direct_get_last_for_subject(record_subject(event_id))
-        .await
-    {
-        Ok(m) => Ok(serde_json::from_slice(&m.payload).ok()),
-        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::jetstream(e)),
-    }
 }
 
 #[cfg(test)]

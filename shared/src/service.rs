@@ -128,11 +128,20 @@ impl ServiceContext {
             common.instances.clone(),
             cancel.child_token(),
         );
-        let log = EventLog::new(
-            js.clone(),
-            config.event_log,
-            LogMetrics::register(&registry),
-        );
+        let log_metrics = LogMetrics::register(&registry);
+        let log = match (&config.event_log_database, config.event_log) {
+            (Some(database), true) => EventLog::start(
+                database,
+                js.clone(),
+                service,
+                config.event_log_retention,
+                log_metrics,
+                cancel,
+            )
+            .await
+            .map_err(|e| Error::Database(e.to_string()))?,
+            _ => EventLog::off(log_metrics),
+        };
         Ok(Self {
             client,
             js,
@@ -168,7 +177,6 @@ impl ServiceContext {
         let kv = bucket(crate::nats::INSTANCES_BUCKET).await?;
         let states_kv = bucket(STATE_BUCKET).await?;
         Ok(Self {
-            log: self.log.on(js.clone()),
             client,
             js,
             kv,

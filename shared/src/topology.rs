@@ -98,15 +98,13 @@ fn work_stream(
 
 /// Applies the operator's limits to a stream. At a limit, a work stream (whose messages are work
 /// not done yet) refuses new messages, so the writer fails and retries (the ingest answers 503)
-/// and nothing stored is dropped; the event log's streams drop their oldest entries, as a log
-/// does.
+/// and nothing stored is dropped; `ECWID_RETRYING` (markers, rebuilt from the work streams) drops
+/// its oldest.
 pub fn limit(config: &mut stream::Config, limits: &crate::config::StreamLimits) {
     let (bytes, msgs) = limits.of(&config.name);
     config.max_bytes = bytes;
     config.max_messages = msgs;
-    let is_log =
-        config.name.starts_with(crate::eventlog::LOG_STREAM) || config.name == RETRYING_STREAM;
-    config.discard = if is_log {
+    config.discard = if config.name == RETRYING_STREAM {
         stream::DiscardPolicy::Old
     } else {
         stream::DiscardPolicy::New
@@ -153,10 +151,10 @@ pub async fn setup_topology(
             )
         },
     ];
-    let [log, index] = crate::eventlog::stream_configs(cfg.replicas, cfg.log_retention);
+    let spool = crate::eventlog::spool_stream_config(cfg.replicas);
     let held = crate::control::held_stream_config(cfg.replicas, cfg.duplicate_window);
     let retrying = crate::control::retrying_stream_config(cfg.replicas);
-    for mut config in streams.into_iter().chain([log, index, held, retrying]) {
+    for mut config in streams.into_iter().chain([spool, held, retrying]) {
         limit(&mut config, &cfg.limits);
         ensure_stream(js, "stream", config, report).await?;
     }

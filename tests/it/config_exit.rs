@@ -12,9 +12,15 @@ fn run(name: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 }
 
 fn run_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    // The event log's database is required with the log on: named here, so that each case
+    // finds the mistake it makes (a case may set it again, or empty it).
     let out = Command::new(binary(name))
         .args(args)
         .env_clear()
+        .env(
+            "EVENT_LOG_DATABASE_URL",
+            "postgres://ecwid@127.0.0.1:9/ecwid_events",
+        )
         .envs(env.iter().copied())
         .output()
         .expect("the binary runs");
@@ -93,6 +99,24 @@ fn bad_settings_exit_64_naming_the_variable() {
             "DELIVER_ALLOW_NETWORKS",
         ),
         ("deliverer", &[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+        (
+            "normalizer",
+            &[("OPS_LISTEN", &listen), ("EVENT_LOG_DATABASE_URL", "")],
+            "EVENT_LOG_DATABASE_URL",
+        ),
+        (
+            "ingest",
+            &[
+                ("ADMIN_TOKEN", "0123456789abcdefXYZ"),
+                ("EVENT_LOG_DATABASE_URL", "postgres://ecwid@db"),
+            ],
+            "EVENT_LOG_DATABASE_URL",
+        ),
+        (
+            "deliverer",
+            &[("OPS_LISTEN", &listen), ("EVENT_LOG_DATABASE_POOL", "0")],
+            "EVENT_LOG_DATABASE_POOL",
+        ),
         // Tokio's own variable: checked by the service, not left to Tokio's panic.
         (
             "deliverer",

@@ -9,6 +9,7 @@ mod console;
 mod control;
 mod delivery;
 mod eventlog;
+mod eventlog_pg;
 mod fanout;
 mod faults;
 mod hardening;

@@ -139,6 +139,7 @@ async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill
     // ack_wait = 2 s host slot + 5 s request + 15 s: how long a killed replica's head waits.
     let mut cluster = Cluster::start(&nats.url(), &[("DELIVER_TIMEOUT_MS", "5000")], 3).await;
     let js = jetstream::new(connect(&nats.url()).await);
+    let log = integration_tests::pg::event_log_for(&nats.url()).await;
 
     // The ordered receiver fails its first three requests; the unordered one takes everything.
     let ordered_rx = Receiver::start(Behavior::Sequence(vec![503, 503, 503])).await;
@@ -227,9 +228,9 @@ async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill
         "the blocked head named the event that was failing"
     );
     wait_until(WAIT, "the blocked head to clear", || {
-        let (js, ordered) = (js.clone(), ordered.clone());
+        let (js, log, ordered) = (js.clone(), log.clone(), ordered.clone());
         async move {
-            blocked_head(&js, &ordered)
+            blocked_head(&js, &log, &ordered)
                 .await
                 .expect("blocked_head reads")
                 .is_none()
@@ -320,7 +321,7 @@ async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill
     let unordered_took = started.elapsed();
     let mut all_in_lane = None;
     while all_in_lane.is_none() && ordered_rx.count() < before + 4 {
-        let head = blocked_head(&js, &ordered)
+        let head = blocked_head(&js, &log, &ordered)
             .await
             .expect("blocked_head reads");
         if head.is_some_and(|b| b.waiting == 199) {
@@ -378,7 +379,7 @@ async fn ordered_instances_keep_acceptance_order_across_a_failing_head_a_sigkill
         "the ingest took every webhook: {sent:?}"
     );
     wait_until(WAIT, "the d events to queue behind their head", || async {
-        blocked_head(&js, &ordered)
+        blocked_head(&js, &log, &ordered)
             .await
             .expect("blocked_head reads")
             .is_some_and(|b| b.waiting == 4)

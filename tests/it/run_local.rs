@@ -184,6 +184,7 @@ async fn make_run_on_a_fresh_clone_delivers_the_readme_example() {
     let ports = [
         ("NATS_PORT", free_port().to_string()),
         ("NATS_MONITOR_PORT", free_port().to_string()),
+        ("PG_PORT", free_port().to_string()),
         ("INGEST_LISTEN", webhooks.clone()),
         ("ADMIN_LISTEN", admin.clone()),
         ("NORMALIZER_OPS_LISTEN", addr()),
@@ -205,6 +206,9 @@ async fn make_run_on_a_fresh_clone_delivers_the_readme_example() {
                 && ![
                     "MFLAGS",
                     "NATS_URL",
+                    "EVENT_LOG",
+                    "EVENT_LOG_DATABASE_URL",
+                    "DATABASE_URL",
                     "ADMIN_TOKEN",
                     "DELIVER_ALLOW_NETWORKS",
                     "OPS_LISTEN",

@@ -4,6 +4,7 @@
 //! deadline.
 
 pub mod fake_ecwid;
+pub mod pg;
 pub mod procs;
 pub mod receivers;
 
@@ -810,7 +811,30 @@ pub const TEST_SETTINGS: &[(&str, &str)] = &[
     ("NORMALIZER_PUBLISH_TIMEOUT_MS", "2000"),
 ];
 
-/// The settings tests run with: [`TEST_SETTINGS`], then `overrides`.
+/// With the event log on and no database named, the pipeline on `nats_url` gets its own
+/// database on the test binary's PostgreSQL ([`pg::database_for`]).
+pub fn add_event_log_database<M>(map: &mut M, nats_url: &str)
+where
+    M: Extend<(String, String)>,
+    for<'a> &'a M: IntoIterator<Item = (&'a String, &'a String)>,
+{
+    let get = |map: &M, key: &str| {
+        map.into_iter()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v.clone())
+    };
+    let off = get(map, "EVENT_LOG").is_some_and(|v| v.eq_ignore_ascii_case("off"));
+    if off || get(map, "EVENT_LOG_DATABASE_URL").is_some() {
+        return;
+    }
+    map.extend([(
+        "EVENT_LOG_DATABASE_URL".to_owned(),
+        pg::database_for(nats_url),
+    )]);
+}
+
+/// The settings tests run with: [`TEST_SETTINGS`], then `overrides`, and the event log's
+/// database ([`add_event_log_database`]).
 pub fn test_vars(nats_url: &str, overrides: &[(&str, &str)]) -> Vars {
     let mut map: HashMap<String, String> = TEST_SETTINGS
         .iter()
@@ -820,6 +844,7 @@ pub fn test_vars(nats_url: &str, overrides: &[(&str, &str)]) -> Vars {
     for (k, v) in overrides {
         map.insert((*k).to_owned(), (*v).to_owned());
     }
+    add_event_log_database(&mut map, nats_url);
     Vars::from_pairs(map)
 }
 

@@ -106,6 +106,7 @@ pub fn process_env(nats_url: &str, overrides: &[(&str, &str)]) -> Vec<(String, S
     for (k, v) in overrides {
         map.insert((*k).to_owned(), (*v).to_owned());
     }
+    crate::add_event_log_database(&mut map, nats_url);
     map.into_iter().filter(|(_, v)| !v.is_empty()).collect()
 }
 

@@ -1,32 +1,27 @@
 //! The event log's queries, beside its writer ([`super`]): search the records, read one, read
 //! the envelope it points to. The admin API's handlers ask these and hold only HTTP.
 //!
-//! A search reads `ECWID_LOG_INDEX` newest first: the subject filter picks the instance, store
-//! and objectId (`ecwid.logidx.<instance>.<store>.<objectIdHash>.<id>`), the entries carry the
-//! other fields, and the status is read from the records themselves. Pages go back in stream
-//! sequence: `next` is the sequence to pass as `after`. An objectId's records are found without
-//! scanning: the stream's subject index (in the server's memory) lists the subjects matching its
-//! hash, and so the records' ids; entries and records are then read by direct gets.
+//! A search reads `event_log_events` newest first (by `seq`, the order rows were written), each
+//! filter answered by an index; a record's status is its newest attempt row's. Pages go back in
+//! `seq`: `next` is the value to pass as `after`. A status filter is checked row by row, so a
+//! search with one walks back through at most its budget of rows and answers what it found, with
+//! `next` where it stopped.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-use async_nats::jetstream::stream::Stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
-use model::envelope::notification_id;
-use model::record::{Record, Status};
-use model::time_fmt::Rfc3339Time;
+use model::record::{Attempt, Record, Status};
+use model::time_fmt::{unix_ms_to_rfc3339, Rfc3339Time};
 use serde::Deserialize;
+use tokio_postgres::types::ToSql;
 
-use super::{EventLog, IndexEntry, INDEX_STREAM};
+use super::EventLog;
 use crate::directory::Directory;
 use crate::nats::{headers, EVENTS_STREAM};
 
-/// How long one read waits for JetStream before the search answers unavailable.
+/// How long one query waits for PostgreSQL (or JetStream) before the search answers unavailable.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a query could not be answered.
@@ -35,13 +30,12 @@ pub enum SearchError {
     /// A filter that can never match anything as given (the caller's mistake).
     #[error("{0}")]
     Invalid(String),
-    /// JetStream failed or did not answer in time; asking again later may work.
+    /// PostgreSQL or JetStream failed or did not answer in time; asking again later may work.
     #[error("the event log could not be read: {0}")]
     Unavailable(String),
 }
 
-/// What a query reads: the JetStream context, the log (and its reading connections), and the
-/// instance directory (an Ecwid event's records' ids follow from its store's instances).
+/// What a query reads: the JetStream context (envelopes), the log, and the instance directory.
 #[derive(Debug, Clone, Copy)]
 pub struct Reads<'a> {
     pub js: &'a jetstream::Context,
@@ -64,7 +58,7 @@ pub struct Search {
     pub since: Option<Rfc3339Time>,
     /// Received before.
     pub until: Option<Rfc3339Time>,
-    /// Page cursor: only index entries older than this sequence.
+    /// Page cursor: only records written before this one (`next` of the previous page).
     pub after: Option<u64>,
     pub limit: Option<usize>,
 }
@@ -83,28 +77,16 @@ pub struct Query {
     pub until_ms: Option<i64>,
     pub after: Option<u64>,
     pub limit: usize,
-    /// Index entries (stream sequences) one call walks back through at most.
+    /// Rows a search with a status filter walks back through at most per call.
     pub budget: u64,
 }
 
-/// A page of a search: its hits (with their index sequences) and the cursor to go on from, when
-/// older entries may match.
+/// A page of a search: its hits (with their `seq`) and the cursor to go on from, when older
+/// records may match.
 #[derive(Debug)]
 pub struct Page {
     pub hits: Vec<(u64, Record)>,
     pub next: Option<u64>,
-}
-
-impl Page {
-    fn full(hits: Vec<(u64, Record)>) -> Self {
-        Self { hits, next: None }
-    }
-
-    /// `hits` filled the page: go on below the last one.
-    fn more(hits: Vec<(u64, Record)>) -> Self {
-        let next = hits.last().map(|(seq, _)| *seq);
-        Self { hits, next }
-    }
 }
 
 fn bad(message: impl Into<String>) -> SearchError {
@@ -149,44 +131,6 @@ impl Query {
             budget,
         })
     }
-
-    /// The index subject filter: literal where a filter names the token. `>` at the end also
-    /// matches entries of earlier releases, whose subjects ended with the objectId hash.
-    fn subject(&self) -> String {
-        let token = |t: &Option<String>| t.as_deref().unwrap_or("*").to_owned();
-        match self.object_id.as_deref() {
-            Some(object) => super::index_subject(
-                &token(&self.instance),
-                &token(&self.store),
-                &super::object_hash(object),
-                "*",
-            ),
-            None => format!(
-                "{}.{}.{}.>",
-                super::INDEX_PREFIX,
-                token(&self.instance),
-                token(&self.store)
-            ),
-        }
-    }
-
-    /// Whether an index entry passes the filters the entry can answer.
-    fn entry_matches(&self, e: &IndexEntry) -> bool {
-        let eq = |want: &Option<String>, got: &str| want.as_deref().is_none_or(|w| w == got);
-        eq(&self.object_type, &e.object_type)
-            && eq(&self.object_id, &e.object_id)
-            && self
-                .event_type
-                .as_deref()
-                .is_none_or(|w| w.eq_ignore_ascii_case(&e.event_type))
-            && eq(&self.ecwid_event_id, &e.ecwid_event_id)
-            && self.since_ms.is_none_or(|s| e.received_at_ms >= s)
-            && self.until_ms.is_none_or(|u| e.received_at_ms < u)
-    }
-
-    fn record_matches(&self, r: &Record) -> bool {
-        self.status.is_none_or(|s| s == r.status)
-    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> SearchError {
@@ -201,292 +145,259 @@ async fn within<T, E: std::fmt::Display>(
 ) -> Result<T, SearchError> {
     match tokio::time::timeout(READ_TIMEOUT, call).await {
         Ok(result) => result.map_err(unavailable),
-        Err(_) => Err(unavailable("JetStream did not answer in time")),
+        Err(_) => Err(unavailable("PostgreSQL did not answer in time")),
     }
 }
 
-async fn stream(reads: Reads<'_>, name: &str) -> Result<Stream, SearchError> {
-    within(reads.js.get_stream(name)).await
+/// The event row's columns, in [`EventCols::from_row`]'s order.
+const EVENT_COLS: &str = "e.seq, e.id, (extract(epoch FROM e.received_at) * 1000)::bigint, \
+     e.instance_id, e.store_id, e.object_type, e.object_id, e.event_type, e.ecwid_event_id, \
+     e.format, e.verified, e.request_id, e.status, e.error, e.envelope_seq";
+
+/// The newest attempt row's status, else the event row's: the record's status.
+const STATUS_OF_E: &str = "coalesce((SELECT a.status FROM event_log_attempts a \
+     WHERE a.event_id = e.id AND a.received_at = e.received_at \
+     ORDER BY a.settled_at DESC, a.key DESC LIMIT 1), e.status)";
+
+const ATTEMPT_COLS: &str = "a.event_id, (extract(epoch FROM a.received_at) * 1000)::bigint, \
+     a.attempted, (extract(epoch FROM a.started_at) * 1000)::bigint, \
+     (extract(epoch FROM a.settled_at) * 1000)::bigint, a.duration_ms, a.status, a.http_status, \
+     a.error_class, a.error, a.response, (extract(epoch FROM a.next_attempt_at) * 1000)::bigint, \
+     a.envelope_seq";
+
+/// An event row as read.
+struct EventCols {
+    seq: i64,
+    record: Record,
+    received_at_ms: i64,
 }
 
-/// The index entries matching `subject` with sequences in `[lo, hi)`, oldest first.
-async fn read_window(
-    stream: &Stream<()>,
-    subject: &str,
-    lo: u64,
-    hi: u64,
-) -> Result<Vec<(u64, IndexEntry)>, SearchError> {
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subject.to_owned(),
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: lo },
-            ..Default::default()
-        })
-        .await
-        .map_err(unavailable)?;
-    let mut found = Vec::new();
-    if consumer.cached_info().num_pending == 0 {
-        return Ok(found);
-    }
-    let mut messages = consumer.messages().await.map_err(unavailable)?;
-    loop {
-        let message = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(unavailable(e)),
-            Ok(None) | Err(_) => return Err(unavailable("reading the event index timed out")),
-        };
-        let info = message.info().map_err(unavailable)?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
-        if seq >= hi {
-            break;
+impl EventCols {
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        let received_at_ms: i64 = row.get(2);
+        let status: String = row.get(12);
+        Self {
+            seq: row.get(0),
+            received_at_ms,
+            record: Record {
+                id: row.get(1),
+                instance_id: row.get(3),
+                store_id: row.get(4),
+                object_type: row.get(5),
+                object_id: row.get(6),
+                event_type: row.get(7),
+                ecwid_event_id: row.get(8),
+                format: row.get(9),
+                verified: row.get(10),
+                request_id: row.get(11),
+                received_at: unix_ms_to_rfc3339(received_at_ms),
+                status: Status::parse(&status).unwrap_or_default(),
+                last_error: row.get(13),
+                envelope_seq: row
+                    .get::<_, Option<i64>>(14)
+                    .and_then(|s| u64::try_from(s).ok()),
+                ..Record::default()
+            },
         }
-        if let Ok(entry) = serde_json::from_slice::<IndexEntry>(&message.payload) {
-            found.push((seq, entry));
-        }
-        if pending == 0 {
-            break;
-        }
-    }
-    Ok(found)
-}
-
-/// The most records of one objectId that a search finds through the stream's subject index;
-/// an objectId with more (a hot one) is searched like any other filter, newest window first.
-const MAX_LISTED: usize = 1000;
-/// Records (or entries) a search reads at once.
-const ONE_ROUND: usize = 64;
-
-/// The index subjects matching `filter` (one per record: the record id is the last token),
-/// from the stream's subject index, which the server keeps in memory: no entry is read.
-/// `None` when more than [`MAX_LISTED`] match.
-async fn listed_subjects(
-    stream: &Stream<()>,
-    filter: &str,
-) -> Result<Option<Vec<String>>, SearchError> {
-    let mut subjects = within(stream.info_with_subjects(filter)).await?;
-    let mut found = Vec::new();
-    while let Some(next) = tokio::time::timeout(READ_TIMEOUT, subjects.next())
-        .await
-        .map_err(|_| unavailable("JetStream did not answer"))?
-    {
-        let (subject, _) = next.map_err(unavailable)?;
-        if found.len() == MAX_LISTED {
-            return Ok(None);
-        }
-        found.push(subject);
-    }
-    Ok(Some(found))
-}
-
-/// The latest index entry on `subject`, with its sequence, read over the log's next reading
-/// connection (like the records: a search's reads go out at once).
-async fn entry_on(
-    reads: Reads<'_>,
-    subject: &str,
-) -> Result<Option<(u64, IndexEntry)>, SearchError> {
-    use async_nats::jetstream::stream::DirectGetErrorKind;
-    let stream = reads
-        .log
-        .reader()
-        .get_stream_no_info(INDEX_STREAM)
-        .await
-        .map_err(unavailable)?;
-    let read = tokio::time::timeout(READ_TIMEOUT, stream.direct_get_last_for_subject(subject))
-        .await
-        .map_err(|_| unavailable("reading the event index timed out"))?;
-    match read {
-        Ok(m) => Ok(serde_json::from_slice::<IndexEntry>(&m.payload)
-            .ok()
-            .map(|e| (m.sequence, e))),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(unavailable(e)),
     }
 }
 
-/// An objectId search through the subject index: `None` when the objectId has too many records
-/// for that (then the caller scans). Newest first by index sequence, like every search.
-async fn search_listed(
-    reads: Reads<'_>,
-    reader: &Stream<()>,
-    q: &Query,
-) -> Result<Option<Page>, SearchError> {
-    let Some(subjects) = listed_subjects(reader, &q.subject()).await? else {
-        return Ok(None);
-    };
-    let log = reads.log;
-    let keep = |seq: u64, e: &IndexEntry| q.after.is_none_or(|a| seq < a) && q.entry_matches(e);
-    let mut hits: Vec<(u64, Record)> = Vec::new();
-    if q.after.is_none() && subjects.len() <= q.limit.min(ONE_ROUND) {
-        // One page holds them all, so no cursor is needed: the records alone, read at once,
-        // answer every filter, and newest first is by receipt. Half the reads of the path below.
-        let gets = subjects
-            .iter()
-            .map(|subject| log.get(super::id_of_index_subject(subject)));
-        for read in futures::future::join_all(gets).await {
-            if let Some((r, _)) = read.map_err(unavailable)? {
-                if q.entry_matches(&super::index_entry(&r)) && q.record_matches(&r) {
-                    hits.push((0, r));
-                }
-            }
-        }
-        hits.sort_by(|a, b| (&b.1.received_at, &b.1.id).cmp(&(&a.1.received_at, &a.1.id)));
-        return Ok(Some(Page::full(hits)));
+/// Applies an attempt row (in order) to its record.
+fn apply_attempt(r: &mut Record, row: &tokio_postgres::Row) {
+    let attempted: bool = row.get(2);
+    let settled_at_ms: i64 = row.get(4);
+    let status = Status::parse(row.get::<_, &str>(6)).unwrap_or_default();
+    let error: Option<String> = row.get(9);
+    if attempted {
+        r.push_attempt(Attempt {
+            number: r.attempts + 1,
+            started_at: unix_ms_to_rfc3339(row.get(3)),
+            duration_ms: u64::try_from(row.get::<_, i32>(5)).unwrap_or(0),
+            status: row
+                .get::<_, Option<i32>>(7)
+                .and_then(|s| u16::try_from(s).ok()),
+            error_class: row.get(8),
+            error,
+            response: row.get(10),
+        });
+    } else if error.is_some() {
+        r.last_error = error;
     }
-    let gets = subjects.iter().map(|subject| entry_on(reads, subject));
-    let mut entries = Vec::with_capacity(subjects.len());
-    for read in futures::future::join_all(gets).await {
-        entries.extend(read?.filter(|(seq, e)| keep(*seq, e)));
+    r.status = status;
+    r.next_attempt_at = (status == Status::Retrying)
+        .then(|| row.get::<_, Option<i64>>(11).map(unix_ms_to_rfc3339))
+        .flatten();
+    if status == Status::Delivered {
+        r.delivered_at = Some(unix_ms_to_rfc3339(settled_at_ms));
     }
-    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
-    for chunk in entries.chunks(ONE_ROUND) {
-        for hit in records_of(reads, chunk).await? {
-            if q.record_matches(&hit.1) {
-                hits.push(hit);
-                if hits.len() == q.limit {
-                    return Ok(Some(Page::more(hits)));
-                }
-            }
-        }
+    if r.envelope_seq.is_none() {
+        r.envelope_seq = row
+            .get::<_, Option<i64>>(12)
+            .and_then(|s| u64::try_from(s).ok());
     }
-    Ok(Some(Page::full(hits)))
 }
 
-/// Reads the records of `entries` (newest first), concurrently; drops those gone.
-async fn records_of(
-    reads: Reads<'_>,
-    entries: &[(u64, IndexEntry)],
+/// The records of `events`, their attempts read in one query.
+async fn with_attempts(
+    client: &tokio_postgres::Client,
+    events: Vec<EventCols>,
 ) -> Result<Vec<(u64, Record)>, SearchError> {
-    let log = reads.log;
-    let gets = entries.iter().map(|(seq, e)| async move {
-        log.get(&e.id)
-            .await
-            .map(|r| r.map(|(record, _)| (*seq, record)))
-    });
-    let mut out = Vec::with_capacity(entries.len());
-    for read in futures::future::join_all(gets).await {
-        if let Some(hit) = read.map_err(unavailable)? {
-            out.push(hit);
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.record.id.as_str()).collect();
+    let received: Vec<i64> = events.iter().map(|e| e.received_at_ms).collect();
+    let sql = format!(
+        "SELECT {ATTEMPT_COLS} FROM event_log_attempts a \
+         WHERE (a.event_id, a.received_at) IN \
+           (SELECT i, to_timestamp(r / 1000.0) FROM unnest($1::text[], $2::bigint[]) AS t(i, r)) \
+         ORDER BY a.settled_at, a.key"
+    );
+    let rows = within(client.query(&sql, &[&ids, &received])).await?;
+    let mut out: Vec<(u64, Record)> = events
+        .into_iter()
+        .map(|e| (u64::try_from(e.seq).unwrap_or(0), e.record))
+        .collect();
+    let index: std::collections::HashMap<String, usize> = out
+        .iter()
+        .enumerate()
+        .map(|(i, (_, r))| (r.id.clone(), i))
+        .collect();
+    for row in &rows {
+        if let Some(&i) = index.get(row.get::<_, &str>(0)) {
+            apply_attempt(&mut out[i].1, row);
         }
     }
     Ok(out)
 }
 
-/// Searches newest first: up to `limit` records, and a cursor when older ones may match. Walks
-/// back through at most `q.budget` index entries: a filter the index subjects cannot narrow
-/// (`eventType` alone) over a large log stops there and answers what it found, with `next` at
-/// the point it reached, instead of reading the whole log in one request.
+/// Rows read per query of a search with a status filter.
+const CHUNK: i64 = 500;
+
+/// Searches newest first: up to `limit` records, and a cursor when older ones may match. With a
+/// status filter, walks back through at most `q.budget` rows and answers what it found, with
+/// `next` at the point it reached.
 pub async fn search(reads: Reads<'_>, q: &Query) -> Result<Page, SearchError> {
-    if let Some(found) = by_ecwid_event_id(reads, q).await? {
-        return Ok(Page::full(found));
+    let pool = reads.log.pool().map_err(unavailable)?;
+    let client = within(pool.get()).await?;
+    let mut clauses: Vec<String> = Vec::new();
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut filter = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+        params.push(value);
+        clauses.push(clause.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(v) = &q.store {
+        filter("e.store_id = ?", Box::new(v.clone()));
     }
-    let reader = reads
-        .js
-        .get_stream_no_info(INDEX_STREAM)
-        .await
-        .map_err(unavailable)?;
-    if q.object_id.is_some() {
-        if let Some(found) = search_listed(reads, &reader, q).await? {
-            return Ok(found);
-        }
+    if let Some(v) = &q.instance {
+        filter("e.instance_id = ?", Box::new(v.clone()));
     }
-    // Windows that grow as they go back, so a recent page reads little.
-    let subject = q.subject();
-    let info = stream(reads, INDEX_STREAM).await?;
-    let first = info.cached_info().state.first_sequence.max(1);
-    let last = info.cached_info().state.last_sequence;
-    let mut hi = q
+    if let Some(v) = &q.object_type {
+        filter("e.object_type = ?", Box::new(v.clone()));
+    }
+    if let Some(v) = &q.object_id {
+        filter("e.object_id = ?", Box::new(v.clone()));
+    }
+    if let Some(v) = &q.event_type {
+        filter("e.event_type = ?", Box::new(v.to_ascii_uppercase()));
+    }
+    if let Some(v) = &q.ecwid_event_id {
+        filter("e.ecwid_event_id = ?", Box::new(v.clone()));
+    }
+    if let Some(v) = q.since_ms {
+        filter(
+            "e.received_at >= to_timestamp(?::bigint / 1000.0)",
+            Box::new(v),
+        );
+    }
+    if let Some(v) = q.until_ms {
+        filter(
+            "e.received_at < to_timestamp(?::bigint / 1000.0)",
+            Box::new(v),
+        );
+    }
+    let cursor = params.len() + 1;
+    clauses.push(format!("e.seq < ${cursor}"));
+    let filters = clauses.join(" AND ");
+    let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+    let mut after = q
         .after
-        .unwrap_or(last.saturating_add(1))
-        .min(last.saturating_add(1));
-    // Where this call's budget ends; below it is the next call's.
-    let floor = hi.saturating_sub(q.budget).max(first);
-    let mut window = (q.limit as u64 * 4).max(256);
-    let mut hits: Vec<(u64, Record)> = Vec::new();
-    // A retried creation may have written a record's entry twice: the newest one counts.
-    let mut seen = std::collections::HashSet::new();
-    while hi > floor {
-        let lo = hi.saturating_sub(window).max(floor);
-        let entries = read_window(&reader, &subject, lo, hi).await?;
-        let older_than_since = q
-            .since_ms
-            .is_some_and(|s| entries.first().is_some_and(|(_, e)| e.received_at_ms < s));
-        let candidates: Vec<(u64, IndexEntry)> = entries
-            .into_iter()
-            .rev()
-            .filter(|(_, e)| q.entry_matches(e) && seen.insert(e.id.clone()))
-            .collect();
-        for chunk in candidates.chunks(ONE_ROUND) {
-            for (seq, record) in records_of(reads, chunk).await? {
-                if q.record_matches(&record) {
-                    hits.push((seq, record));
-                    if hits.len() == q.limit {
-                        return Ok(Page::more(hits));
-                    }
+        .map_or(i64::MAX, |a| i64::try_from(a).unwrap_or(i64::MAX));
+    let Some(status) = q.status else {
+        let sql = format!(
+            "SELECT {EVENT_COLS} FROM event_log_events e WHERE {filters} ORDER BY e.seq DESC LIMIT {limit}"
+        );
+        let mut args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
+        args.push(&after);
+        let rows = within(client.query(&sql, &args)).await?;
+        let events: Vec<EventCols> = rows.iter().map(EventCols::from_row).collect();
+        let full = events.len() as i64 == limit;
+        let hits = with_attempts(&client, events).await?;
+        let next = if full {
+            hits.last().map(|(seq, _)| *seq)
+        } else {
+            None
+        };
+        return Ok(Page { hits, next });
+    };
+    let sql = format!(
+        "SELECT {EVENT_COLS}, {STATUS_OF_E} FROM event_log_events e WHERE {filters} \
+         ORDER BY e.seq DESC LIMIT ${}",
+        cursor + 1
+    );
+    let statement = within(client.prepare(&sql)).await?;
+    let mut matched: Vec<EventCols> = Vec::new();
+    let mut walked: u64 = 0;
+    loop {
+        let chunk = i64::try_from(q.budget.saturating_sub(walked))
+            .unwrap_or(CHUNK)
+            .min(CHUNK);
+        let mut args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
+        args.push(&after);
+        args.push(&chunk);
+        let rows = within(client.query(&statement, &args)).await?;
+        let read = rows.len();
+        for row in &rows {
+            let event = EventCols::from_row(row);
+            after = event.seq;
+            walked += 1;
+            if row.get::<_, &str>(15) == status.as_str() {
+                matched.push(event);
+                if matched.len() as i64 == limit {
+                    let next = Some(u64::try_from(after).unwrap_or(0));
+                    return Ok(Page {
+                        hits: with_attempts(&client, matched).await?,
+                        next,
+                    });
                 }
             }
         }
-        if older_than_since {
-            return Ok(Page::full(hits));
+        if (read as i64) < chunk {
+            return Ok(Page {
+                hits: with_attempts(&client, matched).await?,
+                next: None,
+            });
         }
-        hi = lo;
-        window = window.saturating_mul(4);
-    }
-    // The budget ran out before the log did: go on from where this call stopped.
-    let next = (floor > first).then_some(floor);
-    Ok(Page { hits, next })
-}
-
-/// "Ecwid says it sent event E to store S; where did it go?": the records' ids follow from the
-/// event and the store's instances, so they are read directly. `None` when that does not apply
-/// or finds nothing (an instance since deleted): the caller scans.
-async fn by_ecwid_event_id(
-    reads: Reads<'_>,
-    q: &Query,
-) -> Result<Option<Vec<(u64, Record)>>, SearchError> {
-    let (Some(eid), Some(store), None) = (&q.ecwid_event_id, &q.store, q.after) else {
-        return Ok(None);
-    };
-    let key = if eid.starts_with("ion:") {
-        eid.clone()
-    } else {
-        format!("v3:{store}:{eid}")
-    };
-    let mut ids: BTreeSet<String> = [notification_id(&key, "")].into();
-    for instance in reads.directory.for_store(store) {
-        if q.instance.as_deref().is_none_or(|i| i == instance.id) {
-            ids.insert(notification_id(&key, &instance.id));
+        if walked >= q.budget {
+            // The budget ran out before the log did: go on from where this call stopped.
+            return Ok(Page {
+                hits: with_attempts(&client, matched).await?,
+                next: Some(u64::try_from(after).unwrap_or(0)),
+            });
         }
     }
-    let log = reads.log;
-    let mut found = Vec::new();
-    for id in ids {
-        if let Some((record, _)) = log.get(&id).await.map_err(unavailable)? {
-            if q.entry_matches(&super::index_entry(&record))
-                && q.record_matches(&record)
-                && q.instance
-                    .as_deref()
-                    .is_none_or(|i| record.instance_id.as_deref() == Some(i))
-            {
-                found.push((0, record));
-            }
-        }
-    }
-    if found.is_empty() {
-        return Ok(None);
-    }
-    found.sort_by(|a, b| b.1.received_at.cmp(&a.1.received_at));
-    found.truncate(q.limit);
-    Ok(Some(found))
 }
 
 /// The record `id`, when the log holds it.
-pub async fn record(reads: Reads<'_>, id: &str) -> Result<Option<Record>, SearchError> {
-    Ok(reads
-        .log
-        .get(id)
-        .await
-        .map_err(unavailable)?
-        .map(|(r, _)| r))
+pub async fn record(log: &EventLog, id: &str) -> Result<Option<Record>, SearchError> {
+    let pool = log.pool().map_err(unavailable)?;
+    let client = within(pool.get()).await?;
+    let sql = format!("SELECT {EVENT_COLS} FROM event_log_events e WHERE e.id = $1 LIMIT 1");
+    let Some(row) = within(client.query_opt(&sql, &[&id])).await? else {
+        return Ok(None);
+    };
+    let found = with_attempts(&client, vec![EventCols::from_row(&row)]).await?;
+    Ok(found.into_iter().next().map(|(_, r)| r))
 }
 
 /// The envelope of `record` as it was stored (and POSTed), with its headers; `None` once the

@@ -76,3 +76,43 @@ pub(crate) fn others_cpu(
         .filter(|d| *d > 0.0)
         .sum()
 }
+
+/// `pid`'s parent pid.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The live children of `pid`.
+pub(crate) fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| parent_of(*child) == Some(pid))
+        .collect()
+}
+
+/// A process and its children together (PostgreSQL: the postmaster and its backends): their CPU
+/// seconds, those of children already gone and waited for included, and their resident memory.
+pub(crate) fn read_tree(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let waited: f64 = fields.get(13)?.parse::<f64>().ok()? + fields.get(14)?.parse::<f64>().ok()?;
+    let mut total = read(pid)?;
+    total.cpu_secs += waited / ticks_per_second();
+    for child in children(pid) {
+        if let Some(u) = read(child) {
+            total.cpu_secs += u.cpu_secs;
+            total.rss_kib += u.rss_kib;
+            total.peak_rss_kib += u.peak_rss_kib;
+        }
+    }
+    Some(total)
+}
