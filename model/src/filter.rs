@@ -9,7 +9,16 @@
 
 use std::fmt;
 
-use cel::{Context, Program, Value};
+use std::sync::{Arc, OnceLock};
+
+use cel::{Context, Env, Program, Value};
+
+/// CEL's standard environment (functions and macros), built once: building it is most of what
+/// a fresh context costs, many times the evaluation of a filter.
+fn stdlib() -> &'static Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(Env::stdlib()))
+}
 
 /// A parsed filter, ready to evaluate many times.
 pub struct Filter {
@@ -41,7 +50,7 @@ pub struct Dropped(pub String);
 impl Filter {
     /// Parses `source`; the error is the parser's message (answered as a 422 naming the key).
     pub fn parse(source: &str) -> Result<Self, String> {
-        let program = Program::compile(source).map_err(|e| {
+        let program = stdlib().compile(source).map_err(|e| {
             let text = e.to_string();
             let text = text.trim();
             if text.is_empty() {
@@ -62,7 +71,7 @@ impl Filter {
 
     /// `Ok` when the event passes; otherwise why it does not.
     pub fn check(&self, subject: &Subject<'_>) -> Result<(), Dropped> {
-        let mut context = Context::default();
+        let mut context = Context::with_env(Arc::clone(stdlib()));
         context.add_variable_from_value("objectType", subject.object_type);
         context.add_variable_from_value("eventType", subject.event_type);
         context.add_variable_from_value("objectId", subject.object_id);
