@@ -96,8 +96,6 @@ bench-admin-reads:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	ECWID_TEST_PG_DURABLE=1 NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench admin-reads
 
-# Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
-# `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.
 # The event log at size: 10,000,000 records in the pipeline's PostgreSQL (the same rows the
 # writer makes, filled server-side), then the admin API's lookups by id, objectId and
 # instance+status+window, timed; the database's size per million records and nats-server's
@@ -106,6 +104,10 @@ bench-log:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	ECWID_TEST_PG_DURABLE=1 NATS_SERVER_BIN="$$(scripts/ensure-nats-server.sh)" ./target/release/bench log --log-records 10000000 $(BENCH_LOG_ARGS)
 
+# Instructions per event of each service (valgrind's callgrind) on a fixed workload; not a test.
+# `make bench-cpu BENCH_CPU_ARGS="--events 500"`; method and figures in tests/bench/RESULTS.md.
+# A payload filter's cost per event: the normalizer's figure with
+# BENCH_CPU_ARGS="--filter \"objectType != ''\"" less the figure without it.
 bench-cpu:
 	$(CARGO) build --release --locked -p ingest -p normalizer -p deliverer -p bench --bins
 	scripts/bench-cpu.sh $(BENCH_CPU_ARGS)

@@ -17,6 +17,17 @@ const CONFIG_KEYS = [
   ['event.notification.signature.key', 'Signature key (secret)'],
   ['event.notification.webhook.secret', 'Standard Webhooks secret whsec_… (secret)'],
   ['event.objects', 'Object types to deliver (comma-separated, empty = all)'],
+  ['event.notification.filter', 'Filter: CEL expression over the envelope, e.g. raw.data.newPaymentStatus == \'PAID\' (empty = every event)'],
+  ['event.notification.headers', 'Custom headers: JSON object {"X-Api-Key":"…"} (values secret)'],
+  ['event.notification.proxy.url', 'Outbound proxy URL, scheme http or https, [user:password@]host:port (overrides DELIVER_PROXY_URL)'],
+  ['event.notification.tls.client.certificate', 'Client certificate, PEM (secret)', 'pem'],
+  ['event.notification.tls.client.key', 'Client certificate key, PEM (secret)', 'pem'],
+  ['event.notification.tls.ca', 'CA certificates to trust for this receiver, PEM', 'pem'],
+  ['event.notification.oauth2.token.url', 'OAuth2 token endpoint URL'],
+  ['event.notification.oauth2.client.id', 'OAuth2 client id'],
+  ['event.notification.oauth2.client.secret', 'OAuth2 client secret (secret)'],
+  ['event.notification.oauth2.scope', 'OAuth2 scope'],
+  ['event.notification.oauth2.audience', 'OAuth2 audience'],
 ];
 
 const $ = (id) => document.getElementById(id);
@@ -210,6 +221,7 @@ async function healthView(id) {
       ['Success rate (1 h)', percent(hl.successRate1h)], ['Last error', hl.lastError],
       ['Backlog (not yet taken, or held)', String(hl.backlog)], ['Held', String(hl.held)],
       ['Retrying', String(hl.retrying)], ['Dead letters', String(hl.dead)],
+      ['Client certificate expires', hl.clientCertificateExpiresAt],
     ]),
     h('p', { class: 'muted' }, 'Breaker, failures, last success and success rate belong to the callback URL, shared by every deliverer replica (and every instance with that URL).'),
     h('div', { class: 'actions' },
@@ -272,15 +284,18 @@ async function instanceEditView(id) {
   for (const k of Object.keys(config)) if (!keys.some(([key]) => key === k)) keys.push([k, k]);
   const name = h('input', { id: 'f-name', value: existing ? existing.name || '' : '' });
   const tags = h('input', { id: 'f-tags', value: existing ? (existing.tags || []).join(', ') : '' });
-  const inputs = keys.map(([key, label], n) => {
-    const input = h('input', { id: `f-c${n}`, 'data-key': key, value: config[key] ?? '', autocomplete: 'off' });
+  const inputs = keys.map(([key, label, kind], n) => {
+    // PEM values are several lines: a text area (a masked secret shows as its one-line marker).
+    const input = kind === 'pem'
+      ? h('textarea', { id: `f-c${n}`, 'data-key': key, rows: config[key] && config[key] !== SECRET ? 6 : 2, autocomplete: 'off', spellcheck: 'false' }, config[key] ?? '')
+      : h('input', { id: `f-c${n}`, 'data-key': key, value: config[key] ?? '', autocomplete: 'off' });
     return h('label', { for: `f-c${n}` }, `${label}`, input);
   });
   const result = h('div');
   const form = h('form', { class: 'edit', onsubmit: (e) => {
     e.preventDefault();
     const configuration = {};
-    for (const input of form.querySelectorAll('input[data-key]')) {
+    for (const input of form.querySelectorAll('[data-key]')) {
       const key = input.dataset.key;
       const value = input.value.trim();
       if (existing) {

@@ -221,5 +221,10 @@ async fn health(
         "lastError": callback.last_error,
         "ordered": instance.ordered(),
         "blockedEvent": blocked,
+        "clientCertificateExpiresAt": time(
+            instance
+                .client_certificate_expires_at()
+                .map(|secs| secs.saturating_mul(1000))
+        ),
     })))
 }

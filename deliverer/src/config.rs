@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use model::netguard::AllowList;
 use model::retry::{self, parse_schedule, MAX_ATTEMPT_TIMEOUT};
-use shared::config::{CommonConfig, ConfigError, Vars};
+use shared::config::{CommonConfig, ConfigError, Secret, Vars};
 
 pub const DEFAULT_OPS_LISTEN: &str = "0.0.0.0:9102";
 pub const DEFAULT_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,9h";
@@ -35,6 +35,12 @@ pub struct Config {
     /// `DELIVER_DISABLE_AFTER`, default `72h`, `0` = never: how long an instance's callback may
     /// fail without a success before the instance is disabled.
     pub disable_after: Option<Duration>,
+    /// `DELIVER_PROXY_URL`: the HTTP CONNECT proxy every request goes through, unless an
+    /// instance names its own (`event.notification.proxy.url`). May hold credentials.
+    pub proxy_url: Option<Secret>,
+    /// `DELIVER_PROXY_ALLOW_NETWORKS`: networks a proxy may be at despite the SSRF guard (a
+    /// proxy usually sits on the operator's own network). Targets are never let through by it.
+    pub proxy_allow_networks: AllowList,
 }
 
 impl Config {
@@ -76,6 +82,16 @@ impl Config {
                 .map_err(|e| ConfigError::new("DELIVER_DISABLE_AFTER", e))?,
         )
         .filter(|d| !d.is_zero());
+        let proxy_url = vars
+            .get("DELIVER_PROXY_URL")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                model::receiver::check_proxy_url(v)
+                    .map(|_| Secret::new(v))
+                    .map_err(|e| ConfigError::new("DELIVER_PROXY_URL", e))
+            })
+            .transpose()?;
         let common = CommonConfig::from_vars(vars)?.with_event_log_database(vars)?;
         // A record must outlive the retries it describes, or a retrying event would vanish from
         // the log while still being delivered.
@@ -101,6 +117,11 @@ impl Config {
             allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
                 .map_err(|e| ConfigError::new("DELIVER_ALLOW_NETWORKS", e))?,
             disable_after,
+            proxy_url,
+            proxy_allow_networks: AllowList::parse(
+                &vars.string_or("DELIVER_PROXY_ALLOW_NETWORKS", ""),
+            )
+            .map_err(|e| ConfigError::new("DELIVER_PROXY_ALLOW_NETWORKS", e))?,
         })
     }
 
@@ -167,6 +188,8 @@ mod tests {
             ("DELIVER_BREAKER_FAILURES", "0"),
             ("DELIVER_ALLOW_NETWORKS", "everything"),
             ("DELIVER_DISABLE_AFTER", "3 days"),
+            ("DELIVER_PROXY_URL", "socks5://proxy.example:1080"),
+            ("DELIVER_PROXY_ALLOW_NETWORKS", "the office"),
             ("OPS_LISTEN", "9102"),
             // Shorter than the default schedule's 24 h 43 min.
             ("EVENT_LOG_RETENTION", "24h"),

@@ -58,7 +58,12 @@ pub async fn run(
         config.timeout,
         config.allow_networks.clone(),
     )
-    .map_err(crate::error::Error::Http)?;
+    .map_err(crate::error::Error::Http)?
+    .with_proxy(
+        config.proxy_url.as_ref().map(|p| p.expose()),
+        config.proxy_allow_networks.clone(),
+    )
+    .with_token_metric(metrics.oauth2_token_requests.clone());
     let concurrency = config.max_in_flight;
     let grace = config.common.shutdown_grace;
     let callbacks_kv =
@@ -79,6 +84,11 @@ pub async fn run(
         metrics.breaker_transitions.clone(),
     ));
     callbacks.spawn(cancel.child_token());
+    crate::route::spawn_certificate_watch(
+        ctx.directory.clone(),
+        metrics.client_certificates_expiring.clone(),
+        cancel.child_token(),
+    );
     let hold = Hold::new(ctx.clone(), metrics.clone());
     hold.spawn_keeper(cancel.child_token());
     // Not one message before the other replicas count this one: its share of each instance's

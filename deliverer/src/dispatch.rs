@@ -1,10 +1,13 @@
-//! One delivery attempt: the request headers and signatures, and the POST. No redirects are
-//! followed; callback addresses are checked against the SSRF guard after DNS resolution, at
-//! connect time. Of the answer only the status and the first [`RESPONSE_EXCERPT_BYTES`] of the
-//! body are read. No error text carries the callback URL, which may hold credentials
-//! (`user:pass@`, `?token=`).
+//! One delivery attempt: the request headers and signatures, the instance's own headers and its
+//! OAuth2 access token ([`crate::oauth2`]), and the POST, by the shared client or, for an
+//! instance with a proxy, a client certificate or its own CA, by its [`crate::route`]. No
+//! redirects are followed; callback addresses are checked against the SSRF guard after DNS
+//! resolution, at connect time ([`crate::guard`]). Of the answer only the status and the first
+//! [`RESPONSE_EXCERPT_BYTES`] of the body are read. No error text carries the callback URL, which
+//! may hold credentials (`user:pass@`, `?token=`), nor a token, a secret or the token endpoint's
+//! URL.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +16,18 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use model::envelope::RESPONSE_EXCERPT_BYTES;
 use model::instance::Instance;
+use model::instance::OAuth2;
 use model::netguard::{self, AllowList};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE,
+    USER_AGENT as USER_AGENT_HEADER,
+};
 use sha2::Sha256;
+
+use crate::guard::{guarded_lookup, RefusedAddress};
+use crate::oauth2::Tokens;
+use crate::route::{ProxyFailure, RouteClient, RouteSpec, Routes};
 
 pub const USER_AGENT: &str = concat!("ecwid-events/", env!("CARGO_PKG_VERSION"));
 
@@ -134,16 +145,16 @@ impl Attempt {
 /// the outcome; a receiver trickling its body must not hold the attempt (or its host slot).
 const EXCERPT_WAIT: Duration = Duration::from_secs(1);
 
-/// Reads at most [`RESPONSE_EXCERPT_BYTES`] of `response`'s body, within [`EXCERPT_WAIT`], then
-/// drops the response. A body read to its end gives the connection back to the pool; one left
-/// unread (endless, large or slow) closes it, so nothing more of it is ever read.
-async fn read_excerpt(mut response: reqwest::Response) -> String {
-    let mut head = Vec::with_capacity(RESPONSE_EXCERPT_BYTES);
+/// Reads at most `limit` bytes of `response`'s body, within [`EXCERPT_WAIT`], then drops the
+/// response. A body read to its end gives the connection back to the pool; one left unread
+/// (endless, large or slow) closes it, so nothing more of it is ever read.
+async fn read_head(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(limit.min(RESPONSE_EXCERPT_BYTES));
     let read = async {
-        while head.len() < RESPONSE_EXCERPT_BYTES {
+        while head.len() < limit {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    let room = RESPONSE_EXCERPT_BYTES - head.len();
+                    let room = limit - head.len();
                     head.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 Ok(None) | Err(_) => break,
@@ -152,7 +163,32 @@ async fn read_excerpt(mut response: reqwest::Response) -> String {
     };
     let _ = tokio::time::timeout(EXCERPT_WAIT, read).await;
     drop(response);
-    excerpt_text(&head)
+    head
+}
+
+/// [`read_head`] for a response that came through a [`crate::route`].
+async fn read_route_head(
+    response: hyper::Response<hyper::body::Incoming>,
+    limit: usize,
+) -> Vec<u8> {
+    use http_body_util::BodyExt as _;
+    let mut body = response.into_body();
+    let mut head = Vec::with_capacity(limit.min(RESPONSE_EXCERPT_BYTES));
+    let read = async {
+        while head.len() < limit {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(chunk) = frame.data_ref() {
+                        let room = limit - head.len();
+                        head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(EXCERPT_WAIT, read).await;
+    head
 }
 
 /// `bytes` as UTF-8, lossy, at most [`RESPONSE_EXCERPT_BYTES`] long. A character cut in two by
@@ -178,32 +214,11 @@ struct GuardedResolver {
     allow: AllowList,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct RefusedAddress(String);
-
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let allow = self.allow.clone();
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refusal = None;
-            let allowed: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|a| match netguard::check(a.ip(), &allow) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        refusal = Some(why);
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let why = refusal.unwrap_or_else(|| format!("{host} did not resolve"));
-                return Err(Box::new(RefusedAddress(format!("{host}: {why}"))) as _);
-            }
+            let allowed = guarded_lookup(name.as_str(), 0, &allow).await?;
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
     }
@@ -232,11 +247,31 @@ impl ParsedUrls {
     }
 }
 
+/// What a receiver (or a token endpoint) answered: its status, `Retry-After`, and the first
+/// bytes of its body.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) body: Vec<u8>,
+}
+
+/// How a request goes: the plain client, or a [`crate::route`] (proxy, client certificate, CA).
+enum Via {
+    Plain,
+    Route(RouteClient),
+}
+
 /// Sends envelopes.
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
     http: reqwest::Client,
     allow: AllowList,
+    timeout: Duration,
+    /// `DELIVER_PROXY_URL`, for instances without a proxy of their own.
+    proxy: Option<Arc<str>>,
+    routes: Arc<Routes>,
+    tokens: Arc<Tokens>,
 }
 
 impl Dispatcher {
@@ -258,16 +293,232 @@ impl Dispatcher {
                 allow: allow.clone(),
             }))
             .build()?;
-        Ok(Self { http, allow })
+        Ok(Self {
+            http,
+            routes: Arc::new(Routes::new(
+                allow.clone(),
+                AllowList::default(),
+                connect_timeout,
+            )),
+            allow,
+            timeout,
+            proxy: None,
+            tokens: Arc::new(Tokens::default()),
+        })
     }
 
-    /// POSTs `body` to `url` with `headers`.
+    /// Sends through `proxy_url` (`DELIVER_PROXY_URL`) every request of an instance without a
+    /// proxy of its own; a proxy passes the guard when public or in `proxy_allow`.
+    pub fn with_proxy(mut self, proxy_url: Option<&str>, proxy_allow: AllowList) -> Self {
+        self.proxy = proxy_url.map(Arc::from);
+        self.routes = Arc::new(Routes::new(
+            self.allow.clone(),
+            proxy_allow,
+            self.routes.connect_timeout(),
+        ));
+        self
+    }
+
+    /// Counts the requests to OAuth2 token endpoints in `requests` (label `outcome`).
+    pub fn with_token_metric(mut self, requests: prometheus::IntCounterVec) -> Self {
+        self.tokens = Arc::new(Tokens::new(Some(requests)));
+        self
+    }
+
+    /// POSTs `body` to `url` with `headers`, with the plain client.
     pub async fn post(
         &self,
         url: &reqwest::Url,
         headers: reqwest::header::HeaderMap,
         body: Bytes,
     ) -> Attempt {
+        attempt_of(
+            self.send(&Via::Plain, url, headers, body, RESPONSE_EXCERPT_BYTES)
+                .await,
+        )
+    }
+
+    /// One delivery to `instance`'s receiver: its own headers added, through its route (proxy,
+    /// client certificate, CA), with an OAuth2 access token when it has client credentials. A
+    /// 401 fetches a new token and sends once more.
+    pub async fn deliver(
+        &self,
+        instance: &Instance,
+        url: &reqwest::Url,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Attempt {
+        let via = match self.via(instance) {
+            Ok(via) => via,
+            Err(why) => {
+                return Attempt::Failed {
+                    answer: None,
+                    class: "tls_error",
+                    error: why,
+                    retry_after: None,
+                }
+            }
+        };
+        for (name, value) in instance.custom_headers() {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+        let Some(credentials) = instance.oauth2() else {
+            return attempt_of(
+                self.send(&via, url, headers, body, RESPONSE_EXCERPT_BYTES)
+                    .await,
+            );
+        };
+        let mut refreshed = false;
+        loop {
+            let token = match self
+                .tokens
+                .get(&credentials, || self.fetch_token(&via, &credentials))
+                .await
+            {
+                Ok(token) => token,
+                Err(error) => {
+                    return Attempt::Failed {
+                        answer: None,
+                        class: "auth_error",
+                        error,
+                        retry_after: None,
+                    }
+                }
+            };
+            let mut bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+                .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
+            bearer.set_sensitive(true);
+            let mut with_token = headers.clone();
+            with_token.insert(AUTHORIZATION, bearer);
+            let sent = self
+                .send(&via, url, with_token, body.clone(), RESPONSE_EXCERPT_BYTES)
+                .await;
+            match sent {
+                // The token was revoked or expired early: one new token, one more try.
+                Ok(reply) if reply.status == 401 && !refreshed => {
+                    self.tokens.forget(&credentials, &token).await;
+                    refreshed = true;
+                }
+                other => return attempt_of(other),
+            }
+        }
+    }
+
+    /// How `instance`'s requests go; an error when its TLS settings cannot be used.
+    fn via(&self, instance: &Instance) -> Result<Via, String> {
+        let spec = RouteSpec {
+            proxy: instance.proxy_url().or(self.proxy.as_deref()),
+            identity: instance.client_identity(),
+            ca: instance.tls_ca(),
+        };
+        if spec.proxy.is_none() && spec.identity.is_none() && spec.ca.is_none() {
+            return Ok(Via::Plain);
+        }
+        self.routes.client(&spec).map(Via::Route)
+    }
+
+    /// A new access token from the token endpoint (client credentials grant, the client
+    /// authenticated with HTTP Basic as RFC 6749 asks every server to support), and how long it
+    /// may be used. Errors never quote the token, the secret or the endpoint's URL.
+    async fn fetch_token(
+        &self,
+        via: &Via,
+        credentials: &OAuth2<'_>,
+    ) -> Result<(String, Duration), String> {
+        let url = reqwest::Url::parse(credentials.token_url)
+            .map_err(|_| "the token endpoint's URL is not valid".to_owned())?;
+        let form = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "client_credentials");
+            if let Some(scope) = credentials.scope {
+                form.append_pair("scope", scope);
+            }
+            if let Some(audience) = credentials.audience {
+                form.append_pair("audience", audience);
+            }
+            form.finish()
+        };
+        let encode =
+            |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            encode(credentials.client_id),
+            encode(credentials.client_secret)
+        ));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let mut auth = HeaderValue::from_str(&format!("Basic {basic}"))
+            .map_err(|_| "the client id or secret cannot be sent".to_owned())?;
+        auth.set_sensitive(true);
+        headers.insert(AUTHORIZATION, auth);
+        let reply = match self
+            .send(via, &url, headers, Bytes::from(form), MAX_TOKEN_ANSWER)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(attempt) => {
+                let why = match attempt {
+                    Attempt::Refused(why) => why,
+                    Attempt::Failed { error, .. } => error,
+                    _ => "no answer".to_owned(),
+                };
+                return Err(format!("token endpoint: {why}"));
+            }
+        };
+        let parsed: Result<TokenAnswer, _> = serde_json::from_slice(&reply.body);
+        match (reply.status, parsed) {
+            (200..=299, Ok(answer)) if !answer.access_token.is_empty() => Ok((
+                answer.access_token,
+                model::receiver::token_lifetime(answer.expires_in),
+            )),
+            (200..=299, _) => Err(format!(
+                "token endpoint answered {} without an access_token",
+                reply.status
+            )),
+            (status, parsed) => {
+                // OAuth2's error code (`invalid_client`, …) says what is wrong and holds no secret.
+                let code = parsed
+                    .ok()
+                    .and_then(|a| a.error)
+                    .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default();
+                Err(format!("token endpoint answered {status}{code}"))
+            }
+        }
+    }
+
+    /// Sends one POST by `via`; what came back, or the attempt it became without an answer.
+    async fn send(
+        &self,
+        via: &Via,
+        url: &reqwest::Url,
+        headers: HeaderMap,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<Reply, Attempt> {
+        match via {
+            Via::Plain => self.send_plain(url, headers, body, limit).await,
+            Via::Route(client) => self.send_route(client, url, headers, body, limit).await,
+        }
+    }
+
+    async fn send_plain(
+        &self,
+        url: &reqwest::Url,
+        headers: HeaderMap,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<Reply, Attempt> {
         // Literal addresses never reach the resolver: check them here.
         let literal: Option<IpAddr> = match url.host() {
             Some(url::Host::Ipv4(v4)) => Some(v4.into()),
@@ -276,7 +527,7 @@ impl Dispatcher {
         };
         if let Some(ip) = literal {
             if let Err(why) = netguard::check(ip, &self.allow) {
-                return Attempt::Refused(why);
+                return Err(Attempt::Refused(why));
             }
         }
         let response = self
@@ -288,53 +539,183 @@ impl Dispatcher {
             .await;
         match response {
             Ok(r) => {
-                let status = r.status();
-                let retry_after = r
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    // Clamped to the schedule by model::retry::next_wait.
-                    .and_then(|v| model::retry::parse_retry_after(v, model::retry::MAX_WAIT));
-                let code = status.as_u16();
-                let answer = Answer {
-                    status: code,
-                    excerpt: read_excerpt(r).await,
-                };
-                if status.is_success() {
-                    Attempt::Delivered(answer)
-                } else if code == 410 {
-                    Attempt::Gone(answer)
-                } else {
-                    Attempt::Failed {
-                        answer: Some(answer),
-                        class: match code {
-                            300..=399 => "3xx",
-                            400..=499 => "4xx",
-                            _ => "5xx",
-                        },
-                        error: format!("HTTP {code}"),
-                        retry_after,
-                    }
-                }
+                let status = r.status().as_u16();
+                let retry_after = retry_after(r.headers());
+                Ok(Reply {
+                    status,
+                    retry_after,
+                    body: read_head(r, limit).await,
+                })
             }
             Err(e) => {
-                if let Some(refused) = find_source::<RefusedAddress>(&e) {
-                    return Attempt::Refused(refused.0.clone());
-                }
-                let class = if e.is_timeout() {
-                    "timeout"
-                } else {
-                    "connect_error"
-                };
-                Attempt::Failed {
-                    answer: None,
-                    class,
-                    // The URL may carry credentials: this text goes to logs and dead letters.
-                    error: error_chain(&e.without_url()),
-                    retry_after: None,
-                }
+                let timed_out = e.is_timeout();
+                Err(failure(&e.without_url(), timed_out))
             }
         }
+    }
+
+    async fn send_route(
+        &self,
+        client: &RouteClient,
+        url: &reqwest::Url,
+        mut headers: HeaderMap,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<Reply, Attempt> {
+        let uri: hyper::Uri = match url.as_str().parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                return Err(Attempt::Failed {
+                    answer: None,
+                    class: "connect_error",
+                    error: "the URL cannot be sent".to_owned(),
+                    retry_after: None,
+                })
+            }
+        };
+        // User info stays out of the request line (hyper would refuse it) and goes as Basic
+        // auth, as reqwest sends it on the plain way, unless the instance sets Authorization.
+        if !url.username().is_empty() && !headers.contains_key(AUTHORIZATION) {
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("v={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            let pair = format!(
+                "{}:{}",
+                decode(url.username()),
+                decode(url.password().unwrap_or(""))
+            );
+            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
+            if let Ok(mut value) = HeaderValue::from_str(&format!("Basic {basic}")) {
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+        }
+        let uri = match (uri.scheme(), uri.authority()) {
+            (Some(scheme), Some(authority)) if authority.as_str().contains('@') => {
+                let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+                let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                format!("{scheme}://{host}{path}")
+                    .parse()
+                    .unwrap_or_else(|_| uri.clone())
+            }
+            _ => uri,
+        };
+        headers.insert(USER_AGENT_HEADER, HeaderValue::from_static(USER_AGENT));
+        let mut request = hyper::Request::post(uri);
+        if let Some(h) = request.headers_mut() {
+            *h = headers;
+        }
+        let request = match request.body(http_body_util::Full::new(body)) {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(Attempt::Failed {
+                    answer: None,
+                    class: "connect_error",
+                    error: "the request cannot be built".to_owned(),
+                    retry_after: None,
+                })
+            }
+        };
+        let exchange = async {
+            let response = client.request(request).await?;
+            let status = response.status().as_u16();
+            let retry_after = retry_after(response.headers());
+            Ok::<_, hyper_util::client::legacy::Error>(Reply {
+                status,
+                retry_after,
+                body: read_route_head(response, limit).await,
+            })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(failure(&e, false)),
+            Err(_) => Err(Attempt::Failed {
+                answer: None,
+                class: "timeout",
+                error: format!("no answer within {} ms", self.timeout.as_millis()),
+                retry_after: None,
+            }),
+        }
+    }
+}
+
+/// The longest token endpoint answer read.
+const MAX_TOKEN_ANSWER: usize = 64 * 1024;
+
+#[derive(serde::Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        // Clamped to the schedule by model::retry::next_wait.
+        .and_then(|v| model::retry::parse_retry_after(v, model::retry::MAX_WAIT))
+}
+
+/// The attempt an answer (or its absence) makes.
+fn attempt_of(sent: Result<Reply, Attempt>) -> Attempt {
+    let reply = match sent {
+        Ok(reply) => reply,
+        Err(attempt) => return attempt,
+    };
+    let code = reply.status;
+    let answer = Answer {
+        status: code,
+        excerpt: excerpt_text(&reply.body),
+    };
+    if (200..300).contains(&code) {
+        Attempt::Delivered(answer)
+    } else if code == 410 {
+        Attempt::Gone(answer)
+    } else {
+        Attempt::Failed {
+            answer: Some(answer),
+            class: match code {
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+            error: format!("HTTP {code}"),
+            retry_after: reply.retry_after,
+        }
+    }
+}
+
+/// The attempt a request that got no answer makes. `e` must not carry the URL, which may hold
+/// credentials: this text goes to logs, the event log and dead letters.
+fn failure(e: &(dyn std::error::Error + 'static), timed_out: bool) -> Attempt {
+    if let Some(refused) = find_source::<RefusedAddress>(e) {
+        return Attempt::Refused(refused.0.clone());
+    }
+    if let Some(proxy) = find_source::<ProxyFailure>(e) {
+        return Attempt::Failed {
+            answer: None,
+            class: "proxy_error",
+            error: proxy.to_string(),
+            retry_after: None,
+        };
+    }
+    let class = if timed_out {
+        "timeout"
+    } else {
+        "connect_error"
+    };
+    Attempt::Failed {
+        answer: None,
+        class,
+        error: error_chain(e),
+        retry_after: None,
     }
 }
 
@@ -364,6 +745,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn parsed_urls_are_the_parser_s_and_errors_are_not_kept() {

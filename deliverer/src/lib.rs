@@ -5,8 +5,12 @@
 //! - [`config`]: the deliverer's environment variables.
 //! - [`error`]: the deliverer's error type.
 //! - [`metrics`]: attempts, latencies, retries, dead letters, breakers, in-flight requests.
-//! - [`dispatch`]: signing (Open Connectors and Standard Webhooks) and the HTTP POST, with the
-//!   SSRF guard at connect time.
+//! - [`dispatch`]: signing (Open Connectors and Standard Webhooks), the instance's own headers and
+//!   OAuth2 token, and the HTTP POST, with the SSRF guard at connect time.
+//! - [`guard`]: the SSRF guard at connect time (names resolved, only allowed addresses kept).
+//! - [`route`]: the way to receivers that need a proxy (HTTP CONNECT), a client certificate or
+//!   their own CA; the SSRF guard judges the target before the CONNECT.
+//! - [`oauth2`]: OAuth2 access tokens (client credentials), cached and shared by the workers.
 //! - [`policy`]: the retry schedule, jitter and `Retry-After`, and the per-host limits.
 //! - [`health`]: the callback health every replica shares (breaker, failures, success counts).
 //! - [`hold`]: envelopes of paused and disabled instances moved aside, and released on resume.
@@ -24,14 +28,17 @@ pub mod consumer;
 pub mod deferrals;
 pub mod dispatch;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod hold;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
+pub mod oauth2;
 pub mod ordered;
 pub mod outcome;
 pub mod policy;
+pub mod route;
 pub mod worker;
 
 use shared::service::ServiceContext;

@@ -16,10 +16,13 @@ pub const RELEASED_TOTAL: &str = "ecwid_deliver_released_total";
 pub const ORDERED_LANES: &str = "ecwid_deliver_ordered_lanes";
 pub const REPLICAS: &str = "ecwid_deliver_replicas";
 pub const DROPPED_TOTAL: &str = "ecwid_deliver_dropped_total";
+pub const OAUTH2_TOKEN_REQUESTS_TOTAL: &str = "ecwid_deliver_oauth2_token_requests_total";
+pub const CLIENT_CERTIFICATES_EXPIRING: &str = "ecwid_deliver_client_certificates_expiring";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// outcome: success, failure; status_class: 2xx, 3xx, 4xx, 5xx, timeout, connect_error, refused.
+    /// outcome: success, failure; status_class: 2xx, 3xx, 4xx, 5xx, timeout, connect_error,
+    /// refused, proxy_error, auth_error, tls_error.
     pub attempts: IntCounterVec,
     pub attempt_duration: Histogram,
     /// From the ingest's receipt of the webhook to the callback's 2xx.
@@ -43,6 +46,10 @@ pub struct Metrics {
     pub replicas: IntGauge,
     /// reason: no_instance (the envelope's instance was deleted; nothing can deliver it).
     pub dropped: IntCounterVec,
+    /// outcome: ok, error. Requests to OAuth2 token endpoints (cached tokens make none).
+    pub oauth2_token_requests: IntCounterVec,
+    /// Instances whose client certificate expires within 14 days, or has expired.
+    pub client_certificates_expiring: IntGauge,
 }
 
 impl Metrics {
@@ -114,6 +121,17 @@ impl Metrics {
                 DROPPED_TOTAL,
                 "Envelopes dropped instead of dead-lettered, by reason (no_instance: the instance was deleted).",
                 &["reason"],
+            ),
+            oauth2_token_requests: counter_vec(
+                reg,
+                OAUTH2_TOKEN_REQUESTS_TOTAL,
+                "Requests to OAuth2 token endpoints, by outcome (ok, error).",
+                &["outcome"],
+            ),
+            client_certificates_expiring: gauge(
+                reg,
+                CLIENT_CERTIFICATES_EXPIRING,
+                "Instances whose client certificate (event.notification.tls.client.certificate) expires within 14 days or has expired.",
             ),
         }
     }

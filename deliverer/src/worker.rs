@@ -420,7 +420,10 @@ impl Worker {
         );
         self.metrics.in_flight.inc();
         let started = Instant::now();
-        let result = self.dispatcher.post(&target.url, headers, body).await;
+        let result = self
+            .dispatcher
+            .deliver(&target.instance, &target.url, headers, body)
+            .await;
         self.metrics.in_flight.dec();
         self.metrics
             .attempt_duration

@@ -56,6 +56,30 @@ pub mod keys {
     /// Requests per second to this instance's callback, across all deliverer replicas
     /// (decimals allowed: `0.5` is one every two seconds); unset: no rate limit.
     pub const RATE_LIMIT: &str = "event.notification.rate.limit";
+    /// Headers of the instance's own sent with every request, a JSON object of name to value
+    /// written as a string (`{"X-Api-Key":"…"}`). Values are secrets; names are shown.
+    pub const HEADERS: &str = "event.notification.headers";
+    /// The HTTP CONNECT proxy this instance's requests go through (overrides
+    /// `DELIVER_PROXY_URL`): `http://[user:password@]host:port` or `https://…`.
+    pub const PROXY_URL: &str = "event.notification.proxy.url";
+    /// The client certificate (PEM, with its chain) presented to the receiver. A secret.
+    pub const TLS_CLIENT_CERTIFICATE: &str = "event.notification.tls.client.certificate";
+    /// The client certificate's private key (PEM, unencrypted). A secret.
+    pub const TLS_CLIENT_KEY: &str = "event.notification.tls.client.key";
+    /// CA certificates (PEM) to trust for this receiver, instead of the public roots.
+    pub const TLS_CA: &str = "event.notification.tls.ca";
+    /// OAuth2 client credentials: the token endpoint …
+    pub const OAUTH2_TOKEN_URL: &str = "event.notification.oauth2.token.url";
+    /// … the client id …
+    pub const OAUTH2_CLIENT_ID: &str = "event.notification.oauth2.client.id";
+    /// … the client secret (a secret) …
+    pub const OAUTH2_CLIENT_SECRET: &str = "event.notification.oauth2.client.secret";
+    /// … and, when the identity provider wants them, the scope and audience asked for.
+    pub const OAUTH2_SCOPE: &str = "event.notification.oauth2.scope";
+    pub const OAUTH2_AUDIENCE: &str = "event.notification.oauth2.audience";
+    /// A CEL expression over the envelope; only events for which it is `true` are delivered
+    /// (`raw.data.newPaymentStatus == 'PAID'`).
+    pub const FILTER: &str = "event.notification.filter";
 }
 
 /// `event.notification.max.in.flight` when unset.
@@ -82,16 +106,38 @@ pub mod limits {
     pub const CONFIG_KEYS: usize = 100;
     pub const KEY_CHARS: usize = 100;
     pub const VALUE_CHARS: usize = 4096;
+    /// `event.notification.headers`: room for 8 KiB of headers written as JSON.
+    pub const HEADERS_VALUE_CHARS: usize = 16 * 1024;
+    /// PEM values (`event.notification.tls.*`): a certificate chain or a CA bundle.
+    pub const PEM_VALUE_CHARS: usize = 64 * 1024;
+
+    /// The longest value `key` may hold.
+    pub fn value_chars(key: &str) -> usize {
+        if key == super::keys::HEADERS {
+            HEADERS_VALUE_CHARS
+        } else if key.starts_with("event.notification.tls.") {
+            PEM_VALUE_CHARS
+        } else {
+            VALUE_CHARS
+        }
+    }
 }
 
-/// What a secret value looks like in a response. Sending it back in a PATCH keeps the old value.
-pub const REDACTED: &str = "********";
+pub use crate::redact::REDACTED;
 
 /// Whether the value under `key` is a secret: the seed's API keys, and any key that names a
 /// secret, key, token or password.
 pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    k.ends_with(".key") || k.contains("secret") || k.contains("token") || k.contains("password")
+    if k == keys::OAUTH2_TOKEN_URL {
+        // A URL, redacted as one (its credentials); the token endpoint's address is no secret.
+        return false;
+    }
+    k.ends_with(".key")
+        || k.contains("secret")
+        || k.contains("token")
+        || k.contains("password")
+        || k == keys::TLS_CLIENT_CERTIFICATE
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -316,7 +362,9 @@ impl Instance {
     pub fn redacted(&self) -> Instance {
         let mut copy = self.clone();
         for (key, value) in copy.configuration.iter_mut() {
-            if is_secret_key(key) && !value.is_empty() {
+            if key == keys::HEADERS && !value.trim().is_empty() {
+                *value = crate::receiver::redact_headers(value);
+            } else if is_secret_key(key) && !value.is_empty() {
                 *value = REDACTED.to_owned();
             } else if is_url_key(key) {
                 *value = redact_url(value);
@@ -334,6 +382,14 @@ impl Instance {
                         self.configuration.remove(&key);
                     }
                     Some(v) if v == REDACTED => {}
+                    // Headers sent back as shown keep each stored value sent as the marker.
+                    Some(v) if key == keys::HEADERS => {
+                        let merged = match self.configuration.get(&key) {
+                            Some(stored) => crate::receiver::merge_headers(stored, &v),
+                            None => v,
+                        };
+                        self.configuration.insert(key, merged);
+                    }
                     // A URL sent back as it was shown (credentials masked) keeps the stored one.
                     Some(v)
                         if is_url_key(&key)
@@ -418,7 +474,163 @@ impl Instance {
             })?;
         }
         self.validate_limits()?;
+        self.validate_receiver()?;
         self.validate_polling()
+    }
+
+    /// `event.notification.headers`, parsed (empty when unset or, stored before the check,
+    /// malformed).
+    pub fn custom_headers(&self) -> Vec<(String, String)> {
+        self.config(keys::HEADERS)
+            .and_then(|v| crate::receiver::parse_headers(v).ok())
+            .unwrap_or_default()
+    }
+
+    /// `event.notification.proxy.url`, this instance's own proxy.
+    pub fn proxy_url(&self) -> Option<&str> {
+        self.config(keys::PROXY_URL)
+    }
+
+    /// The client certificate and key (PEM), when both are set.
+    pub fn client_identity(&self) -> Option<(&str, &str)> {
+        Some((
+            self.config(keys::TLS_CLIENT_CERTIFICATE)?,
+            self.config(keys::TLS_CLIENT_KEY)?,
+        ))
+    }
+
+    /// `event.notification.tls.ca`: CA certificates (PEM) to trust for this receiver.
+    pub fn tls_ca(&self) -> Option<&str> {
+        self.config(keys::TLS_CA)
+    }
+
+    /// When the client certificate (the first of its chain) expires, Unix seconds.
+    pub fn client_certificate_expires_at(&self) -> Option<i64> {
+        let (cert, _) = self.client_identity()?;
+        crate::receiver::pem_certificates(cert)
+            .ok()?
+            .first()
+            .map(|(_, expiry)| *expiry)
+    }
+
+    /// The OAuth2 client credentials, when the instance has them.
+    pub fn oauth2(&self) -> Option<OAuth2<'_>> {
+        Some(OAuth2 {
+            token_url: self.config(keys::OAUTH2_TOKEN_URL)?,
+            client_id: self.config(keys::OAUTH2_CLIENT_ID)?,
+            client_secret: self.config(keys::OAUTH2_CLIENT_SECRET)?,
+            scope: self.config(keys::OAUTH2_SCOPE),
+            audience: self.config(keys::OAUTH2_AUDIENCE),
+        })
+    }
+
+    /// `event.notification.filter`, the CEL expression events must pass.
+    pub fn filter(&self) -> Option<&str> {
+        self.config(keys::FILTER)
+    }
+
+    fn validate_receiver(&self) -> Result<(), FieldError> {
+        let field = |key: &str| format!("configuration.{key}");
+        let headers = match self.config(keys::HEADERS) {
+            Some(v) => crate::receiver::parse_headers(v)
+                .map_err(|m| FieldError::new(&field(keys::HEADERS), m))?,
+            None => Vec::new(),
+        };
+        if let Some(v) = self.config(keys::PROXY_URL) {
+            crate::receiver::check_proxy_url(v)
+                .map_err(|m| FieldError::new(&field(keys::PROXY_URL), m))?;
+        }
+        let cert = self.config(keys::TLS_CLIENT_CERTIFICATE);
+        let key = self.config(keys::TLS_CLIENT_KEY);
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                crate::receiver::pem_certificates(cert)
+                    .map_err(|m| FieldError::new(&field(keys::TLS_CLIENT_CERTIFICATE), m))?;
+                crate::receiver::pem_private_key(key)
+                    .map_err(|m| FieldError::new(&field(keys::TLS_CLIENT_KEY), m))?;
+            }
+            (Some(_), None) => {
+                return Err(FieldError::new(
+                    &field(keys::TLS_CLIENT_KEY),
+                    "is required with a client certificate",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(FieldError::new(
+                    &field(keys::TLS_CLIENT_CERTIFICATE),
+                    "is required with a client key",
+                ))
+            }
+            (None, None) => {}
+        }
+        if let Some(ca) = self.config(keys::TLS_CA) {
+            crate::receiver::pem_certificates(ca)
+                .map_err(|m| FieldError::new(&field(keys::TLS_CA), m))?;
+        }
+        self.validate_oauth2(&headers)?;
+        if let Some(f) = self.config(keys::FILTER) {
+            crate::filter::Filter::parse(f)
+                .map_err(|m| FieldError::new(&field(keys::FILTER), m))?;
+        }
+        Ok(())
+    }
+
+    fn validate_oauth2(&self, headers: &[(String, String)]) -> Result<(), FieldError> {
+        let field = |key: &str| format!("configuration.{key}");
+        let all = [
+            keys::OAUTH2_TOKEN_URL,
+            keys::OAUTH2_CLIENT_ID,
+            keys::OAUTH2_CLIENT_SECRET,
+            keys::OAUTH2_SCOPE,
+            keys::OAUTH2_AUDIENCE,
+        ];
+        if all.iter().all(|k| self.config(k).is_none()) {
+            return Ok(());
+        }
+        for required in [
+            keys::OAUTH2_TOKEN_URL,
+            keys::OAUTH2_CLIENT_ID,
+            keys::OAUTH2_CLIENT_SECRET,
+        ] {
+            if self.config(required).is_none() {
+                return Err(FieldError::new(
+                    &field(required),
+                    "is required with OAuth2 client credentials (token.url, client.id, client.secret)",
+                ));
+            }
+        }
+        if let Some(url) = self.config(keys::OAUTH2_TOKEN_URL) {
+            let ok = url::Url::parse(url)
+                .ok()
+                .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return Err(FieldError::new(
+                    &field(keys::OAUTH2_TOKEN_URL),
+                    "must be the token endpoint's http or https URL",
+                ));
+            }
+        }
+        for key in &all[1..] {
+            if self
+                .config(key)
+                .is_some_and(|v| v.chars().any(char::is_control))
+            {
+                return Err(FieldError::new(
+                    &field(key),
+                    "must not hold control characters",
+                ));
+            }
+        }
+        if let Some((name, _)) = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+        {
+            return Err(FieldError::new(
+                &field(keys::HEADERS),
+                format!("header {name:?} may not be set with OAuth2: the access token goes there"),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_limits(&self) -> Result<(), FieldError> {
@@ -523,8 +735,9 @@ impl Instance {
                     ),
                 ));
             }
-            if value.chars().count() > VALUE_CHARS {
-                return Err(too_long(&format!("configuration.{key}"), VALUE_CHARS));
+            let max = value_chars(key);
+            if value.chars().count() > max {
+                return Err(too_long(&format!("configuration.{key}"), max));
             }
         }
         Ok(())
@@ -625,6 +838,26 @@ impl fmt::Debug for Instance {
             .field("id", &shown.id)
             .field("name", &shown.name)
             .field("configuration", &shown.configuration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An instance's OAuth2 client credentials (`event.notification.oauth2.*`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OAuth2<'a> {
+    pub token_url: &'a str,
+    pub client_id: &'a str,
+    pub client_secret: &'a str,
+    pub scope: Option<&'a str>,
+    pub audience: Option<&'a str>,
+}
+
+impl fmt::Debug for OAuth2<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2")
+            .field("token_url", &redact_url(self.token_url))
+            .field("client_id", &self.client_id)
+            .field("client_secret", &REDACTED)
             .finish_non_exhaustive()
     }
 }
@@ -1013,5 +1246,86 @@ mod tests {
         assert_eq!(i.validate(&allow), Ok(()));
         assert!(!i.takes_webhooks() && i.polls());
         assert_eq!(i.poll_interval(), std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn receiver_keys_are_checked_naming_the_key_and_their_secrets_redacted() {
+        let allow = AllowList::default();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["c.example".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut i = seed_with("1003", "https://a.example/");
+        for (k, v) in [
+            (keys::HEADERS, r#"{"X-Api-Key":"hk-1"}"#.to_owned()),
+            (
+                keys::PROXY_URL,
+                "http://pu:proxy-pw-77@proxy.example:3128".to_owned(),
+            ),
+            (keys::TLS_CLIENT_CERTIFICATE, cert.pem()),
+            (keys::TLS_CLIENT_KEY, key.serialize_pem()),
+            (keys::TLS_CA, cert.pem()),
+            (
+                keys::OAUTH2_TOKEN_URL,
+                "https://idp.example/token".to_owned(),
+            ),
+            (keys::OAUTH2_CLIENT_ID, "cid".to_owned()),
+            (keys::OAUTH2_CLIENT_SECRET, "cs-1".to_owned()),
+            (keys::OAUTH2_SCOPE, "hooks:write".to_owned()),
+            (
+                keys::FILTER,
+                "raw.data.newPaymentStatus == 'PAID'".to_owned(),
+            ),
+        ] {
+            i.configuration.insert(k.into(), v);
+        }
+        assert_eq!(i.validate(&allow), Ok(()));
+        assert_eq!(
+            i.custom_headers(),
+            vec![("X-Api-Key".into(), "hk-1".into())]
+        );
+        assert!(i.client_certificate_expires_at().is_some());
+        assert_eq!(i.oauth2().map(|o| o.client_id), Some("cid"));
+        let shown = serde_json::to_string(&i.redacted()).unwrap();
+        for secret in [
+            "hk-1",
+            "proxy-pw-77",
+            "cs-1",
+            "PRIVATE KEY",
+            "BEGIN CERTIFICATE-----\nMII",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("X-Api-Key") && shown.contains("BEGIN CERTIFICATE"));
+        assert!(!format!("{:?}", i.oauth2()).contains("cs-1"));
+        for (k, v) in [
+            (keys::HEADERS, r#"{"Host":"x"}"#),
+            (keys::HEADERS, r#"{"Authorization":"Basic x"}"#),
+            (keys::PROXY_URL, "socks5://p.example:1080"),
+            (
+                keys::TLS_CLIENT_KEY,
+                "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----",
+            ),
+            (keys::TLS_CA, "nothing"),
+            (keys::OAUTH2_TOKEN_URL, "ftp://idp.example/"),
+            (keys::OAUTH2_CLIENT_SECRET, ""),
+            (keys::FILTER, "raw.data.newPaymentStatus =="),
+        ] {
+            let mut bad = i.clone();
+            bad.configuration.insert(k.into(), v.into());
+            assert_eq!(
+                bad.validate(&allow).unwrap_err().field,
+                format!("configuration.{k}"),
+                "{k}={v}"
+            );
+        }
+        let mut lone = seed_with("1003", "https://a.example/");
+        lone.configuration
+            .insert(keys::TLS_CLIENT_CERTIFICATE.into(), cert.pem());
+        assert_eq!(
+            lone.validate(&allow).unwrap_err().field,
+            "configuration.event.notification.tls.client.key"
+        );
     }
 }

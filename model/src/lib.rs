@@ -6,6 +6,10 @@
 //!   and their dedupe ids.
 //! - [`normalize`]: the event-type mapping table and raw payload → envelope(s).
 //! - [`instance`]: the connector instance (the seed's instance JSON), validation and redaction.
+//! - [`receiver`]: how an instance's receiver is reached: custom headers, proxy, client
+//!   certificate, OAuth2 client credentials; their checks and the certificate's expiry.
+//! - [`redact`]: the marker secrets are shown as.
+//! - [`filter`]: payload filters (`event.notification.filter`, CEL).
 //! - [`envelope`]: the Open Connectors envelope the callbacks receive.
 //! - [`record`]: the event log's records and attempts.
 //! - [`state`]: an instance's state (active, paused, disabled).
@@ -19,12 +23,15 @@
 
 pub mod ecwid;
 pub mod envelope;
+pub mod filter;
 pub mod health;
 pub mod hex;
 pub mod instance;
 pub mod netguard;
 pub mod normalize;
+pub mod receiver;
 pub mod record;
+pub mod redact;
 pub mod retry;
 pub mod state;
 #[cfg(feature = "strategies")]

@@ -55,6 +55,8 @@ struct Worker {
     seen: async_nats::jetstream::kv::Store,
     /// Acceptance order for the envelopes of ordered instances.
     order: Arc<Gate>,
+    /// Parsed `event.notification.filter` expressions.
+    filters: model::filter::FilterCache,
 }
 
 pub async fn run(
@@ -101,6 +103,7 @@ pub async fn run(
         metrics,
         seen,
         order,
+        filters: Default::default(),
     });
     // Not one message before the instances are known: its store would look unknown.
     if !worker.ctx.directory.loaded(&cancel).await {
@@ -175,17 +178,55 @@ impl Worker {
         }
         let verified = header(h, headers::VERIFIED) == Some("true");
         let named = header(h, headers::INSTANCE_ID);
-        let targets: Vec<&Arc<Instance>> = instances
-            .iter()
+        let subscribed = instances.iter().filter(|i| {
+            i.events_enabled()
+                && i.accepts_object(&normalized.event.object_type)
+                && (verified || i.accepts_unverified())
+                && normalize::takes(normalized.format, i, named)
+        });
+        // Payload filters: each instance's expression over the envelope. An event one of them
+        // keeps out gets a record of its own for that instance, saying why.
+        let mut raw: Option<serde_json::Value> = None;
+        let mut filtered = Vec::new();
+        let targets: Vec<&Arc<Instance>> = subscribed
             .filter(|i| {
-                i.events_enabled()
-                    && i.accepts_object(&normalized.event.object_type)
-                    && (verified || i.accepts_unverified())
-                    && normalize::takes(normalized.format, i, named)
+                let Some(source) = i.filter() else {
+                    return true;
+                };
+                let raw = raw.get_or_insert_with(|| {
+                    serde_json::from_str(normalized.raw.get()).unwrap_or_default()
+                });
+                let subject = model::filter::Subject {
+                    object_type: &normalized.event.object_type,
+                    event_type: normalized.event.event_type.as_str(),
+                    object_id: &normalized.event.object_id,
+                    store_id: &normalized.store_id,
+                    raw,
+                };
+                match self.filters.check(source, &subject) {
+                    Ok(()) => true,
+                    Err(model::filter::Dropped(reason)) => {
+                        tracing::debug!(instance_id = %i.id, %reason, "Event filtered out.");
+                        if self.ctx.log.enabled() {
+                            let id = normalize::notification_id(&normalized.event_key, &i.id);
+                            let mut record =
+                                log_record(&normalized, id, Some(&i.id), h, Status::Filtered);
+                            record.last_error = Some(reason);
+                            filtered.push(record);
+                        }
+                        false
+                    }
+                }
             })
             .collect();
         if normalized.format == Format::V3 && instances.iter().any(|i| i.polls()) {
             self.record_sighting(&normalized).await;
+        }
+        if targets.is_empty() && !filtered.is_empty() {
+            return Outcome::Ack {
+                outcome: "filtered",
+                records: filtered,
+            };
         }
         if targets.is_empty() {
             return Outcome::Ack {
@@ -265,6 +306,7 @@ impl Worker {
                 }
             }
         }
+        records.extend(filtered);
         self.metrics
             .envelopes
             .with_label_values(&[normalized.event.event_type.as_str()])

@@ -21,6 +21,7 @@ mod openapi;
 mod ordered;
 mod pipeline;
 mod poller;
+mod receivers;
 mod retry_schedule;
 mod run_local;
 mod sigterm;

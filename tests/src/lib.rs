@@ -6,6 +6,7 @@
 pub mod fake_ecwid;
 pub mod pg;
 pub mod procs;
+pub mod receivers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

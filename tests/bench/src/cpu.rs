@@ -12,6 +12,10 @@
 //! [`CpuOpts::idle_secs`] and are dumped again. The idle window gives each service's cost per
 //! second with no traffic (timers: pull expiries and heartbeats, consumer-info polling); that rate
 //! times the load window's length is subtracted, so the figure is the cost of the events alone.
+//!
+//! `--filter EXPR` gives every instance that `event.notification.filter` (one that lets every
+//! event through, such as `objectType != ''`): the normalizer's figure with it, less the figure
+//! without it, is what evaluating a payload filter costs per event.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +31,7 @@ use crate::receive;
 use crate::track::{now_ns, Tracker};
 
 /// `bench cpu` flags: `--events N` (2000), `--rate R` per second (100), `--warmup N` (200),
-/// `--idle-secs S` (20), `--stores N` (4), `--service-env K=V,…`.
+/// `--idle-secs S` (20), `--stores N` (4), `--service-env K=V,…`, `--filter EXPR`.
 #[derive(Debug, Clone)]
 pub(crate) struct CpuOpts {
     pub(crate) events: u64,
@@ -37,6 +41,10 @@ pub(crate) struct CpuOpts {
     pub(crate) stores: usize,
     /// `--service-env K=V,K2=V2`, as for `make bench` (e.g. `EVENT_LOG=off` prices the log).
     pub(crate) service_env: Vec<(String, String)>,
+    /// `--filter EXPR`: every instance gets this `event.notification.filter`. It must let every
+    /// event of the workload through (the run waits for all deliveries): the normalizer's
+    /// instructions per event with and without it are the cost of evaluating it.
+    pub(crate) filter: Option<String>,
 }
 
 impl CpuOpts {
@@ -48,6 +56,7 @@ impl CpuOpts {
             idle_secs: 20.0,
             stores: 4,
             service_env: Vec::new(),
+            filter: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -71,8 +80,13 @@ impl CpuOpts {
                 "--idle-secs" => opts.idle_secs = num(&value)?.max(1.0),
                 "--stores" => opts.stores = num(&value)?.max(1.0) as usize,
                 "--service-env" => opts.service_env = crate::parse_service_env(&value)?,
+                "--filter" => {
+                    model::filter::Filter::parse(&value)
+                        .map_err(|e| anyhow::anyhow!("--filter {e}"))?;
+                    opts.filter = Some(value);
+                }
                 other => bail!(
-                    "unknown flag {other} (known: --events, --rate, --warmup, --idle-secs, --stores, --service-env)"
+                    "unknown flag {other} (known: --events, --rate, --warmup, --idle-secs, --stores, --service-env, --filter)"
                 ),
             }
         }
@@ -346,9 +360,16 @@ pub(crate) async fn run(opts: CpuOpts) -> anyhow::Result<()> {
             &store.id.to_string(),
             &format!("http://{addr}/hook"),
             &[
-                ("ecwid.client.secret", &store.client_secret),
-                ("event.notification.signature.key", &key),
-            ],
+                ("ecwid.client.secret", store.client_secret.as_str()),
+                ("event.notification.signature.key", key.as_str()),
+            ]
+            .into_iter()
+            .chain(
+                opts.filter
+                    .as_deref()
+                    .map(|f| ("event.notification.filter", f)),
+            )
+            .collect::<Vec<_>>(),
         )
         .await;
     }

@@ -15,7 +15,8 @@
 //! [--floor-fixed-secs S] [--connections N] [--stores N] [--consume-msgs N] [--perf FILE]
 //! [--log-records N] [--log-samples N] [--idle-secs S]`; `bench --soak [--soak-gb G]`: see [`soak`];
 //! each flag also reads `BENCH_<FLAG>` (for example `BENCH_FIXED_SECS=5`).
-//! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N]`: see [`cpu`].
+//! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N] [--filter EXPR]`:
+//! see [`cpu`].
 
 mod admin_reads;
 mod cpu;
