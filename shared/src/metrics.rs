@@ -35,7 +35,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// leaves out a labelled metric until it has a series). Bounded by the names in the code.
 static DECLARED: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
 
-fn declare(name: &str, kind: &'static str) {
+pub(crate) fn declare(name: &str, kind: &'static str) {
     DECLARED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -137,6 +137,7 @@ impl CommonMetrics {
             &["service", "version"],
         );
         build.with_label_values(&[service, crate::VERSION]).set(1);
+        crate::otel::register_metrics(reg);
         Self {
             nats_connected: gauge(reg, NATS_CONNECTED, "1 while the NATS connection is up."),
             instances: gauge_vec(

@@ -177,14 +177,96 @@ pub fn is_subject_token(token: &str) -> bool {
 }
 
 /// The span a stage handles one message in: the W3C trace id and the ingest's request id from
-/// the message's headers, so every stage's log lines for one webhook share them.
-pub fn message_span(h: Option<&async_nats::HeaderMap>) -> tracing::Span {
+/// the message's headers, so every stage's log lines for one webhook share them. With traces on
+/// it is also the message's OpenTelemetry `process` span (messaging semantic conventions, our
+/// `ecwid.*`, `instance.id` and `envelope.id`), a child of the context the headers carry, and the
+/// time the message waited in its stream is recorded beside it (on its first delivery).
+pub fn message_span(message: &jetstream::Message) -> tracing::Span {
+    use tracing::field::Empty;
+    let h = message.headers.as_ref();
     let get = |name| header(h, name).map(str::to_owned);
     let trace_id = get(headers::TRACEPARENT)
         .and_then(|t| t.split('-').nth(1).map(str::to_owned))
         .unwrap_or_default();
     let request_id = get(headers::REQUEST_ID).unwrap_or_default();
-    tracing::info_span!("event", trace_id, request_id)
+    let span = tracing::info_span!(
+        target: crate::otel::TARGET,
+        "event",
+        trace_id,
+        request_id,
+        otel.name = Empty,
+        otel.kind = Empty,
+        messaging.system = Empty,
+        messaging.operation.type = Empty,
+        messaging.destination.name = Empty,
+        messaging.consumer.group.name = Empty,
+        messaging.message.id = Empty,
+        messaging.message.delivery_count = Empty,
+        ecwid.store_id = Empty,
+        ecwid.event_id = Empty,
+        instance.id = Empty,
+        envelope.id = Empty,
+    );
+    if crate::otel::enabled() && !span.is_disabled() {
+        let subject = message.subject.as_str();
+        let (stream, consumer) = if subject.starts_with(RAW_PREFIX) {
+            (RAW_STREAM, NORMALIZER_CONSUMER)
+        } else if subject.starts_with(ORDERED_PREFIX) {
+            (EVENTS_STREAM, ORDERED_CONSUMER_PREFIX)
+        } else {
+            (EVENTS_STREAM, DELIVERER_CONSUMER)
+        };
+        span.record("otel.name", format!("process {stream}"));
+        span.record("otel.kind", "consumer");
+        span.record("messaging.system", "nats");
+        span.record("messaging.operation.type", "process");
+        span.record("messaging.destination.name", subject);
+        span.record("messaging.consumer.group.name", consumer);
+        if let Some(id) = header(h, headers::MSG_ID) {
+            span.record("messaging.message.id", id);
+        }
+        if let Some(v) = header(h, headers::STORE_ID) {
+            span.record("ecwid.store_id", v);
+        }
+        if let Some(v) = header(h, headers::ECWID_EVENT_ID) {
+            span.record("ecwid.event_id", v);
+        }
+        if stream == EVENTS_STREAM {
+            if let Some(v) = header(h, headers::INSTANCE_ID) {
+                span.record("instance.id", v);
+            }
+            if let Some(v) = header(h, headers::MSG_ID) {
+                span.record("envelope.id", v);
+            }
+        }
+        let parent = crate::otel::extract_nats(h);
+        if let Ok(info) = message.info() {
+            span.record("messaging.message.delivery_count", info.delivered);
+            if info.delivered == 1 {
+                crate::otel::record_wait(stream, info.published.into(), &parent);
+            }
+        }
+        crate::otel::set_parent(&span, parent);
+    }
+    span
+}
+
+/// The `publish` span of a message going to `subject` of `stream` (OpenTelemetry messaging
+/// conventions): its context goes into the message's headers ([`crate::otel::inject_nats`]).
+/// Disabled while traces are off.
+pub fn publish_span(stream: &'static str, subject: &str, msg_id: &str) -> tracing::Span {
+    tracing::trace_span!(
+        target: crate::otel::TARGET,
+        "publish",
+        otel.name = format!("publish {stream}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = subject,
+        messaging.message.id = msg_id,
+        instance.id = tracing::field::Empty,
+        envelope.id = tracing::field::Empty,
+    )
 }
 
 /// The value of header `name` in `h`, when there is one.
