@@ -53,7 +53,7 @@ impl Accepted {
     /// The id Ecwid gave the event (`v3:<storeId>:<eventId>`); none for an ION, which has none.
     fn event_id(&self) -> Option<&str> {
         match self.format {
-            Format::V3 => self.msg_id.splitn(3, ':').nth(2),
+            Format::V3 => ecwid::event_id_of_msg_id(&self.msg_id),
             _ => None,
         }
     }

@@ -228,7 +228,10 @@ pub fn message_span(message: &jetstream::Message) -> tracing::Span {
         if let Some(v) = header(h, headers::STORE_ID) {
             span.record("ecwid.store_id", v);
         }
-        if let Some(v) = header(h, headers::ECWID_EVENT_ID) {
+        // An envelope says which Ecwid event it is; a raw message's id names it.
+        let event_id = header(h, headers::ECWID_EVENT_ID)
+            .or_else(|| header(h, headers::MSG_ID).and_then(model::ecwid::event_id_of_msg_id));
+        if let Some(v) = event_id {
             span.record("ecwid.event_id", v);
         }
         if stream == EVENTS_STREAM {

@@ -24,3 +24,4 @@ mod retry_schedule;
 mod run_local;
 mod sigterm;
 mod topology;
+mod traces;
