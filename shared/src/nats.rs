@@ -176,6 +176,15 @@ pub fn is_subject_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The stream a work subject ([`is_work_subject`]) is stored in.
+pub fn work_stream(subject: &str) -> &'static str {
+    if subject.starts_with(RAW_PREFIX) {
+        RAW_STREAM
+    } else {
+        EVENTS_STREAM
+    }
+}
+
 /// The span a stage handles one message in: the W3C trace id and the ingest's request id from
 /// the message's headers, so every stage's log lines for one webhook share them. With traces on
 /// it is also the message's OpenTelemetry `process` span (messaging semantic conventions, our
@@ -209,12 +218,13 @@ pub fn message_span(message: &jetstream::Message) -> tracing::Span {
     );
     if crate::otel::enabled() && !span.is_disabled() {
         let subject = message.subject.as_str();
-        let (stream, consumer) = if subject.starts_with(RAW_PREFIX) {
-            (RAW_STREAM, NORMALIZER_CONSUMER)
+        let stream = work_stream(subject);
+        let consumer = if stream == RAW_STREAM {
+            NORMALIZER_CONSUMER
         } else if subject.starts_with(ORDERED_PREFIX) {
-            (EVENTS_STREAM, ORDERED_CONSUMER_PREFIX)
+            ORDERED_CONSUMER_PREFIX
         } else {
-            (EVENTS_STREAM, DELIVERER_CONSUMER)
+            DELIVERER_CONSUMER
         };
         span.record("otel.name", format!("process {stream}"));
         span.record("otel.kind", "consumer");
@@ -252,6 +262,22 @@ pub fn message_span(message: &jetstream::Message) -> tracing::Span {
         crate::otel::set_parent(&span, parent);
     }
     span
+}
+
+/// Like [`publish_span`], the first span of a trace of its own: an entity the poller read is an
+/// event of its own, linked to the cycle that read it ([`crate::otel::link`]).
+pub fn publish_root_span(stream: &'static str, subject: &str, msg_id: &str) -> tracing::Span {
+    tracing::trace_span!(
+        target: crate::otel::TARGET,
+        parent: None,
+        "publish",
+        otel.name = format!("publish {stream}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = subject,
+        messaging.message.id = msg_id,
+    )
 }
 
 /// The `publish` span of a message going to `subject` of `stream` (OpenTelemetry messaging

@@ -634,6 +634,24 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
+/// Links `span` to the span `to` (a polled entity's trace to the cycle that read it).
+pub fn link(span: &tracing::Span, to: &tracing::Span) {
+    if !enabled() || span.is_disabled() || to.is_disabled() {
+        return;
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    add_link(span, &to.context());
+}
+
+/// Links `span` to the trace a message's headers carry (an operator's redelivery or replay
+/// links the event it sends again; the event's own trace goes on under its old context).
+pub fn link_to_headers(span: &tracing::Span, h: Option<&async_nats::HeaderMap>) {
+    if !enabled() || span.is_disabled() {
+        return;
+    }
+    add_link(span, &extract_nats(h));
+}
+
 /// Links `span` to the trace in `cx` (a redelivery or replay started by an operator links the
 /// event's original trace).
 pub fn add_link(span: &tracing::Span, cx: &opentelemetry::Context) {

@@ -36,6 +36,8 @@ struct Span {
     /// `Status.code`: 0 unset, 1 ok, 2 error.
     status: i32,
     attributes: HashMap<String, String>,
+    /// The trace ids of its links.
+    links: Vec<String>,
     /// Every string of the span and its resource, for the secrets check.
     texts: Vec<String>,
 }
@@ -119,6 +121,7 @@ async fn export(
                     parent_span_id: hex(&span.parent_span_id),
                     status,
                     attributes,
+                    links: span.links.iter().map(|l| hex(&l.trace_id)).collect(),
                     texts,
                 });
             }
@@ -357,6 +360,59 @@ async fn one_webhook_retried_once_is_one_trace_from_the_ingest_to_the_receiver()
         "{line}"
     );
     assert!(line.contains("\"span_id\":\""), "{line}");
+
+    // An operator's redelivery: its own trace, linked to the event's; the attempt it causes goes
+    // on in the event's trace.
+    let (code, body) = cluster
+        .admin_request(
+            reqwest::Method::POST,
+            &format!("/events/{envelope_id}/redeliver"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let got = receiver.wait_for(3, WAIT).await;
+    let spans = wait_for(
+        WAIT,
+        || {
+            format!(
+                "the redelivery's spans; the collector has {:#?}",
+                collector.spans()
+            )
+        },
+        || async {
+            let spans = collector.spans();
+            let attempts = spans.iter().filter(|s| s.name == "POST").count();
+            let redelivery = spans
+                .iter()
+                .any(|s| s.service == "ingest" && s.name == "publish ECWID_EVENTS");
+            (attempts == 3 && redelivery).then_some(spans)
+        },
+    )
+    .await;
+    let redelivery = one(&spans, "ingest", "publish ECWID_EVENTS");
+    assert_ne!(
+        redelivery.trace_id, trace,
+        "the operator's action is a trace of its own"
+    );
+    assert_eq!(
+        redelivery.links,
+        vec![trace.clone()],
+        "linked to the event's trace"
+    );
+    let third = spans
+        .iter()
+        .find(|s| s.name == "POST" && s.span_id != first.span_id && s.span_id != second.span_id)
+        .expect("the third attempt");
+    assert_eq!(
+        third.trace_id, trace,
+        "the redelivered attempt is in the event's trace"
+    );
+    let traceparent = got[2].header("traceparent").expect("a traceparent header");
+    assert!(
+        traceparent.contains(&format!("-{trace}-{}-", third.span_id)),
+        "{traceparent}"
+    );
 
     // Everything was exported, nothing dropped.
     let deliverer = &cluster.deliverers[0];
