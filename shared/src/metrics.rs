@@ -137,7 +137,6 @@ impl CommonMetrics {
             &["service", "version"],
         );
         build.with_label_values(&[service, crate::VERSION]).set(1);
-        crate::otel::register_metrics(reg);
         Self {
             nats_connected: gauge(reg, NATS_CONNECTED, "1 while the NATS connection is up."),
             instances: gauge_vec(

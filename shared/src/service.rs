@@ -103,6 +103,7 @@ impl ServiceContext {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let registry = Registry::new();
         let common = CommonMetrics::register(&registry, service);
+        crate::otel::register_metrics(&registry);
         for (action, n) in [("create", &report.created), ("update", &report.updated)] {
             common
                 .topology_writes
@@ -264,6 +265,7 @@ pub fn contract<C>(
     );
     let registry = Registry::new();
     CommonMetrics::register(&registry, service);
+    crate::otel::register_metrics(&registry);
     LogMetrics::register(&registry);
     metrics(&registry);
     Contract {
