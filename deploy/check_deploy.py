@@ -155,6 +155,9 @@ COMPOSE_IMAGES = {
     "nats": {pinned_nats_tag()},
     "prom/prometheus": None,
     "natsio/prometheus-nats-exporter": None,
+    # The `tracing` profile only.
+    "otel/opentelemetry-collector": None,
+    "jaegertracing/all-in-one": None,
 }
 
 BUILTIN_KINDS_SKIPPED = set()
