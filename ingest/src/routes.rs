@@ -68,8 +68,10 @@ async fn receive(
     let request_id = request_id(&request_headers);
     let traceparent = traceparent(&request_headers);
     let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_owned();
-    let span = webhook_span(&trace_id, &request_id);
-    if shared::otel::enabled() {
+    let traced = shared::otel::enabled();
+    // With traces on, the trace id is the span's own (the caller's, or a new one), recorded below.
+    let span = webhook_span((!traced).then_some(trace_id.as_str()), &request_id);
+    if traced {
         // The OpenTelemetry server span: a child of the caller's context when it sent one, and
         // the trace id the logs and the stored message carry is then the span's own.
         shared::otel::set_parent(&span, shared::otel::extract_http(&request_headers));
@@ -85,7 +87,7 @@ async fn receive(
     let response = receive_traced(state, request_headers, body, request_id, traceparent)
         .instrument(span.clone())
         .await;
-    if shared::otel::enabled() {
+    if traced {
         let status = response.status();
         span.record("http.response.status_code", status.as_u16());
         // A server span is an error for a 5xx only: a 4xx is the caller's.
@@ -98,7 +100,7 @@ async fn receive(
 }
 
 /// The span of one webhook request. Its trace fields stay empty while traces are off.
-fn webhook_span(trace_id: &str, request_id: &str) -> tracing::Span {
+fn webhook_span(trace_id: Option<&str>, request_id: &str) -> tracing::Span {
     use tracing::field::Empty;
     tracing::info_span!(
         target: shared::otel::TARGET,

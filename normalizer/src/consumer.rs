@@ -222,8 +222,10 @@ impl Worker {
             let subject = envelope_subject(&instance.id, instance.ordered());
             let span =
                 shared::nats::publish_span(EVENTS_STREAM, &subject, &envelope.message.event_id);
-            span.record("instance.id", instance.id.as_str());
-            span.record("envelope.id", envelope.message.event_id.as_str());
+            if !span.is_disabled() {
+                span.record("instance.id", instance.id.as_str());
+                span.record("envelope.id", envelope.message.event_id.as_str());
+            }
             // With traces on, each envelope carries its own publish span's context, under the
             // raw message's trace.
             shared::otel::inject_nats(&span, &mut out);
