@@ -68,49 +68,53 @@ async fn receive(
     let request_id = request_id(&request_headers);
     let traceparent = traceparent(&request_headers);
     let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_owned();
-    let traced = shared::otel::enabled();
-    // With traces on, the trace id is the span's own (the caller's, or a new one), recorded below.
-    let span = webhook_span((!traced).then_some(trace_id.as_str()), &request_id);
-    if traced {
-        // The OpenTelemetry server span: a child of the caller's context when it sent one, and
-        // the trace id the logs and the stored message carry is then the span's own.
-        shared::otel::set_parent(&span, shared::otel::extract_http(&request_headers));
-        span.record("otel.name", format!("POST {}", route.as_str()));
-        span.record("otel.kind", "server");
-        span.record("http.request.method", "POST");
-        span.record("http.route", route.as_str());
-        span.record("url.path", route.as_str());
-        if let Some(id) = shared::otel::trace_id(&span) {
-            span.record("trace_id", id);
-        }
+    if !shared::otel::enabled() {
+        // The span the logs have always had, and no field more.
+        let span = tracing::info_span!(
+            target: shared::otel::TARGET,
+            "webhook",
+            trace_id,
+            request_id
+        );
+        return receive_traced(state, request_headers, body, request_id, traceparent)
+            .instrument(span)
+            .await;
+    }
+    // The OpenTelemetry server span: a child of the caller's context when it sent one, and the
+    // trace id the logs and the stored message carry is then the span's own.
+    let span = webhook_span(&request_id);
+    shared::otel::set_parent(&span, shared::otel::extract_http(&request_headers));
+    span.record("otel.name", format!("POST {}", route.as_str()));
+    span.record("http.route", route.as_str());
+    span.record("url.path", route.as_str());
+    if let Some(id) = shared::otel::trace_id(&span) {
+        span.record("trace_id", id);
     }
     let response = receive_traced(state, request_headers, body, request_id, traceparent)
         .instrument(span.clone())
         .await;
-    if traced {
-        let status = response.status();
-        span.record("http.response.status_code", status.as_u16());
-        // A server span is an error for a 5xx only: a 4xx is the caller's.
-        if status.is_server_error() {
-            span.record("otel.status_code", "error");
-            span.record("error.type", status.as_str());
-        }
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    // A server span is an error for a 5xx only: a 4xx is the caller's.
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+        span.record("error.type", status.as_str());
     }
     response
 }
 
-/// The span of one webhook request. Its trace fields stay empty while traces are off.
-fn webhook_span(trace_id: Option<&str>, request_id: &str) -> tracing::Span {
+/// The span of one webhook request while traces are on (HTTP server conventions).
+fn webhook_span(request_id: &str) -> tracing::Span {
     use tracing::field::Empty;
     tracing::info_span!(
         target: shared::otel::TARGET,
         "webhook",
-        trace_id,
+        trace_id = Empty,
         request_id,
         otel.name = Empty,
-        otel.kind = Empty,
+        otel.kind = "server",
         otel.status_code = Empty,
-        http.request.method = Empty,
+        http.request.method = "POST",
         http.route = Empty,
         url.path = Empty,
         http.response.status_code = Empty,

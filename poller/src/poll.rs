@@ -671,8 +671,10 @@ impl Poller {
             let subject = shared::nats::raw_subject(store);
             // Each entity is an event, and a trace, of its own, linked to the cycle.
             let span = shared::nats::publish_root_span(RAW_STREAM, &subject, &msg_id);
-            shared::otel::link(&span, &tracing::Span::current());
-            shared::otel::inject_nats(&span, &mut h);
+            if shared::otel::enabled() {
+                shared::otel::link(&span, &tracing::Span::current());
+                shared::otel::inject_nats(&span, &mut h);
+            }
             let js = &self.js;
             let timeout = self.publish_timeout;
             publishes.push(

@@ -198,6 +198,10 @@ pub fn message_span(message: &jetstream::Message) -> tracing::Span {
         .and_then(|t| t.split('-').nth(1).map(str::to_owned))
         .unwrap_or_default();
     let request_id = get(headers::REQUEST_ID).unwrap_or_default();
+    if !crate::otel::enabled() {
+        // The span the logs have always had, and no field more.
+        return tracing::info_span!(target: crate::otel::TARGET, "event", trace_id, request_id);
+    }
     let span = tracing::info_span!(
         target: crate::otel::TARGET,
         "event",
@@ -216,7 +220,7 @@ pub fn message_span(message: &jetstream::Message) -> tracing::Span {
         instance.id = Empty,
         envelope.id = Empty,
     );
-    if crate::otel::enabled() && !span.is_disabled() {
+    if !span.is_disabled() {
         let subject = message.subject.as_str();
         let stream = work_stream(subject);
         let consumer = if stream == RAW_STREAM {
