@@ -69,6 +69,17 @@ pub fn init(
             .boxed(),
         LogFormat::Text => fmt::layer().with_target(false).boxed(),
     };
+    // The trace-only spans (TRACE, enabled for the exporter) are not the logs' business: the log
+    // layer would format every one's fields for nothing.
+    let fmt_layer = if exporting.is_some() {
+        fmt_layer
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                !(m.target() == crate::otel::TARGET && *m.level() == tracing::Level::TRACE)
+            }))
+            .boxed()
+    } else {
+        fmt_layer
+    };
     let subscriber = tracing_subscriber::registry()
         .with(otel)
         .with(fmt_layer)
