@@ -328,8 +328,11 @@ pub mod headers {
     /// On an envelope: the id Ecwid knows the event by (v3 `eventId`; for ION its dedupe id).
     pub const ECWID_EVENT_ID: HeaderName = HeaderName::from_static("Ecwid-Event-Id");
     pub const INSTANCE_ID: HeaderName = HeaderName::from_static("Ecwid-Instance-Id");
-    /// W3C trace context, so every stage logs under the ingest's trace.
+    /// W3C trace context, so every stage logs under the ingest's trace (and, with traces on,
+    /// continues it: [`crate::otel`]).
     pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    /// W3C trace state, beside `traceparent` when the trace has one.
+    pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
     pub const DEAD_STAGE: HeaderName = HeaderName::from_static("Ecwid-Dead-Stage");
     pub const DEAD_REASON: HeaderName = HeaderName::from_static("Ecwid-Dead-Reason");
@@ -353,7 +356,7 @@ pub mod headers {
     pub const HELD_FROM: HeaderName = HeaderName::from_static("Ecwid-Held-From");
 
     /// What travels with an event from stage to stage, into a dead letter and back on replay.
-    pub const CARRIED: [HeaderName; 9] = [
+    pub const CARRIED: [HeaderName; 10] = [
         RECEIVED_AT,
         FORMAT,
         VERIFIED,
@@ -362,6 +365,7 @@ pub mod headers {
         INSTANCE_ID,
         ECWID_EVENT_ID,
         TRACEPARENT,
+        TRACESTATE,
         ORIGINAL_MSG_ID,
     ];
 
