@@ -157,6 +157,9 @@ COMPOSE_IMAGES = {
     "postgres": {POSTGRES_COMPOSE_TAG},
     "prom/prometheus": None,
     "natsio/prometheus-nats-exporter": None,
+    # The `tracing` profile only.
+    "otel/opentelemetry-collector": None,
+    "jaegertracing/all-in-one": None,
 }
 
 BUILTIN_KINDS_SKIPPED = set()

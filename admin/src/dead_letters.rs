@@ -19,6 +19,7 @@ use model::time_fmt::Rfc3339Time;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::nats::{headers, DEAD_PREFIX, DEAD_STREAM};
+use tracing::Instrument;
 
 use crate::state::AdminState;
 use shared::http::{self as error, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
@@ -394,6 +395,14 @@ async fn replay_one(state: &AdminState, seq: u64) -> Result<(), ApiError> {
     headers::carry(h, &mut out);
     out.insert(headers::MSG_ID, format!("replay:{seq}"));
     out.insert(headers::REPLAYED_FROM, seq.to_string());
+    // The replay is a trace of its own, linked to the event's; the message keeps the event's
+    // context, so its processing goes on in the event's trace.
+    let span = shared::nats::publish_root_span(
+        shared::nats::work_stream(&target),
+        &target,
+        &format!("replay:{seq}"),
+    );
+    shared::otel::link_to_headers(&span, Some(h));
     shared::nats::publish(
         &state.inner.ctx.js,
         target,
@@ -401,6 +410,7 @@ async fn replay_one(state: &AdminState, seq: u64) -> Result<(), ApiError> {
         letter.payload.clone(),
         JS_TIMEOUT,
     )
+    .instrument(span)
     .await
     .map_err(|e| ApiError::Unavailable(shared::http::error_chain(&e)))?;
     let stream = dead_stream(state).await?;

@@ -23,7 +23,8 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use shared::eventlog::search::{self, search, Page, Query, Reads, Search, SearchError};
 use shared::eventlog::{AttemptRow, Rows};
-use shared::nats::{envelope_subject, events_subject, headers};
+use shared::nats::{envelope_subject, events_subject, headers, EVENTS_STREAM};
+use tracing::Instrument;
 
 use crate::state::AdminState;
 use shared::http::{self as error, ApiError, ApiId, ApiQuery, JS_TIMEOUT};
@@ -190,14 +191,14 @@ async fn send_again(state: &AdminState, record: &Record) -> Result<Record, ApiEr
         .directory
         .get(instance_id)
         .is_some_and(|i| i.ordered());
-    let published = shared::nats::publish(
-        &state.inner.ctx.js,
-        envelope_subject(instance_id, ordered),
-        h,
-        body,
-        JS_TIMEOUT,
-    )
-    .await;
+    let subject = envelope_subject(instance_id, ordered);
+    // The operator's redelivery is a trace of its own, linked to the event's; the envelope
+    // keeps the event's context, so its attempts go on in the event's trace.
+    let span = shared::nats::publish_root_span(EVENTS_STREAM, &subject, &record.id);
+    shared::otel::link_to_headers(&span, Some(&original));
+    let published = shared::nats::publish(&state.inner.ctx.js, subject, h, body, JS_TIMEOUT)
+        .instrument(span)
+        .await;
     if let Err(e) = published {
         // Nothing was sent: put the status back (best effort) and say so.
         if pending.status != record.status {

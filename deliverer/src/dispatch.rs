@@ -93,6 +93,60 @@ pub fn request_headers(
     h
 }
 
+/// The OpenTelemetry client span of one attempt (HTTP client semantic conventions). The URL's
+/// path and query are left out: a callback URL may carry a token there. Disabled while traces
+/// are off.
+pub fn attempt_span(
+    url: &reqwest::Url,
+    instance_id: &str,
+    envelope_id: &str,
+    attempt: u64,
+) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::trace_span!(
+        target: shared::otel::TARGET,
+        "attempt",
+        otel.name = "POST",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        http.request.method = "POST",
+        url.scheme = url.scheme(),
+        server.address = url.host_str().unwrap_or_default(),
+        server.port = url.port_or_known_default().unwrap_or_default(),
+        http.response.status_code = Empty,
+        error.type = Empty,
+        attempt,
+        instance.id = instance_id,
+        envelope.id = envelope_id,
+        outcome = Empty,
+    )
+}
+
+/// Writes how the attempt went into its span: the status, and for a failure its class.
+pub fn record_attempt(span: &tracing::Span, attempt: &Attempt) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(answer) = attempt.answer() {
+        span.record("http.response.status_code", answer.status);
+    }
+    let outcome = match attempt {
+        Attempt::Delivered(_) => "delivered",
+        Attempt::Gone(_) => "gone",
+        Attempt::Refused(_) => "refused",
+        Attempt::Failed { .. } => "failed",
+    };
+    span.record("outcome", outcome);
+    if !matches!(attempt, Attempt::Delivered(_)) {
+        span.record("otel.status_code", "error");
+        let error_type = match attempt.answer() {
+            Some(answer) => answer.status.to_string(),
+            None => attempt.class().to_owned(),
+        };
+        span.record("error.type", error_type);
+    }
+}
+
 /// What the callback answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {

@@ -160,7 +160,7 @@ async fn lane(worker: Arc<Worker>, instance_id: String, held: Held, stop: Cancel
         };
         match next {
             Some(Ok(message)) => {
-                let span = shared::nats::message_span(message.headers.as_ref());
+                let span = shared::nats::message_span(&message);
                 worker.handle(message).instrument(span).await;
             }
             Some(Err(error)) => {

@@ -28,6 +28,7 @@ use shared::dead::{self, DeadLetter};
 use shared::nats::{header, headers, subject_tail, EVENTS_STREAM, ORDERED_PREFIX};
 use shared::service::ServiceContext;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::dispatch::{self, Attempt, Dispatcher};
@@ -219,7 +220,7 @@ impl Worker {
         };
         let started_at_ms = now_unix_ms();
         let started = Instant::now();
-        let result = self.dispatch(message, &target, admitted).await;
+        let result = self.dispatch(message, &target, admitted, attempt).await;
         let duration = started.elapsed();
         let schedule = target
             .own_schedule
@@ -269,7 +270,7 @@ impl Worker {
             Ok(target) => {
                 let started = Instant::now();
                 // Past the breaker: a refusal gives back no probe.
-                let result = self.dispatch(message, &target, Admitted::Request).await;
+                let result = self.dispatch(message, &target, Admitted::Request, 1).await;
                 let answer = result.answer();
                 let error = match &result {
                     Attempt::Delivered(_) => None,
@@ -410,20 +411,27 @@ impl Worker {
         message: &jetstream::Message,
         target: &Target,
         admitted: Admitted,
+        attempt: u64,
     ) -> Attempt {
         let body = message.payload.clone();
-        let headers = dispatch::request_headers(
+        let mut headers = dispatch::request_headers(
             &target.instance,
             &target.event_id,
             &body,
             now_unix_ms() / 1000,
         );
+        let span =
+            dispatch::attempt_span(&target.url, &target.instance.id, &target.event_id, attempt);
+        // The receiver's own spans join the event's trace under this attempt.
+        shared::otel::inject_http(&span, &mut headers);
         self.metrics.in_flight.inc();
         let started = Instant::now();
         let result = self
             .dispatcher
             .deliver(&target.instance, &target.url, headers, body)
+            .instrument(span.clone())
             .await;
+        dispatch::record_attempt(&span, &result);
         self.metrics.in_flight.dec();
         self.metrics
             .attempt_duration

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap as NatsHeaders;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -49,18 +49,79 @@ struct Accepted {
     payload: Bytes,
 }
 
+impl Accepted {
+    /// The id Ecwid gave the event (`v3:<storeId>:<eventId>`); none for an ION, which has none.
+    fn event_id(&self) -> Option<&str> {
+        match self.format {
+            Format::V3 => ecwid::event_id_of_msg_id(&self.msg_id),
+            _ => None,
+        }
+    }
+}
+
 async fn receive(
     State(state): State<AppState>,
+    route: MatchedPath,
     request_headers: HeaderMap,
     body: Body,
 ) -> Response {
     let request_id = request_id(&request_headers);
     let traceparent = traceparent(&request_headers);
     let trace_id = traceparent.split('-').nth(1).unwrap_or_default().to_owned();
-    let span = tracing::info_span!("webhook", trace_id, request_id);
-    receive_traced(state, request_headers, body, request_id, traceparent)
-        .instrument(span)
-        .await
+    if !shared::otel::enabled() {
+        // The span the logs have always had, and no field more.
+        let span = tracing::info_span!(
+            target: shared::otel::TARGET,
+            "webhook",
+            trace_id,
+            request_id
+        );
+        return receive_traced(state, request_headers, body, request_id, traceparent)
+            .instrument(span)
+            .await;
+    }
+    // The OpenTelemetry server span: a child of the caller's context when it sent one, and the
+    // trace id the logs and the stored message carry is then the span's own.
+    let span = webhook_span(&request_id);
+    shared::otel::set_parent(&span, shared::otel::extract_http(&request_headers));
+    span.record("otel.name", format!("POST {}", route.as_str()));
+    span.record("http.route", route.as_str());
+    span.record("url.path", route.as_str());
+    if let Some(id) = shared::otel::trace_id(&span) {
+        span.record("trace_id", id);
+    }
+    let response = receive_traced(state, request_headers, body, request_id, traceparent)
+        .instrument(span.clone())
+        .await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    // A server span is an error for a 5xx only: a 4xx is the caller's.
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+        span.record("error.type", status.as_str());
+    }
+    response
+}
+
+/// The span of one webhook request while traces are on (HTTP server conventions).
+fn webhook_span(request_id: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::info_span!(
+        target: shared::otel::TARGET,
+        "webhook",
+        trace_id = Empty,
+        request_id,
+        otel.name = Empty,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = "POST",
+        http.route = Empty,
+        url.path = Empty,
+        http.response.status_code = Empty,
+        error.type = Empty,
+        ecwid.store_id = Empty,
+        ecwid.event_id = Empty,
+    )
 }
 
 async fn receive_traced(
@@ -76,6 +137,13 @@ async fn receive_traced(
     let mut format = "unknown";
     let result = async {
         let accepted = accept(&state, &request_headers, body, &mut format).await?;
+        if shared::otel::enabled() {
+            let span = tracing::Span::current();
+            span.record("ecwid.store_id", accepted.store_id.as_str());
+            if let Some(event_id) = accepted.event_id() {
+                span.record("ecwid.event_id", event_id);
+            }
+        }
         publish(&state, accepted, received_at, &request_id, traceparent).await
     }
     .await;
@@ -311,14 +379,19 @@ async fn publish(
     h.insert(headers::REQUEST_ID, request_id);
     h.insert(headers::STORE_ID, accepted.store_id.as_str());
     h.insert(headers::TRACEPARENT, traceparent);
+    let subject = raw_subject(&accepted.store_id);
+    let span = shared::nats::publish_span(RAW_STREAM, &subject, &accepted.msg_id);
+    // With traces on, the stored message carries the publish span's context.
+    shared::otel::inject_nats(&span, &mut h);
     let started = Instant::now();
     let ack = shared::nats::publish(
         &state.inner.ctx.js,
-        raw_subject(&accepted.store_id),
+        subject,
         h,
         accepted.payload,
         state.inner.config.publish_timeout,
     )
+    .instrument(span)
     .await
     .map_err(|e| {
         let chain = shared::http::error_chain(&e);

@@ -139,6 +139,13 @@ pub struct V3Event<'a> {
     text: &'a str,
 }
 
+/// Ecwid's event id in a raw message id made by [`V3Event::msg_id`] (`v3:<storeId>:<eventId>`);
+/// none for another format's id.
+pub fn event_id_of_msg_id(msg_id: &str) -> Option<&str> {
+    let rest = msg_id.strip_prefix("v3:")?;
+    rest.split_once(':').map(|(_, event_id)| event_id)
+}
+
 impl<'a> V3Event<'a> {
     /// The whole body as a raw JSON value, byte for byte (less surrounding white space). Read
     /// again here rather than in [`parse_v3`], so the ingest, which never needs it, scans each
@@ -777,6 +784,22 @@ pub fn sighting_key(store_id: &str, object_type: &str, object_id: &str) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_ids_come_back_out_of_v3_message_ids_only() {
+        for (msg_id, event_id) in [
+            (
+                "v3:1003:80aece08-40e8-4145-8764-6c2f0d38678",
+                Some("80aece08-40e8-4145-8764-6c2f0d38678"),
+            ),
+            ("v3:1003:a:b", Some("a:b")),
+            ("ion:1003:0f3c", None),
+            ("v3:1003", None),
+            ("poll:1003:orders:1:2", None),
+        ] {
+            assert_eq!(event_id_of_msg_id(msg_id), event_id, "{msg_id}");
+        }
+    }
 
     #[test]
     fn polled_integer_ids_stay_exact_as_text() {

@@ -14,10 +14,11 @@ use model::record::{Record, Status};
 use model::retry::Stage;
 use shared::dead::{self, DeadLetter};
 use shared::nats::{
-    envelope_subject, header, headers, subject_tail, NORMALIZER_CONSUMER, RAW_STREAM,
+    envelope_subject, header, headers, subject_tail, EVENTS_STREAM, NORMALIZER_CONSUMER, RAW_STREAM,
 };
 use shared::service::ServiceContext;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -260,13 +261,23 @@ impl Worker {
                 }
             }
             let subject = envelope_subject(&instance.id, instance.ordered());
+            let span =
+                shared::nats::publish_span(EVENTS_STREAM, &subject, &envelope.message.event_id);
+            if !span.is_disabled() {
+                span.record("instance.id", instance.id.as_str());
+                span.record("envelope.id", envelope.message.event_id.as_str());
+            }
+            // With traces on, each envelope carries its own publish span's context, under the
+            // raw message's trace.
+            shared::otel::inject_nats(&span, &mut out);
             let stored = shared::nats::publish(
                 &self.ctx.js,
                 subject,
                 out,
                 envelope.to_json().into(),
                 timeout,
-            );
+            )
+            .instrument(span);
             // The id goes on to the log record: computing it costs a SHA-256.
             let id = envelope.message.event_id;
             async move { (id, stored.await) }

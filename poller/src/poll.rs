@@ -20,8 +20,9 @@ use async_nats::HeaderMap;
 use model::ecwid::{self, PollAction, PollEntity};
 use model::instance::Instance;
 use serde::{Deserialize, Serialize};
-use shared::nats::headers;
+use shared::nats::{headers, RAW_STREAM};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::api::EcwidApi;
 use crate::budget::token_hash;
@@ -279,6 +280,24 @@ impl Poller {
     /// One cycle of a store this replica holds. `keep_going` (the lease still held, a polling
     /// instance of the store still there) is asked between pages and before a cursor moves.
     pub async fn cycle(
+        &self,
+        job: &StoreJob,
+        keep_going: impl Fn() -> bool + Sync,
+        cancel: &CancellationToken,
+    ) -> CycleEnd {
+        let store = job.store_id.as_str();
+        let span = tracing::trace_span!(
+            target: shared::otel::TARGET,
+            "poll cycle",
+            otel.name = "poll cycle",
+            ecwid.store_id = store,
+        );
+        self.cycle_traced(job, keep_going, cancel)
+            .instrument(span)
+            .await
+    }
+
+    async fn cycle_traced(
         &self,
         job: &StoreJob,
         keep_going: impl Fn() -> bool + Sync,
@@ -649,19 +668,22 @@ impl Poller {
                 PollAction::Updated => "UPDATED",
                 PollAction::Deleted => "DELETED",
             };
+            let subject = shared::nats::raw_subject(store);
+            // Each entity is an event, and a trace, of its own, linked to the cycle.
+            let span = shared::nats::publish_root_span(RAW_STREAM, &subject, &msg_id);
+            if shared::otel::enabled() {
+                shared::otel::link(&span, &tracing::Span::current());
+                shared::otel::inject_nats(&span, &mut h);
+            }
             let js = &self.js;
             let timeout = self.publish_timeout;
-            publishes.push(async move {
-                let ack = shared::nats::publish(
-                    js,
-                    shared::nats::raw_subject(store),
-                    h,
-                    body.into(),
-                    timeout,
-                )
-                .await;
-                (ack, event_type)
-            });
+            publishes.push(
+                async move {
+                    let ack = shared::nats::publish(js, subject, h, body.into(), timeout).await;
+                    (ack, event_type)
+                }
+                .instrument(span),
+            );
         }
         for (ack, event_type) in futures::future::join_all(publishes).await {
             match ack {

@@ -12,6 +12,8 @@
 //! - [`kvwatch`]: a live in-memory copy of a small JSON KV bucket (states, callback health).
 //! - [`dead`]: publishing to the dead-letter stream, with headers saying why.
 //! - [`ordered`]: ordered delivery's lanes (one consumer per ordered instance) and what blocks one.
+//! - [`otel`]: OpenTelemetry traces: the `OTEL_*` settings, the exporter, trace context in NATS
+//!   headers and HTTP requests.
 //! - [`metrics`]: metric names, the metrics every service exports, registry helpers.
 //! - [`ops`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and the `healthcheck` command.
 //! - [`http`]: the HTTP vocabulary: one error shape, the path-id, query and body extractors, paging.
@@ -35,6 +37,7 @@ pub mod metrics;
 pub mod nats;
 pub mod ops;
 pub mod ordered;
+pub mod otel;
 pub mod parse_errors;
 pub mod service;
 pub mod shutdown;

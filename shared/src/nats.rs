@@ -176,15 +176,130 @@ pub fn is_subject_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The stream a work subject ([`is_work_subject`]) is stored in.
+pub fn work_stream(subject: &str) -> &'static str {
+    if subject.starts_with(RAW_PREFIX) {
+        RAW_STREAM
+    } else {
+        EVENTS_STREAM
+    }
+}
+
 /// The span a stage handles one message in: the W3C trace id and the ingest's request id from
-/// the message's headers, so every stage's log lines for one webhook share them.
-pub fn message_span(h: Option<&async_nats::HeaderMap>) -> tracing::Span {
+/// the message's headers, so every stage's log lines for one webhook share them. With traces on
+/// it is also the message's OpenTelemetry `process` span (messaging semantic conventions, our
+/// `ecwid.*`, `instance.id` and `envelope.id`), a child of the context the headers carry, and the
+/// time the message waited in its stream is recorded beside it (on its first delivery).
+pub fn message_span(message: &jetstream::Message) -> tracing::Span {
+    use tracing::field::Empty;
+    let h = message.headers.as_ref();
     let get = |name| header(h, name).map(str::to_owned);
     let trace_id = get(headers::TRACEPARENT)
         .and_then(|t| t.split('-').nth(1).map(str::to_owned))
         .unwrap_or_default();
     let request_id = get(headers::REQUEST_ID).unwrap_or_default();
-    tracing::info_span!("event", trace_id, request_id)
+    if !crate::otel::enabled() {
+        // The span the logs have always had, and no field more.
+        return tracing::info_span!(target: crate::otel::TARGET, "event", trace_id, request_id);
+    }
+    let span = tracing::info_span!(
+        target: crate::otel::TARGET,
+        "event",
+        trace_id,
+        request_id,
+        otel.name = Empty,
+        otel.kind = Empty,
+        messaging.system = Empty,
+        messaging.operation.type = Empty,
+        messaging.destination.name = Empty,
+        messaging.consumer.group.name = Empty,
+        messaging.message.id = Empty,
+        messaging.message.delivery_count = Empty,
+        ecwid.store_id = Empty,
+        ecwid.event_id = Empty,
+        instance.id = Empty,
+        envelope.id = Empty,
+    );
+    if !span.is_disabled() {
+        let subject = message.subject.as_str();
+        let stream = work_stream(subject);
+        let consumer = if stream == RAW_STREAM {
+            NORMALIZER_CONSUMER
+        } else if subject.starts_with(ORDERED_PREFIX) {
+            ORDERED_CONSUMER_PREFIX
+        } else {
+            DELIVERER_CONSUMER
+        };
+        span.record("otel.name", format!("process {stream}"));
+        span.record("otel.kind", "consumer");
+        span.record("messaging.system", "nats");
+        span.record("messaging.operation.type", "process");
+        span.record("messaging.destination.name", subject);
+        span.record("messaging.consumer.group.name", consumer);
+        if let Some(id) = header(h, headers::MSG_ID) {
+            span.record("messaging.message.id", id);
+        }
+        if let Some(v) = header(h, headers::STORE_ID) {
+            span.record("ecwid.store_id", v);
+        }
+        // An envelope says which Ecwid event it is; a raw message's id names it.
+        let event_id = header(h, headers::ECWID_EVENT_ID)
+            .or_else(|| header(h, headers::MSG_ID).and_then(model::ecwid::event_id_of_msg_id));
+        if let Some(v) = event_id {
+            span.record("ecwid.event_id", v);
+        }
+        if stream == EVENTS_STREAM {
+            if let Some(v) = header(h, headers::INSTANCE_ID) {
+                span.record("instance.id", v);
+            }
+            if let Some(v) = header(h, headers::MSG_ID) {
+                span.record("envelope.id", v);
+            }
+        }
+        let parent = crate::otel::extract_nats(h);
+        if let Ok(info) = message.info() {
+            span.record("messaging.message.delivery_count", info.delivered);
+            if info.delivered == 1 {
+                crate::otel::record_wait(stream, info.published.into(), &parent);
+            }
+        }
+        crate::otel::set_parent(&span, parent);
+    }
+    span
+}
+
+/// Like [`publish_span`], the first span of a trace of its own: an entity the poller read is an
+/// event of its own, linked to the cycle that read it ([`crate::otel::link`]).
+pub fn publish_root_span(stream: &'static str, subject: &str, msg_id: &str) -> tracing::Span {
+    tracing::trace_span!(
+        target: crate::otel::TARGET,
+        parent: None,
+        "publish",
+        otel.name = format!("publish {stream}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = subject,
+        messaging.message.id = msg_id,
+    )
+}
+
+/// The `publish` span of a message going to `subject` of `stream` (OpenTelemetry messaging
+/// conventions): its context goes into the message's headers ([`crate::otel::inject_nats`]).
+/// Disabled while traces are off.
+pub fn publish_span(stream: &'static str, subject: &str, msg_id: &str) -> tracing::Span {
+    tracing::trace_span!(
+        target: crate::otel::TARGET,
+        "publish",
+        otel.name = format!("publish {stream}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = subject,
+        messaging.message.id = msg_id,
+        instance.id = tracing::field::Empty,
+        envelope.id = tracing::field::Empty,
+    )
 }
 
 /// The value of header `name` in `h`, when there is one.
@@ -213,8 +328,11 @@ pub mod headers {
     /// On an envelope: the id Ecwid knows the event by (v3 `eventId`; for ION its dedupe id).
     pub const ECWID_EVENT_ID: HeaderName = HeaderName::from_static("Ecwid-Event-Id");
     pub const INSTANCE_ID: HeaderName = HeaderName::from_static("Ecwid-Instance-Id");
-    /// W3C trace context, so every stage logs under the ingest's trace.
+    /// W3C trace context, so every stage logs under the ingest's trace (and, with traces on,
+    /// continues it: [`crate::otel`]).
     pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    /// W3C trace state, beside `traceparent` when the trace has one.
+    pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
     pub const DEAD_STAGE: HeaderName = HeaderName::from_static("Ecwid-Dead-Stage");
     pub const DEAD_REASON: HeaderName = HeaderName::from_static("Ecwid-Dead-Reason");
@@ -238,7 +356,7 @@ pub mod headers {
     pub const HELD_FROM: HeaderName = HeaderName::from_static("Ecwid-Held-From");
 
     /// What travels with an event from stage to stage, into a dead letter and back on replay.
-    pub const CARRIED: [HeaderName; 9] = [
+    pub const CARRIED: [HeaderName; 10] = [
         RECEIVED_AT,
         FORMAT,
         VERIFIED,
@@ -247,6 +365,7 @@ pub mod headers {
         INSTANCE_ID,
         ECWID_EVENT_ID,
         TRACEPARENT,
+        TRACESTATE,
         ORIGINAL_MSG_ID,
     ];
 

@@ -103,6 +103,7 @@ impl ServiceContext {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let registry = Registry::new();
         let common = CommonMetrics::register(&registry, service);
+        crate::otel::register_metrics(&registry);
         for (action, n) in [("create", &report.created), ("update", &report.updated)] {
             common
                 .topology_writes
@@ -261,6 +262,7 @@ pub fn contract<C>(
     let _ = parse(&vars);
     let _ = crate::config::worker_threads(&vars);
     let _ = vars.addr_or(ops_var, ops_default);
+    let _ = crate::otel::TraceConfig::from_vars(&vars, service);
     let mut variables = vars.read();
     variables.insert(
         crate::telemetry::FILTER_VAR.to_owned(),
@@ -271,6 +273,7 @@ pub fn contract<C>(
     );
     let registry = Registry::new();
     CommonMetrics::register(&registry, service);
+    crate::otel::register_metrics(&registry);
     LogMetrics::register(&registry);
     metrics(&registry);
     Contract {
@@ -326,7 +329,7 @@ where
     let vars = Vars::from_env();
     let config = exit_on_error(parse(&vars));
     let workers = exit_on_error(crate::config::worker_threads(&vars));
-    crate::telemetry::init(common(&config).log_format);
+    let traces = exit_on_error(crate::otel::TraceConfig::from_vars(&vars, service));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -334,14 +337,24 @@ where
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(error) => {
+            crate::telemetry::init(common(&config).log_format, None);
             tracing::error!(%error, "Cannot start the Tokio runtime.");
             return std::process::ExitCode::FAILURE;
         }
     };
+    // The exporter sends from the runtime: it starts with it.
+    let exporting = crate::telemetry::init(
+        common(&config).log_format,
+        Some((&traces, runtime.handle().clone())),
+    );
     let result = runtime.block_on(async {
         let cancel = CancellationToken::new();
         crate::shutdown::cancel_on_signal(cancel.clone());
-        start(config, cancel).await
+        let result = start(config, cancel).await;
+        if let Some(exporting) = exporting {
+            exporting.shutdown().await;
+        }
+        result
     });
     // Dropping the runtime would wait for blocking threads (a DNS lookup in flight) without end.
     runtime.shutdown_timeout(crate::shutdown::RUNTIME_STOP);

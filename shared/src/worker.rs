@@ -92,7 +92,7 @@ pub async fn run_pull_loop<F, Fut>(
                         let _ = message.ack_with(AckKind::Progress).await;
                     }
                     let handle = handle.clone();
-                    let span = crate::nats::message_span(message.headers.as_ref());
+                    let span = crate::nats::message_span(&message);
                     tasks.spawn(
                         async move {
                             handle(message).await;

@@ -63,6 +63,23 @@ fn bad_settings_exit_64_naming_the_variable() {
             "NORMALIZER_CONCURRENCY",
         ),
         (
+            "deliverer",
+            &[
+                ("OPS_LISTEN", &listen),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        (
+            "ingest",
+            &[
+                ("ADMIN_TOKEN", "0123456789abcdefXYZ"),
+                ("INGEST_LISTEN", &listen),
+                ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ],
+            "OTEL_TRACES_SAMPLER",
+        ),
+        (
             "normalizer",
             &[("NATS_URL", "http://nats:4222")],
             "NATS_URL",

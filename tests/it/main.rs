@@ -26,3 +26,4 @@ mod retry_schedule;
 mod run_local;
 mod sigterm;
 mod topology;
+mod traces;
