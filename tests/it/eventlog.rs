@@ -530,7 +530,7 @@ async fn a_deliverer_killed_mid_attempt_leaves_a_record_that_converges() {
 fn fill(nats_url: &str, n: usize, fields: impl Fn(usize) -> [String; 6]) {
     let mut sql = String::from(
         "INSERT INTO event_log_events (id, received_at, instance_id, store_id, object_type, \
-         object_id, event_type, ecwid_event_id, format, verified, request_id, status) VALUES ",
+         object_id, event_type, ecwid_event_id, format, verified, request_id, status, seq) VALUES ",
     );
     for i in 0..n {
         let [id, instance, store, object, event_type, eid] = fields(i);
@@ -539,7 +539,8 @@ fn fill(nats_url: &str, n: usize, fields: impl Fn(usize) -> [String; 6]) {
         }
         sql.push_str(&format!(
             "('{id}', now(), '{instance}', '{store}', 'orders', '{object}', '{event_type}', \
-             '{eid}', 'v3', true, 'r', 'pending')"
+             '{eid}', 'v3', true, 'r', 'pending', \
+             ((extract(epoch FROM now()) * 1000)::bigint << 20) + {i})"
         ));
     }
     pg::psql_for(nats_url, &sql);
@@ -566,9 +567,9 @@ async fn an_object_with_thousands_of_records_pages_newest_first() {
     let again = pg::psql_for(
         &nats.url(),
         "INSERT INTO event_log_events (id, received_at, instance_id, store_id, object_type, \
-         object_id, event_type, ecwid_event_id, format, verified, request_id, status) \
+         object_id, event_type, ecwid_event_id, format, verified, request_id, status, seq) \
          SELECT id, received_at, instance_id, store_id, object_type, object_id, event_type, \
-         ecwid_event_id, format, verified, request_id, status FROM event_log_events \
+         ecwid_event_id, format, verified, request_id, status, seq FROM event_log_events \
          WHERE id = 'hot-00008' ON CONFLICT DO NOTHING RETURNING id",
     );
     assert_eq!(again, "", "the same row again is not stored twice");

@@ -121,9 +121,9 @@ async fn a_partition_past_retention_is_dropped() {
     pg::psql_for(
         &nats.url(),
         "INSERT INTO event_log_events (id, received_at, instance_id, store_id, object_type, \
-         object_id, event_type, ecwid_event_id, format, verified, request_id, status) VALUES \
-         ('old-1', '2020-01-01 12:00:00+00', 'i', '1', 'orders', 'o', 'UPDATED', 'e', 'v3', \
-         true, 'r', 'pending')",
+         object_id, event_type, ecwid_event_id, format, verified, request_id, status, seq) \
+         VALUES ('old-1', '2020-01-01 12:00:00+00', 'i', '1', 'orders', 'o', 'UPDATED', 'e', \
+         'v3', true, 'r', 'pending', 1577880000000::bigint << 20)",
     );
     let today = pg::psql_for(
         &nats.url(),

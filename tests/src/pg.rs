@@ -213,12 +213,24 @@ impl Postgres {
                 "-U",
                 "postgres",
             ])
-            .args(["-d", db, "-c", sql])
-            .output()
+            // The statement on stdin: a long one (thousands of rows) would not fit in argv.
+            .args(["-d", db, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(sql.as_bytes())?;
+                }
+                child.wait_with_output()
+            })
             .expect("run psql");
+        let shown: String = sql.chars().take(300).collect();
         assert!(
             out.status.success(),
-            "psql `{sql}` failed: {}",
+            "psql `{shown}` failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()

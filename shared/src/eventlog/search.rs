@@ -271,6 +271,12 @@ async fn with_attempts(
     Ok(out)
 }
 
+/// The smallest `seq` of a row received at `ms` (`event_log_events.seq`: the receipt in
+/// milliseconds, shifted 20 bits, then a sequence's low bits).
+fn seq_at(ms: i64) -> i64 {
+    ms.max(0).saturating_mul(1 << 20)
+}
+
 /// Rows read per query of a search with a status filter.
 const CHUNK: i64 = 500;
 
@@ -304,17 +310,21 @@ pub async fn search(reads: Reads<'_>, q: &Query) -> Result<Page, SearchError> {
     if let Some(v) = &q.ecwid_event_id {
         filter("e.ecwid_event_id = ?", Box::new(v.clone()));
     }
+    // `seq` starts with the receipt's milliseconds: a window is a range of it (the indexes on
+    // (…, seq) answer it), and of `received_at` (the partitions outside it are not read).
     if let Some(v) = q.since_ms {
         filter(
             "e.received_at >= to_timestamp(?::bigint / 1000.0)",
             Box::new(v),
         );
+        filter("e.seq >= ?::bigint", Box::new(seq_at(v)));
     }
     if let Some(v) = q.until_ms {
         filter(
             "e.received_at < to_timestamp(?::bigint / 1000.0)",
             Box::new(v),
         );
+        filter("e.seq < ?::bigint", Box::new(seq_at(v)));
     }
     let cursor = params.len() + 1;
     clauses.push(format!("e.seq < ${cursor}"));

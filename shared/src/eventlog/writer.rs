@@ -23,8 +23,9 @@ const SPOOL_TIMEOUT: Duration = Duration::from_secs(5);
 const INSERT_EVENTS: &str =
     "INSERT INTO event_log_events (id, received_at, instance_id, store_id, \
      object_type, object_id, event_type, ecwid_event_id, format, verified, request_id, status, \
-     error, envelope_seq) \
-     SELECT id, to_timestamp(r / 1000.0), inst, store, ot, oid, et, eid, fmt, v, req, st, err, seq \
+     error, envelope_seq, seq) \
+     SELECT id, to_timestamp(r / 1000.0), inst, store, ot, oid, et, eid, fmt, v, req, st, err, seq, \
+     (r << 20) | (nextval('event_log_seq') & 1048575) \
      FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
      $7::text[], $8::text[], $9::text[], $10::bool[], $11::text[], $12::text[], $13::text[], \
      $14::bigint[]) AS t(id, r, inst, store, ot, oid, et, eid, fmt, v, req, st, err, seq) \

@@ -1,6 +1,7 @@
 //! The event log's read side at size, in PostgreSQL: fills the pipeline's log database with `n`
 //! records shaped like the deliverer's (an event row and one delivered attempt row each, five
-//! records per objectId), server-side in one statement per million rows (the same rows the
+//! records per objectId, received over the last week in daily partitions), server-side in one
+//! statement per million rows (the same rows the
 //! writer's batches make; the write path's cost is measured by the pipeline phases with the log
 //! on and off), then times `GET /events/{id}`, `GET /events?objectId=` and
 //! `GET /events?instance=&status=&since=&until=` through the real admin API, and reports the
@@ -37,16 +38,32 @@ fn object_of(i: u64, objects: u64) -> String {
 
 const INSTANCE: &str = "bench-log-instance";
 
-/// Records `lo..hi` (event rows and their attempt rows), received over the last hour.
-fn fill_sql(lo: u64, hi: u64, objects: u64) -> [String; 2] {
-    let at = "now() - interval '1 hour' + (i * interval '1 millisecond') / 1000";
+/// How far back the filled records' receipts go: a week, the default retention.
+const SPAN_MS: i64 = 7 * 86_400_000;
+
+/// The daily partitions of the filled week (the services make only yesterday's on).
+const PAST_PARTITIONS: &str = "SET TIME ZONE 'UTC'; DO $$ DECLARE d date; t text; BEGIN \
+     FOR d IN SELECT generate_series(current_date - 8, current_date, interval '1 day')::date LOOP \
+       FOREACH t IN ARRAY ARRAY['event_log_events', 'event_log_attempts'] LOOP \
+         EXECUTE format('CREATE TABLE IF NOT EXISTS %s_p%s PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', \
+           t, to_char(d, 'YYYYMMDD'), t, d::timestamptz, (d + 1)::timestamptz); \
+       END LOOP; \
+     END LOOP; END $$";
+
+/// Records `lo..hi` of `n` (event rows and their attempt rows), their receipts spread evenly
+/// over the week before `now_ms`.
+fn fill_sql(lo: u64, hi: u64, n: u64, objects: u64, now_ms: i64) -> [String; 2] {
+    let step = SPAN_MS / n.max(1) as i64;
+    let ms = format!("({now_ms}::bigint - {SPAN_MS} + i * {step})");
+    let at = format!("to_timestamp({ms} / 1000.0)");
     [
         format!(
             "INSERT INTO event_log_events (id, received_at, instance_id, store_id, object_type, \
-             object_id, event_type, ecwid_event_id, format, verified, request_id, status) \
+             object_id, event_type, ecwid_event_id, format, verified, request_id, status, seq) \
              SELECT lpad(to_hex(i >> 32), 8, '0') || '-0000-4000-8000-' || lpad(to_hex(i & 281474976710655), 12, '0'), \
              {at}, '{INSTANCE}', '9999', 'orders', 'LOG' || (i % {objects}), 'UPDATED', \
-             'bench-log-' || i, 'v3', true, lpad(to_hex(i), 32, '0'), 'pending' \
+             'bench-log-' || i, 'v3', true, lpad(to_hex(i), 32, '0'), 'pending', \
+             ({ms} << 20) | (i & 1048575) \
              FROM generate_series({lo}::bigint, {hi}::bigint - 1) AS i"
         ),
         format!(
@@ -90,11 +107,13 @@ pub(crate) async fn measure(
     let nats_rss_before = rss();
     let objects = (n / 5).max(1);
     let started = Instant::now();
+    let now_ms = model::time_fmt::now_unix_ms();
+    integration_tests::pg::psql_for(nats_url, PAST_PARTITIONS);
     let step = 1_000_000;
     let mut lo = 0;
     while lo < n {
         let hi = (lo + step).min(n);
-        for sql in fill_sql(lo, hi, objects) {
+        for sql in fill_sql(lo, hi, n, objects, now_ms) {
             integration_tests::pg::psql_for(nats_url, &sql);
         }
         lo = hi;
@@ -113,7 +132,6 @@ pub(crate) async fn measure(
     let stride = (n / samples.max(1)).max(1) | 1;
     let picks: Vec<u64> = (0..samples).map(|k| (k * stride * 7919) % n).collect();
     let (mut by_id, mut by_object, mut by_status) = (Vec::new(), Vec::new(), Vec::new());
-    let now = model::time_fmt::now_unix_ms();
     for (k, &i) in picks.iter().enumerate() {
         by_id.push(timed_get(&http, &format!("http://{admin}/events/{}", id_of(i)), token).await?);
         let object = object_of(i, objects);
@@ -125,8 +143,8 @@ pub(crate) async fn measure(
             )
             .await?,
         );
-        // A window of ten minutes somewhere in the filled hour.
-        let from = now - 3_600_000 + (k as i64 * 600_000 / samples.max(1) as i64) * 5;
+        // A window of ten minutes somewhere in the filled week.
+        let from = now_ms - SPAN_MS + k as i64 * (SPAN_MS - 600_000) / samples.max(1) as i64;
         let window = format!(
             "instance={INSTANCE}&status=delivered&since={}&until={}",
             model::time_fmt::unix_ms_to_rfc3339(from),

@@ -9,8 +9,11 @@
 CREATE SEQUENCE event_log_seq;
 
 CREATE TABLE event_log_events (
-    -- The page cursor (`next` / `after`): newest first by the order rows were written.
-    seq bigint NOT NULL DEFAULT nextval('event_log_seq'),
+    -- The page cursor (`next` / `after`), in receipt order: the receipt in unix milliseconds
+    -- shifted left 20 bits, and the low 20 bits from a sequence (so rows of one millisecond keep
+    -- the order they were written in). A time window is then a range of seq, which the indexes
+    -- on (…, seq) answer directly.
+    seq bigint NOT NULL,
     id text NOT NULL,
     received_at timestamptz NOT NULL,
     -- NULL for a raw-stage outcome.
