@@ -61,6 +61,45 @@ fn command(bin: &Path, tool: &str) -> Command {
     c
 }
 
+/// The prefix of the servers' temporary directories.
+const DIR_PREFIX: &str = "ecwid-pg-";
+
+/// Removes the directories of servers no longer running: the test binary's shared server is
+/// never dropped (a static), so its directory outlives the run; the next run clears it.
+fn remove_stale() {
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        // The server's pid, and the test process's that made it (`owner`): either alive, the
+        // directory is in use (a server a test stopped for a while included).
+        let alive = |file: PathBuf| {
+            std::fs::read_to_string(file)
+                .ok()
+                .and_then(|text| text.lines().next().map(str::trim).map(str::to_owned))
+                .is_some_and(|pid| !pid.is_empty() && Path::new("/proc").join(pid).exists())
+        };
+        let running = alive(dir.join("data").join("postmaster.pid")) || alive(dir.join("owner"));
+        // A directory just made by another binary's start (initdb not done yet) has no pid file
+        // either: only those older than a minute go.
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        if !running && old {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// `ECWID_TEST_PG_DURABLE=1` (the bench's make targets set it): the server commits durably, as a
 /// deployment's does, so that its CPU and latency are what production would see.
 fn durable() -> bool {
@@ -80,11 +119,14 @@ pub struct Postgres {
 impl Postgres {
     /// initdb, then the server; returns once it accepts connections.
     pub fn start() -> Self {
+        remove_stale();
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
-            .prefix("ecwid-pg-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .expect("temp dir");
+        std::fs::write(dir.path().join("owner"), std::process::id().to_string())
+            .expect("write the owner file");
         if let Some((uid, gid)) = run_as() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown data dir");
         }
