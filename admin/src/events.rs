@@ -60,7 +60,6 @@ fn reads(state: &AdminState) -> Reads<'_> {
     Reads {
         js: &state.inner.ctx.js,
         log: &state.inner.ctx.log,
-        directory: &state.inner.ctx.directory,
     }
 }
 

@@ -18,7 +18,6 @@ use serde::Deserialize;
 use tokio_postgres::types::ToSql;
 
 use super::EventLog;
-use crate::directory::Directory;
 use crate::nats::{headers, EVENTS_STREAM};
 
 /// How long one query waits for PostgreSQL (or JetStream) before the search answers unavailable.
@@ -35,12 +34,11 @@ pub enum SearchError {
     Unavailable(String),
 }
 
-/// What a query reads: the JetStream context (envelopes), the log, and the instance directory.
+/// What a query reads: the JetStream context (envelopes) and the log.
 #[derive(Debug, Clone, Copy)]
 pub struct Reads<'a> {
     pub js: &'a jetstream::Context,
     pub log: &'a EventLog,
-    pub directory: &'a Directory,
 }
 
 /// `GET /events` filters; every one combinable.

@@ -322,9 +322,15 @@ pub(super) async fn drain_spool(store: Arc<Store>, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
         }
     };
+    let mut last_observed = std::time::Instant::now();
     while !cancel.is_cancelled() {
         if !store.postgres_up() {
-            observe_spool(&store).await;
+            // The spool's state is read once per wait out of PostgreSQL's down time, not at
+            // every half-second look.
+            if last_observed.elapsed() >= DOWN_FOR {
+                observe_spool(&store).await;
+                last_observed = std::time::Instant::now();
+            }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 () = cancel.cancelled() => return,
