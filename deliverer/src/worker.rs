@@ -510,13 +510,22 @@ impl Worker {
         }
     }
 
-    /// Removes envelope `seq`'s retry marker, which only an envelope that failed before has.
+    /// Counts envelope `seq` out of those waiting for a retry, which only an envelope that failed
+    /// before was counted in.
     async fn unmark_retrying(&self, instance_id: &str, seq: u64, attempt: u64) {
         if attempt <= 1 {
             return;
         }
-        if let Err(error) = shared::control::unmark_retrying(&self.ctx.js, instance_id, seq).await {
-            tracing::warn!(instance_id, seq, %error, "Could not remove a retry marker; the instance's health overcounts it.");
+        if let Err(error) = shared::control::count_retrying(
+            &self.ctx.js,
+            instance_id,
+            seq,
+            shared::control::Retrying::Out,
+            DEAD_LETTER_ACK_WAIT,
+        )
+        .await
+        {
+            tracing::warn!(instance_id, seq, %error, "Could not count a settled envelope out of the retrying; the instance's health overcounts it.");
         }
     }
 
@@ -543,15 +552,19 @@ impl Worker {
             } => {
                 if !spends_attempt {
                     self.deferrals.note(seq).await;
-                } else if let Err(error) = shared::control::mark_retrying(
-                    &self.ctx.js,
-                    instance_id,
-                    seq,
-                    DEAD_LETTER_ACK_WAIT,
-                )
-                .await
-                {
-                    tracing::warn!(instance_id, seq, %error, "Could not mark an envelope as retrying; the instance's health undercounts it.");
+                } else if attempt == 1 {
+                    // Counted in at its first failure only, out when it is settled.
+                    if let Err(error) = shared::control::count_retrying(
+                        &self.ctx.js,
+                        instance_id,
+                        seq,
+                        shared::control::Retrying::In,
+                        DEAD_LETTER_ACK_WAIT,
+                    )
+                    .await
+                    {
+                        tracing::warn!(instance_id, seq, %error, "Could not count an envelope as retrying; the instance's health undercounts it.");
+                    }
                 }
                 if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(instance_id, seq, %error, "NAK failed; the server redelivers after ack_wait.");

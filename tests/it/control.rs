@@ -255,6 +255,67 @@ async fn the_breaker_is_one_state_shared_by_replicas_and_survives_a_restart() {
     pipeline.stop().await;
 }
 
+/// Subjects of stream `name` (nats-server keeps each in memory).
+async fn subjects_of(nats_url: &str, name: &str) -> u64 {
+    let js = async_nats::jetstream::new(connect(nats_url).await);
+    let mut stream = js.get_stream(name).await.expect("the stream");
+    stream.info().await.expect("its info").state.subjects_count
+}
+
+#[tokio::test]
+async fn retrying_envelopes_are_counted_on_two_subjects_however_many_fail() {
+    let nats = NatsServer::start().await;
+    // No breaker within the test, so that every envelope spends its first attempt and waits.
+    let settings = [
+        ("DELIVER_BREAKER_FAILURES", "1000"),
+        ("DELIVER_RETRY_SCHEDULE", "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s"),
+    ];
+    let pipeline = Pipeline::start(&nats.url(), &settings).await;
+    let receiver = Receiver::start(Behavior::Status(503)).await;
+    let id = pipeline.create_instance("7305", &receiver.url(), &[]).await;
+    const N: usize = 30;
+    for i in 0..N {
+        send(&pipeline, 7305, &format!("retrying-{i}")).await;
+    }
+    let h = wait_health(&pipeline, &id, "every envelope counted as retrying", |h| {
+        h["retrying"] == N
+    })
+    .await;
+    assert_eq!(h["dead"], 0, "{h}");
+    // Two subjects (`.in`, `.out`) for the instance, not one per envelope.
+    let subjects = subjects_of(&nats.url(), shared::nats::RETRYING_STREAM).await;
+    assert!(subjects <= 2, "{subjects} subjects in ECWID_RETRYING");
+    // Webhook sightings are no longer a bucket with a key per entity.
+    let js = async_nats::jetstream::new(connect(&nats.url()).await);
+    assert!(
+        js.get_stream("KV_ECWID_POLL_SEEN").await.is_err(),
+        "no sightings bucket"
+    );
+
+    receiver.set_behavior(Behavior::Status(200));
+    let (pipeline_ref, id_ref) = (&pipeline, &id);
+    wait_until(WAIT, "every envelope delivered in the end", || async move {
+        records(pipeline_ref, id_ref)
+            .await
+            .iter()
+            .filter(|r| r["status"] == "delivered")
+            .count()
+            == N
+    })
+    .await;
+    let h = wait_health(&pipeline, &id, "nothing retrying once delivered", |h| {
+        h["retrying"] == 0
+    })
+    .await;
+    assert_eq!(
+        (h["backlog"].as_u64(), h["dead"].as_u64()),
+        (Some(0), Some(0)),
+        "{h}"
+    );
+    assert!(subjects_of(&nats.url(), shared::nats::RETRYING_STREAM).await <= 2);
+    pipeline.stop().await;
+}
+
 #[tokio::test]
 async fn an_instance_failing_for_too_long_is_disabled_and_resumed() {
     let nats = NatsServer::start().await;
