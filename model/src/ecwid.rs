@@ -763,24 +763,6 @@ pub fn parse_latest_stats(body: &[u8]) -> Result<BTreeMap<PollEntity, i64>, Pars
         .collect())
 }
 
-/// The key of a webhook sighting in `ECWID_POLL_SEEN`: `<storeId>.<objectType>.<objectId>`,
-/// the id hashed when it holds a character a key cannot (keys allow `[-_=a-zA-Z0-9]` per token).
-pub fn sighting_key(store_id: &str, object_type: &str, object_id: &str) -> String {
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    let id = if plain(object_id) {
-        object_id.to_owned()
-    } else {
-        let digest = Sha256::digest(object_id.as_bytes());
-        format!("h={}", crate::hex::lower(&digest[..16]))
-    };
-    format!("{store_id}.{object_type}.{id}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1179,7 +1161,5 @@ mod tests {
         assert_eq!(stats.get(&PollEntity::Products), Some(&1714558500));
         assert_eq!(stats.get(&PollEntity::Orders), Some(&1714558600));
         assert_eq!(stats.get(&PollEntity::Reviews), None);
-        assert_eq!(sighting_key("1003", "orders", "XJ12H"), "1003.orders.XJ12H");
-        assert!(sighting_key("1003", "applications", "a.b c").starts_with("1003.applications.h="));
     }
 }

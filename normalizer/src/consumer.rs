@@ -52,8 +52,6 @@ struct Worker {
     config: Config,
     ctx: ServiceContext,
     metrics: Metrics,
-    /// `ECWID_POLL_SEEN`: webhook sightings the poller reads (see [`Worker::record_sighting`]).
-    seen: async_nats::jetstream::kv::Store,
     /// Acceptance order for the envelopes of ordered instances.
     order: Arc<Gate>,
     /// Parsed `event.notification.filter` expressions.
@@ -88,21 +86,11 @@ pub async fn run(
     );
     let concurrency = config.concurrency;
     let grace = config.common.shutdown_grace;
-    let seen = ctx
-        .js
-        .get_key_value(shared::nats::POLL_SEEN_BUCKET)
-        .await
-        .map_err(|e| shared::Error::Topology {
-            what: "key-value bucket",
-            name: shared::nats::POLL_SEEN_BUCKET.to_owned(),
-            message: e.to_string(),
-        })?;
     let order = Gate::start(ctx.js.clone(), consumer.clone(), cancel.child_token());
     let worker = Arc::new(Worker {
         config,
         ctx,
         metrics,
-        seen,
         order,
         filters: Default::default(),
     });
@@ -220,9 +208,6 @@ impl Worker {
                 }
             })
             .collect();
-        if normalized.format == Format::V3 && instances.iter().any(|i| i.polls()) {
-            self.record_sighting(&normalized).await;
-        }
         if targets.is_empty() && !filtered.is_empty() {
             return Outcome::Ack {
                 outcome: "filtered",
@@ -325,26 +310,6 @@ impl Worker {
         Outcome::Ack {
             outcome: "normalized",
             records,
-        }
-    }
-
-    /// Records that a webhook brought this version of an entity, for the poller's dedupe rule
-    /// (README, "Webhooks and polling"). Best effort: a sighting that is not written only means
-    /// the poller may deliver the same change once more.
-    async fn record_sighting(&self, normalized: &Normalized<'_>) {
-        let Some(at_ms) = model::time_fmt::rfc3339_to_unix_ms(&normalized.event.date) else {
-            return;
-        };
-        let key = model::ecwid::sighting_key(
-            &normalized.store_id,
-            &normalized.event.object_type,
-            &normalized.event.object_id,
-        );
-        let put = self.seen.put(&key, (at_ms / 1000).to_string().into());
-        match tokio::time::timeout(self.config.publish_timeout, put).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::debug!(%error, key, "Webhook sighting not recorded."),
-            Err(_) => tracing::debug!(key, "Webhook sighting not recorded in time."),
         }
     }
 

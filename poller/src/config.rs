@@ -56,6 +56,10 @@ pub struct Config {
     /// backfill cut short answers 422 (ask for a shorter window).
     pub cycle_max_pages: u32,
     pub cycle_max_time: Duration,
+    /// `POLLER_SIGHTINGS_MAX_AGE_MS`, default 21600000 (6 h): how far back the webhooks a polled
+    /// change is checked against are read ([`crate::sightings`]); a polled change older than
+    /// that is stored even when a webhook brought it.
+    pub sightings_max_age: Duration,
 }
 
 impl Config {
@@ -147,6 +151,7 @@ impl Config {
             max_retry_after,
             cycle_max_pages,
             cycle_max_time: vars.millis_or("POLLER_CYCLE_MAX_MS", 300_000, 1_000)?,
+            sightings_max_age: vars.millis_or("POLLER_SIGHTINGS_MAX_AGE_MS", 21_600_000, 60_000)?,
         })
     }
 }
@@ -177,6 +182,7 @@ mod tests {
             ("POLLER_MAX_RETRY_AFTER_MS", "100000000000"),
             ("POLLER_CYCLE_MAX_PAGES", "0"),
             ("POLLER_CYCLE_MAX_MS", "5"),
+            ("POLLER_SIGHTINGS_MAX_AGE_MS", "1000"),
         ] {
             let err = Config::from_vars(&Vars::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{var}={value}");

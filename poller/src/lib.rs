@@ -22,6 +22,7 @@ pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod poll;
+pub mod sightings;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,7 +69,6 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
     let metrics = metrics::Metrics::register(&ctx.registry);
     let leases_kv = bucket(&ctx, shared::nats::POLL_LEASES_BUCKET).await?;
     let state = bucket(&ctx, shared::nats::POLL_STATE_BUCKET).await?;
-    let seen = bucket(&ctx, shared::nats::POLL_SEEN_BUCKET).await?;
     let budget = budget::Budget::new(state.clone(), config.rate_limit, config.rate_window);
     let user_agent = format!(
         "ecwid-events-poller/{} ({})",
@@ -81,7 +81,10 @@ async fn work(config: Config, ctx: ServiceContext, cancel: CancellationToken) ->
         api,
         js: ctx.js.clone(),
         state,
-        seen,
+        sightings: Arc::new(sightings::Sightings::new(
+            ctx.js.clone(),
+            config.sightings_max_age,
+        )),
         metrics: metrics.clone(),
         publish_timeout: config.publish_timeout,
         window_delay: config.window_delay,

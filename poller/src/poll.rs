@@ -221,7 +221,8 @@ pub struct Poller {
     pub api: EcwidApi,
     pub js: jetstream::Context,
     pub state: kv::Store,
-    pub seen: kv::Store,
+    /// What webhooks already brought ([`crate::sightings`]).
+    pub sightings: Arc<crate::sightings::Sightings>,
     pub metrics: Metrics,
     pub publish_timeout: Duration,
     pub window_delay: Duration,
@@ -586,7 +587,14 @@ impl Poller {
                     .map_err(|e| transient("Ecwid's answer is not a page", e))?;
                 let n = page.items.len();
                 counts += self
-                    .store_items(store, entity, deleted, &page.items, skip_seen, named)
+                    .store_items(
+                        store,
+                        entity,
+                        deleted,
+                        &page.items,
+                        skip_seen.then_some(from),
+                        named,
+                    )
                     .await?;
                 offset += n;
                 let total = page.total.map(|t| t as usize);
@@ -605,11 +613,15 @@ impl Poller {
         entity: PollEntity,
         deleted: bool,
         items: &[Box<serde_json::value::RawValue>],
-        skip_seen: bool,
+        skip_seen_from: Option<i64>,
         named: Option<&str>,
     ) -> Result<Counts, PollError> {
         let object_type = model::normalize::poll_object_type(entity);
         let mut counts = Counts::default();
+        let seen = match skip_seen_from {
+            Some(from) => Some(self.sightings.of(store, from).await),
+            None => None,
+        };
         let mut publishes = Vec::new();
         for item in items {
             counts.seen += 1;
@@ -632,10 +644,9 @@ impl Poller {
                 Ok(e) => (e.msg_id(), e.action, e.object_id, e.changed_at),
                 Err(_) => continue,
             };
-            if skip_seen
-                && self
-                    .seen_since(store, &object_type, &object_id, changed_at)
-                    .await
+            if seen
+                .as_ref()
+                .is_some_and(|seen| seen.since(&object_type, &object_id, changed_at))
             {
                 counts.skipped += 1;
                 self.metrics
@@ -685,6 +696,7 @@ impl Poller {
                 .instrument(span),
             );
         }
+        drop(seen);
         for (ack, event_type) in futures::future::join_all(publishes).await {
             match ack {
                 Ok(ack) if ack.duplicate => {
@@ -699,24 +711,6 @@ impl Poller {
             }
         }
         Ok(counts)
-    }
-
-    /// Whether a webhook about this entity, at least as new as `changed_at`, was seen.
-    async fn seen_since(
-        &self,
-        store: &str,
-        object_type: &str,
-        object_id: &str,
-        changed_at: i64,
-    ) -> bool {
-        let key = ecwid::sighting_key(store, object_type, object_id);
-        match self.seen.get(&key).await {
-            Ok(Some(v)) => std::str::from_utf8(&v)
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-                .is_some_and(|at| at >= changed_at),
-            _ => false,
-        }
     }
 }
 

@@ -27,12 +27,6 @@ pub const POLL_LEASES_BUCKET: &str = "ECWID_POLL_LEASES";
 /// `status.<storeId>` (the last poll's outcome, shown by the admin API) and `budget.<hash>`
 /// (the shared request budget of one API token; the key is a hash, never the token).
 pub const POLL_STATE_BUCKET: &str = "ECWID_POLL_STATE";
-/// Webhook sightings, written by the normalizer: `<storeId>.<objectType>.<objectId>` → the
-/// newest `eventCreated` seen, so the poller skips what a webhook already brought.
-pub const POLL_SEEN_BUCKET: &str = "ECWID_POLL_SEEN";
-/// How long a webhook sighting is kept: longer than any poll window can lag.
-pub const POLL_SEEN_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-
 /// Live deliverer replicas: key = a replica's id, put again every few seconds and removed on a
 /// graceful stop. The replicas follow it with a watch and forget one whose entry was not put
 /// again for a while; the bucket's `max_age` ([`DELIVERERS_MAX_AGE`]) keeps a newcomer from
@@ -53,8 +47,8 @@ pub const POLLER_QUEUE: &str = "poller";
 
 /// Envelopes of paused and disabled instances, held until resumed ([`crate::control`]).
 pub const HELD_STREAM: &str = "ECWID_HELD";
-/// One marker per envelope that failed and waits for its retry (`ecwid.retrying.<instanceId>.<seq>`),
-/// so an instance's health counts them exactly ([`crate::control`]).
+/// Envelopes waiting for a retry, counted per instance on two subjects
+/// (`ecwid.retrying.<instanceId>.in` and `.out`), for the instance's health ([`crate::control`]).
 pub const RETRYING_STREAM: &str = "ECWID_RETRYING";
 /// Instance states (`active`, `paused`, `disabled`), keyed by instance id; no key = active.
 pub const STATE_BUCKET: &str = "ECWID_INSTANCE_STATE";

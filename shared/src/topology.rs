@@ -21,8 +21,7 @@ use serde::Serialize;
 use crate::nats::{
     CALLBACKS_BUCKET, DEAD_PREFIX, DEAD_STREAM, DELIVERERS_BUCKET, DELIVERERS_MAX_AGE,
     EVENTS_PREFIX, EVENTS_STREAM, INSTANCES_BUCKET, ORDERED_PREFIX, POLL_LEASES_BUCKET,
-    POLL_SEEN_BUCKET, POLL_SEEN_MAX_AGE, POLL_STATE_BUCKET, RAW_PREFIX, RAW_STREAM,
-    RETRYING_STREAM, STATE_BUCKET,
+    POLL_STATE_BUCKET, RAW_PREFIX, RAW_STREAM, RETRYING_STREAM, STATE_BUCKET,
 };
 use model::retry::WORK_STREAM_MAX_AGE;
 
@@ -196,12 +195,6 @@ pub async fn setup_topology(
             max_age: Duration::ZERO,
         },
         Bucket {
-            name: POLL_SEEN_BUCKET,
-            description: "ecwid-events webhook sightings",
-            history: 1,
-            max_age: POLL_SEEN_MAX_AGE,
-        },
-        Bucket {
             name: DELIVERERS_BUCKET,
             description: "ecwid-events live deliverer replicas",
             history: 1,
@@ -314,6 +307,19 @@ async fn ensure_stream(
     js.update_stream(&wanted)
         .await
         .map_err(|e| failed(e.to_string()))?;
+    if name == RETRYING_STREAM && stored.max_messages_per_subject == 1 {
+        // An earlier version kept a marker subject per retrying envelope; they would stay in
+        // nats-server's memory for their max age. The counts start again from zero: envelopes
+        // waiting for a retry at the upgrade are not shown as retrying, but are retried.
+        let purged = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .purge()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        tracing::info!(stream = %name, markers = purged.purged, "Removed the per-envelope retry markers of an earlier version.");
+    }
     let mut report = lock(report);
     report.updated.push(name.clone());
     report.differences.extend(found);

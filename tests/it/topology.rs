@@ -10,8 +10,8 @@ use integration_tests::procs::{process_env, sample_sum, Service, ServiceProc};
 use integration_tests::{wait_until, NatsServer};
 use serde_json::Value;
 
-/// Streams (6) and buckets (7) the services set up.
-const TOPOLOGY_STREAMS: usize = 13;
+/// Streams (6) and buckets (6) the services set up.
+const TOPOLOGY_STREAMS: usize = 12;
 const ALL: [Service; 4] = [
     Service::Ingest,
     Service::Normalizer,
@@ -138,4 +138,34 @@ async fn a_restart_writes_nothing_and_a_replica_set_otherwise_says_so() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_earlier_version_s_retry_markers_are_removed_at_the_upgrade() {
+    let nats = NatsServer::start().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    // The earlier version's stream: one marker subject per retrying envelope.
+    let mut old = shared::control::retrying_stream_config(1);
+    old.max_messages_per_subject = 1;
+    js.create_stream(old).await.expect("the old stream");
+    for seq in 1..=5 {
+        js.publish(format!("ecwid.retrying.i-1.{seq}"), "".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let proc = ServiceProc::start(Service::Normalizer, process_env(&nats.url(), &[])).await;
+    assert!(writes(&proc, "update").await >= 1.0);
+    let mut stream = js.get_stream("ECWID_RETRYING").await.expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(
+        (
+            info.config.max_messages_per_subject,
+            info.state.messages,
+            info.state.subjects_count
+        ),
+        (-1, 0, 0),
+        "the per-envelope markers are gone"
+    );
 }

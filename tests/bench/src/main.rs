@@ -779,6 +779,7 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     let mut line = report(&opts, &floors, &phases, &usage, &pipeline.anomalies);
     line.push_str(&format!(" idle_cpu_pct={idle_cpu_pct:.2}"));
     line.push_str(&report_event_log(&phases, &lookups));
+    failing_receiver_phase(&opts, &setup, &pipeline).await;
     line.push_str(&format!(
         " nats_subjects_max={}",
         nats_subjects_max(&setup.nats_url).await?
@@ -897,6 +898,8 @@ const MAX_OFF: &str = "end to end (max, EVENT_LOG=off)";
 const MAX_OFF_AGAIN: &str = "end to end (max, EVENT_LOG=off, again)";
 const WARM_ON_AGAIN: &str = "warm-up (log on again)";
 const MAX_ON_AGAIN: &str = "end to end (max, log on again)";
+/// Last: 500/s while one more instance's receiver refuses every delivery.
+const FAILING: &str = "500/s, one receiver failing";
 
 /// The phases that price the event log, set against "end to end (max)" (log on): the same
 /// pipeline with `EVENT_LOG=off` (new processes, the same instances and receivers), end to end
@@ -951,6 +954,46 @@ async fn restart_services(
     ]);
     pipeline.cluster = cluster;
     Ok(())
+}
+
+/// The last phase: 500/s for `--fixed-secs` while one more instance of the first store calls a
+/// receiver that refuses every connection, so its envelopes pile up waiting for their retries;
+/// then what its health counts. The subject count that follows includes them.
+async fn failing_receiver_phase(opts: &Opts, setup: &Setup, pipeline: &Pipeline) {
+    let cluster = &pipeline.cluster;
+    // A port nothing listens on: every attempt fails at connect.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(9, |a| a.port());
+    let store = setup.stores[0].id.to_string();
+    let id = cluster
+        .create_instance(
+            &store,
+            &format!("http://127.0.0.1:{closed}/hook"),
+            &[("event.notification.signature.key", "failing-key")],
+        )
+        .await;
+    let index = pipeline.ctx.trackers.len() - 1;
+    let phase = pipeline_phase(
+        &pipeline.ctx,
+        index,
+        Pace::Rate(500.0),
+        opts.fixed_secs,
+        &[],
+        None,
+    )
+    .await;
+    let (_, health) = cluster
+        .admin_request(
+            reqwest::Method::GET,
+            &format!("/instances/{id}/health"),
+            None,
+        )
+        .await;
+    println!(
+        "\n## {FAILING}\n{:.0} events/s delivered to the working receivers; the failing instance's health: retrying {}, breaker {}",
+        phase.e2e_eps, health["retrying"], health["breaker"]
+    );
 }
 
 /// The largest subject count of any stream (a bucket's included) at the end of the run: what
@@ -1370,6 +1413,7 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
         (MAX_OFF_AGAIN, max_cap),
         (WARM_ON_AGAIN, warm_cap),
         (MAX_ON_AGAIN, max_cap),
+        (FAILING, 500.0 * opts.fixed_secs + 16.0),
     ] {
         names.push(name.to_owned());
         caps.push(cap);
