@@ -330,8 +330,10 @@ pub async fn provision(
                 instance.provisioned_by = ProvisionedBy::App;
                 let app_record = instance.app.get_or_insert_with(AppInstall::default);
                 app_record.installed_at = now();
+                // A new install: what the last uninstall did is history.
                 app_record.uninstalled_at = None;
                 app_record.purge_due_at = None;
+                app_record.purged_at = None;
                 instance.updated_date = Some(now());
                 let value = serde_json::to_vec(&instance).map_err(unavailable)?;
                 match tokio::time::timeout(

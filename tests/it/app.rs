@@ -379,6 +379,7 @@ async fn install_webhooks_replays_reinstall_and_uninstall_with_an_immediate_purg
     let shown = instance(&pipeline, "app-4242").await;
     assert_eq!(shown["state"], "active", "{shown}");
     assert!(shown["app"].get("uninstalledAt").is_none(), "{shown}");
+    assert!(shown["app"].get("purgedAt").is_none(), "{shown}");
     assert_eq!(shown["configuration"]["ecwid.api.token"], "********");
     let (_, list) = pipeline
         .admin_request(Method::GET, "/instances?storeId=4242", None)
