@@ -2,7 +2,7 @@
 //! authorize and token exchange): an install provisions the store and the poller reads with its
 //! token; the app's secret verifies the store's webhooks; forged and replayed states are
 //! refused; a reinstall updates the token and resumes; an uninstall disables at once and the
-//! purge follows when due.
+//! purge follows when due; a declined install and a code Ecwid refuses provision nothing.
 
 use std::time::Duration;
 
@@ -446,6 +446,43 @@ async fn a_purge_follows_when_due_and_an_operators_store_is_left_alone() {
     // The operator's instance is not signed with the app's secret: it has none of its own.
     let order = order_created(5151, "admin-order-1");
     assert_eq!(pipeline.post_json(&order, None).await.0, 200);
+
+    // A merchant who declines, and a code Ecwid does not know, are refused and counted.
+    let (status, page) = open(&authorize(&pipeline, &fake).await).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("Ecwid did not authorize the app"), "{page}");
+    fake.approve_next_install("7373", "secret_never_used");
+    let callback = authorize(&pipeline, &fake).await;
+    let mut bogus = url::Url::parse(&callback).expect("URL");
+    let state: String = bogus
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("a state");
+    bogus
+        .query_pairs_mut()
+        .clear()
+        .append_pair("code", "a-code-ecwid-never-gave")
+        .append_pair("state", &state);
+    let (status, page) = open(bogus.as_str()).await;
+    assert_eq!(status, 400, "{page}");
+    assert_eq!(fake.token_requests().last(), Some(&400));
+    assert_eq!(
+        admin_metric(
+            &pipeline,
+            "ecwid_app_installs_total{outcome=\"refused_code\"}"
+        )
+        .await,
+        2.0
+    );
+    let (_, list) = pipeline
+        .admin_request(Method::GET, "/instances?storeId=7373", None)
+        .await;
+    assert_eq!(
+        list["instances"].as_array().map(Vec::len),
+        Some(0),
+        "{list}"
+    );
 
     // An app store: installed, an event logged, uninstalled; the purge comes when due.
     fake.approve_next_install("6262", "secret_app_store");
