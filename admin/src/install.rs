@@ -79,14 +79,6 @@ impl Outcome {
         }
     }
 
-    /// Whether the store is (still) connected.
-    pub fn succeeded(self) -> bool {
-        matches!(
-            self,
-            Outcome::Installed | Outcome::Reinstalled | Outcome::AdminInstance
-        )
-    }
-
     /// The HTTP status of the page the merchant gets.
     pub fn status(self) -> StatusCode {
         match self {
