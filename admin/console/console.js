@@ -153,11 +153,21 @@ const isAdmin = () => role === 'admin';
 function callbackOf(i) { return (i.configuration || {})['event.notification.callback.url']; }
 function enabledOf(i) { return String((i.configuration || {})['event.notification.enabled']) === 'true'; }
 
+// How an instance came to be: made by an operator, or by a merchant's install of the Ecwid app.
+function provenance(i) {
+  if (i.provisionedBy !== 'app') return 'made by an operator';
+  const app = i.app || {};
+  if (app.purgedAt) return `app: uninstalled ${app.uninstalledAt}, data purged ${app.purgedAt}`;
+  if (app.uninstalledAt) return `app: uninstalled ${app.uninstalledAt}${app.purgeDueAt ? `, purge due ${app.purgeDueAt}` : ''}`;
+  return `app: installed ${dash(app.installedAt)}`;
+}
+
 async function instancesView() {
   const { body } = await api('GET', '/instances');
   const out = h('div', { id: 'instance-result' });
   const rows = body.instances.map((i) => [
-    h('span', {}, dash(i.name), h('br'), h('span', { class: 'mono' }, i.id)),
+    h('span', {}, dash(i.name), h('br'), h('span', { class: 'mono' }, i.id), h('br'),
+      h('span', { class: 'muted' }, provenance(i))),
     mono((i.configuration || {})['ecwid.store.id']),
     mono(callbackOf(i)),
     enabledOf(i) ? badge('on') : badge('off'),
@@ -222,6 +232,12 @@ async function healthView(id) {
       ['Backlog (not yet taken, or held)', String(hl.backlog)], ['Held', String(hl.held)],
       ['Retrying', String(hl.retrying)], ['Dead letters', String(hl.dead)],
       ['Client certificate expires', hl.clientCertificateExpiresAt],
+      ['Provisioned by', i.provisionedBy === 'app' ? 'the Ecwid app (a merchant\'s install)' : 'an operator (admin API)'],
+      ...(i.provisionedBy === 'app' ? [
+        ['Installed', (i.app || {}).installedAt], ['Uninstalled', (i.app || {}).uninstalledAt],
+        ['Purge due', (i.app || {}).purgeDueAt], ['Purged', (i.app || {}).purgedAt],
+        ['Subscription', (i.app || {}).subscriptionStatus],
+      ] : []),
     ]),
     h('p', { class: 'muted' }, 'Breaker, failures, last success and success rate belong to the callback URL, shared by every deliverer replica (and every instance with that URL).'),
     h('div', { class: 'actions' },

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use model::instance::{new_instance_id, Instance, InstancePatch};
+use model::instance::{new_instance_id, Instance, InstancePatch, ProvisionedBy};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -40,6 +40,9 @@ pub(crate) async fn create(
     let mut instance: Instance = parse_json(&body)?;
     check(&state, &instance)?;
     instance.id = new_instance_id();
+    // Only an install of the Ecwid app makes an app instance.
+    instance.provisioned_by = ProvisionedBy::Admin;
+    instance.app = None;
     instance.created_date = Some(now());
     instance.updated_date = instance.created_date.clone();
     let value = serde_json::to_vec(&instance).map_err(unavailable)?;

@@ -14,6 +14,10 @@
 //! - [`events`]: the event log: search, show with attempts, redeliver, replay a window, test.
 //! - [`backfill`]: the poller's routes: backfill a window, show a store's last poll.
 //! - [`purge`]: `DELETE /stores/{storeId}/data`: a store's (or one object's) data removed.
+//! - [`oauth_state`]: app mode's signed, expiring OAuth `state` (pure).
+//! - [`install`]: app mode's install on the public listener: the redirect to Ecwid, the OAuth
+//!   callback, the store's instance provisioned from the template.
+//! - [`lifecycle`]: app mode's uninstall (disable, then purge when due) and subscription changes.
 //! - [`console`]: the operators' console (`/ui/`) and the OpenAPI document, embedded.
 
 pub mod auth;
@@ -23,8 +27,11 @@ pub mod console;
 pub mod control;
 pub mod dead_letters;
 pub mod events;
+pub mod install;
 pub mod instances;
+pub mod lifecycle;
 pub mod metrics;
+pub mod oauth_state;
 pub mod purge;
 pub mod state;
 pub mod stored;

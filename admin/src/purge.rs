@@ -15,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::routing::delete;
 use axum::{Extension, Json, Router};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::http::{ApiError, ApiQuery};
 use shared::nats::{dead_subject, DEAD_STREAM, HELD_STREAM};
@@ -58,9 +58,47 @@ async fn purge(
                 "objectType and objectId go together: give both, or neither for the whole store",
             )),
         };
-    let ctx = &state.inner.ctx;
+    let removed = purge_store(&state.inner.ctx, &store_id, object.as_ref()).await?;
+    let (object_type, object_id) = object.clone().unzip();
+    tracing::info!(
+        store_id,
+        object_type,
+        object_id,
+        role = ?role,
+        log_events = removed.event_log_records,
+        log_attempts = removed.event_log_attempts,
+        dead_letters = removed.dead_letters,
+        held = removed.held_envelopes,
+        "Store data purged."
+    );
+    Ok(Json(json!({
+        "storeId": store_id,
+        "objectType": object_type,
+        "objectId": object_id,
+        "removed": removed,
+    })))
+}
+
+/// What one purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Removed {
+    pub event_log_records: u64,
+    pub event_log_attempts: u64,
+    pub dead_letters: u64,
+    pub held_envelopes: u64,
+}
+
+/// Removes what ecwid-events keeps of `store_id` (with `object`, only what is about that
+/// object): event log records and attempts, dead letters, held envelopes of its instances.
+/// The admin API's purge and the app's purge after an uninstall both go through here.
+pub async fn purge_store(
+    ctx: &shared::service::ServiceContext,
+    store_id: &str,
+    object: Option<&(String, String)>,
+) -> Result<Removed, ApiError> {
     let (events, attempts) = if ctx.log.enabled() {
-        shared::eventlog::purge(&ctx.log, &store_id, object.as_ref())
+        shared::eventlog::purge(&ctx.log, store_id, object)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?
     } else {
@@ -68,48 +106,31 @@ async fn purge(
     };
     let instances: Vec<String> = ctx
         .directory
-        .for_store(&store_id)
+        .for_store(store_id)
         .iter()
         .map(|i| i.id.clone())
         .collect();
-    let mut dead_subjects = vec![dead_subject("normalize", &store_id)];
+    let mut dead_subjects = vec![dead_subject("normalize", store_id)];
     dead_subjects.extend(instances.iter().map(|i| dead_subject("deliver", i)));
     let held_subjects: Vec<String> = instances
         .iter()
         .map(|i| shared::control::held_subject(i))
         .collect();
     let js_side = async {
-        let dead = remove(ctx, DEAD_STREAM, &dead_subjects, object.as_ref()).await?;
-        let held = remove(ctx, HELD_STREAM, &held_subjects, object.as_ref()).await?;
+        let dead = remove(ctx, DEAD_STREAM, &dead_subjects, object).await?;
+        let held = remove(ctx, HELD_STREAM, &held_subjects, object).await?;
         Ok::<_, String>((dead, held))
     };
     let (dead, held) = tokio::time::timeout(JS_WAIT, js_side)
         .await
         .map_err(|_| ApiError::Timeout("JetStream did not finish the purge in time; the log rows are gone, run it again for the rest".to_owned()))?
         .map_err(ApiError::Unavailable)?;
-    let (object_type, object_id) = object.clone().unzip();
-    tracing::info!(
-        store_id,
-        object_type,
-        object_id,
-        role = ?role,
-        log_events = events,
-        log_attempts = attempts,
-        dead_letters = dead,
-        held,
-        "Store data purged."
-    );
-    Ok(Json(json!({
-        "storeId": store_id,
-        "objectType": object_type,
-        "objectId": object_id,
-        "removed": {
-            "eventLogRecords": events,
-            "eventLogAttempts": attempts,
-            "deadLetters": dead,
-            "heldEnvelopes": held,
-        },
-    })))
+    Ok(Removed {
+        event_log_records: events,
+        event_log_attempts: attempts,
+        dead_letters: dead,
+        held_envelopes: held,
+    })
 }
 
 /// Removes the messages of `subjects` in `stream`: all of them, or with `object` those whose

@@ -7,11 +7,13 @@
 //! - [`verify`]: Ecwid's signature and who may send events for a store (pure). Parsing the
 //!   bodies is [`model::ecwid`]'s, shared with the normalizer.
 //! - [`routes`]: the webhook endpoints and the publish to `ECWID_RAW`.
+//! - [`install`]: app mode's install routes (to Ecwid's authorization page and back).
 //!
 //! The binary also mounts the admin API (the `admin` crate) on `ADMIN_LISTEN`, beside the ops
 //! endpoints, with a NATS connection of its own.
 
 pub mod config;
+pub mod install;
 pub mod metrics;
 pub mod routes;
 pub mod state;
@@ -62,8 +64,18 @@ pub async fn run(
     let ops = shared::ops::router(ctx.ops_state());
     let admin_metrics = admin::metrics::Metrics::register(&ctx.registry);
     let admin_state = admin::AdminState::new(config.admin.clone(), admin_ctx, admin_metrics);
+    // App mode: the install routes on the public listener, app events acted on, due purges run.
+    let app = admin_state
+        .inner
+        .config
+        .app
+        .is_some()
+        .then(|| admin_state.clone());
+    if let Some(app) = &app {
+        admin::lifecycle::spawn_purger(app.clone(), cancel.child_token());
+    }
     let state = AppState::new(config, ctx, metrics);
-    let webhooks = routes::router(state);
+    let webhooks = routes::router(state, app);
     // After the merge, so that the ops routes answer a wrong method with JSON too.
     let admin = admin::router(admin_state)
         .merge(ops)

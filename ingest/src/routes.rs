@@ -12,7 +12,7 @@ use axum::extract::{MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use model::ecwid::{self, Format};
 use model::instance::Instance;
 use serde_json::json;
@@ -28,16 +28,34 @@ use shared::http::{self as error, ApiError};
 pub const WEBHOOK_PATH: &str = "/events/ecwid";
 pub const OPEN_CONNECTORS_PATH: &str = "/elements/api-v2/events/ecwid";
 
-pub fn router(state: AppState) -> Router {
+/// The webhook routes; in app mode (`app` given) also the app's install routes
+/// ([`admin::install`]), and app events are handed to [`admin::lifecycle`] once stored.
+pub fn router(state: AppState, app: Option<admin::AdminState>) -> Router {
     let panics = state.inner.ctx.common.http_panics.clone();
-    let router = Router::new()
+    let mut router = Router::new()
         .route(WEBHOOK_PATH, post(receive))
         .route(OPEN_CONNECTORS_PATH, post(receive))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(Extension(AppHooks(app.clone())))
         .with_state(state);
+    if let Some(admin) = app {
+        router = router.merge(crate::install::routes(admin));
+    }
     shared::ops::catch_panics(router, panics)
+}
+
+/// App mode's side of the webhook path: the admin state app events are acted on with.
+#[derive(Debug, Clone)]
+struct AppHooks(Option<admin::AdminState>);
+
+/// An app event (`application.uninstalled`, `application.subscriptionStatusChanged`) to act on
+/// once it is stored.
+struct AppEvent {
+    store_id: String,
+    event_type: String,
+    data: serde_json::Value,
 }
 
 /// What the ingest learned of a request before publishing it.
@@ -47,6 +65,8 @@ struct Accepted {
     msg_id: String,
     verified: bool,
     payload: Bytes,
+    /// In app mode, an app event of the store.
+    app_event: Option<AppEvent>,
 }
 
 impl Accepted {
@@ -61,6 +81,7 @@ impl Accepted {
 
 async fn receive(
     State(state): State<AppState>,
+    Extension(hooks): Extension<AppHooks>,
     route: MatchedPath,
     request_headers: HeaderMap,
     body: Body,
@@ -76,7 +97,7 @@ async fn receive(
             trace_id,
             request_id
         );
-        return receive_traced(state, request_headers, body, request_id, traceparent)
+        return receive_traced(state, hooks, request_headers, body, request_id, traceparent)
             .instrument(span)
             .await;
     }
@@ -90,7 +111,7 @@ async fn receive(
     if let Some(id) = shared::otel::trace_id(&span) {
         span.record("trace_id", id);
     }
-    let response = receive_traced(state, request_headers, body, request_id, traceparent)
+    let response = receive_traced(state, hooks, request_headers, body, request_id, traceparent)
         .instrument(span.clone())
         .await;
     let status = response.status();
@@ -126,6 +147,7 @@ fn webhook_span(request_id: &str) -> tracing::Span {
 
 async fn receive_traced(
     state: AppState,
+    hooks: AppHooks,
     request_headers: HeaderMap,
     body: Body,
     request_id: String,
@@ -136,7 +158,7 @@ async fn receive_traced(
     let m = &state.inner.metrics;
     let mut format = "unknown";
     let result = async {
-        let accepted = accept(&state, &request_headers, body, &mut format).await?;
+        let mut accepted = accept(&state, &hooks, &request_headers, body, &mut format).await?;
         if shared::otel::enabled() {
             let span = tracing::Span::current();
             span.record("ecwid.store_id", accepted.store_id.as_str());
@@ -144,7 +166,18 @@ async fn receive_traced(
                 span.record("ecwid.event_id", event_id);
             }
         }
-        publish(&state, accepted, received_at, &request_id, traceparent).await
+        let app_event = accepted.app_event.take();
+        let duplicate = publish(&state, accepted, received_at, &request_id, traceparent).await?;
+        // After the publish, and for a duplicate too: an event Ecwid sends again because we
+        // answered 503 after storing it is acted on then. Acting is idempotent.
+        if let (Some(event), Some(admin)) = (app_event, hooks.0.as_ref()) {
+            admin::lifecycle::on_app_event(admin, &event.store_id, &event.event_type, &event.data)
+                .await
+                .map_err(|e| {
+                    ApiError::Unavailable(format!("the app event was stored but not acted on: {e}"))
+                })?;
+        }
+        Ok(duplicate)
     }
     .await;
     let (outcome, mut response) = match result {
@@ -193,6 +226,7 @@ async fn receive_traced(
 /// Reads, parses, routes and verifies the request.
 async fn accept(
     state: &AppState,
+    hooks: &AppHooks,
     request_headers: &HeaderMap,
     body: Body,
     format_label: &mut &'static str,
@@ -245,7 +279,18 @@ async fn accept(
                 event_id: &event.event_id,
                 signature,
             };
-            let verified = verify::check(&instances, claim, config.require_signature)?;
+            let app_secret = config.admin.app.as_ref().map(|a| a.client_secret.expose());
+            let verified =
+                verify::check_with_app(&instances, claim, app_secret, config.require_signature)?;
+            let app_event = (hooks.0.is_some()
+                && admin::lifecycle::is_app_event(&event.event_type))
+            .then(|| AppEvent {
+                store_id: event.store_id.clone(),
+                event_type: event.event_type.clone(),
+                data: serde_json::from_slice::<serde_json::Value>(&body)
+                    .map(|v| v["data"].clone())
+                    .unwrap_or_default(),
+            });
             let (msg_id, store_id) = (event.msg_id(), event.store_id);
             Accepted {
                 format,
@@ -253,6 +298,7 @@ async fn accept(
                 store_id,
                 verified,
                 payload: body,
+                app_event,
             }
         }
         Format::Ion => {
@@ -265,6 +311,7 @@ async fn accept(
                 payload: Bytes::from(ion.to_json()),
                 store_id: ion.store_id,
                 verified,
+                app_event: None,
             }
         }
         // Only the poller writes this format; no request body is ever taken as one.

@@ -9,13 +9,16 @@
 //! - an Instant Order Notification carries no signature: it is accepted (unverified) only when
 //!   some instance takes unverified events, i.e. has no client secret or opts in with
 //!   `ecwid.ion.unsigned.allowed`;
+//! - in app mode, a v3 webhook of a store the app provisioned must carry a signature matching
+//!   the app's client secret (Ecwid signs every app webhook with it), unless the store's
+//!   instances hold a client secret of their own, which takes precedence;
 //! - with `INGEST_REQUIRE_SIGNATURE=true`, nothing unverified is accepted.
 
 use std::sync::Arc;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use model::instance::{keys, Instance};
+use model::instance::{keys, Instance, ProvisionedBy};
 use sha2::Sha256;
 
 use shared::http::ApiError;
@@ -74,13 +77,33 @@ pub fn check(
     claim: Claim<'_>,
     require_signature: bool,
 ) -> Result<bool, ApiError> {
+    check_with_app(instances, claim, None, require_signature)
+}
+
+/// [`check`] in app mode: `app_secret` is the app's client secret, which verifies a v3 webhook
+/// of a store with an instance the app provisioned when none of its instances holds a client
+/// secret of its own.
+pub fn check_with_app(
+    instances: &[Arc<Instance>],
+    claim: Claim<'_>,
+    app_secret: Option<&str>,
+    require_signature: bool,
+) -> Result<bool, ApiError> {
     let verified = match claim {
         Claim::V3 {
             event_created,
             event_id,
             signature,
         } => {
-            let secrets: Vec<&str> = instances.iter().filter_map(|i| i.client_secret()).collect();
+            let mut secrets: Vec<&str> =
+                instances.iter().filter_map(|i| i.client_secret()).collect();
+            if secrets.is_empty()
+                && instances
+                    .iter()
+                    .any(|i| i.provisioned_by == ProvisionedBy::App)
+            {
+                secrets.extend(app_secret);
+            }
             if secrets.is_empty() {
                 false
             } else {
@@ -215,5 +238,47 @@ mod tests {
             Some(false)
         );
         assert!(unauthorized(check(&[opted_in], Claim::Ion, true)));
+    }
+
+    #[test]
+    fn in_app_mode_app_stores_are_verified_with_the_app_secret() {
+        let mut app = (*instance(&[])).clone();
+        app.provisioned_by = ProvisionedBy::App;
+        let app = Arc::new(app);
+        let unauthorized = |r: Result<bool, ApiError>| matches!(r, Err(ApiError::Unauthorized(_)));
+        fn with(
+            instances: &[Arc<Instance>],
+            secret: Option<&str>,
+            signature: Option<&str>,
+        ) -> Result<bool, ApiError> {
+            check_with_app(instances, v3(signature), secret, false)
+        }
+        assert_eq!(
+            with(std::slice::from_ref(&app), Some(SECRET), Some(SIGNATURE)).ok(),
+            Some(true)
+        );
+        assert!(unauthorized(with(
+            std::slice::from_ref(&app),
+            Some("other"),
+            Some(SIGNATURE)
+        )));
+        assert!(unauthorized(with(
+            std::slice::from_ref(&app),
+            Some(SECRET),
+            None
+        )));
+        // Not in app mode, or a store an operator set up: as before.
+        assert_eq!(
+            with(std::slice::from_ref(&app), None, None).ok(),
+            Some(false)
+        );
+        assert_eq!(with(&[instance(&[])], Some(SECRET), None).ok(), Some(false));
+        // The store's own secret takes precedence.
+        let own = instance(&[(keys::CLIENT_SECRET, "own")]);
+        assert!(unauthorized(with(
+            &[app, own],
+            Some(SECRET),
+            Some(SIGNATURE)
+        )));
     }
 }

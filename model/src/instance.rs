@@ -157,6 +157,48 @@ pub struct Instance {
     pub created_date: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_date: Option<String>,
+    /// How the instance came to be: through the admin API, or by a merchant installing the
+    /// Ecwid app (app mode). Only this service sets it; what a client sends is ignored.
+    #[serde(default)]
+    pub provisioned_by: ProvisionedBy,
+    /// For an instance the app provisioned: its install, uninstall and purge times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppInstall>,
+}
+
+/// Who made an instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvisionedBy {
+    /// `POST /instances`.
+    #[default]
+    Admin,
+    /// An install of the Ecwid app (`GET /ecwid/oauth/callback`).
+    App,
+}
+
+/// The app's record of a store's install on its instance. Times are RFC 3339.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppInstall {
+    /// The last (re)install.
+    pub installed_at: String,
+    /// When Ecwid said the merchant uninstalled the app; cleared by a reinstall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uninstalled_at: Option<String>,
+    /// When the store's data is to be purged after an uninstall (`ECWID_APP_PURGE_AFTER`);
+    /// none when it is never to be, or once it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge_due_at: Option<String>,
+    /// When the store's data was purged after an uninstall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_at: Option<String>,
+    /// The newest `application.subscriptionStatusChanged` Ecwid sent for the store: its status
+    /// (`data.newSubscriptionStatus`, or `data.status`) and when it came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription_status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription_changed_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -50,6 +50,12 @@ pub const HELD_STREAM: &str = "ECWID_HELD";
 /// Envelopes waiting for a retry, counted per instance on two subjects
 /// (`ecwid.retrying.<instanceId>.in` and `.out`), for the instance's health ([`crate::control`]).
 pub const RETRYING_STREAM: &str = "ECWID_RETRYING";
+/// The Ecwid app's installs (app mode): the nonce of every OAuth `state` a callback took, so a
+/// state is good once across replicas. Entries go after [`APP_STATES_MAX_AGE`], by which time
+/// the state they stand for has expired.
+pub const APP_STATES_BUCKET: &str = "ECWID_APP_STATES";
+/// How long a taken nonce is remembered: longer than a state is valid (ten minutes).
+pub const APP_STATES_MAX_AGE: Duration = Duration::from_secs(20 * 60);
 /// Instance states (`active`, `paused`, `disabled`), keyed by instance id; no key = active.
 pub const STATE_BUCKET: &str = "ECWID_INSTANCE_STATE";
 /// Callback health shared by the deliverer replicas (breaker, failures, success counts), keyed

@@ -19,9 +19,10 @@ use async_nats::jetstream::{self, kv, stream};
 use serde::Serialize;
 
 use crate::nats::{
-    CALLBACKS_BUCKET, DEAD_PREFIX, DEAD_STREAM, DELIVERERS_BUCKET, DELIVERERS_MAX_AGE,
-    EVENTS_PREFIX, EVENTS_STREAM, INSTANCES_BUCKET, ORDERED_PREFIX, POLL_LEASES_BUCKET,
-    POLL_STATE_BUCKET, RAW_PREFIX, RAW_STREAM, RETRYING_STREAM, STATE_BUCKET,
+    APP_STATES_BUCKET, APP_STATES_MAX_AGE, CALLBACKS_BUCKET, DEAD_PREFIX, DEAD_STREAM,
+    DELIVERERS_BUCKET, DELIVERERS_MAX_AGE, EVENTS_PREFIX, EVENTS_STREAM, INSTANCES_BUCKET,
+    ORDERED_PREFIX, POLL_LEASES_BUCKET, POLL_STATE_BUCKET, RAW_PREFIX, RAW_STREAM, RETRYING_STREAM,
+    STATE_BUCKET,
 };
 use model::retry::WORK_STREAM_MAX_AGE;
 
@@ -199,6 +200,12 @@ pub async fn setup_topology(
             description: "ecwid-events live deliverer replicas",
             history: 1,
             max_age: DELIVERERS_MAX_AGE,
+        },
+        Bucket {
+            name: APP_STATES_BUCKET,
+            description: "ecwid-events OAuth states taken by the Ecwid app's installs",
+            history: 1,
+            max_age: APP_STATES_MAX_AGE,
         },
     ] {
         ensure_bucket(js, bucket, cfg.replicas, report).await?;

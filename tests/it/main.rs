@@ -3,6 +3,7 @@
 //! fake Ecwid REST API, the services in-process or as processes) started by the test itself.
 //! Run one suite with `cargo test -p integration-tests --test it <suite>::`.
 
+mod app;
 mod cluster;
 mod config_exit;
 mod console;

@@ -10,8 +10,8 @@ use integration_tests::procs::{process_env, sample_sum, Service, ServiceProc};
 use integration_tests::{wait_until, NatsServer};
 use serde_json::Value;
 
-/// Streams (6) and buckets (6) the services set up.
-const TOPOLOGY_STREAMS: usize = 12;
+/// Streams (6) and buckets (7) the services set up.
+const TOPOLOGY_STREAMS: usize = 13;
 const ALL: [Service; 4] = [
     Service::Ingest,
     Service::Normalizer,

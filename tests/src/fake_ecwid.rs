@@ -4,6 +4,12 @@
 //! `/{type}/deleted?from_date=&to_date=`, and `latest-stats`. A wrong token is 403; scripted
 //! answers (429 with `Retry-After`, 5xx) come first when queued. Every request is recorded.
 //!
+//! Ecwid's OAuth too, as documented for apps: `GET /api/oauth/authorize?client_id=&redirect_uri=
+//! &response_type=code&scope=&state=` (the merchant approves at once, for the store the test
+//! chose, and is sent back to `redirect_uri?code=&state=`) and `POST /api/oauth/token` (form:
+//! `client_id`, `client_secret`, `code`, `redirect_uri`, `grant_type=authorization_code`), which
+//! answers `{"access_token","token_type":"bearer","scope","store_id",…}` once per code.
+//!
 //! For the hostile-API tests a store can misbehave on purpose ([`Misbehavior`]): bodies that
 //! never end, pages whose `total` keeps growing.
 
@@ -67,6 +73,20 @@ struct FakeState {
     scripted: VecDeque<(u16, Option<String>)>,
     /// Endless bodies still being sent (the client has not hung up).
     open_bodies: Arc<AtomicUsize>,
+    oauth: OAuthState,
+}
+
+/// The fake's OAuth side.
+#[derive(Debug, Default)]
+struct OAuthState {
+    /// The registered app: client id and secret.
+    app: Option<(String, String)>,
+    /// Who approves the next authorization: a store id and the token it gets.
+    approving: Option<(String, String)>,
+    /// Codes handed out and not yet exchanged: code → (store, token, redirect_uri, scope).
+    codes: HashMap<String, (String, String, String, String)>,
+    /// Token requests answered, by status.
+    token_requests: Vec<u16>,
 }
 
 #[derive(Debug)]
@@ -93,6 +113,8 @@ impl FakeEcwid {
             .route("/api/v3/{store}/latest-stats", get(stats))
             .route("/api/v3/{store}/{entity}", get(list))
             .route("/api/v3/{store}/{entity}/deleted", get(deleted))
+            .route("/api/oauth/authorize", get(authorize))
+            .route("/api/oauth/token", axum::routing::post(token))
             .with_state(Arc::clone(&state));
         let cancel = CancellationToken::new();
         crate::serve_until(listener, app, &cancel);
@@ -107,6 +129,35 @@ impl FakeEcwid {
     /// `ECWID_API_URL` for the poller.
     pub fn url(&self) -> String {
         format!("http://{}/api/v3", self.addr)
+    }
+
+    /// `ECWID_OAUTH_URL` for app mode.
+    pub fn oauth_url(&self) -> String {
+        format!("http://{}/api/oauth", self.addr)
+    }
+
+    /// Registers the app whose installs the fake authorizes.
+    pub fn register_app(&self, client_id: &str, client_secret: &str) {
+        self.state.lock().expect("lock").oauth.app =
+            Some((client_id.to_owned(), client_secret.to_owned()));
+    }
+
+    /// The next authorization is approved by store `store`, whose REST API then takes `token`
+    /// (the store is added, or its token replaced).
+    pub fn approve_next_install(&self, store: &str, token: &str) {
+        self.add_store(store, token);
+        self.state.lock().expect("lock").oauth.approving =
+            Some((store.to_owned(), token.to_owned()));
+    }
+
+    /// The statuses the token endpoint answered, in order.
+    pub fn token_requests(&self) -> Vec<u16> {
+        self.state
+            .lock()
+            .expect("lock")
+            .oauth
+            .token_requests
+            .clone()
     }
 
     pub fn add_store(&self, store: &str, token: &str) {
@@ -418,4 +469,86 @@ async fn deleted(
         })
         .unwrap_or_default();
     Json(page(items, &q)).into_response()
+}
+
+/// `GET /api/oauth/authorize`: checks the request as Ecwid does, then sends the merchant back
+/// with a code (or `error=access_denied` when no store approves).
+async fn authorize(
+    State(state): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let mut s = state.lock().expect("lock");
+    let client_ok = s
+        .oauth
+        .app
+        .as_ref()
+        .is_some_and(|(id, _)| q.get("client_id") == Some(id));
+    let (Some(redirect), Some(oauth_state)) = (q.get("redirect_uri"), q.get("state")) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "redirect_uri and state are required",
+        )
+            .into_response();
+    };
+    if !client_ok || q.get("response_type").map(String::as_str) != Some("code") {
+        return (
+            StatusCode::BAD_REQUEST,
+            "unknown client_id or response_type",
+        )
+            .into_response();
+    }
+    let mut back = url::Url::parse(redirect).expect("redirect_uri is a URL");
+    match s.oauth.approving.take() {
+        Some((store, token)) => {
+            let code = uuid::Uuid::new_v4().simple().to_string();
+            let scope = q.get("scope").cloned().unwrap_or_default();
+            s.oauth
+                .codes
+                .insert(code.clone(), (store, token, redirect.clone(), scope));
+            back.query_pairs_mut()
+                .append_pair("code", &code)
+                .append_pair("state", oauth_state);
+        }
+        None => {
+            back.query_pairs_mut()
+                .append_pair("error", "access_denied")
+                .append_pair("state", oauth_state);
+        }
+    }
+    (
+        StatusCode::FOUND,
+        [(axum::http::header::LOCATION, back.to_string())],
+    )
+        .into_response()
+}
+
+/// `POST /api/oauth/token`: the code exchange, good once per code.
+async fn token(State(state): State<Shared>, body: axum::body::Bytes) -> Response {
+    let form: HashMap<String, String> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let mut s = state.lock().expect("lock");
+    let app_ok = s.oauth.app.as_ref().is_some_and(|(id, secret)| {
+        form.get("client_id") == Some(id) && form.get("client_secret") == Some(secret)
+    });
+    let grant_ok = form.get("grant_type").map(String::as_str) == Some("authorization_code");
+    let code = form.get("code").and_then(|c| s.oauth.codes.remove(c));
+    let answer = match code {
+        Some((store, token, redirect, scope))
+            if app_ok && grant_ok && form.get("redirect_uri") == Some(&redirect) =>
+        {
+            let store_id: u64 = store.parse().expect("numeric store id");
+            (
+                StatusCode::OK,
+                Json(
+                    json!({"access_token": token, "token_type": "bearer", "scope": scope,
+                            "store_id": store_id, "public_token": format!("public_{store}")}),
+                ),
+            )
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant", "error_description": "the code is not valid"})),
+        ),
+    };
+    s.oauth.token_requests.push(answer.0.as_u16());
+    answer.into_response()
 }

@@ -5,7 +5,8 @@
 //! writer's batches make; the write path's cost is measured by the pipeline phases with the log
 //! on and off), then times `GET /events/{id}`, `GET /events?objectId=` and
 //! `GET /events?instance=&status=&since=&until=` through the real admin API, and reports the
-//! database's size per million records and nats-server's memory before and after the fill.
+//! database's size per million records, nats-server's memory before and after the fill, and
+//! what dropping one day's partitions takes.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -22,6 +23,11 @@ pub(crate) struct Lookups {
     /// nats-server's resident memory before and after the fill (the log no longer lives there).
     pub(crate) nats_rss_before: u64,
     pub(crate) nats_rss_after: u64,
+    /// One full day of the fill, dropped as retention drops it: its records, its partitions'
+    /// size and how long the `DROP TABLE` of both took.
+    pub(crate) day_records: u64,
+    pub(crate) day_bytes: u64,
+    pub(crate) day_drop_ms: f64,
 }
 
 fn id_of(i: u64) -> String {
@@ -49,6 +55,19 @@ const PAST_PARTITIONS: &str = "SET TIME ZONE 'UTC'; DO $$ DECLARE d date; t text
            t, to_char(d, 'YYYYMMDD'), t, d::timestamptz, (d + 1)::timestamptz); \
        END LOOP; \
      END LOOP; END $$";
+
+/// Drops the partitions of the oldest full day of the fill (both tables, in one statement, as
+/// the services' retention does) and answers "records bytes milliseconds".
+const DROP_A_DAY: &str = "SET TIME ZONE 'UTC'; \
+     CREATE FUNCTION pg_temp.drop_day(d text) RETURNS text AS $$ \
+     DECLARE t0 timestamptz; n bigint; bytes bigint; BEGIN \
+       EXECUTE format('SELECT count(*) FROM event_log_events_p%s', d) INTO n; \
+       EXECUTE format('SELECT pg_total_relation_size(''event_log_events_p%s'') + pg_total_relation_size(''event_log_attempts_p%s'')', d, d) INTO bytes; \
+       t0 := clock_timestamp(); \
+       EXECUTE format('DROP TABLE event_log_events_p%s, event_log_attempts_p%s', d, d); \
+       RETURN n || ' ' || bytes || ' ' || extract(epoch FROM clock_timestamp() - t0) * 1000; \
+     END $$ LANGUAGE plpgsql; \
+     SELECT pg_temp.drop_day(to_char(current_date - 6, 'YYYYMMDD'));";
 
 /// Records `lo..hi` of `n` (event rows and their attempt rows), their receipts spread evenly
 /// over the week before `now_ms`.
@@ -155,6 +174,15 @@ pub(crate) async fn measure(
     for v in [&mut by_id, &mut by_object, &mut by_status] {
         v.sort_unstable();
     }
+    let nats_rss_after = rss();
+    let dropped = integration_tests::pg::psql_for(nats_url, DROP_A_DAY);
+    let mut parts = dropped.split_whitespace();
+    let mut next = || parts.next().unwrap_or("nan").to_owned();
+    let (day_records, day_bytes, day_drop_ms) = (
+        next().parse().unwrap_or(0),
+        next().parse().unwrap_or(0),
+        next().parse().unwrap_or(f64::NAN),
+    );
     Ok(Lookups {
         records: n,
         fill_secs,
@@ -163,6 +191,9 @@ pub(crate) async fn measure(
         by_status_us: by_status,
         bytes_per_million,
         nats_rss_before,
-        nats_rss_after: rss(),
+        nats_rss_after,
+        day_records,
+        day_bytes,
+        day_drop_ms,
     })
 }
