@@ -97,6 +97,13 @@ async fn pause_holds_events_without_attempts_and_resume_delivers_them() {
     }
     wait_health(&pipeline, &id, "15 events held", |h| h["held"] == 15).await;
     assert_eq!(receiver.count(), 0, "a paused instance gets nothing");
+    // The normalizer writes the records of an envelope after publishing it, so the deliverer
+    // may hold one before its record is written.
+    let (pipeline_ref, id_ref) = (&pipeline, &id);
+    wait_until(WAIT, "the 15 records written", || async move {
+        records(pipeline_ref, id_ref).await.len() == 15
+    })
+    .await;
     let held = records(&pipeline, &id).await;
     assert_eq!(held.len(), 15);
     assert!(
