@@ -67,49 +67,58 @@ pub async fn state_of(
     ))
 }
 
-/// Moves `id` to `to` (from any other state), answering the new state and what is held.
-async fn set(state: &AdminState, id: &str, to: Mode) -> Result<Json<Value>, ApiError> {
-    let (instance, _) = existing(&state.inner.ctx.kv, id).await?;
+/// Moves `id` to `to` (with `reason`) unless it is there already, counting and logging the
+/// change; answers whether it changed. Retries a write that lost to another at the same moment.
+pub(crate) async fn transition(
+    state: &AdminState,
+    id: &str,
+    to: Mode,
+    reason: Option<&str>,
+) -> Result<bool, ApiError> {
     let store = &state.inner.ctx.states_kv;
     for _ in 0..TRIES {
-        let (current, revision) = state_of(state, &instance).await?;
-        let next = if current.state == to {
-            current
-        } else {
-            let next = InstanceState::new(to, now_unix_ms(), None);
-            match within(async {
-                match control::write_state(store, id, &next, revision).await {
-                    Err(control::ControlError::Conflict) => Ok(false),
-                    other => other.map(|()| true),
-                }
-            })
-            .await?
-            {
-                true => {
-                    state
-                        .inner
-                        .metrics
-                        .instance_transitions
-                        .with_label_values(&[to.as_str()])
-                        .inc();
-                    tracing::info!(instance_id = %id, state = to.as_str(), from = current.state.as_str(), "Instance state changed.");
-                    next
-                }
-                false => continue,
+        let (current, revision) = within(control::read_state(store, id)).await?;
+        let from = current.map_or(Mode::Active, |c| c.state);
+        if from == to {
+            return Ok(false);
+        }
+        let next = InstanceState::new(to, now_unix_ms(), reason.map(str::to_owned));
+        let written = within(async {
+            match control::write_state(store, id, &next, revision).await {
+                Err(control::ControlError::Conflict) => Ok(false),
+                other => other.map(|()| true),
             }
-        };
-        let held = within(control::held_count(&state.inner.ctx.js, id)).await?;
-        return Ok(Json(json!({
-            "id": id,
-            "state": next.state,
-            "since": next.since,
-            "reason": next.reason,
-            "held": held,
-        })));
+        })
+        .await?;
+        if written {
+            state
+                .inner
+                .metrics
+                .instance_transitions
+                .with_label_values(&[to.as_str()])
+                .inc();
+            tracing::info!(instance_id = %id, state = to.as_str(), from = from.as_str(), reason, "Instance state changed.");
+            return Ok(true);
+        }
     }
     Err(ApiError::Conflict(format!(
         "the state of instance {id} kept changing; try again"
     )))
+}
+
+/// Moves `id` to `to` (from any other state), answering the new state and what is held.
+async fn set(state: &AdminState, id: &str, to: Mode) -> Result<Json<Value>, ApiError> {
+    let (instance, _) = existing(&state.inner.ctx.kv, id).await?;
+    transition(state, id, to, None).await?;
+    let (next, _) = state_of(state, &instance).await?;
+    let held = within(control::held_count(&state.inner.ctx.js, id)).await?;
+    Ok(Json(json!({
+        "id": id,
+        "state": next.state,
+        "since": next.since,
+        "reason": next.reason,
+        "held": held,
+    })))
 }
 
 async fn pause(State(state): State<AdminState>, ApiId(id): ApiId) -> Result<Json<Value>, ApiError> {

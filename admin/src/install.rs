@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use axum::http::StatusCode;
 use model::instance::{keys, new_instance_id, AppInstall, Instance, ProvisionedBy};
-use model::state::{InstanceState, State as Mode};
+use model::state::State as Mode;
 use model::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use shared::http::ApiError;
 use shared::nats::APP_STATES_BUCKET;
@@ -396,30 +396,9 @@ pub async fn provision(
 
 /// Makes `id` active (a reinstall resumes what the uninstall disabled).
 async fn resume(state: &AdminState, id: &str) -> Result<(), ApiError> {
-    let store = &state.inner.ctx.states_kv;
-    for _ in 0..5 {
-        let (current, revision) = within(shared::control::read_state(store, id)).await?;
-        if current.as_ref().is_none_or(|c| c.state == Mode::Active) {
-            return Ok(());
-        }
-        let next = InstanceState::new(Mode::Active, now_unix_ms(), None);
-        match shared::control::write_state(store, id, &next, revision).await {
-            Ok(()) => {
-                state
-                    .inner
-                    .metrics
-                    .instance_transitions
-                    .with_label_values(&[Mode::Active.as_str()])
-                    .inc();
-                return Ok(());
-            }
-            Err(shared::control::ControlError::Conflict) => continue,
-            Err(e) => return Err(unavailable(e)),
-        }
-    }
-    Err(ApiError::Conflict(format!(
-        "the state of instance {id} kept changing"
-    )))
+    crate::control::transition(state, id, Mode::Active, None)
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]

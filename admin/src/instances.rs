@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use model::instance::{new_instance_id, Instance, InstancePatch, ProvisionedBy};
 use serde::Deserialize;
 use serde_json::json;
@@ -68,11 +67,7 @@ pub(crate) async fn list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = &state.inner.ctx.kv;
-    let keys: Vec<String> = within(store.keys())
-        .await?
-        .filter_map(|k| async move { k.ok() })
-        .collect()
-        .await;
+    let keys = crate::stored::ids(store).await?;
     let mut instances = Vec::with_capacity(keys.len());
     for key in keys {
         if let Some(instance) = load(store, &key).await?.map(|(i, _)| i) {

@@ -14,15 +14,14 @@
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
 use model::instance::{keys, AppInstall, Instance, ProvisionedBy};
-use model::state::{InstanceState, State as Mode};
+use model::state::State as Mode;
 use model::time_fmt::{now_unix_ms, rfc3339_to_unix_ms, unix_ms_to_rfc3339};
 use shared::http::ApiError;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::AdminState;
-use crate::stored::{load, unavailable, within};
+use crate::stored::{load, unavailable};
 
 /// Ecwid's event type when a merchant uninstalls the app.
 pub const UNINSTALLED: &str = "application.uninstalled";
@@ -145,34 +144,9 @@ async fn update(
 
 /// Makes `id` disabled (the deliverers hold its envelopes from now on).
 async fn disable(state: &AdminState, id: &str) -> Result<(), ApiError> {
-    let store = &state.inner.ctx.states_kv;
-    for _ in 0..5 {
-        let (current, revision) = within(shared::control::read_state(store, id)).await?;
-        if current.as_ref().is_some_and(|c| c.state == Mode::Disabled) {
-            return Ok(());
-        }
-        let next = InstanceState::new(
-            Mode::Disabled,
-            now_unix_ms(),
-            Some(UNINSTALLED_REASON.to_owned()),
-        );
-        match shared::control::write_state(store, id, &next, revision).await {
-            Ok(()) => {
-                state
-                    .inner
-                    .metrics
-                    .instance_transitions
-                    .with_label_values(&[Mode::Disabled.as_str()])
-                    .inc();
-                return Ok(());
-            }
-            Err(shared::control::ControlError::Conflict) => continue,
-            Err(e) => return Err(unavailable(e)),
-        }
-    }
-    Err(ApiError::Conflict(format!(
-        "the state of instance {id} kept changing"
-    )))
+    crate::control::transition(state, id, Mode::Disabled, Some(UNINSTALLED_REASON))
+        .await
+        .map(drop)
 }
 
 /// How often the purger looks for due purges: a quarter of `ECWID_APP_PURGE_AFTER`, between a
@@ -206,11 +180,7 @@ pub fn spawn_purger(state: AdminState, cancel: CancellationToken) {
 /// Purges every store whose app instance's purge is due, and notes it on the instance.
 pub async fn purge_due(state: &AdminState) -> Result<(), ApiError> {
     let store = &state.inner.ctx.kv;
-    let keys: Vec<String> = within(store.keys())
-        .await?
-        .filter_map(|k| async move { k.ok() })
-        .collect()
-        .await;
+    let keys = crate::stored::ids(store).await?;
     let now = now_unix_ms();
     for key in keys {
         let Some((instance, _)) = load(store, &key).await? else {

@@ -63,3 +63,13 @@ fn is_valid_key(key: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
 }
+
+/// The ids of every stored instance.
+pub(crate) async fn ids(store: &kv::Store) -> Result<Vec<String>, ApiError> {
+    use futures::StreamExt as _;
+    Ok(within(store.keys())
+        .await?
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await)
+}
