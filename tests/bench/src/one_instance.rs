@@ -20,6 +20,10 @@ pub(crate) const ONE_PACED: &str = "one instance (2000/s)";
 /// The paced phase's rate.
 pub(crate) const ONE_RATE: f64 = 2000.0;
 
+/// `deliverer::metrics::DEFERRED_TOTAL` (the bench does not link the deliverer): deliveries put
+/// back without an attempt, by reason.
+const DEFERRED_TOTAL: &str = "ecwid_deliver_deferred_total";
+
 /// The store whose instance takes all of these phases' load.
 const STORE: u64 = 7_100_001;
 
@@ -89,7 +93,7 @@ pub(crate) async fn run(opts: &Opts, pipeline: &mut Pipeline) -> anyhow::Result<
         perf: None,
     };
     let deliverer = &pipeline.cluster.deliverers[0];
-    let putbacks = |text: &str| sample_sum(text, shared_metric::DEFERRED_TOTAL, &[]);
+    let putbacks = |text: &str| sample_sum(text, DEFERRED_TOTAL, &[]);
     let before = putbacks(&deliverer.metrics().await);
     let max = pipeline_phase(&ctx, max_index, Pace::Max, opts.max_secs, &[], None).await;
     let paced = pipeline_phase(
@@ -114,10 +118,4 @@ pub(crate) async fn run(opts: &Opts, pipeline: &mut Pipeline) -> anyhow::Result<
         phases: [max, paced],
         putbacks_per_delivery,
     })
-}
-
-/// The deliverer's metric names the bench reads (the bench does not link the deliverer).
-mod shared_metric {
-    /// `deliverer::metrics::DEFERRED_TOTAL`: deliveries put back without an attempt, by reason.
-    pub const DEFERRED_TOTAL: &str = "ecwid_deliver_deferred_total";
 }
