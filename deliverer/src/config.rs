@@ -26,6 +26,10 @@ pub struct Config {
     pub max_in_flight: usize,
     /// `DELIVER_MAX_IN_FLIGHT_PER_HOST`, default 16.
     pub max_in_flight_per_host: usize,
+    /// `DELIVER_QUEUE_PER_INSTANCE`, default 256, and `DELIVER_QUEUE_TOTAL`, default 4096:
+    /// deliveries that wait in this replica for a slot of their instance without holding one of
+    /// the `DELIVER_MAX_IN_FLIGHT` consumer slots, per instance and in all.
+    pub queue: crate::limits::Park,
     /// `DELIVER_BREAKER_FAILURES`, default 5: consecutive failures that open a URL's breaker.
     pub breaker_failures: u32,
     /// `DELIVER_BREAKER_COOLDOWN_MS`, default 30000.
@@ -67,6 +71,20 @@ impl Config {
             return Err(ConfigError::new(
                 "DELIVER_MAX_IN_FLIGHT_PER_HOST",
                 "must be between 1 and DELIVER_MAX_IN_FLIGHT",
+            ));
+        }
+        let per_instance: usize = vars.parse_or("DELIVER_QUEUE_PER_INSTANCE", 256)?;
+        if !(1..=100_000).contains(&per_instance) {
+            return Err(ConfigError::new(
+                "DELIVER_QUEUE_PER_INSTANCE",
+                "must be between 1 and 100000",
+            ));
+        }
+        let total: usize = vars.parse_or("DELIVER_QUEUE_TOTAL", 4096)?;
+        if !(per_instance..=1_000_000).contains(&total) {
+            return Err(ConfigError::new(
+                "DELIVER_QUEUE_TOTAL",
+                "must be between DELIVER_QUEUE_PER_INSTANCE and 1000000",
             ));
         }
         let breaker_failures: u32 = vars.parse_or("DELIVER_BREAKER_FAILURES", 5)?;
@@ -112,6 +130,10 @@ impl Config {
             schedule,
             max_in_flight,
             max_in_flight_per_host,
+            queue: crate::limits::Park {
+                per_instance,
+                total,
+            },
             breaker_failures,
             breaker_cooldown: vars.millis_or("DELIVER_BREAKER_COOLDOWN_MS", 30_000, 10)?,
             allow_networks: AllowList::parse(&vars.string_or("DELIVER_ALLOW_NETWORKS", ""))
@@ -156,6 +178,7 @@ mod tests {
             (Duration::from_secs(5), Duration::from_secs(15))
         );
         assert!(c.ack_wait() > c.timeout);
+        assert_eq!((c.queue.per_instance, c.queue.total), (256, 4096));
         assert_eq!(c.disable_after, Some(Duration::from_secs(72 * 3600)));
         let never = Config::from_vars(&vars([("DELIVER_DISABLE_AFTER", "0")])).unwrap();
         assert_eq!(never.disable_after, None);
@@ -185,6 +208,8 @@ mod tests {
             ("DELIVER_TIMEOUT_MS", "x"),
             ("DELIVER_MAX_IN_FLIGHT", "0"),
             ("DELIVER_MAX_IN_FLIGHT_PER_HOST", "100000"),
+            ("DELIVER_QUEUE_PER_INSTANCE", "0"),
+            ("DELIVER_QUEUE_TOTAL", "10"),
             ("DELIVER_BREAKER_FAILURES", "0"),
             ("DELIVER_ALLOW_NETWORKS", "everything"),
             ("DELIVER_DISABLE_AFTER", "3 days"),

@@ -1,7 +1,7 @@
 //! The durable pull consumer on `ECWID_EVENTS` (every unordered instance's envelopes): sets up
 //! what every attempt needs ([`Worker`]), joins the other replicas, starts the ordered lanes
 //! ([`crate::ordered`]) and runs the bounded pull loop, each message handled by
-//! [`Worker::handle`].
+//! [`Worker::handle`] (which gives its loop slot back while it waits for its instance's).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,6 +103,8 @@ pub async fn run(
         limits: InstanceLimits::new(membership.view()),
         deferrals,
         urls: dispatch::ParsedUrls::default(),
+        requests: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
+        stop: cancel.clone(),
         config,
         ctx,
         metrics,
@@ -118,10 +120,18 @@ pub async fn run(
         Arc::new(move |id: &str| ctx.state_of(id).holds())
     };
     let lanes = crate::ordered::spawn(Arc::clone(&worker), held, cancel.clone());
-    shared::worker::run_pull_loop(consumer, concurrency, cancel, grace, move |message| {
-        let worker = Arc::clone(&worker);
-        async move { worker.handle(message).await }
-    })
+    // A message whose instance is at its limit gives its slot back while it waits for the
+    // instance's (`Worker::handle`).
+    shared::worker::run_pull_loop_with_slots(
+        consumer,
+        concurrency,
+        cancel,
+        grace,
+        move |message, slot| {
+            let worker = Arc::clone(&worker);
+            async move { worker.handle(message, Some(slot)).await }
+        },
+    )
     .await;
     let _ = lanes.await;
     // Bounded: NATS may be what is failing, and the shutdown has a budget. Without the goodbye

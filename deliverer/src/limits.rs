@@ -11,11 +11,17 @@
 //! the others have counted it before it takes any message (they count it as soon as its entry
 //! reaches them; it waits [`JOIN_WAIT`]).
 //!
-//! A delivery that finds its instance at the limit is put back (NAK with a delay) at once,
-//! without spending an attempt and without holding one of the consumer's slots, so a slow or
-//! limited instance costs the others nothing but the put-backs. Under a rate limit the delay is
-//! the time until this replica's next free token, and the put-backs queue up behind each other
-//! (1 / rate apart), so a backlog does not come back all at once to be put back again.
+//! A delivery of the shared consumer that finds its instance at its in-flight limit waits here
+//! for a slot ([`Waiting`]): in the instance's queue, oldest first, each slot that comes free
+//! handed to the first in line (no NATS round trip, no polling). The first
+//! `DELIVER_QUEUE_PER_INSTANCE` in line (and `DELIVER_QUEUE_TOTAL` for all instances together)
+//! give their consumer slot back while they wait ([`Waiting::in_queue`]), so a busy instance
+//! holds none of the slots the other instances' deliveries need; the worker decides what the
+//! others do ([`crate::worker`]). A delivery that cannot wait (an ordered lane's, one whose
+//! instance has a rate limit, or one whose share here is 0) is put back (NAK with a delay)
+//! without spending an attempt. Under a rate limit the delay is the time until this replica's
+//! next free token, and the put-backs queue up behind each other (1 / rate apart), so a backlog
+//! does not come back all at once to be put back again.
 //!
 //! Bounds (the README's "Limits"): the total holds in steady state. After R grows, requests the
 //! old replicas admitted under their larger share may still be in flight (at most the request
@@ -25,8 +31,8 @@
 //! unevenly leave part of the limit unused. Each token bucket holds up to max(1, rate / R / 10) tokens, so any
 //! window of T seconds sees at most `rate × T` plus that burst per replica.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +43,7 @@ use prometheus::IntGauge;
 use rand::Rng;
 use shared::nats::{DEFERRALS_SUBJECT, DELIVERERS_BUCKET};
 use shared::service::ServiceContext;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -330,12 +337,25 @@ fn spread(instance_id: &str) -> u32 {
 /// One instance's state in this replica.
 #[derive(Debug)]
 struct Entry {
-    in_flight: Arc<AtomicU32>,
+    /// The instance id, shared with its slots.
+    key: Arc<str>,
+    in_flight: u32,
+    /// The instance's `max.in.flight` at its last admission, for the slots handed on.
+    max_in_flight: u32,
     spread: u32,
     tokens: f64,
     refilled: Instant,
     /// When the next put-back under the rate limit is asked to come back.
     next_ticket: Instant,
+    /// Deliveries waiting here for a slot, oldest first.
+    waiting: VecDeque<oneshot::Sender<InstanceSlot>>,
+}
+
+impl Entry {
+    fn share(&self, view: &View) -> u32 {
+        let (replicas, rank) = view.get();
+        share(self.max_in_flight, replicas, rank, self.spread)
+    }
 }
 
 /// Why a delivery was put back.
@@ -357,45 +377,130 @@ impl Busy {
     }
 }
 
-/// A request slot of one instance; dropping it frees the slot.
+/// How many deliveries may wait here for their instance's slot without holding a consumer slot:
+/// `DELIVER_QUEUE_PER_INSTANCE` and `DELIVER_QUEUE_TOTAL`.
+#[derive(Debug, Clone, Copy)]
+pub struct Park {
+    pub per_instance: usize,
+    pub total: usize,
+}
+
+/// A delivery in its instance's queue. The slot arrives on `slot` when it is this one's turn;
+/// dropping `slot` leaves the queue (a slot already on its way is handed on).
 #[derive(Debug)]
-pub struct InstanceSlot(Arc<AtomicU32>);
+pub struct Waiting {
+    pub slot: oneshot::Receiver<InstanceSlot>,
+    /// Within the queue's bounds: it may give its consumer slot back while it waits. Otherwise
+    /// it waits behind them holding it, briefly ([`model::retry::QUEUE_WAIT`]).
+    pub in_queue: bool,
+}
+
+/// No slot now.
+#[derive(Debug)]
+pub enum Refused {
+    /// Put the delivery back, for this long.
+    Busy(Busy, Duration),
+    /// Wait here for a slot.
+    Wait(Waiting),
+}
+
+/// A request slot of one instance; dropping it frees the slot, or hands it to the first
+/// delivery waiting for one.
+#[derive(Debug)]
+pub struct InstanceSlot(Option<(Arc<Shared>, Arc<str>)>);
 
 impl Drop for InstanceSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if let Some((shared, key)) = self.0.take() {
+            shared.release(&key);
+        }
+    }
+}
+
+/// What the slots reach back to.
+#[derive(Debug)]
+struct Shared {
+    view: Arc<View>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    by_instance: HashMap<Arc<str>, Entry>,
+    /// Deliveries waiting, all instances.
+    waiting: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn release(self: &Arc<Self>, key: &str) {
+        let mut entries = self.lock();
+        let Entries {
+            by_instance,
+            waiting,
+        } = &mut *entries;
+        if let Some(entry) = by_instance.get_mut(key) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            self.hand_on(entry, waiting);
+        }
+    }
+
+    /// Hands free slots of `entry` to the deliveries waiting for one, oldest first; those that
+    /// stopped waiting are dropped from the queue.
+    fn hand_on(self: &Arc<Self>, entry: &mut Entry, waiting: &mut usize) {
+        let share = entry.share(&self.view);
+        while entry.in_flight < share {
+            let Some(next) = entry.waiting.pop_front() else {
+                break;
+            };
+            *waiting = waiting.saturating_sub(1);
+            entry.in_flight += 1;
+            let slot = InstanceSlot(Some((Arc::clone(self), Arc::clone(&entry.key))));
+            if let Err(mut slot) = next.send(slot) {
+                // Nobody took it: the count goes back here, not through its drop (this lock).
+                slot.0 = None;
+                entry.in_flight -= 1;
+            }
+        }
     }
 }
 
 /// The per-instance limits of this replica: its shares, sized by the [`View`] of
-/// [`Membership`].
+/// [`Membership`], and the deliveries waiting for a slot.
 #[derive(Debug)]
 pub struct InstanceLimits {
-    view: Arc<View>,
-    entries: Mutex<HashMap<String, Entry>>,
+    shared: Arc<Shared>,
 }
 
 impl InstanceLimits {
     pub fn new(view: Arc<View>) -> Self {
         Self {
-            view,
-            entries: Mutex::new(HashMap::new()),
+            shared: Arc::new(Shared {
+                view,
+                entries: Mutex::new(Entries::default()),
+            }),
         }
     }
 
-    /// A slot to send to `instance` now, or why not and how long to put the delivery back for.
-    /// `deferrals` is how often this message was put back already (the busy wait doubles).
+    /// A slot to send to `instance` now, or a place in its queue (when `park` allows one), or
+    /// why not and how long to put the delivery back for. `deferrals` is how often this message
+    /// was put back already (the busy wait doubles).
     pub fn admit(
         &self,
         instance_id: &str,
         instance: &Instance,
         deferrals: u64,
-    ) -> Result<InstanceSlot, (Busy, Duration)> {
+        park: Option<Park>,
+    ) -> Result<InstanceSlot, Refused> {
         self.admit_with(
             instance_id,
             instance.max_in_flight(),
             instance.rate_limit(),
             deferrals,
+            park,
         )
     }
 
@@ -405,32 +510,57 @@ impl InstanceLimits {
         max_in_flight: u32,
         rate: Option<f64>,
         deferrals: u64,
-    ) -> Result<InstanceSlot, (Busy, Duration)> {
-        let (replicas, rank) = self.view.get();
+        park: Option<Park>,
+    ) -> Result<InstanceSlot, Refused> {
+        let (replicas, _) = self.shared.view.get();
         let now = Instant::now();
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.shared.lock();
+        let Entries {
+            by_instance,
+            waiting,
+        } = &mut *entries;
         // No allocation once the instance is known.
-        if !entries.contains_key(instance_id) {
-            entries.insert(
-                instance_id.to_owned(),
+        if !by_instance.contains_key(instance_id) {
+            let key: Arc<str> = Arc::from(instance_id);
+            by_instance.insert(
+                Arc::clone(&key),
                 Entry {
-                    in_flight: Arc::new(AtomicU32::new(0)),
+                    key,
+                    in_flight: 0,
+                    max_in_flight,
                     spread: spread(instance_id),
                     tokens: 1.0,
                     refilled: now,
                     next_ticket: now,
+                    waiting: VecDeque::new(),
                 },
             );
         }
-        let Some(entry) = entries.get_mut(instance_id) else {
-            return Err((Busy::InFlight, busy_wait(deferrals)));
+        let Some(entry) = by_instance.get_mut(instance_id) else {
+            return Err(Refused::Busy(Busy::InFlight, busy_wait(deferrals)));
         };
-        // Increments happen under the lock and decrements only lower the count, so a count
-        // read here below the share stays below it until the increment.
-        if entry.in_flight.load(Ordering::Acquire)
-            >= share(max_in_flight, replicas, rank, entry.spread)
-        {
-            return Err((Busy::InFlight, busy_wait(deferrals)));
+        entry.max_in_flight = max_in_flight;
+        // The share may have grown (a replica left, the limit was raised) with deliveries
+        // waiting: theirs first.
+        self.shared.hand_on(entry, waiting);
+        let share = entry.share(&self.shared.view);
+        if entry.in_flight >= share || !entry.waiting.is_empty() {
+            // Waiting only ends with a slot: not where the share is 0 (the other replicas send
+            // this instance's deliveries), nor under a rate limit (its put-backs are spaced by
+            // the tokens).
+            if let Some(park) = park.filter(|_| share > 0 && rate.is_none()) {
+                if entry.waiting.len() >= park.per_instance {
+                    let before = entry.waiting.len();
+                    entry.waiting.retain(|w| !w.is_closed());
+                    *waiting = waiting.saturating_sub(before - entry.waiting.len());
+                }
+                let in_queue = entry.waiting.len() < park.per_instance && *waiting < park.total;
+                let (tx, rx) = oneshot::channel();
+                entry.waiting.push_back(tx);
+                *waiting += 1;
+                return Err(Refused::Wait(Waiting { slot: rx, in_queue }));
+            }
+            return Err(Refused::Busy(Busy::InFlight, busy_wait(deferrals)));
         }
         if let Some(rate) = rate {
             let per_second = rate / f64::from(replicas.max(1));
@@ -451,12 +581,34 @@ impl InstanceLimits {
                 // Later, never earlier, than the token: a little spread so the queue does not
                 // arrive in step.
                 let stretch = rand::rng().random_range(0.0..0.2) * interval.as_secs_f64();
-                return Err((Busy::Rate, wait + Duration::from_secs_f64(stretch)));
+                return Err(Refused::Busy(
+                    Busy::Rate,
+                    wait + Duration::from_secs_f64(stretch),
+                ));
             }
             entry.tokens -= 1.0;
         }
-        entry.in_flight.fetch_add(1, Ordering::AcqRel);
-        Ok(InstanceSlot(Arc::clone(&entry.in_flight)))
+        entry.in_flight += 1;
+        Ok(InstanceSlot(Some((
+            Arc::clone(&self.shared),
+            Arc::clone(&entry.key),
+        ))))
+    }
+
+    /// For a delivery that has waited a while: hands on slots the share gained since (a replica
+    /// left), and says whether waiting can still end here (this replica's share of the
+    /// instance is not 0: a replica that joined may have taken it).
+    pub fn can_wait(&self, instance_id: &str) -> bool {
+        let mut entries = self.shared.lock();
+        let Entries {
+            by_instance,
+            waiting,
+        } = &mut *entries;
+        let Some(entry) = by_instance.get_mut(instance_id) else {
+            return false;
+        };
+        self.shared.hand_on(entry, waiting);
+        entry.share(&self.shared.view) > 0
     }
 }
 
@@ -507,32 +659,44 @@ mod tests {
     async fn in_flight_holds_this_replicas_share_and_follows_the_count() {
         let (l, view) = limits(1, 0);
         let mut slots: Vec<_> = (0..4)
-            .map(|_| l.admit_with("i", 4, None, 0).expect("within the limit"))
+            .map(|_| {
+                l.admit_with("i", 4, None, 0, None)
+                    .expect("within the limit")
+            })
             .collect();
-        let Err((Busy::InFlight, wait)) = l.admit_with("i", 4, None, 0) else {
+        let Err(Refused::Busy(Busy::InFlight, wait)) = l.admit_with("i", 4, None, 0, None) else {
             panic!("the fifth is put back");
         };
         assert!(wait <= model::retry::BUSY_WAIT_MIN.mul_f64(1.2));
         assert!(
-            l.admit_with("other", 4, None, 0).is_ok(),
+            l.admit_with("other", 4, None, 0, None).is_ok(),
             "instances are apart"
         );
         // Two replicas now: this one's share is 2, and it is over it until two finish.
         view.set(2, 0);
         slots.truncate(2);
-        assert!(l.admit_with("i", 4, None, 0).is_err(), "2 of 2 in flight");
+        assert!(
+            l.admit_with("i", 4, None, 0, None).is_err(),
+            "2 of 2 in flight"
+        );
         slots.truncate(1);
-        slots.push(l.admit_with("i", 4, None, 0).expect("1 of 2 in flight"));
-        assert!(l.admit_with("i", 4, None, 0).is_err());
+        slots.push(
+            l.admit_with("i", 4, None, 0, None)
+                .expect("1 of 2 in flight"),
+        );
+        assert!(l.admit_with("i", 4, None, 0, None).is_err());
         // Three replicas: 4 splits 2, 1, 1; ranked where the share is 1, two in flight is over.
         let spread = spread("i");
         view.set(
             3,
             (0..3).find(|&r| share(4, 3, r, spread) == 1).unwrap_or(0),
         );
-        assert!(l.admit_with("i", 4, None, 0).is_err(), "over a share of 1");
+        assert!(
+            l.admit_with("i", 4, None, 0, None).is_err(),
+            "over a share of 1"
+        );
         drop(slots);
-        let _again = l.admit_with("i", 4, None, 0).expect("a freed slot");
+        let _again = l.admit_with("i", 4, None, 0, None).expect("a freed slot");
     }
 
     #[tokio::test(start_paused = true)]
@@ -542,9 +706,9 @@ mod tests {
         let mut admitted = 0;
         let mut waits = Vec::new();
         for _ in 0..5 {
-            match l.admit_with("i", 100, Some(5.0), 0) {
+            match l.admit_with("i", 100, Some(5.0), 0, None) {
                 Ok(_) => admitted += 1,
-                Err((Busy::Rate, wait)) => waits.push(wait),
+                Err(Refused::Busy(Busy::Rate, wait)) => waits.push(wait),
                 Err(other) => panic!("{other:?}"),
             }
         }
@@ -563,11 +727,92 @@ mod tests {
         let mut count = 0;
         for _ in 0..1000 {
             tokio::time::advance(Duration::from_millis(10)).await;
-            if l.admit_with("i", 100, Some(5.0), 0).is_ok() {
+            if l.admit_with("i", 100, Some(5.0), 0, None).is_ok() {
                 count += 1;
             }
         }
         assert!((24..=26).contains(&count), "{count} in 10 s");
+    }
+
+    const PARK: Park = Park {
+        per_instance: 2,
+        total: 3,
+    };
+
+    fn wait(refused: Result<InstanceSlot, Refused>) -> Waiting {
+        match refused {
+            Err(Refused::Wait(waiting)) => waiting,
+            other => panic!("expected a place in the queue: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_first_in_line() {
+        let (l, _) = limits(1, 0);
+        let first = l
+            .admit_with("i", 1, None, 0, Some(PARK))
+            .expect("a free slot");
+        let mut a = wait(l.admit_with("i", 1, None, 0, Some(PARK)));
+        let b = wait(l.admit_with("i", 1, None, 0, Some(PARK)));
+        let c = wait(l.admit_with("i", 1, None, 0, Some(PARK)));
+        // Two in the queue proper; the third waits behind them (holding its consumer slot).
+        assert!(a.in_queue && b.in_queue && !c.in_queue);
+        // The queue is the total's too: another instance's first waiter is within it (3).
+        let _other = l.admit_with("j", 1, None, 0, Some(PARK)).expect("free");
+        let d = wait(l.admit_with("j", 1, None, 0, Some(PARK)));
+        assert!(!d.in_queue, "the total is reached");
+        assert!(a.slot.try_recv().is_err(), "no slot yet");
+        // A lane's delivery (no parking) does not jump the queue either.
+        assert!(matches!(
+            l.admit_with("i", 1, None, 0, None),
+            Err(Refused::Busy(Busy::InFlight, _))
+        ));
+        // `b` stops waiting; the freed slot goes to `a`, the next one past `b` to `c`.
+        drop(b);
+        drop(first);
+        let a_slot = a.slot.await.expect("a's turn");
+        drop(a_slot);
+        let _c_slot = c.slot.await.expect("c's turn, b skipped");
+        assert!(matches!(
+            l.admit_with("i", 1, None, 0, Some(PARK)),
+            Err(Refused::Wait(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn no_waiting_where_it_cannot_end() {
+        // Three replicas share 1: two of them hold a share of 0 and put the delivery back.
+        let spread = spread("i");
+        let zero = (0..3).find(|&r| share(1, 3, r, spread) == 0).unwrap_or(0);
+        let (l, view) = limits(3, zero);
+        assert!(matches!(
+            l.admit_with("i", 1, None, 0, Some(PARK)),
+            Err(Refused::Busy(Busy::InFlight, _))
+        ));
+        // A rate-limited instance is put back for its token, not queued.
+        let (r, _) = limits(1, 0);
+        let _slot = r
+            .admit_with("k", 1, Some(100.0), 0, Some(PARK))
+            .expect("free");
+        assert!(matches!(
+            r.admit_with("k", 1, Some(100.0), 0, Some(PARK)),
+            Err(Refused::Busy(Busy::InFlight, _))
+        ));
+        // One waiting when its share drops to 0 is told to stop waiting; when it comes back,
+        // the free slot is handed on.
+        view.set(1, 0);
+        let held = l.admit_with("i", 1, None, 0, Some(PARK)).expect("free");
+        let mut waiting = wait(l.admit_with("i", 1, None, 0, Some(PARK)));
+        view.set(3, zero);
+        assert!(!l.can_wait("i"));
+        drop(held);
+        assert!(waiting.slot.try_recv().is_err(), "no share, no slot");
+        view.set(1, 0);
+        assert!(l.can_wait("i"));
+        assert!(
+            waiting.slot.try_recv().is_ok(),
+            "handed on once the share is back"
+        );
     }
 
     #[test]

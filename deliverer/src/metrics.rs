@@ -9,6 +9,8 @@ pub const END_TO_END: &str = "ecwid_deliver_end_to_end_seconds";
 pub const RETRIES_TOTAL: &str = "ecwid_deliver_retries_total";
 pub const DEFERRED_TOTAL: &str = "ecwid_deliver_deferred_total";
 pub const IN_FLIGHT: &str = "ecwid_deliver_in_flight";
+pub const PARKED: &str = "ecwid_deliver_parked";
+pub const PARKED_TOTAL: &str = "ecwid_deliver_parked_total";
 pub const BREAKERS_OPEN: &str = "ecwid_deliver_breakers_open";
 pub const BREAKER_TRANSITIONS: &str = "ecwid_deliver_breaker_transitions_total";
 pub const HELD_TOTAL: &str = "ecwid_deliver_held_total";
@@ -28,9 +30,14 @@ pub struct Metrics {
     /// From the ingest's receipt of the webhook to the callback's 2xx.
     pub end_to_end: Histogram,
     pub retries: IntCounter,
-    /// reason: breaker_open, host_busy, instance_in_flight, instance_rate.
+    /// reason: breaker_open, host_busy, instance_in_flight, instance_rate, instance_changed,
+    /// stopping.
     pub deferred: IntCounterVec,
     pub in_flight: IntGauge,
+    /// Deliveries waiting in this replica for a slot of their instance.
+    pub parked: IntGauge,
+    /// Deliveries that waited for a slot of their instance instead of being put back.
+    pub parked_total: IntCounter,
     pub breakers_open: IntGauge,
     /// to: open, half_open, closed.
     pub breaker_transitions: IntCounterVec,
@@ -79,6 +86,16 @@ impl Metrics {
                 &["reason"],
             ),
             in_flight: gauge(reg, IN_FLIGHT, "Requests to callbacks in flight."),
+            parked: gauge(
+                reg,
+                PARKED,
+                "Deliveries waiting in this replica for a slot of their instance (event.notification.max.in.flight).",
+            ),
+            parked_total: counter(
+                reg,
+                PARKED_TOTAL,
+                "Deliveries that waited in this replica for a slot of their instance instead of being put back.",
+            ),
             breakers_open: gauge(
                 reg,
                 BREAKERS_OPEN,

@@ -161,7 +161,7 @@ async fn lane(worker: Arc<Worker>, instance_id: String, held: Held, stop: Cancel
         match next {
             Some(Ok(message)) => {
                 let span = shared::nats::message_span(&message);
-                worker.handle(message).instrument(span).await;
+                worker.handle(message, None).instrument(span).await;
             }
             Some(Err(error)) => {
                 tracing::debug!(%error, "The ordered lane's pull reported an error.")

@@ -2,11 +2,13 @@
 //! ([`crate::consumer`]) and the ordered lanes ([`crate::ordered`]).
 //!
 //! Each attempt goes in four steps: resolve the target (instance, URL, event id), admit it
-//! (breaker, instance limits, host slot), dispatch it, and decide its [`Outcome`]
+//! (instance limits, breaker, host slot, a request slot of this replica), dispatch it, and
+//! decide its [`Outcome`]
 //! ([`crate::outcome::decide`]); `settle` then acks, NAKs or dead-letters.
 //!
 //! The attempt number is the message's delivery count less the times the replicas put it back
-//! without trying (breaker open, host busy, instance at its limit: [`crate::deferrals`]), so a
+//! without trying (breaker open, host busy, instance at its limit and no room to wait for it
+//! here: [`crate::deferrals`]), so a
 //! restart loses no retry and repeats no wait. A redelivered envelope (`Ecwid-Attempt-Offset`)
 //! gets a fresh budget; its attempts are numbered on in the event log, which gets a snapshot
 //! after every attempt ([`crate::journal`]).
@@ -27,7 +29,9 @@ use model::time_fmt::{now_unix_ms, unix_ms_to_rfc3339};
 use shared::dead::{self, DeadLetter};
 use shared::nats::{header, headers, subject_tail, EVENTS_STREAM, ORDERED_PREFIX};
 use shared::service::ServiceContext;
-use tokio::sync::OwnedSemaphorePermit;
+use shared::worker::WorkSlot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -35,7 +39,7 @@ use crate::dispatch::{self, Attempt, Dispatcher};
 use crate::health::{Admitted, Callbacks};
 use crate::hold::Hold;
 use crate::journal::{self, Sent};
-use crate::limits::{InstanceLimits, InstanceSlot};
+use crate::limits::{Busy, InstanceLimits, InstanceSlot, Refused, Waiting};
 use crate::metrics::Metrics;
 use crate::policy::HostLimits;
 use model::retry::jitter;
@@ -63,6 +67,36 @@ pub(crate) struct Worker {
     /// Times each message was put back without an attempt, by any replica.
     pub(crate) deferrals: Arc<crate::deferrals::Deferrals>,
     pub(crate) urls: dispatch::ParsedUrls,
+    /// `DELIVER_MAX_IN_FLIGHT` requests of this replica: a delivery that waited for its
+    /// instance's slot gave its consumer slot back, so the consumer's slots alone do not bound
+    /// the requests.
+    pub(crate) requests: Arc<Semaphore>,
+    /// The deliverer stops: deliveries waiting for a slot go back at once.
+    pub(crate) stop: CancellationToken,
+}
+
+/// What a request holds while it is in flight. Dropped in this order: the instance's slot last,
+/// so the delivery it is handed to finds the host's and the replica's free.
+struct Slots {
+    _request: OwnedSemaphorePermit,
+    _host: OwnedSemaphorePermit,
+    _instance: InstanceSlot,
+}
+
+/// Counts a delivery waiting for its instance's slot in `ecwid_deliver_parked` while it lives.
+struct Parked(prometheus::IntGauge);
+
+impl Parked {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Where and how one envelope is sent, resolved from its instance and its head.
@@ -88,8 +122,11 @@ impl Worker {
     }
 
     /// One message, whichever consumer it came from: its attempt, the event log snapshot, and
-    /// its settlement (ack, NAK with the retry wait, or dead letter then ack).
-    pub(crate) async fn handle(&self, message: jetstream::Message) {
+    /// its settlement (ack, NAK with the retry wait, or dead letter then ack). `work`: the
+    /// shared consumer's slot the message holds, which it gives back while it waits for its
+    /// instance's slot; an ordered lane's message has none and never waits for one (its lane
+    /// has one message in flight).
+    pub(crate) async fn handle(&self, message: jetstream::Message, mut work: Option<WorkSlot>) {
         let Ok(info) = message.info() else {
             tracing::warn!("A message without JetStream metadata; leaving it to redelivery.");
             return;
@@ -136,7 +173,7 @@ impl Worker {
             return;
         }
         let (outcome, sent) = self
-            .attempt(&message, &head, &instance_id, attempt, deferred)
+            .attempt(&message, &head, &instance_id, attempt, deferred, &mut work)
             .await;
         let logged = journal::record(
             &self.ctx.log,
@@ -209,12 +246,16 @@ impl Worker {
         instance_id: &str,
         attempt: u64,
         deferred: u64,
+        work: &mut Option<WorkSlot>,
     ) -> (Outcome, Option<Sent>) {
         let target = match self.resolve(head, instance_id, attempt) {
             Ok(target) => target,
             Err(dead) => return (dead, None),
         };
-        let (admitted, _slots) = match self.admit(instance_id, &target, deferred).await {
+        let admission = self
+            .admit(message, instance_id, &target, deferred, work)
+            .await;
+        let (admitted, _slots) = match admission {
             Ok(admitted) => admitted,
             Err(deferral) => return (deferral, None),
         };
@@ -348,15 +389,39 @@ impl Worker {
         })
     }
 
-    /// Slots to send to `target` now: its breaker lets the request through (as the probe or
-    /// not), its instance is within its limits ([`crate::limits`]) and its host has a free slot.
+    /// Slots to send to `target` now: its instance is within its limits ([`crate::limits`]),
+    /// waiting for a slot if need be ([`Worker::wait_for_slot`]); its breaker lets the request
+    /// through (as the probe or not); its host has a free slot; and so does this replica.
     /// Otherwise the deferral that puts the envelope back without spending an attempt.
     async fn admit(
         &self,
+        message: &jetstream::Message,
         instance_id: &str,
         target: &Target,
         deferred: u64,
-    ) -> Result<(Admitted, (InstanceSlot, OwnedSemaphorePermit)), Outcome> {
+        work: &mut Option<WorkSlot>,
+    ) -> Result<(Admitted, Slots), Outcome> {
+        let park = work.is_some().then_some(self.config.queue);
+        let instance_slot = match self
+            .limits
+            .admit(instance_id, &target.instance, deferred, park)
+        {
+            Ok(slot) => slot,
+            Err(Refused::Wait(waiting)) => {
+                self.wait_for_slot(message, target, waiting, work, deferred)
+                    .await?
+            }
+            Err(Refused::Busy(busy, delay)) => {
+                self.metrics
+                    .deferred
+                    .with_label_values(&[busy.label()])
+                    .inc();
+                return Err(Outcome::Retry {
+                    delay,
+                    spends_attempt: false,
+                });
+            }
+        };
         let url = &target.url;
         let admitted = match self.callbacks.admit(url.as_str()).await {
             Ok(admitted) => admitted,
@@ -367,21 +432,6 @@ impl Worker {
                     .inc();
                 return Err(Outcome::Retry {
                     delay: jitter(wait),
-                    spends_attempt: false,
-                });
-            }
-        };
-        // Not waited for: a delivery of a busy instance must not hold a consumer slot.
-        let instance_slot = match self.limits.admit(instance_id, &target.instance, deferred) {
-            Ok(slot) => slot,
-            Err((busy, delay)) => {
-                self.metrics
-                    .deferred
-                    .with_label_values(&[busy.label()])
-                    .inc();
-                self.callbacks.not_sent(url.as_str(), admitted).await;
-                return Err(Outcome::Retry {
-                    delay,
                     spends_attempt: false,
                 });
             }
@@ -402,7 +452,107 @@ impl Worker {
                 spends_attempt: false,
             });
         };
-        Ok((admitted, (instance_slot, slot)))
+        let request = match Arc::clone(&self.requests).try_acquire_owned() {
+            Ok(request) => request,
+            Err(_) => {
+                // Every request of this replica is taken; they end within the request timeout.
+                let started = Instant::now();
+                let Ok(request) = Arc::clone(&self.requests).acquire_owned().await else {
+                    self.callbacks.not_sent(url.as_str(), admitted).await;
+                    return Err(Outcome::Retry {
+                        delay: jitter(HOST_BUSY_WAIT),
+                        spends_attempt: false,
+                    });
+                };
+                if started.elapsed() > Duration::from_secs(1) {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+                request
+            }
+        };
+        Ok((
+            admitted,
+            Slots {
+                _request: request,
+                _host: slot,
+                _instance: instance_slot,
+            },
+        ))
+    }
+
+    /// Waits in the instance's queue until a slot is handed to this delivery. Within the
+    /// queue's bounds (`DELIVER_QUEUE_PER_INSTANCE`, `DELIVER_QUEUE_TOTAL`) the consumer slot is
+    /// given back meanwhile, so the pull loop takes other instances' messages, and the message
+    /// is kept from redelivery with in-progress acks (every third of `ack_wait`, not one NATS
+    /// message per wait). Behind the queue it waits at most [`model::retry::QUEUE_WAIT`],
+    /// holding its consumer slot (a backlog that outruns the queue slows the pulling instead of
+    /// cycling through the server), then is put back. Put back too when this replica's share
+    /// of the instance drops to 0 (a replica joined), when the deliverer stops, and when its
+    /// turn comes after its instance changed, was paused, disabled or deleted (taken from the
+    /// start again, it is sent as the instance is now, or held).
+    async fn wait_for_slot(
+        &self,
+        message: &jetstream::Message,
+        target: &Target,
+        waiting: Waiting,
+        work: &mut Option<WorkSlot>,
+        deferred: u64,
+    ) -> Result<InstanceSlot, Outcome> {
+        let instance_id = target.instance.id.as_str();
+        let Waiting { mut slot, in_queue } = waiting;
+        if in_queue {
+            if let Some(work) = work.as_mut() {
+                work.give_back();
+            }
+        }
+        self.metrics.parked_total.inc();
+        let _parked = Parked::new(&self.metrics.parked);
+        let started = Instant::now();
+        let put_back = |reason: &str, delay: Duration| {
+            self.metrics.deferred.with_label_values(&[reason]).inc();
+            Outcome::Retry {
+                delay,
+                spends_attempt: false,
+            }
+        };
+        let give_up = tokio::time::sleep(model::retry::QUEUE_WAIT);
+        tokio::pin!(give_up);
+        let every = self.config.ack_wait() / 3;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                handed = &mut slot => {
+                    let Ok(handed) = handed else {
+                        return Err(put_back(Busy::InFlight.label(), crate::limits::busy_wait(deferred)));
+                    };
+                    let now = self.ctx.directory.get(instance_id);
+                    if !now.is_some_and(|now| Arc::ptr_eq(&now, &target.instance))
+                        || self.ctx.state_of(instance_id).holds()
+                    {
+                        return Err(put_back("instance_changed", jitter(model::retry::BUSY_WAIT_MIN)));
+                    }
+                    // The host's and this replica's slots and the request come next: their
+                    // whole ack_wait is theirs.
+                    if started.elapsed() > Duration::from_secs(1) {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                    return Ok(handed);
+                }
+                () = &mut give_up, if !in_queue => {
+                    return Err(put_back(Busy::InFlight.label(), crate::limits::busy_wait(deferred)));
+                }
+                _ = ticks.tick() => {
+                    if !self.limits.can_wait(instance_id) {
+                        return Err(put_back(Busy::InFlight.label(), crate::limits::busy_wait(deferred)));
+                    }
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+                () = self.stop.cancelled() => {
+                    // To another replica soon; after the note on the put-back (100 ms and more).
+                    return Err(put_back("stopping", jitter(model::retry::BUSY_WAIT_MIN)));
+                }
+            }
+        }
     }
 
     /// Signs and POSTs the envelope; counts the attempt and tells the breaker how it went.

@@ -61,6 +61,11 @@ pub const POLL_MAX_IN_CYCLE_WAIT: Duration = Duration::from_secs(5);
 /// attempt).
 pub const HOST_SLOT_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a delivery whose instance's queue in the deliverer is full waits for its slot behind
+/// that queue, holding its consumer slot, before it is put back (without spending an attempt).
+/// Short: while it waits, the pull loop has one slot fewer for the other instances.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// The first put-back of a delivery whose instance has no free in-flight slot here; each further
 /// put-back of the same message doubles it, up to [`BUSY_WAIT_MAX`].
 pub const BUSY_WAIT_MIN: Duration = Duration::from_millis(200);

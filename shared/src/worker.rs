@@ -9,12 +9,26 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{pull, Consumer};
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::CommonMetrics;
+
+/// One of the pull loop's `concurrency` slots, held by a message in work. The handler may give
+/// it back ([`WorkSlot::give_back`]) while its message waits for something that is not this
+/// loop's to give (the deliverer's envelope waiting for a slot of its instance), so that the loop
+/// pulls other messages meanwhile; otherwise it is given back when the handler returns.
+#[derive(Debug)]
+pub struct WorkSlot(Option<OwnedSemaphorePermit>);
+
+impl WorkSlot {
+    /// Frees the slot now: the loop may pull one more message.
+    pub fn give_back(&mut self) {
+        self.0 = None;
+    }
+}
 
 /// Runs until `cancel` fires; then waits for handlers in progress until the work's share of the
 /// shutdown budget `grace` (`SHUTDOWN_GRACE_MS`, less the drain's reserve: see
@@ -28,6 +42,33 @@ pub async fn run_pull_loop<F, Fut>(
     handle: F,
 ) where
     F: Fn(Message) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    run_pull_loop_with_slots(
+        consumer,
+        concurrency,
+        cancel,
+        grace,
+        move |message, slot| {
+            let work = handle(message);
+            async move {
+                work.await;
+                drop(slot);
+            }
+        },
+    )
+    .await;
+}
+
+/// [`run_pull_loop`] whose handler holds its message's [`WorkSlot`] and may give it back early.
+pub async fn run_pull_loop_with_slots<F, Fut>(
+    consumer: Consumer<pull::Config>,
+    concurrency: usize,
+    cancel: CancellationToken,
+    grace: Duration,
+    handle: F,
+) where
+    F: Fn(Message, WorkSlot) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(concurrency));
@@ -93,13 +134,7 @@ pub async fn run_pull_loop<F, Fut>(
                     }
                     let handle = handle.clone();
                     let span = crate::nats::message_span(&message);
-                    tasks.spawn(
-                        async move {
-                            handle(message).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
+                    tasks.spawn(handle(message, WorkSlot(Some(permit))).instrument(span));
                 }
             }
         }

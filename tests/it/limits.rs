@@ -26,12 +26,14 @@ use tokio_util::sync::CancellationToken;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How a [`Recorder`] answers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Answer {
     /// 200 after this long.
     After(Duration),
     /// Never: the request stays open until the deliverer gives up on it.
     Never,
+    /// 200 once the gate is open (`true`); until then the request stays open.
+    Gate(tokio::sync::watch::Receiver<bool>),
 }
 
 #[derive(Debug, Default)]
@@ -65,8 +67,9 @@ impl Recorder {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Seen::default()));
         let app = Router::new()
-            .fallback(
-                move |State(seen): State<Arc<Mutex<Seen>>>, body: Bytes| async move {
+            .fallback(move |State(seen): State<Arc<Mutex<Seen>>>, body: Bytes| {
+                let answer = answer.clone();
+                async move {
                     let event_id = serde_json::from_slice::<Value>(&body)
                         .ok()
                         .and_then(|v| v["message"]["raw"]["eventId"].as_str().map(str::to_owned))
@@ -81,10 +84,13 @@ impl Recorder {
                     match answer {
                         Answer::After(d) => tokio::time::sleep(d).await,
                         Answer::Never => std::future::pending::<()>().await,
+                        Answer::Gate(mut gate) => {
+                            let _ = gate.wait_for(|open| *open).await;
+                        }
                     }
                     StatusCode::OK
-                },
-            )
+                }
+            })
             .with_state(Arc::clone(&seen));
         let cancel = CancellationToken::new();
         serve_until(listener, app, &cancel);
@@ -235,6 +241,24 @@ async fn deferred(cluster: &Cluster, reason: &str) -> f64 {
     sum
 }
 
+/// `ecwid_deliver_deferred_total` of every reason, summed over the deliverers: every put-back.
+async fn put_backs(cluster: &Cluster) -> f64 {
+    let mut sum = 0.0;
+    for d in &cluster.deliverers {
+        sum += sample_sum(&d.metrics().await, "ecwid_deliver_deferred_total", &[]);
+    }
+    sum
+}
+
+/// `name` (a deliverer metric without labels) summed over the deliverers.
+async fn deliverer_sum(cluster: &Cluster, name: &str) -> f64 {
+    let mut sum = 0.0;
+    for d in &cluster.deliverers {
+        sum += sample_sum(&d.metrics().await, name, &[]);
+    }
+    sum
+}
+
 /// Asserts that every record shows exactly one attempt: put-backs were not counted as attempts,
 /// whichever replica the message came back to.
 fn assert_one_attempt_each(records: &[Value]) {
@@ -265,8 +289,9 @@ async fn max_in_flight_holds_across_three_replicas_and_spends_no_attempt() {
     slow.wait_all(&ids, Duration::from_secs(60), &cluster).await;
 
     let put_back = deferred(&cluster, "instance_in_flight").await;
+    let waited = deliverer_sum(&cluster, "ecwid_deliver_parked_total").await;
     eprintln!(
-        "max.in.flight=2, 3 replicas: at most {} open at once, {} requests for 24 events, {put_back} put-backs",
+        "max.in.flight=2, 3 replicas: at most {} open at once, {} requests for 24 events, {put_back} put-backs, {waited} waits for a slot",
         slow.max_open(),
         slow.arrivals().len()
     );
@@ -275,8 +300,10 @@ async fn max_in_flight_holds_across_three_replicas_and_spends_no_attempt() {
         "{} requests were open at once; the limit is 2 across all replicas",
         slow.max_open()
     );
+    // Reached: deliveries waited for a slot, or were put back by the replica whose share of
+    // the limit is 0.
     assert!(
-        put_back > 0.0,
+        put_back + waited > 0.0,
         "the limit was never reached, so this case tested nothing"
     );
     // Each event was sent once: a put-back is no attempt, and none failed.
@@ -442,7 +469,91 @@ async fn a_stalled_instance_does_not_hold_up_a_healthy_one() {
         "only two requests may reach the stalled receiver (its max.in.flight) while they hang"
     );
     assert_eq!(stalled.max_open(), 2);
-    assert!(deferred(&cluster, "instance_in_flight").await > 0.0);
+    // The stalled instance's other events wait in the replicas' queues, without a consumer slot.
+    assert!(deliverer_sum(&cluster, "ecwid_deliver_parked").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_to_a_busy_instance_waits_for_its_slots_without_put_backs() {
+    let _one = SERIAL.lock().await;
+    const BURST: usize = 30;
+    let nats = NatsServer::start().await;
+    // One replica holds the whole limit (no share of 0 to put back for). Eight consumer slots:
+    // were the busy instance's waiting deliveries holding them, the other instance's events
+    // could not be taken. Requests may hang a minute: the gate opens long before.
+    let cluster = Cluster::start(
+        &nats.url(),
+        &[
+            ("DELIVER_MAX_IN_FLIGHT", "8"),
+            ("DELIVER_MAX_IN_FLIGHT_PER_HOST", "8"),
+            ("DELIVER_TIMEOUT_MS", "60000"),
+        ],
+        1,
+    )
+    .await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let busy = Recorder::start(Answer::Gate(gate)).await;
+    let other = Recorder::start(Answer::After(Duration::from_millis(5))).await;
+    let busy_instance = cluster
+        .create_instance(
+            "5105",
+            &busy.url(),
+            &[("event.notification.max.in.flight", "2")],
+        )
+        .await;
+    cluster.create_instance("5106", &other.url(), &[]).await;
+
+    let busy_ids = send(&cluster, 5105, "burst", BURST).await;
+    // Two in flight at the receiver, the other 28 waiting in the deliverer (the queue holds
+    // 256 an instance by default).
+    wait_until(
+        Duration::from_secs(20),
+        "two requests held and the rest of the burst waiting for a slot",
+        || async {
+            busy.open() == 2
+                && deliverer_sum(&cluster, "ecwid_deliver_parked").await == (BURST - 2) as f64
+        },
+    )
+    .await;
+    let other_ids = send(&cluster, 5106, "beside", 20).await;
+    other
+        .wait_all(&other_ids, Duration::from_secs(20), &cluster)
+        .await;
+    // Delivered while the busy receiver still holds its two requests and nothing else of it
+    // went out: not behind it.
+    assert_eq!(busy.open(), 2, "the busy receiver still blocks");
+    assert_eq!(
+        busy.arrivals().len(),
+        2,
+        "only the busy instance's two slots were used"
+    );
+    assert_eq!(put_backs(&cluster).await, 0.0, "nothing was put back");
+
+    open.send_replace(true);
+    busy.wait_all(&busy_ids, Duration::from_secs(30), &cluster)
+        .await;
+    eprintln!(
+        "burst of {BURST} at max.in.flight=2 beside another instance: {} requests, at most {} open, {} put-backs, {} waits for a slot",
+        busy.arrivals().len(),
+        busy.max_open(),
+        put_backs(&cluster).await,
+        deliverer_sum(&cluster, "ecwid_deliver_parked_total").await,
+    );
+    assert_eq!(busy.arrivals().len(), BURST, "each event sent once");
+    assert_eq!(busy.max_open(), 2);
+    assert_eq!(
+        put_backs(&cluster).await,
+        0.0,
+        "the queue (256) is larger than the burst: nothing goes back to the server"
+    );
+    let records = delivered_records(&cluster, &busy_instance, BURST).await;
+    assert_one_attempt_each(&records);
+    wait_until(
+        Duration::from_secs(10),
+        "no delivery left waiting",
+        || async { deliverer_sum(&cluster, "ecwid_deliver_parked").await == 0.0 },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

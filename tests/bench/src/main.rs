@@ -10,13 +10,15 @@
 //! - [`floors`]: the floors (a), (b), (c), each in a process of its own.
 //! - [`procinfo`]: CPU seconds and peak RSS from `/proc`.
 //! - [`cpu`]: `bench cpu`, instructions per event of each service under callgrind.
+//! - [`one_instance`]: all the load to one instance with the default limits.
 //!
 //! Usage: `bench [--quick] [--max-secs S] [--fixed-secs S] [--rates 500,2000] [--floor-secs S]
 //! [--floor-fixed-secs S] [--connections N] [--stores N] [--consume-msgs N] [--perf FILE]
 //! [--log-records N] [--log-samples N] [--idle-secs S]`; `bench --soak [--soak-gb G]`: see [`soak`];
 //! each flag also reads `BENCH_<FLAG>` (for example `BENCH_FIXED_SECS=5`).
 //! `bench cpu [--events N] [--rate R] [--warmup N] [--idle-secs S] [--stores N] [--filter EXPR]`:
-//! see [`cpu`].
+//! see [`cpu`]. `bench one-instance [flags as above]`: only the four-instance max load and the
+//! one-instance phases ([`one_instance`]), for a quick comparison.
 
 mod admin_reads;
 mod cpu;
@@ -25,6 +27,7 @@ mod floors;
 mod held;
 mod isolation;
 mod load;
+mod one_instance;
 mod procinfo;
 mod receive;
 mod track;
@@ -225,6 +228,9 @@ fn main() -> ExitCode {
         "isolation" => runtime.block_on(isolation::run()),
         "admin-reads" => runtime.block_on(admin_reads::run()),
         "log" => Opts::parse_from(&args[2..]).and_then(|opts| runtime.block_on(log_only(opts))),
+        "one-instance" => {
+            Opts::parse_from(&args[2..]).and_then(|opts| runtime.block_on(one_instance_only(opts)))
+        }
         _ => Opts::parse().and_then(|opts| {
             if opts.soak {
                 runtime.block_on(soak(opts))
@@ -780,16 +786,24 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     let mut phases = vec![warm_up(&pipeline.ctx).await];
     phases.extend(max_load(&opts, &pipeline).await);
     phases.extend(paced_runs(&opts, &pipeline.ctx).await);
+    let mut pipeline = pipeline;
+    let one = one_instance::run(&opts, &mut pipeline).await?;
+    let one_fields = format!(
+        "{} one_instance_vs_e2e={:.2}",
+        one.fields(),
+        one.phases[0].e2e_eps / phases[2].e2e_eps
+    );
+    phases.extend(one.phases);
     let idle_cpu_pct = idle_phase(&opts, &pipeline).await?;
     let usage = pipeline.ctx.pids.read();
     // The log's cost compares two max-load phases on the same store: the log-off one runs
     // before the lookups fill the log with a million records (which grow nats-server's heap
     // and its background work), as the log-on one did. (It has the idle phase's 96 instances
     // more, which no traffic goes to.)
-    let mut pipeline = pipeline;
     phases.extend(log_cost_phases(&opts, &setup, &mut pipeline).await?);
     let lookups = event_log_lookups(&opts, &setup, &pipeline).await?;
     let mut line = report(&opts, &floors, &phases, &usage, &pipeline.anomalies);
+    line.push_str(&one_fields);
     line.push_str(&format!(" idle_cpu_pct={idle_cpu_pct:.2}"));
     line.push_str(&report_event_log(&phases, &lookups));
     failing_receiver_phase(&opts, &setup, &pipeline).await;
@@ -799,6 +813,25 @@ async fn bench(opts: Opts) -> anyhow::Result<()> {
     ));
     println!("\nBENCH {line}");
     drop(pipeline);
+    Ok(())
+}
+
+/// `bench one-instance`: the four-instance max load (after the warm-up), then the one-instance
+/// phases, for a before/after comparison that does not take the whole run.
+async fn one_instance_only(opts: Opts) -> anyhow::Result<()> {
+    let setup = set_up(&opts).await?;
+    let mut pipeline = start_pipeline(&opts, &setup).await?;
+    let mut phases = vec![warm_up(&pipeline.ctx).await];
+    phases.push(pipeline_phase(&pipeline.ctx, 2, Pace::Max, opts.max_secs, &[], None).await);
+    let one = one_instance::run(&opts, &mut pipeline).await?;
+    let e2e_eps = phases[1].e2e_eps;
+    let (fields, ratio) = (one.fields(), one.phases[0].e2e_eps / e2e_eps);
+    phases.extend(one.phases);
+    report_phases(&phases);
+    let lost: u64 = phases.iter().map(|p| p.summary.lost).sum();
+    println!(
+        "\nONE_INSTANCE e2e_eps={e2e_eps:.0}{fields} one_instance_vs_e2e={ratio:.2} lost={lost}"
+    );
     Ok(())
 }
 
@@ -1431,6 +1464,11 @@ async fn start_pipeline(opts: &Opts, setup: &Setup) -> anyhow::Result<Pipeline> 
         names.push(name.to_owned());
         caps.push(cap);
     }
+    // Then the one instance's phases (`one_instance`).
+    names.push(one_instance::ONE_MAX.to_owned());
+    caps.push(max_cap);
+    names.push(one_instance::ONE_PACED.to_owned());
+    caps.push(one_instance::ONE_RATE * opts.fixed_secs + 16.0);
     start_pipeline_with(opts, setup, &names, &caps).await
 }
 
