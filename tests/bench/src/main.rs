@@ -1019,7 +1019,12 @@ async fn failing_receiver_phase(opts: &Opts, setup: &Setup, pipeline: &Pipeline)
             &[("event.notification.signature.key", "failing-key")],
         )
         .await;
-    let index = pipeline.ctx.trackers.len() - 1;
+    let index = pipeline
+        .ctx
+        .trackers
+        .iter()
+        .position(|t| t.name == FAILING)
+        .unwrap_or_else(|| unreachable!("start_pipeline makes the {FAILING} ledger"));
     let phase = pipeline_phase(
         &pipeline.ctx,
         index,
