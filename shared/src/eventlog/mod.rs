@@ -417,13 +417,14 @@ impl EventLog {
     pub async fn attempts_of(&self, event_id: &str) -> Option<u64> {
         let pool = self.pool().ok()?;
         let client = pool.get().await.ok()?;
-        let row = tokio::time::timeout(
-            search::READ_TIMEOUT,
-            client.query_one(
-                "SELECT count(*) FROM event_log_attempts WHERE event_id = $1 AND attempted",
-                &[&event_id],
-            ),
-        )
+        let row = tokio::time::timeout(search::READ_TIMEOUT, async {
+            let statement = client
+                .prepare_cached(
+                    "SELECT count(*) FROM event_log_attempts WHERE event_id = $1 AND attempted",
+                )
+                .await?;
+            client.query_one(&statement, &[&event_id]).await
+        })
         .await
         .ok()?
         .ok()?;

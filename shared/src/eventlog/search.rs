@@ -237,7 +237,7 @@ fn apply_attempt(r: &mut Record, row: &tokio_postgres::Row) {
 
 /// The records of `events`, their attempts read in one query.
 async fn with_attempts(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::Client,
     events: Vec<EventCols>,
 ) -> Result<Vec<(u64, Record)>, SearchError> {
     if events.is_empty() {
@@ -251,7 +251,9 @@ async fn with_attempts(
            (SELECT i, to_timestamp(r / 1000.0) FROM unnest($1::text[], $2::bigint[]) AS t(i, r)) \
          ORDER BY a.settled_at, a.key"
     );
-    let rows = within(client.query(&sql, &[&ids, &received])).await?;
+    // Prepared once per connection: the same text every time.
+    let statement = within(client.prepare_cached(&sql)).await?;
+    let rows = within(client.query(&statement, &[&ids, &received])).await?;
     let mut out: Vec<(u64, Record)> = events
         .into_iter()
         .map(|e| (u64::try_from(e.seq).unwrap_or(0), e.record))
@@ -332,12 +334,17 @@ pub async fn search(reads: Reads<'_>, q: &Query) -> Result<Page, SearchError> {
         .after
         .map_or(i64::MAX, |a| i64::try_from(a).unwrap_or(i64::MAX));
     let Some(status) = q.status else {
+        // The text depends only on which filters are set (a few dozen shapes), so each is
+        // prepared once per connection.
         let sql = format!(
-            "SELECT {EVENT_COLS} FROM event_log_events e WHERE {filters} ORDER BY e.seq DESC LIMIT {limit}"
+            "SELECT {EVENT_COLS} FROM event_log_events e WHERE {filters} ORDER BY e.seq DESC LIMIT ${}",
+            cursor + 1
         );
+        let statement = within(client.prepare_cached(&sql)).await?;
         let mut args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
         args.push(&after);
-        let rows = within(client.query(&sql, &args)).await?;
+        args.push(&limit);
+        let rows = within(client.query(&statement, &args)).await?;
         let events: Vec<EventCols> = rows.iter().map(EventCols::from_row).collect();
         let full = events.len() as i64 == limit;
         let hits = with_attempts(&client, events).await?;
@@ -353,7 +360,7 @@ pub async fn search(reads: Reads<'_>, q: &Query) -> Result<Page, SearchError> {
          ORDER BY e.seq DESC LIMIT ${}",
         cursor + 1
     );
-    let statement = within(client.prepare(&sql)).await?;
+    let statement = within(client.prepare_cached(&sql)).await?;
     let mut matched: Vec<EventCols> = Vec::new();
     let mut walked: u64 = 0;
     loop {
@@ -401,7 +408,8 @@ pub async fn record(log: &EventLog, id: &str) -> Result<Option<Record>, SearchEr
     let pool = log.pool().map_err(unavailable)?;
     let client = within(pool.get()).await?;
     let sql = format!("SELECT {EVENT_COLS} FROM event_log_events e WHERE e.id = $1 LIMIT 1");
-    let Some(row) = within(client.query_opt(&sql, &[&id])).await? else {
+    let statement = within(client.prepare_cached(&sql)).await?;
+    let Some(row) = within(client.query_opt(&statement, &[&id])).await? else {
         return Ok(None);
     };
     let found = with_attempts(&client, vec![EventCols::from_row(&row)]).await?;
