@@ -423,6 +423,9 @@ pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
     jetstream::new(client)
 }
 
+/// How many times getting or creating a consumer is tried before the service gives up.
+const CONSUMER_TRIES: usize = 8;
+
 /// Gets the durable pull consumer `config.durable_name` on `stream`, creating it when missing.
 /// An existing consumer whose `ack_wait` is shorter than `config.ack_wait` is an error: a message
 /// would be redelivered while still being worked on.
@@ -437,21 +440,32 @@ pub async fn ensure_pull_consumer(
         name: name.clone(),
         message,
     };
-    let stream = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| topology(e.to_string()))?;
     let wanted_ack_wait = config.ack_wait;
     let wanted_filter = config.filter_subject.clone();
-    let mut consumer = stream
-        .get_or_create_consumer(&name, config.clone())
-        .await
-        .map_err(|e| topology(e.to_string()))?;
-    let mut info = consumer
-        .info()
-        .await
-        .map_err(|e| topology(e.to_string()))?
-        .clone();
+    // A server that is starting, or busy with every service's set-up at once (nats-server 2.9
+    // on a loaded machine), may not answer in time: ask again, as the topology does.
+    let got = || async {
+        let stream = js
+            .get_stream(stream)
+            .await
+            .map_err(|e| topology(e.to_string()))?;
+        let mut consumer = stream
+            .get_or_create_consumer(&name, config.clone())
+            .await
+            .map_err(|e| topology(e.to_string()))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| topology(e.to_string()))?
+            .clone();
+        Ok::<_, Error>((stream, consumer, info))
+    };
+    let (stream, mut consumer, mut info) = got
+        .retry(startup_backoff().with_max_times(CONSUMER_TRIES))
+        .notify(|error, wait| {
+            tracing::warn!(%error, retry_in = ?wait, "JetStream consumer not ready; retrying.");
+        })
+        .await?;
     if info.config.filter_subject != wanted_filter {
         // A consumer created before its filter existed (the deliverer's, before ordered lanes)
         // would also hand out what another consumer owns: narrow it, or refuse to start.
